@@ -1,0 +1,46 @@
+# vmm-task — entry points. See README.md.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# Builds that are slow and deterministic (kernel, Nuitka) are cached here, outside the work tree,
+# keyed by the hash of their inputs.
+export VMM_TASK_CACHE ?= $(HOME)/.cache/vmm-task
+# Container runtime installed in the guest: crun (default) or runc.
+RUNTIME ?= crun
+# DEBUG=1 adds a static busybox to the guest for a debug shell.
+DEBUG ?= 0
+export RUNTIME DEBUG
+
+.PHONY: setup protos guest-image floor-image test test-unit test-agent test-vm demo bench clean
+
+setup:
+	@bash scripts/setup.sh
+	@$(MAKE) --no-print-directory protos
+
+# Python code generated from proto/ into vmm_common/protos/ (not committed).
+protos:
+	@$(PY) scripts/genproto.py
+
+guest-image: setup
+	@$(PY) -m initrd.guest_image --runtime $(RUNTIME) --debug $(DEBUG)
+
+test: setup guest-image
+	$(PY) -m pytest -q -ra tests
+
+test-unit: setup
+	$(PY) -m pytest -q -ra tests/unit
+
+test-agent: setup
+	$(PY) -m pytest -q -ra tests/agent
+
+test-vm: setup guest-image
+	$(PY) -m pytest -q -ra tests/vm
+
+demo: setup guest-image
+	@$(PY) scripts/demo.py
+
+bench: setup guest-image
+	@$(PY) -m bench.run
+
+clean:
+	rm -rf build vmm_common/protos/*_pb2*.py
