@@ -1,0 +1,124 @@
+"""Rewrite a container's OCI spec from containerd's host view into the guest's view.
+
+containerd writes a config.json for a host runtime: namespace paths of the host
+(`/proc/<pid>/ns/ipc`), a host cgroupsPath, bind-mount sources on the host. Inside the VM
+none of that exists. The pod's namespaces live in the guest (made by SetupSandbox), the
+network is the VM's own, and host files reach the guest only through the shared directory.
+This module is pure: it returns the new spec and the list of host paths the caller must
+expose in the shared directory; it touches no file.
+"""
+
+import copy
+import posixpath
+from dataclasses import dataclass
+
+GUEST_SHARED_DIR = "/run/kuasar/state"
+ROOTFS_DIR = "rootfs"
+CGROUP_PARENT = "/vmm-task"
+
+# Namespaces containers of a pod share inside the guest (joined by path when the host spec
+# names a path for them); the VM itself is the pod's network namespace.
+POD_NAMESPACES = ("ipc", "uts", "pid")
+VM_NAMESPACES = ("network",)
+
+
+class SpecError(ValueError):
+    """The spec cannot be run inside the VM (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """A host path to bind into the shared directory at `shared_path` (relative to it)."""
+
+    host_source: str
+    shared_path: str
+    options: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RewrittenSpec:
+    spec: dict
+    exposures: list[Exposure]
+
+
+def guest_bundle(container_id: str) -> str:
+    return posixpath.join(GUEST_SHARED_DIR, container_id)
+
+
+def guest_cgroups_path(container_id: str) -> str:
+    return posixpath.join(CGROUP_PARENT, container_id)
+
+
+def rewrite_spec(spec: dict, container_id: str, pod_namespaces: dict[str, str | None]) -> RewrittenSpec:
+    """Return the guest's spec for `container_id` and the host paths it needs exposed.
+
+    `pod_namespaces` maps "ipc"/"uts"/"pid" to the guest path of the pod's namespace (None
+    when the pod has no such shared namespace, e.g. no shared PID namespace).
+    """
+    if not isinstance(spec, dict):
+        raise SpecError("config.json is not a JSON object")
+    out = copy.deepcopy(spec)
+    root = out.setdefault("root", {})
+    if not isinstance(root, dict):
+        raise SpecError("spec root is not an object")
+    root["path"] = ROOTFS_DIR
+    process = out.get("process")
+    if isinstance(process, dict):
+        # No AppArmor/SELinux in the guest kernel; host profiles would make crun fail.
+        process.pop("apparmorProfile", None)
+        process.pop("selinuxLabel", None)
+    # Hooks name host binaries; they cannot run inside the VM.
+    out.pop("hooks", None)
+    linux = out.get("linux")
+    if isinstance(linux, dict):
+        _rewrite_linux(linux, container_id, pod_namespaces)
+    exposures = _rewrite_mounts(out, container_id)
+    return RewrittenSpec(out, exposures)
+
+
+def _rewrite_linux(linux: dict, container_id: str, pod_namespaces: dict[str, str | None]) -> None:
+    linux["cgroupsPath"] = guest_cgroups_path(container_id)
+    linux.pop("mountLabel", None)
+    cpu = (linux.get("resources") or {}).get("cpu")
+    if isinstance(cpu, dict):
+        # Host CPU and memory-node sets mean nothing for the guest's vCPUs.
+        cpu.pop("cpus", None)
+        cpu.pop("mems", None)
+    namespaces = []
+    for ns in linux.get("namespaces") or []:
+        if not isinstance(ns, dict) or not isinstance(ns.get("type"), str):
+            raise SpecError(f"malformed namespace entry {ns!r}")
+        kind, path = ns["type"], ns.get("path") or ""
+        if kind in VM_NAMESPACES:
+            continue
+        if not path:
+            namespaces.append({"type": kind})
+            continue
+        if kind not in POD_NAMESPACES:
+            raise SpecError(f"cannot join the host {kind} namespace {path!r} inside a VM")
+        guest_path = pod_namespaces.get(kind)
+        if not guest_path:
+            raise SpecError(f"the spec joins a pod {kind} namespace ({path!r}) but the pod has none")
+        namespaces.append({"type": kind, "path": guest_path})
+    linux["namespaces"] = namespaces
+
+
+def _is_bind(mount: dict) -> bool:
+    options = mount.get("options") or []
+    return mount.get("type") == "bind" or "bind" in options or "rbind" in options
+
+
+def _rewrite_mounts(spec: dict, container_id: str) -> list[Exposure]:
+    exposures = []
+    for index, mount in enumerate(spec.get("mounts") or []):
+        if not isinstance(mount, dict):
+            raise SpecError(f"malformed mount entry {mount!r}")
+        if not _is_bind(mount):
+            continue
+        source = mount.get("source")
+        if not isinstance(source, str) or not posixpath.isabs(source):
+            raise SpecError(f"bind mount to {mount.get('destination')!r} has no absolute source")
+        shared_path = posixpath.join(container_id, "mounts", str(index))
+        exposures.append(Exposure(source, shared_path, tuple(mount.get("options") or ())))
+        mount["source"] = posixpath.join(GUEST_SHARED_DIR, shared_path)
+    return exposures
