@@ -1,0 +1,127 @@
+"""Host mounts that put a container's rootfs and bind sources into the pod's shared directory.
+
+containerd hands the runtime mounts described for a host (an `overlay` with host lower/upper/
+work dirs, or a `bind`); the guest can only see the shared directory. So the host performs
+those mounts under the shared directory, which is itself a shared-propagation mount point so
+that mounts made after virtiofsd started still reach virtiofsd's mount namespace.
+mount(2) is called through libc: no helper process per container.
+"""
+
+import ctypes
+import errno
+import os
+from pathlib import Path
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_SHARED = 1 << 20
+MNT_DETACH = 0x2
+
+_FLAG_OPTIONS = {
+    "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
+    "bind": MS_BIND, "rbind": MS_BIND | MS_REC,
+}
+# Options that only say what a flag's absence already means, or propagation, which we set.
+_IGNORED_OPTIONS = {"rw", "suid", "dev", "exec", "private", "rprivate", "slave", "rslave",
+                    "shared", "rshared", "relatime", "norelatime"}
+
+
+class MountError(OSError):
+    """A mount or unmount failed; the message names the paths."""
+
+
+def _call_mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    rc = _libc.mount(source.encode(), str(target).encode(),
+                     fstype.encode() if fstype else None, ctypes.c_ulong(flags),
+                     data.encode() if data else None)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise MountError(err, f"mount {fstype or 'bind'} {source} on {target}: {os.strerror(err)}")
+
+
+def split_options(options) -> tuple[int, str]:
+    """mount(8)-style options → (flags, data string for the filesystem)."""
+    flags, data = 0, []
+    for option in options:
+        if option in _FLAG_OPTIONS:
+            flags |= _FLAG_OPTIONS[option]
+        elif option not in _IGNORED_OPTIONS:
+            data.append(option)
+    return flags, ",".join(data)
+
+
+def mount_one(fstype: str, source: str, target: Path, options) -> None:
+    """Mount one containerd mount (`overlay`, `bind`, or another filesystem) on `target`."""
+    flags, data = split_options(options)
+    if fstype == "bind" or flags & MS_BIND:
+        bind(source, target, recursive=bool(flags & MS_REC), readonly=bool(flags & MS_RDONLY))
+        return
+    _call_mount(source, str(target), fstype, flags, data)
+
+
+def bind(source: str, target: Path, recursive: bool = True, readonly: bool = False) -> None:
+    """Bind `source` on `target`, creating `target` as a file or directory like the source."""
+    if not os.path.exists(source):
+        raise MountError(errno.ENOENT, f"bind source {source} does not exist")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.isdir(source):
+        target.mkdir(exist_ok=True)
+    elif not target.exists():
+        target.touch(mode=0o600)
+    _call_mount(source, str(target), None, MS_BIND | (MS_REC if recursive else 0), None)
+    if readonly:
+        _call_mount("none", str(target), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
+
+
+def make_shared_mountpoint(path: Path) -> None:
+    """Make `path` a mount point with shared propagation (idempotent)."""
+    if not is_mountpoint(path):
+        _call_mount(str(path), str(path), None, MS_BIND, None)
+    _call_mount("none", str(path), None, MS_SHARED, None)
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1:i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mountpoints_under(path: Path) -> list[str]:
+    """Mount points at or below `path`, deepest first (the order to unmount them)."""
+    base = os.path.realpath(path)
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = _unescape(line.split()[4])
+            if point == base or point.startswith(base.rstrip("/") + "/"):
+                points.append(point)
+    return sorted(points, key=lambda p: p.count("/"), reverse=True)
+
+
+def is_mountpoint(path: Path) -> bool:
+    return os.path.realpath(path) in mountpoints_under(path)
+
+
+def unmount_all_under(path: Path) -> None:
+    """Detach every mount at or below `path` (stacked mounts included)."""
+    for point in mountpoints_under(path):
+        if _libc.umount2(point.encode(), MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.ENOENT):
+                raise MountError(err, f"umount {point}: {os.strerror(err)}")

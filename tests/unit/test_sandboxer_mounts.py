@@ -1,0 +1,56 @@
+"""Real host mounts (root) of the kind the task proxy makes under a pod's shared directory."""
+
+import os
+
+import pytest
+
+from host_sandboxer.taskproxy import mounts
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount(2) needs root")
+
+
+def test_overlay_rootfs_and_readonly_bind_then_everything_unmounted(tmp_path):
+    lower, upper, work = (tmp_path / n for n in ("lower", "upper", "work"))
+    for d in (lower, upper, work):
+        d.mkdir()
+    (lower / "hello").write_text("from lower")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    mounts.make_shared_mountpoint(shared)
+    rootfs = shared / "c1" / "rootfs"
+    rootfs.mkdir(parents=True)
+    mounts.mount_one("overlay", "overlay", rootfs,
+                     [f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}", "index=off"])
+    (rootfs / "written").write_text("x")
+    data = tmp_path / "data.txt"
+    data.write_text("bound")
+    target = shared / "c1" / "mounts" / "0"
+    mounts.mount_one("bind", str(data), target, ["rbind", "ro"])
+    try:
+        assert (rootfs / "hello").read_text() == "from lower"
+        assert (upper / "written").read_text() == "x"
+        assert target.read_text() == "bound"
+        with pytest.raises(OSError):
+            target.write_text("no")
+        assert len(mounts.mountpoints_under(shared)) == 3
+    finally:
+        mounts.unmount_all_under(shared)
+    assert mounts.mountpoints_under(shared) == []
+    assert not (rootfs / "hello").exists()
+    assert data.read_text() == "bound"
+
+
+def test_missing_bind_source_names_the_path(tmp_path):
+    with pytest.raises(mounts.MountError, match="does-not-exist"):
+        mounts.mount_one("bind", str(tmp_path / "does-not-exist"), tmp_path / "t", ["rbind"])
+
+
+def test_mount_failure_names_type_source_and_target(tmp_path):
+    with pytest.raises(mounts.MountError, match=r"mount overlay overlay on .*target"):
+        mounts.mount_one("overlay", "overlay", tmp_path / "target", ["lowerdir=/nonexistent"])
+
+
+def test_split_options_separates_flags_from_filesystem_data():
+    flags, data = mounts.split_options(["ro", "nosuid", "rprivate", "lowerdir=/a:/b", "index=off"])
+    assert flags == mounts.MS_RDONLY | mounts.MS_NOSUID
+    assert data == "lowerdir=/a:/b,index=off"
