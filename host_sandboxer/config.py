@@ -1,0 +1,135 @@
+"""vmm-sandboxer configuration: a TOML file mapped onto small dataclasses.
+
+Every section is a dataclass whose field annotations are the schema: `load_config` rejects
+unknown sections and keys, wrong types and values outside a `Literal`, naming the file, the
+key and the problem.  Relative paths in a file are relative to that file's directory; the
+defaults point at the image `make guest-image` writes (`build/guest/` in the repository).
+To add a section, add a dataclass and a field of that type to `Config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_IMAGE_DIR = REPO_ROOT / "build" / "guest"
+
+
+class ConfigError(ValueError):
+    """The configuration file cannot be used; the message names the file and key."""
+
+
+@dataclass
+class VmConfig:
+    """How each guest VM is launched."""
+
+    qemu: str = "qemu-system-x86_64"
+    machine: Literal["q35", "microvm"] = "q35"
+    # auto: kvm only when hardware virtualisation really works (vmm/accel.py), else tcg.
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    cpus: int = 1
+    memory_mib: int = 512
+    kernel: Path = DEFAULT_IMAGE_DIR / "kernel"
+    initrd: Path = DEFAULT_IMAGE_DIR / "initrd.img"
+    # Appended after the launcher's own parameters (console, task.*).
+    kernel_params: str = ""
+    # Seconds from QEMU start until the agent prints "vmm-task ready".
+    boot_timeout_s: float = 30.0
+
+
+@dataclass
+class SharefsConfig:
+    """The directory shared with the guest under the tag `kuasar`."""
+
+    type: Literal["virtiofs", "9p"] = "virtiofs"
+    virtiofsd: Path = Path("/usr/lib/qemu/virtiofsd")
+    cache: Literal["auto", "always", "none"] = "auto"
+
+
+@dataclass
+class VsockConfig:
+    """Host<->guest link: kernel vhost-vsock, hybrid (our vhost-user backend), or auto."""
+
+    transport: Literal["auto", "kernel", "hybrid"] = "auto"
+
+
+@dataclass
+class AgentConfig:
+    """What the launcher tells the guest agent (task.* kernel parameters) and where it listens."""
+
+    port: int = 1024
+    log_level: Literal["debug", "info", "warn", "error"] = "info"
+    debug: bool = False
+
+
+@dataclass
+class Config:
+    vm: VmConfig = field(default_factory=VmConfig)
+    sharefs: SharefsConfig = field(default_factory=SharefsConfig)
+    vsock: VsockConfig = field(default_factory=VsockConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Read `path` (None: all defaults) into a `Config`; raise ConfigError on any problem."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return _build(Config, data, str(path), "", path.resolve().parent)
+
+
+def _build(cls, table: dict, file: str, prefix: str, base: Path):
+    """Make dataclass `cls` from a TOML table, checking keys and value types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        where = f"[{prefix.rstrip('.')}]" if prefix else "top level"
+        raise ConfigError(f"{file}: unknown key(s) in {where}: {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(names))}")
+    return cls(**{key: _convert(hints[key], value, file, prefix + key, base)
+                  for key, value in table.items()})
+
+
+def _convert(kind, value, file: str, key: str, base: Path):
+    """Check one value against its annotation and convert it (paths resolved against `base`)."""
+    def bad(rule: str) -> ConfigError:
+        return ConfigError(f"{file}: {key} = {value!r}: {rule}")
+
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise bad("must be a table")
+        return _build(kind, value, file, key + ".", base)
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise bad(f"must be one of {', '.join(map(repr, choices))}")
+        return value
+    if kind is Path:
+        if not isinstance(value, str) or not value:
+            raise bad("must be a non-empty path string")
+        return base / Path(value).expanduser()
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad("must be true or false")
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+            raise bad(f"must be a positive {'integer' if kind is int else 'number'}")
+        return kind(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise bad("must be a string")
+        return value
+    raise TypeError(f"config schema: unsupported annotation {kind!r} for {key}")

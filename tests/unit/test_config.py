@@ -1,0 +1,72 @@
+"""Config file parsing: defaults, overrides, path resolution, and errors that name the key."""
+from pathlib import Path
+
+import pytest
+
+from host_sandboxer.config import DEFAULT_IMAGE_DIR, Config, ConfigError, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "vmm.toml"
+    path.write_text(text)
+    return path
+
+
+def test_no_file_gives_defaults_pointing_at_build_guest():
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert cfg.vm.kernel == DEFAULT_IMAGE_DIR / "kernel" and cfg.vm.initrd == DEFAULT_IMAGE_DIR / "initrd.img"
+    assert DEFAULT_IMAGE_DIR.parts[-2:] == ("build", "guest")
+    assert (cfg.vm.machine, cfg.vm.accel, cfg.sharefs.type, cfg.vsock.transport) == ("q35", "auto", "virtiofs", "auto")
+
+
+def test_values_override_and_relative_paths_follow_the_file(tmp_path):
+    cfg = load_config(write(tmp_path, """
+        [vm]
+        machine = "microvm"
+        accel = "tcg"
+        cpus = 2
+        memory_mib = 256
+        kernel = "img/kernel"
+        initrd = "/abs/initrd.img"
+        boot_timeout_s = 12
+        [sharefs]
+        type = "9p"
+        [vsock]
+        transport = "hybrid"
+        [agent]
+        debug = true
+        log_level = "debug"
+    """))
+    assert cfg.vm.machine == "microvm" and cfg.vm.cpus == 2 and cfg.vm.memory_mib == 256
+    assert cfg.vm.kernel == tmp_path / "img" / "kernel"
+    assert cfg.vm.initrd == Path("/abs/initrd.img")
+    assert cfg.vm.boot_timeout_s == 12.0 and isinstance(cfg.vm.boot_timeout_s, float)
+    assert cfg.sharefs.type == "9p" and cfg.sharefs.cache == "auto"  # untouched keys keep defaults
+    assert cfg.vsock.transport == "hybrid"
+    assert cfg.agent.debug is True and cfg.agent.port == 1024
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[vm]\nmachine = "pc"\n', "vm.machine = 'pc': must be one of 'q35', 'microvm'"),
+    ('[vm]\ncpus = 0\n', "vm.cpus = 0: must be a positive integer"),
+    ('[vm]\ncpus = "2"\n', "vm.cpus = '2': must be a positive integer"),
+    ('[vm]\nmemory_mib = true\n', "vm.memory_mib = True: must be a positive integer"),
+    ('[vm]\nkernel = 3\n', "vm.kernel = 3: must be a non-empty path string"),
+    ('[agent]\ndebug = "yes"\n', "agent.debug = 'yes': must be true or false"),
+    ('[vm]\nkernal = "x"\n', "unknown key(s) in [vm]: kernal"),
+    ('[network]\nx = 1\n', "unknown key(s) in top level: network"),
+    ('vm = 3\n', "vm = 3: must be a table"),
+    ('[vm\n', "not valid TOML"),
+])
+def test_errors_name_the_file_and_key(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config: No such file"):
+        load_config(tmp_path / "absent.toml")

@@ -1,0 +1,79 @@
+"""The QEMU command-line builder: q35/microvm, kvm/tcg, hybrid/kernel vsock, virtiofs/9p."""
+from pathlib import Path
+
+import pytest
+
+from host_sandboxer.vmm.cmdline import (HybridVsock, KernelVsock, NinePShare, VirtiofsShare, VmSpec,
+                                        build_argv)
+
+
+def spec(**kw) -> VmSpec:
+    base = dict(kernel=Path("/img/kernel"), initrd=Path("/img/initrd.img"),
+                console_log=Path("/run/vm/console.log"), qmp_socket=Path("/run/vm/qmp.sock"))
+    return VmSpec(**{**base, **kw})
+
+
+def option(argv: list[str], flag: str) -> list[str]:
+    """Every value given to `flag` in argv."""
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_q35_tcg_defaults():
+    argv = build_argv(spec())
+    assert argv[0] == "qemu-system-x86_64"
+    assert option(argv, "-machine") == ["q35,accel=tcg,memory-backend=mem"]
+    assert option(argv, "-object") == ["memory-backend-memfd,id=mem,size=512M,share=on"]
+    assert option(argv, "-m") == ["512M"]
+    for flag in ("-nodefaults", "-no-user-config", "-nographic", "-no-reboot"):
+        assert flag in argv
+    assert "-cpu" not in argv  # TCG: QEMU's default model, `host` needs KVM
+    assert "-netdev" not in argv and "-nic" not in argv
+    assert option(argv, "-kernel") == ["/img/kernel"]
+    assert option(argv, "-initrd") == ["/img/initrd.img"]
+    assert option(argv, "-append") == ["console=ttyS0 panic=-1"]
+    assert "file,id=console,path=/run/vm/console.log" in option(argv, "-chardev")
+    assert option(argv, "-serial") == ["chardev:console"]
+    assert "socket,id=qmp,path=/run/vm/qmp.sock" in option(argv, "-chardev")
+    assert option(argv, "-mon") == ["chardev=qmp,mode=control"]
+    assert option(argv, "-device") == []
+
+
+def test_kvm_uses_host_cpu():
+    argv = build_argv(spec(accel="kvm", cpus=2, memory_mib=256))
+    assert option(argv, "-cpu") == ["host"]
+    assert option(argv, "-machine") == ["q35,accel=kvm,memory-backend=mem"]
+    assert option(argv, "-smp") == ["2"]
+    assert option(argv, "-object") == ["memory-backend-memfd,id=mem,size=256M,share=on"]
+
+
+def test_microvm_uses_mmio_devices():
+    argv = build_argv(spec(machine="microvm", vsock=HybridVsock(Path("/run/vm/vsock.sock")),
+                           share=VirtiofsShare(Path("/run/vm/fs.sock"))))
+    assert option(argv, "-machine") == ["microvm,accel=tcg,memory-backend=mem,pic=off,pit=off,rtc=off"]
+    assert option(argv, "-device") == ["vhost-user-vsock-device,chardev=vsock",
+                                       "vhost-user-fs-device,chardev=fs,tag=kuasar"]
+
+
+def test_hybrid_vsock_and_virtiofs_on_q35():
+    argv = build_argv(spec(vsock=HybridVsock(Path("/run/vm/vsock.sock")),
+                           share=VirtiofsShare(Path("/run/vm/fs.sock")), kernel_params=("task.debug",)))
+    chardevs = option(argv, "-chardev")
+    assert "socket,id=vsock,path=/run/vm/vsock.sock" in chardevs
+    assert "socket,id=fs,path=/run/vm/fs.sock" in chardevs
+    assert option(argv, "-device") == ["vhost-user-vsock-pci,chardev=vsock",
+                                       "vhost-user-fs-pci,chardev=fs,tag=kuasar"]
+    assert option(argv, "-append") == ["console=ttyS0 panic=-1 task.sharefs_type=virtiofs task.debug"]
+
+
+def test_kernel_vsock_and_9p():
+    argv = build_argv(spec(vsock=KernelVsock(guest_cid=7), share=NinePShare(Path("/srv/state"))))
+    assert option(argv, "-device") == ["vhost-vsock-pci,guest-cid=7", "virtio-9p-pci,fsdev=fs,mount_tag=kuasar"]
+    assert option(argv, "-fsdev") == ["local,id=fs,path=/srv/state,security_model=none"]
+    assert "task.sharefs_type=9p" in option(argv, "-append")[0].split()
+
+
+@pytest.mark.parametrize("path", ["/run/a,b/fs.sock"])
+def test_commas_in_paths_are_escaped(path):
+    argv = build_argv(spec(share=NinePShare(Path(path)), console_log=Path("/x,y.log")))
+    assert option(argv, "-fsdev") == ["local,id=fs,path=/run/a,,b/fs.sock,security_model=none"]
+    assert "file,id=console,path=/x,,y.log" in option(argv, "-chardev")
