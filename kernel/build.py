@@ -1,0 +1,148 @@
+"""Build the guest kernel (bzImage) from Debian's linux-source-6.1 and the fragments in fragments/.
+
+tinyconfig + fragments -> olddefconfig -> every requested option checked -> `nice make -j2 bzImage`.
+The result is cached in $VMM_TASK_CACHE/kernel/<key>/ where key hashes the fragments, this
+package's code and the source package version: an unchanged kernel is never rebuilt. The object
+directory is shared between keys so a changed fragment rebuilds incrementally; a file lock
+serialises builds started by several people or processes at once.
+
+    python -m kernel.build [--cache DIR]     # prints the bzImage path
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from kernel import config
+
+SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
+SOURCE_PACKAGE = "linux-source-6.1"
+MAKE = ["nice", "-n", "10", "make", "ARCH=x86_64", "-j2"]
+
+
+class KernelConfigError(RuntimeError):
+    """Requested options that olddefconfig dropped (unmet dependencies or misspelt names)."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    image: Path
+    release: str
+    config_sha256: str
+    cached: bool
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("VMM_TASK_CACHE", Path.home() / ".cache" / "vmm-task"))
+
+
+def source_version() -> str:
+    return subprocess.run(["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def cache_key(version: str) -> str:
+    """Hash of the fragments (names and contents), this package's code and the source version."""
+    h = hashlib.sha256(version.encode())
+    here = Path(__file__).resolve().parent
+    for path in config.fragment_paths() + sorted(here.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:20]
+
+
+def _extract_source(src_root: Path, version: str) -> Path:
+    """Debian's tarball unpacked once per package version (outside the work tree)."""
+    tree = src_root / version / "linux-source-6.1"
+    if (tree / "Makefile").exists():
+        return tree
+    partial = src_root / f"{version}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    subprocess.run(["nice", "-n", "10", "tar", "-xf", str(SOURCE_TARBALL), "-C", str(partial)],
+                   check=True)
+    shutil.rmtree(src_root / version, ignore_errors=True)
+    partial.rename(src_root / version)
+    return tree
+
+
+def _make(tree: Path, obj: Path, log, *targets: str) -> None:
+    subprocess.run(MAKE + ["-C", str(tree), f"O={obj}", *targets], check=True,
+                   stdout=log, stderr=subprocess.STDOUT)
+
+
+def configure(tree: Path, obj: Path, log) -> str:
+    """tinyconfig, then the fragments, then olddefconfig; returns the final .config text."""
+    _make(tree, obj, log, "tinyconfig")
+    dot_config = obj / ".config"
+    requests = config.requested_options(config.fragment_paths())
+    dot_config.write_text(config.apply_requests(dot_config.read_text(), requests))
+    _make(tree, obj, log, "olddefconfig")
+    final = dot_config.read_text()
+    problems = config.missing_options(requests, final)
+    if problems:
+        raise KernelConfigError("kernel options missing from the final .config:\n  "
+                                + "\n  ".join(problems))
+    return final
+
+
+def ensure_kernel(cache: Path | None = None, progress=print) -> Kernel:
+    """The cached kernel for the current fragments, building it first if needed."""
+    root = (cache or default_cache()) / "kernel"
+    version = source_version()
+    out = root / cache_key(version)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "bzImage").exists():
+            _build(root, out, version, progress)
+            cached = False
+        else:
+            cached = True
+    final = (out / "config").read_bytes()
+    return Kernel(out / "bzImage", (out / "release").read_text().strip(),
+                  hashlib.sha256(final).hexdigest(), cached)
+
+
+def _build(root: Path, out: Path, version: str, progress) -> None:
+    tree = _extract_source(root / "src", version)
+    obj = root / "obj"
+    obj.mkdir(exist_ok=True)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    log_path = staging / "build.log"
+    progress(f"kernel: building {out.name} (a few minutes; log {log_path})")
+    with open(log_path, "w") as log:
+        final = configure(tree, obj, log)
+        try:
+            _make(tree, obj, log, "bzImage")
+        except subprocess.CalledProcessError:
+            tail = log_path.read_text().splitlines()[-30:]
+            raise RuntimeError("kernel build failed:\n" + "\n".join(tail)) from None
+    shutil.copy2(obj / "arch/x86/boot/bzImage", staging / "bzImage")
+    (staging / "config").write_text(final)
+    (staging / "release").write_text((obj / "include/config/kernel.release").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=None)
+    args = parser.parse_args()
+    try:
+        kernel = ensure_kernel(args.cache, progress=lambda m: print(m, file=sys.stderr))
+    except (KernelConfigError, RuntimeError) as e:
+        sys.exit(str(e))
+    print(kernel.image)
+
+
+if __name__ == "__main__":
+    main()
