@@ -90,10 +90,17 @@ def install(out: Path) -> None:
             shutil.move(str(child), OUT_DIR / child.name)
 
 
+def up_to_date(protos: list[str], digest: str) -> bool:
+    """The stamp matches and no generated module has been removed since (make clean)."""
+    if not STAMP.exists() or STAMP.read_text().strip() != digest:
+        return False
+    return all((OUT_DIR / rel).with_name(Path(rel).stem + "_pb2.py").exists() for rel in protos)
+
+
 def main() -> int:
     protos = proto_files()
     digest = inputs_hash(protos)
-    if STAMP.exists() and STAMP.read_text().strip() == digest:
+    if up_to_date(protos, digest):
         return 0
     with tempfile.TemporaryDirectory(prefix="genproto-") as tmp:
         out = Path(tmp)
