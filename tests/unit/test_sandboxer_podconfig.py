@@ -1,0 +1,73 @@
+"""PodSandboxConfig fields read by the daemon, encoded by the protobuf library itself.
+
+The messages are declared here with cri-api runtime.v1's field numbers (a subset), so the
+bytes come from protobuf's own encoder, not from a mirror of the reader under test.
+"""
+
+import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from host_sandboxer.sandbox.podconfig import PodConfigError, parse_pod_config
+
+TYPE_URL = "type.googleapis.com/runtime.v1.PodSandboxConfig"
+
+
+def _messages():
+    f = descriptor_pb2.FileDescriptorProto(name="cri_subset_test.proto", package="runtime.v1",
+                                           syntax="proto3")
+    T = descriptor_pb2.FieldDescriptorProto
+
+    def msg(name, *specs):
+        m = f.message_type.add(name=name)
+        for fname, number, ftype, type_name in specs:
+            m.field.add(name=fname, number=number, type=ftype, type_name=type_name,
+                        label=T.LABEL_OPTIONAL)
+
+    msg("NamespaceOption", ("network", 1, T.TYPE_INT32, None), ("pid", 2, T.TYPE_INT32, None))
+    msg("LinuxSandboxSecurityContext",
+        ("namespace_options", 1, T.TYPE_MESSAGE, ".runtime.v1.NamespaceOption"))
+    msg("LinuxContainerResources", ("cpu_period", 1, T.TYPE_INT64, None),
+        ("cpu_quota", 2, T.TYPE_INT64, None), ("memory_limit_in_bytes", 4, T.TYPE_INT64, None))
+    msg("LinuxPodSandboxConfig", ("cgroup_parent", 1, T.TYPE_STRING, None),
+        ("security_context", 2, T.TYPE_MESSAGE, ".runtime.v1.LinuxSandboxSecurityContext"),
+        ("resources", 5, T.TYPE_MESSAGE, ".runtime.v1.LinuxContainerResources"))
+    msg("PodSandboxConfig", ("hostname", 2, T.TYPE_STRING, None),
+        ("log_directory", 3, T.TYPE_STRING, None),
+        ("linux", 8, T.TYPE_MESSAGE, ".runtime.v1.LinuxPodSandboxConfig"))
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("runtime.v1.PodSandboxConfig"))
+
+
+PodSandboxConfig = _messages()
+
+
+def test_hostname_pid_mode_and_resources():
+    cfg = PodSandboxConfig(hostname="web-0", log_directory="/var/log/pods/x")
+    cfg.linux.cgroup_parent = "/kubepods"
+    cfg.linux.security_context.namespace_options.pid = 1  # CONTAINER
+    cfg.linux.resources.cpu_period = 100000
+    cfg.linux.resources.cpu_quota = 250000
+    cfg.linux.resources.memory_limit_in_bytes = 256 * 1024 * 1024 + 1
+    pod = parse_pod_config(TYPE_URL, cfg.SerializeToString())
+    assert pod.hostname == "web-0"
+    assert not pod.shared_pid
+    assert pod.vcpus(default=1) == 3
+    assert pod.memory_mib(default=512) == 512 + 257
+
+
+def test_absent_pid_mode_means_pod_shared_and_defaults_apply():
+    pod = parse_pod_config(TYPE_URL, PodSandboxConfig(hostname="h").SerializeToString())
+    assert pod.shared_pid
+    assert (pod.vcpus(2), pod.memory_mib(256)) == (2, 256)
+
+
+def test_other_option_types_are_tolerated_not_decoded():
+    pod = parse_pod_config("type.googleapis.com/containerd.runc.v1.Options", b"\xff\xff")
+    assert pod.hostname == "" and not pod.shared_pid
+
+
+def test_truncated_bytes_are_a_clear_error():
+    data = PodSandboxConfig(hostname="web-0").SerializeToString()
+    with pytest.raises(PodConfigError, match="past the end"):
+        parse_pod_config(TYPE_URL, data[:-2])
