@@ -1,0 +1,93 @@
+"""Task events published to containerd (containerd.services.events.v1.Events/Publish).
+
+Shims publish TaskCreate/TaskStart/TaskExit/... so containerd's event subscribers (CRI,
+`ctr events`) see them. Events come from the guest (GetEvents) or from the host itself when a
+VM dies. They go through one bounded queue and one sender task: a slow or absent containerd
+never blocks a pod, and an event that cannot be delivered after a few tries is logged and
+dropped.
+"""
+
+import asyncio
+import logging
+
+import grpc
+from google.protobuf import any_pb2
+
+from vmm_common.protos.containerd.services.events.v1 import events_pb2, events_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+NAMESPACE_KEY = "containerd-namespace"
+DEFAULT_NAMESPACE = "default"
+
+
+def namespace_of(context) -> str:
+    """The containerd namespace a gRPC request carries in its metadata."""
+    for key, value in context.invocation_metadata() or ():
+        if key == NAMESPACE_KEY and value:
+            return value
+    return DEFAULT_NAMESPACE
+
+
+def pack(message):
+    """A message as containerd's typeurl packs events: an Any typed by the bare full name."""
+    return any_pb2.Any(type_url=message.DESCRIPTOR.full_name, value=message.SerializeToString())
+
+
+class EventPublisher:
+    """Publishes to containerd at `address` (a unix socket path); no address: log only."""
+
+    ATTEMPTS = 3
+
+    def __init__(self, address: str | None, max_queued: int = 1024):
+        self.address = address
+        self._queue: asyncio.Queue = asyncio.Queue(max_queued)
+        self._task: asyncio.Task | None = None
+        self._channel = None
+        self.published = 0
+        self.dropped = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-publisher")
+
+    def publish(self, namespace: str, topic: str, event_any) -> None:
+        """Queue an event (never blocks); the oldest is dropped when the queue is full."""
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
+            log.warning("event queue full: dropped the oldest event")
+        self._queue.put_nowait((namespace, topic, event_any))
+
+    async def _run(self) -> None:
+        stub = None
+        if self.address:
+            self._channel = grpc.aio.insecure_channel(f"unix://{self.address}")
+            stub = events_pb2_grpc.EventsStub(self._channel)
+        while True:
+            namespace, topic, event = await self._queue.get()
+            if stub is None:
+                log.debug("event %s (ns %s) not published: no containerd address", topic, namespace)
+                continue
+            await self._send(stub, namespace, topic, event)
+
+    async def _send(self, stub, namespace: str, topic: str, event) -> None:
+        request = events_pb2.PublishRequest(topic=topic, event=event)
+        for attempt in range(1, self.ATTEMPTS + 1):
+            try:
+                await stub.Publish(request, metadata=((NAMESPACE_KEY, namespace),), timeout=5)
+                self.published += 1
+                return
+            except grpc.aio.AioRpcError as exc:
+                if attempt == self.ATTEMPTS:
+                    self.dropped += 1
+                    log.warning("event %s (ns %s) dropped after %d attempts: %s",
+                                topic, namespace, attempt, exc.details() or exc.code().name)
+                    return
+                await asyncio.sleep(0.2 * attempt)
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close()

@@ -1,0 +1,63 @@
+"""Event publishing to containerd's Events service.
+
+containerd is not installed here, so a gRPC server from the generated stubs stands in for its
+Events service; the publisher, the channel and the wire format are the real ones.
+"""
+
+import asyncio
+
+import grpc
+import pytest
+
+from host_sandboxer.events import EventPublisher, pack
+from vmm_common.protos.containerd.events import task_pb2
+from vmm_common.protos.containerd.services.events.v1 import events_pb2_grpc
+from google.protobuf import empty_pb2
+
+
+class RecordingEvents(events_pb2_grpc.EventsServicer):
+    def __init__(self):
+        self.received = asyncio.Queue()
+
+    async def Publish(self, request, context):
+        ns = dict(context.invocation_metadata()).get("containerd-namespace")
+        await self.received.put((ns, request.topic, request.event))
+        return empty_pb2.Empty()
+
+
+@pytest.mark.timeout(20)
+def test_published_events_reach_containerd_with_namespace(tmp_path):
+    async def scenario():
+        server = grpc.aio.server()
+        events = RecordingEvents()
+        events_pb2_grpc.add_EventsServicer_to_server(events, server)
+        sock = str(tmp_path / "containerd.sock")
+        server.add_insecure_port(f"unix://{sock}")
+        await server.start()
+        publisher = EventPublisher(sock)
+        publisher.start()
+        exit_event = task_pb2.TaskExit(container_id="c1", id="c1", pid=7, exit_status=3)
+        publisher.publish("k8s.io", "/tasks/exit", pack(exit_event))
+        ns, topic, event = await asyncio.wait_for(events.received.get(), 10)
+        assert (ns, topic, event.type_url) == ("k8s.io", "/tasks/exit", "containerd.events.TaskExit")
+        assert task_pb2.TaskExit.FromString(event.value) == exit_event
+        await publisher.close()
+        await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(20)
+def test_unreachable_containerd_drops_after_retries_without_blocking(tmp_path):
+    async def scenario():
+        publisher = EventPublisher(str(tmp_path / "nobody.sock"))
+        publisher.start()
+        publisher.publish("default", "/tasks/start", pack(task_pb2.TaskStart(container_id="c")))
+        for _ in range(200):
+            if publisher.dropped:
+                break
+            await asyncio.sleep(0.05)
+        assert publisher.dropped == 1 and publisher.published == 0
+        await publisher.close()
+
+    asyncio.run(scenario())
