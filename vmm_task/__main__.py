@@ -1,0 +1,139 @@
+"""`vmm-task`: PID 1 of the guest, or `vmm-task --listen unix:///PATH` on a host (dev mode).
+
+As PID 1 (decided by our pid, whatever argv the kernel passed) it boots the guest and serves on
+vsock port 1024 for ever. Otherwise it is an ordinary process serving the same services on a unix
+socket, still a child-subreaper so containers re-parented to it are reaped by its Reaper.
+Only os, sys and time load before the mode is known: every import costs guest boot time.
+"""
+
+import os
+import sys
+import time
+
+T_MAIN = time.clock_gettime(time.CLOCK_BOOTTIME)
+
+USAGE = """\
+usage: vmm-task                              (as PID 1 in the guest: boot, serve vsock://1024)
+       vmm-task --listen unix:///PATH [options]   (dev mode on a host)
+options:
+  --listen ADDRESS    unix:///ABSOLUTE/PATH (or vsock://PORT)
+  --run-dir DIR       the agent's own runtime files (default: PATH.d next to the socket)
+  --state-dir DIR     the directory the host shares with the agent (default: the run dir)
+  --runtime NAME      crun or runc, or a path (default: the first found on PATH)
+  --log-level LEVEL   error, warn, info, debug or trace (default: info)
+  --debug             allow grpc.SandboxService/ExecVMProcess (task.debug in the guest)
+  --version
+"""
+_VALUED = ("--listen", "--run-dir", "--state-dir", "--runtime", "--log-level")
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_args(args: list[str]) -> dict:
+    """The dev-mode options as a dict keyed like the flags (without "--")."""
+    options = {"debug": False, "log-level": "info", "runtime": ""}
+    it = iter(args)
+    for arg in it:
+        flag, has_value, value = arg.partition("=")
+        if flag in _VALUED:
+            if not has_value:
+                value = next(it, None)
+                if value is None:
+                    raise UsageError(f"{flag} needs a value")
+            options[flag[2:]] = value
+        elif arg == "--debug":
+            options["debug"] = True
+        elif arg in ("--help", "-h", "--version"):
+            options[arg.lstrip("-")[0]] = True
+        else:
+            raise UsageError(f"unknown argument {arg!r}")
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    if os.getpid() == 1:
+        from vmm_task.init import pid1
+        pid1.run(T_MAIN)  # never returns
+    try:
+        options = parse_args(sys.argv[1:] if argv is None else list(argv))
+    except UsageError as e:
+        print(f"vmm-task: {e}\n{USAGE}", file=sys.stderr, end="")
+        return 2
+    if options.get("h"):
+        print(USAGE, end="")
+        return 0
+    if options.get("v"):
+        from vmm_task import __version__
+        print(f"vmm-task {__version__}")
+        return 0
+    if "listen" not in options:
+        print(f"vmm-task: not PID 1, so --listen is required\n{USAGE}", file=sys.stderr, end="")
+        return 2
+    return run_dev(options)
+
+
+def run_dev(options: dict) -> int:
+    """Dev mode: no init duties, same services; SIGTERM/SIGINT stop it cleanly."""
+    import asyncio
+    import signal
+
+    import prctl
+
+    from vmm_task import server
+    from vmm_task.logs import setup_logging
+
+    setup_logging(options["log-level"])
+    prctl.set_child_subreaper(True)
+    prctl.set_name("vmm-task")
+    listen = options["listen"]
+    try:
+        listener = server.listen(listen)
+    except (OSError, ValueError) as e:
+        print(f"vmm-task: cannot listen on {listen}: {e}", file=sys.stderr)
+        return 1
+    run_dir = options.get("run-dir") or listen.removeprefix(server.UNIX_PREFIX) + ".d"
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    ctx = _dev_context(options, run_dir)
+
+    async def serve_until_signalled() -> None:
+        serving = asyncio.ensure_future(server.serve(ctx, listener, T_MAIN))
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, serving.cancel)
+        try:
+            await serving
+        except asyncio.CancelledError:
+            pass
+
+    try:
+        asyncio.run(serve_until_signalled())
+    finally:
+        listener.close()
+        if listen.startswith(server.UNIX_PREFIX):
+            _unlink(listen.removeprefix(server.UNIX_PREFIX))
+    return 0
+
+
+def _dev_context(options: dict, run_dir: str):
+    from vmm_task import server
+    from vmm_task.context import AgentContext
+    from vmm_task.events import EventQueue
+    from vmm_task.reaper import Reaper
+
+    return AgentContext(reaper=Reaper(), events=EventQueue(), dev_mode=True,
+                        debug=options["debug"], state_dir=options.get("state-dir") or run_dir,
+                        run_dir=run_dir, runtime=server.find_runtime(options["runtime"]),
+                        started_boottime=T_MAIN)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

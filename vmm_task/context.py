@@ -1,0 +1,55 @@
+"""State shared by every service of one agent (one `AgentContext` per process).
+
+Plain classes rather than dataclasses: `dataclasses` is not otherwise imported by the agent and
+every module costs boot time in the guest.
+"""
+
+from typing import Optional
+
+from vmm_task.events import EventQueue
+from vmm_task.reaper import Reaper
+
+STATE_DIR = "/run/kuasar/state"  # the shared directory (virtiofs/9p tag "kuasar") in the VM
+
+
+class SandboxState:
+    """What SetupSandbox established for the pod, for the Task service to apply to containers.
+
+    `namespaces`: {"ipc": path, "uts": path, "pid": path or None} (None: no shared pod PID
+    namespace, each container gets its own). `hosts_path`/`resolv_path`: files to bind into
+    containers (None until SetupSandbox wrote them). `ready`: SetupSandbox completed.
+    """
+
+    __slots__ = ("hostname", "namespaces", "hosts_path", "resolv_path", "ready")
+
+    def __init__(self):
+        self.hostname = ""
+        self.namespaces: dict[str, Optional[str]] = {"ipc": None, "uts": None, "pid": None}
+        self.hosts_path: Optional[str] = None
+        self.resolv_path: Optional[str] = None
+        self.ready = False
+
+
+class AgentContext:
+    """Handed to every service. `debug`: booted with `task.debug` (ExecVMProcess allowed).
+    `dev_mode`: an ordinary host process (`--listen unix://...`), not PID 1 in a VM.
+    `run_dir`: where the agent keeps its own runtime files (pod namespaces, resolv.conf, ...).
+    `runtime`: path of crun or runc. `boot_problems`: what failed while booting (PID 1).
+    `started_boottime`: CLOCK_BOOTTIME when main() began."""
+
+    __slots__ = ("reaper", "events", "sandbox", "debug", "dev_mode", "state_dir", "run_dir",
+                 "runtime", "boot_problems", "started_boottime")
+
+    def __init__(self, *, reaper: Reaper, events: EventQueue, dev_mode: bool, debug: bool = False,
+                 state_dir: str = STATE_DIR, run_dir: str = "/run", runtime: str = "crun",
+                 boot_problems: Optional[list[str]] = None, started_boottime: float = 0.0):
+        self.reaper = reaper
+        self.events = events
+        self.sandbox = SandboxState()
+        self.debug = debug
+        self.dev_mode = dev_mode
+        self.state_dir = state_dir
+        self.run_dir = run_dir
+        self.runtime = runtime
+        self.boot_problems = boot_problems or []
+        self.started_boottime = started_boottime
