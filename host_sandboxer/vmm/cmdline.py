@@ -50,8 +50,8 @@ ShareDevice = Union[VirtiofsShare, NinePShare]
 class VmSpec:
     kernel: Path
     initrd: Path
-    console_log: Path
-    qmp_socket: Path  # QEMU connects to it (we listen): no start-up race
+    console_socket: Path  # QEMU connects to these two; we listen first, so there is no race
+    qmp_socket: Path
     vsock: VsockDevice | None = None
     share: ShareDevice | None = None
     kernel_params: tuple[str, ...] = ()
@@ -82,7 +82,7 @@ def build_argv(spec: VmSpec) -> list[str]:
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
         "-append", " ".join(kernel_params(spec)),
-        "-chardev", f"file,id=console,path={_opt(spec.console_log)}",
+        "-chardev", f"socket,id=console,path={_opt(spec.console_socket)}",
         "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,path={_opt(spec.qmp_socket)}",
         "-mon", "chardev=qmp,mode=control",

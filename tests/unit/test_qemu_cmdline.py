@@ -9,7 +9,7 @@ from host_sandboxer.vmm.cmdline import (HybridVsock, KernelVsock, NinePShare, Vi
 
 def spec(**kw) -> VmSpec:
     base = dict(kernel=Path("/img/kernel"), initrd=Path("/img/initrd.img"),
-                console_log=Path("/run/vm/console.log"), qmp_socket=Path("/run/vm/qmp.sock"))
+                console_socket=Path("/run/vm/console.sock"), qmp_socket=Path("/run/vm/qmp.sock"))
     return VmSpec(**{**base, **kw})
 
 
@@ -31,7 +31,7 @@ def test_q35_tcg_defaults():
     assert option(argv, "-kernel") == ["/img/kernel"]
     assert option(argv, "-initrd") == ["/img/initrd.img"]
     assert option(argv, "-append") == ["console=ttyS0 panic=-1"]
-    assert "file,id=console,path=/run/vm/console.log" in option(argv, "-chardev")
+    assert "socket,id=console,path=/run/vm/console.sock" in option(argv, "-chardev")
     assert option(argv, "-serial") == ["chardev:console"]
     assert "socket,id=qmp,path=/run/vm/qmp.sock" in option(argv, "-chardev")
     assert option(argv, "-mon") == ["chardev=qmp,mode=control"]
@@ -74,6 +74,6 @@ def test_kernel_vsock_and_9p():
 
 @pytest.mark.parametrize("path", ["/run/a,b/fs.sock"])
 def test_commas_in_paths_are_escaped(path):
-    argv = build_argv(spec(share=NinePShare(Path(path)), console_log=Path("/x,y.log")))
+    argv = build_argv(spec(share=NinePShare(Path(path)), console_socket=Path("/x,y.sock")))
     assert option(argv, "-fsdev") == ["local,id=fs,path=/run/a,,b/fs.sock,security_model=none"]
-    assert "file,id=console,path=/x,,y.log" in option(argv, "-chardev")
+    assert "socket,id=console,path=/x,,y.sock" in option(argv, "-chardev")

@@ -1,0 +1,124 @@
+"""One QEMU process: launched from a VmSpec, controlled over QMP (qemu.qmp), watched until it exits.
+
+We listen on the QMP and console sockets before QEMU starts and QEMU connects to them, so there
+is no polling for a socket to appear.  `exited` resolves with QEMU's exit status the moment the
+process ends, for whatever reason; `failure()` turns that into a message with the exit, the
+last SHUTDOWN event, QEMU's own output and the console tail.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from host_sandboxer.vmm import process
+from host_sandboxer.vmm.cmdline import VmSpec, build_argv
+from host_sandboxer.vmm.console import ConsoleLog
+
+log = logging.getLogger(__name__)
+
+
+class QemuError(RuntimeError):
+    """QEMU failed to start, or died; the message says how and quotes the console tail."""
+
+
+class Qemu:
+    def __init__(self, spec: VmSpec, run_dir: Path):
+        self.spec = spec
+        self.argv = build_argv(spec)
+        self.output = run_dir / "qemu.log"
+        self.console = ConsoleLog(run_dir / "console.log", spec.console_socket)
+        self.qmp = QMPClient(spec.name)
+        self.events: list[dict] = []  # QMP events as received: {"event", "data", "timestamp"}
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.started_at = 0.0  # time.monotonic() just before the spawn
+        self.proc: asyncio.subprocess.Process | None = None
+        self._exit_watch: asyncio.Task | None = None
+        self._event_log: asyncio.Task | None = None
+
+    async def start(self, timeout_s: float = 10.0) -> None:
+        """Spawn QEMU and return once it has connected to QMP; raise QemuError otherwise."""
+        await self.console.listen()
+        await self.qmp.start_server(str(self.spec.qmp_socket))
+        os.chmod(self.spec.qmp_socket, 0o600)
+        self.started_at = time.monotonic()
+        try:
+            self.proc = await process.spawn(self.argv, self.output)
+        except OSError as e:
+            await self.close()
+            raise QemuError(f"cannot run {self.argv[0]}: {e.strerror}") from None
+        self._exit_watch = asyncio.create_task(self._watch_exit())
+        accept = asyncio.create_task(self.qmp.accept())
+        await asyncio.wait({accept, self.exited}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if not accept.done() or accept.exception() is not None:
+            accept.cancel()
+            await asyncio.gather(accept, return_exceptions=True)
+            if not self.exited.done():
+                await process.stop(self.proc, grace_s=1.0)
+            await self._exit_watch
+            message = self.failure("QEMU failed to start")
+            await self.close()
+            raise QemuError(message)
+        self._event_log = asyncio.create_task(self._record_events())
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and not self.exited.done()
+
+    async def status(self) -> str:
+        """The guest run state from QMP query-status ("running", "paused", "shutdown", ...)."""
+        return (await self.qmp.execute("query-status"))["status"]
+
+    async def powerdown(self) -> None:
+        """ACPI power button; the guest decides what to do with it."""
+        await self.qmp.execute("system_powerdown")
+
+    async def quit(self) -> None:
+        """Ask QEMU to exit now (the guest gets no say)."""
+        await self.qmp.execute("quit")
+
+    def failure(self, what: str) -> str:
+        """`what` plus how QEMU ended, its last SHUTDOWN event, its output and the console tail."""
+        parts = [what]
+        if self.exited.done():
+            parts[0] += f": QEMU {process.describe_exit(self.exited.result())}"
+        shutdowns = [e for e in self.events if e["event"] == "SHUTDOWN"]
+        if shutdowns:
+            data = shutdowns[-1].get("data", {})
+            parts[0] += f" after SHUTDOWN (reason={data.get('reason')}, guest={data.get('guest')})"
+        qemu_output = process.output_tail(self.output)
+        if qemu_output:
+            parts.append("QEMU output:\n" + qemu_output)
+        parts.append("console tail:\n" + (self.console.tail() or "(no console output)"))
+        return "\n".join(parts)
+
+    async def close(self, grace_s: float = 3.0) -> None:
+        """Stop QEMU (QMP quit, then SIGTERM/SIGKILL) and release its sockets; idempotent."""
+        if self.running:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.quit(), grace_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.exited), grace_s)
+            await process.stop(self.proc, grace_s)
+        if self._event_log is not None:
+            self._event_log.cancel()
+        await asyncio.gather(*filter(None, (self._event_log, self._exit_watch)), return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        self.spec.qmp_socket.unlink(missing_ok=True)
+        await self.console.close()
+
+    async def _watch_exit(self) -> None:
+        status = await self.proc.wait()
+        log.info("%s: QEMU %s", self.spec.name, process.describe_exit(status))
+        self.exited.set_result(status)
+
+    async def _record_events(self) -> None:
+        async for event in self.qmp.events:
+            self.events.append(dict(event))
+            log.debug("%s: QMP event %s", self.spec.name, event)

@@ -1,0 +1,54 @@
+"""virtiofsd (QEMU 7.2's C daemon, /usr/lib/qemu/virtiofsd) serving one VM's shared directory.
+
+It must listen before QEMU starts (QEMU connects to its vhost-user socket at start-up) and it
+exits by itself when QEMU disconnects.  Options used: `--socket-path`, `-o source=`, `-o cache=`
+(auto|always|none); its default sandbox (mount/pid/net namespaces + pivot_root into the shared
+directory) needs root, which the daemon is.  It keeps a lock file `/run/virtiofsd/<socket path
+with / as .>.pid` that it does not remove on SIGTERM; `stop()` removes it.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from host_sandboxer.vmm import process
+
+PID_DIR = Path("/run/virtiofsd")
+
+
+class VirtiofsdError(RuntimeError):
+    pass
+
+
+class Virtiofsd:
+    def __init__(self, binary: Path, source: Path, socket_path: Path, output: Path, cache: str = "auto"):
+        self.argv = [str(binary), f"--socket-path={socket_path}", "-o", f"source={source}", "-o", f"cache={cache}"]
+        self.binary = binary
+        self.source = source
+        self.socket_path = socket_path
+        self.output = output
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout_s: float = 5.0) -> None:
+        """Spawn virtiofsd and return once its socket exists; raise VirtiofsdError if it fails."""
+        if not self.binary.is_file():
+            raise VirtiofsdError(f"virtiofsd not found at {self.binary}")
+        if not self.source.is_dir():
+            raise VirtiofsdError(f"shared directory {self.source} is not a directory")
+        self.socket_path.unlink(missing_ok=True)
+        self.proc = await process.spawn(self.argv, self.output)
+        deadline = time.monotonic() + timeout_s
+        while not self.socket_path.exists():
+            if self.proc.returncode is not None or time.monotonic() > deadline:
+                why = process.describe_exit(self.proc.returncode) if self.proc.returncode is not None \
+                    else f"no socket after {timeout_s:.0f} s"
+                await self.stop()
+                raise VirtiofsdError(f"virtiofsd {why}: {process.output_tail(self.output)}")
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            await process.stop(self.proc)
+        self.socket_path.unlink(missing_ok=True)
+        (PID_DIR / (str(self.socket_path).replace("/", ".") + ".pid")).unlink(missing_ok=True)

@@ -1,0 +1,180 @@
+"""One guest VM as the daemon, `vmm-sandboxer check` and the VM tests use it.
+
+`GuestVm.start()` brings up, in order, the vsock transport (it must listen before QEMU starts),
+the shared-directory server (virtiofsd; 9p needs none), then QEMU, and waits for the agent's
+"vmm-task ready" console line.  Any failure tears down what was started and raises `VmError`
+whose `stage` says what failed and whose message ends with the console tail.  All sockets and
+logs live in `run_dir` (0700).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from host_sandboxer.config import Config
+from host_sandboxer.vmm.accel import resolve_accel
+from host_sandboxer.vmm.cmdline import NinePShare, VirtiofsShare, VmSpec
+from host_sandboxer.vmm.qemu import Qemu, QemuError
+from host_sandboxer.vmm.virtiofsd import Virtiofsd, VirtiofsdError
+
+READY_LINE = "vmm-task ready"
+KERNEL_INIT_LINE = "Run /init as init process"
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
+
+
+class VmError(RuntimeError):
+    """Starting or running the VM failed; `stage` is one of image, config, transport, sharefs,
+    qemu, agent."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+@dataclass
+class BootTimeline:
+    """Seconds from QEMU's spawn (host clock); *_guest: the guest's printk uptime, if shown."""
+
+    qmp_connected_s: float
+    first_console_s: float | None
+    kernel_init_s: float | None  # the kernel ran /init
+    kernel_init_guest_s: float | None
+    agent_ready_s: float  # the agent printed "vmm-task ready"
+    agent_ready_guest_s: float | None
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 3) if v is not None else None) for k, v in asdict(self).items()}
+
+
+class GuestVm:
+    def __init__(self, config: Config, run_dir: Path, *, name: str = "vmm-task",
+                 share_dir: Path | None = None, kernel_params: Sequence[str] = ()):
+        self.config = config
+        self.run_dir = run_dir
+        self.name = name
+        self.share_dir = share_dir
+        self.kernel_params = tuple(config.vm.kernel_params.split()) + tuple(kernel_params)
+        self.accel = resolve_accel(config.vm.accel)
+        self.transport = None
+        self.virtiofsd: Virtiofsd | None = None
+        self.qemu: Qemu | None = None
+        self.timeline: BootTimeline | None = None
+
+    @property
+    def console(self):
+        return self.qemu.console
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        """Resolves with QEMU's exit status when it ends (expected or not)."""
+        return self.qemu.exited
+
+    async def start(self) -> BootTimeline:
+        try:
+            return await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def open_connection(self, port: int | None = None):
+        """(reader, writer) to a guest vsock port (default: the agent's)."""
+        return await self.transport.open_connection(port or self.config.agent.port)
+
+    async def ttrpc_client(self, port: int | None = None):
+        """A ttrpc client connected to the agent (or to `port`)."""
+        from vmm_common import ttrpc
+        reader, writer = await self.open_connection(port)
+        return ttrpc.Client(reader, writer)
+
+    async def close(self) -> None:
+        """Stop QEMU, then virtiofsd and the transport; safe to call more than once."""
+        if self.qemu is not None:
+            await self.qemu.close()
+        if self.virtiofsd is not None:
+            await self.virtiofsd.stop()
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                await self.transport.close()
+
+    async def _start(self) -> BootTimeline:
+        vm = self.config.vm
+        for what, path in (("kernel", vm.kernel), ("initrd", vm.initrd)):
+            if not path.is_file():
+                raise VmError("image", f"no {what} at {path} (run `make guest-image` or set vm.{what})")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run_dir, 0o700)
+        self._socket_path("qmp.sock")  # the longest name we choose: fail early on a deep run_dir
+        self.transport = self._make_transport()
+        try:
+            await self.transport.start()
+        except Exception as e:
+            raise VmError("transport", f"vsock transport {self.config.vsock.transport}: {e}") from e
+        share = await self._start_sharefs()
+        self.qemu = Qemu(VmSpec(
+            qemu=vm.qemu, machine=vm.machine, accel=self.accel.accel, cpus=vm.cpus, memory_mib=vm.memory_mib,
+            kernel=vm.kernel, initrd=vm.initrd, name=self.name,
+            console_socket=self._socket_path("console.sock"), qmp_socket=self._socket_path("qmp.sock"),
+            vsock=self.transport.qemu_device, share=share,
+            kernel_params=self._agent_params() + self.kernel_params), self.run_dir)
+        try:
+            await self.qemu.start()
+        except QemuError as e:
+            raise VmError("qemu", str(e)) from None
+        return await self._wait_ready()
+
+    def _make_transport(self):
+        from host_sandboxer import vsock
+        return vsock.create_transport(self.config.vsock.transport, self.run_dir)
+
+    async def _start_sharefs(self):
+        if self.share_dir is None:
+            return None
+        if self.config.sharefs.type == "9p":
+            return NinePShare(self.share_dir)
+        sock = self._socket_path("virtiofsd.sock")
+        self.virtiofsd = Virtiofsd(self.config.sharefs.virtiofsd, self.share_dir, sock,
+                                   self.run_dir / "virtiofsd.log", cache=self.config.sharefs.cache)
+        try:
+            await self.virtiofsd.start()
+        except VirtiofsdError as e:
+            raise VmError("sharefs", str(e)) from None
+        return VirtiofsShare(sock)
+
+    def _agent_params(self) -> tuple[str, ...]:
+        agent = self.config.agent
+        return (f"task.log_level={agent.log_level}",) + (("task.debug",) if agent.debug else ())
+
+    async def _wait_ready(self) -> BootTimeline:
+        qemu = self.qemu
+        qmp_connected = time.monotonic()
+        kernel_init = qemu.console.line_containing(KERNEL_INIT_LINE)
+        ready = qemu.console.line_containing(READY_LINE)
+        timeout = self.config.vm.boot_timeout_s
+        await asyncio.wait({ready, qemu.exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            what = "QEMU died before the agent was ready" if qemu.exited.done() \
+                else f"agent not ready within {timeout:g} s (no '{READY_LINE}' on the console)"
+            raise VmError("qemu" if qemu.exited.done() else "agent", qemu.failure(what))
+        start = qemu.started_at
+        first = qemu.console.first_output.result() if qemu.console.first_output.done() else None
+        init = kernel_init.result() if kernel_init.done() else None
+        line = ready.result()
+        self.timeline = BootTimeline(
+            qmp_connected_s=qmp_connected - start,
+            first_console_s=first - start if first is not None else None,
+            kernel_init_s=init.host_time - start if init else None,
+            kernel_init_guest_s=init.guest_time if init else None,
+            agent_ready_s=line.host_time - start,
+            agent_ready_guest_s=line.guest_time)
+        return self.timeline
+
+    def _socket_path(self, name: str) -> Path:
+        path = self.run_dir / name
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise VmError("config", f"socket path {path} is longer than {UNIX_PATH_MAX} bytes; use a shorter state dir")
+        return path

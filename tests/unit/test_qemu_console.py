@@ -1,0 +1,77 @@
+"""The console reader: line splitting and time stamps, markers, tail, and the size cap.
+
+A plain unix-socket client stands in for QEMU's serial chardev (it is the same byte stream).
+"""
+import asyncio
+import socket
+
+from host_sandboxer.vmm.console import MAX_LINE, ConsoleLog
+
+
+async def connected(tmp_path, limit=1 << 20):
+    console = ConsoleLog(tmp_path / "console.log", tmp_path / "console.sock", limit=limit)
+    await console.listen()
+    reader, writer = await asyncio.open_unix_connection(str(tmp_path / "console.sock"))
+    return console, writer
+
+
+async def settle(console, needle):
+    return await asyncio.wait_for(console.line_containing(needle), 5)
+
+
+def test_lines_markers_and_tail(tmp_path):
+    async def scenario():
+        console, writer = await connected(tmp_path)
+        ready = console.line_containing("vmm-task ready")
+        writer.write(b"[    0.000000] Linux version 6.1\r\n[    1.250000] Run /init as ")
+        await writer.drain()
+        await settle(console, "Linux version")
+        assert not ready.done()
+        writer.write(b"init process\nvmm-task ready\npartial")
+        await writer.drain()
+        line = await asyncio.wait_for(ready, 5)
+        assert line.text == "vmm-task ready" and line.guest_time is None
+        init = await settle(console, "Run /init")  # a marker asked for after the fact is found too
+        assert init.guest_time == 1.25 and init.host_time <= line.host_time
+        assert console.first_output.done()
+        assert console.tail(2) == "[    1.250000] Run /init as init process\nvmm-task ready\npartial"
+        writer.close()
+        await console.close()
+        assert (tmp_path / "console.log").read_bytes().endswith(b"vmm-task ready\npartial")
+        assert not (tmp_path / "console.sock").exists()
+    asyncio.run(scenario())
+
+
+def test_endless_line_is_cut_and_log_is_capped(tmp_path):
+    async def scenario():
+        console, writer = await connected(tmp_path, limit=10_000)
+        writer.write(b"x" * (3 * MAX_LINE) + b"\nend\n")
+        await writer.drain()
+        await settle(console, "end")
+        assert [len(t) for t in console.tail(10).splitlines()] == [MAX_LINE] * 3 + [3]
+        writer.close()
+        await console.close()
+        sizes = [(tmp_path / name).stat().st_size for name in ("console.log", "console.log.1")]
+        assert sizes == [3 * MAX_LINE + 5 - 10_000, 10_000]  # rotated once, at exactly the cap
+        assert (tmp_path / "console.log").read_bytes().endswith(b"end\n")
+    asyncio.run(scenario())
+
+
+def test_only_one_peer_is_read(tmp_path):
+    async def scenario():
+        console, writer = await connected(tmp_path)
+        writer.write(b"from qemu\n")
+        await writer.drain()
+        await settle(console, "from qemu")
+        intruder = socket.socket(socket.AF_UNIX)
+        intruder.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(intruder, str(tmp_path / "console.sock"))
+            connected_again = True
+        except OSError:
+            connected_again = False
+        intruder.close()
+        assert not connected_again  # the listener closed once QEMU's connection arrived
+        writer.close()
+        await console.close()
+    asyncio.run(scenario())
