@@ -1,0 +1,115 @@
+"""OOM kills in a container's cgroup, reported through a callback (the Task service publishes
+TaskOOM). cgroup v2: inotify on `memory.events`, an event per increase of `oom_kill`. cgroup v1:
+an eventfd registered for `memory.oom_control` through `cgroup.event_control`."""
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import os
+from typing import Callable, Optional
+
+from .cgroups import Cgroup, flat_keyed
+
+log = logging.getLogger(__name__)
+
+IN_MODIFY = 0x2
+IN_NONBLOCK_CLOEXEC = os.O_NONBLOCK | os.O_CLOEXEC
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class OomWatcher:
+    """Calls `on_oom()` on the event loop for each OOM kill until `close()`."""
+
+    def __init__(self, cgroup: Cgroup, on_oom: Callable[[], None]):
+        self._cgroup = cgroup
+        self._on_oom = on_oom
+        self._fds: list[int] = []
+        self._loop = asyncio.get_running_loop()
+        self._kills = 0
+        if cgroup.version == 2:
+            self._watch_v2()
+        else:
+            self._watch_v1()
+
+    def _watch_v2(self) -> None:
+        events = os.path.join(self._cgroup.dir(""), "memory.events")
+        fd = _libc.inotify_init1(IN_NONBLOCK_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self._fds.append(fd)
+        if _libc.inotify_add_watch(fd, events.encode(), IN_MODIFY) < 0:
+            err = ctypes.get_errno()
+            self.close()
+            raise OSError(err, f"inotify on {events}: {os.strerror(err)}")
+        self._kills = self._v2_kills()
+        self._loop.add_reader(fd, self._on_v2_change, fd)
+
+    def _v2_kills(self) -> int:
+        return flat_keyed(self._cgroup.read("", "memory.events")).get("oom_kill", 0)
+
+    def _on_v2_change(self, fd: int) -> None:
+        try:
+            while os.read(fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        kills = self._v2_kills()
+        for _ in range(max(0, kills - self._kills)):
+            self._fire()
+        self._kills = max(kills, self._kills)
+
+    def _watch_v1(self) -> None:
+        directory = self._cgroup.dir("memory")
+        if directory is None:
+            raise OSError("no v1 memory cgroup to watch")
+        control = os.open(os.path.join(directory, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
+        self._fds.append(control)
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._fds.append(efd)
+        try:
+            with open(os.path.join(directory, "cgroup.event_control"), "w") as f:
+                f.write(f"{efd} {control}")
+        except OSError:
+            self.close()
+            raise
+        self._loop.add_reader(efd, self._on_v1_event, efd)
+
+    def _on_v1_event(self, efd: int) -> None:
+        try:
+            count = os.eventfd_read(efd)
+        except BlockingIOError:
+            return
+        # the eventfd also fires once when the cgroup is removed: that is no OOM
+        if os.path.isdir(self._cgroup.dir("memory")):
+            for _ in range(count):
+                self._fire()
+        else:
+            self.close()
+
+    def _fire(self) -> None:
+        try:
+            self._on_oom()
+        except Exception:  # a faulty callback must not stop the watching (nor the agent)
+            log.exception("OOM callback failed")
+
+    def close(self) -> None:
+        for fd in self._fds:
+            try:
+                self._loop.remove_reader(fd)
+            except (ValueError, RuntimeError):
+                pass
+            os.close(fd)
+        self._fds.clear()
+
+
+def watch(cgroup: Optional[Cgroup], on_oom: Callable[[], None]) -> Optional[OomWatcher]:
+    """A watcher, or None (logged) when the cgroup has no memory controller to watch."""
+    if cgroup is None:
+        return None
+    try:
+        return OomWatcher(cgroup, on_oom)
+    except OSError as e:
+        log.warning("no OOM notifications for %s: %s", cgroup.dirs, e)
+        return None

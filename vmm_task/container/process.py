@@ -1,0 +1,69 @@
+"""One process of a container (its init, or an exec) and its state machine, as the runc shim
+keeps it: created -> running (<-> paused, init only) -> stopped. The exit is recorded only after
+the process's output was drained, so a Wait answer comes after the last byte."""
+
+import asyncio
+import logging
+import time
+from typing import Callable, Optional
+
+from .stdio import ProcessIO
+
+log = logging.getLogger(__name__)
+
+CREATED, RUNNING, PAUSED, STOPPED = "created", "running", "paused", "stopped"
+
+
+class Process:
+    def __init__(self, container_id: str, exec_id: str, io: ProcessIO,
+                 spec: Optional[dict] = None):
+        self.container_id = container_id
+        self.exec_id = exec_id          # "" for the init process
+        self.io = io
+        self.spec = spec                # the OCI process of an exec
+        self.pid = 0
+        self.status = CREATED
+        self.exit_code = 0
+        self.exited_at = 0              # ns since the epoch; 0 while not exited
+        self._exited = asyncio.get_running_loop().create_future()
+        self._watcher: Optional[asyncio.Task] = None
+
+    @property
+    def name(self) -> str:
+        return f"exec {self.exec_id} of container {self.container_id}" if self.exec_id \
+            else f"container {self.container_id}"
+
+    def started(self, pid: int, reaper, on_exit: Callable[["Process"], None]) -> None:
+        """The runtime reported `pid`: watch for its exit (delivered by the Reaper)."""
+        self.pid = pid
+        self._watcher = asyncio.ensure_future(self._watch(reaper.wait_pid(pid), on_exit))
+
+    async def _watch(self, exit_future: asyncio.Future, on_exit) -> None:
+        try:
+            status = await exit_future
+        except ProcessLookupError:
+            log.warning("%s: pid %d vanished before it could be watched", self.name, self.pid)
+            status = None
+        await self.io.drain()
+        self.set_exited(status.code if status else 255, status.exited_at if status else 0)
+        on_exit(self)
+
+    def set_exited(self, code: int, exited_at: int) -> None:
+        if self._exited.done():
+            return
+        self.status = STOPPED
+        self.exit_code = code
+        self.exited_at = exited_at or time.time_ns()
+        self._exited.set_result(None)
+
+    @property
+    def exited(self) -> bool:
+        return self._exited.done()
+
+    async def wait(self) -> None:
+        await asyncio.shield(self._exited)
+
+    def close(self) -> None:
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
+        self.io.close()

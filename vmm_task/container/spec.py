@@ -1,0 +1,78 @@
+"""What the agent reads from, and changes in, OCI specs: the bundle's config.json (process user,
+pod namespaces) and the JSON process spec of an Exec."""
+
+import json
+import os
+from typing import Any, Optional
+
+from .errors import invalid_argument
+
+POD_NAMESPACES = ("ipc", "uts", "pid")
+
+
+def load_bundle_spec(bundle: str) -> dict:
+    if not os.path.isabs(bundle):
+        raise invalid_argument(f"bundle {bundle!r} is not an absolute path")
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path, "rb") as f:
+            spec = json.loads(f.read())
+    except FileNotFoundError:
+        raise invalid_argument(f"bundle {bundle}: no config.json") from None
+    except (OSError, ValueError) as e:
+        raise invalid_argument(f"bundle {bundle}: unreadable config.json: {e}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("process", {}), dict):
+        raise invalid_argument(f"bundle {bundle}: config.json is not an OCI runtime spec")
+    return spec
+
+
+def save_bundle_spec(bundle: str, spec: dict) -> None:
+    path = os.path.join(bundle, "config.json")
+    tmp = path + ".vmm-task.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    os.replace(tmp, path)
+
+
+def apply_pod_namespaces(spec: dict, pod: dict[str, Optional[str]]) -> bool:
+    """Point the spec's ipc/uts (and pid, when the pod shares one) namespaces at the pod's.
+    Returns whether the spec changed. `pod` maps a type to a path (or None: not shared)."""
+    linux = spec.setdefault("linux", {})
+    namespaces = linux.setdefault("namespaces", [])
+    if not isinstance(namespaces, list):
+        raise invalid_argument("config.json: linux.namespaces is not a list")
+    changed = False
+    for kind in POD_NAMESPACES:
+        path = pod.get(kind)
+        if not path:
+            continue
+        wanted = {"type": kind, "path": path}
+        kept = [ns for ns in namespaces if not (isinstance(ns, dict) and ns.get("type") == kind)]
+        if kept + [wanted] != namespaces:
+            namespaces[:] = kept + [wanted]
+            changed = True
+    return changed
+
+
+def process_owner(process: Any) -> tuple[int, int]:
+    """(uid, gid) a process spec runs as; pipes are handed to it with that owner."""
+    user = process.get("user") if isinstance(process, dict) else None
+    if not isinstance(user, dict):
+        return 0, 0
+    uid, gid = user.get("uid", 0), user.get("gid", 0)
+    if not all(isinstance(v, int) and 0 <= v < 2**32 for v in (uid, gid)):
+        raise invalid_argument(f"process user {user!r}: uid/gid must be integers")
+    return uid, gid
+
+
+def parse_exec_process(raw: bytes) -> dict:
+    """The Exec request's spec Any holds the OCI process as JSON (containerd's typeurl for
+    specs.Process)."""
+    try:
+        process = json.loads(raw)
+    except ValueError as e:
+        raise invalid_argument(f"exec spec is not a JSON OCI process: {e}") from None
+    if not isinstance(process, dict) or not isinstance(process.get("args"), list) \
+            or not process["args"]:
+        raise invalid_argument("exec spec: an OCI process with a non-empty args list is required")
+    return process

@@ -1,0 +1,331 @@
+"""The agent's containers and their processes: the Task API's operations with the runc shim's
+state rules and error codes, independent of the wire (services/task.py maps requests here)."""
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal as signals
+from typing import Callable, Optional
+
+from . import oom as oommod
+from .cgroups import Cgroup
+from .errors import TaskError, already_exists, failed_precondition, invalid_argument, not_found
+from .ids import check_id
+from .mounts import Mount, mount_rootfs, unmount
+from .process import CREATED, PAUSED, RUNNING, STOPPED, Process
+from .runtime import Runtime
+from .spec import apply_pod_namespaces, load_bundle_spec, parse_exec_process, process_owner, \
+    save_bundle_spec
+from .stdio import ProcessIO
+
+log = logging.getLogger(__name__)
+
+CREATED_EXIT_WAIT = 5.0  # seconds Delete waits for a force-deleted created init to be reaped
+
+
+class Container:
+    def __init__(self, cid: str, bundle: str, workdir: str, init: Process, shares_pids: bool):
+        self.id = cid
+        self.bundle = bundle
+        self.workdir = workdir
+        self.init = init
+        self.execs: dict[str, Process] = {}
+        self.shares_pids = shares_pids  # no PID namespace of its own: kill all when init exits
+        self.cgroup: Optional[Cgroup] = None
+        self.oom: Optional[oommod.OomWatcher] = None
+        self.rootfs_mounts = 0
+        self.lock = asyncio.Lock()
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        check_id("exec", exec_id)
+        try:
+            return self.execs[exec_id]
+        except KeyError:
+            raise not_found(f"exec {exec_id} of container {self.id} not found") from None
+
+
+class ContainerTable:
+    """`pod_namespaces()` gives the pod's {"ipc"|"uts"|"pid": path or None};
+    `on_exit(container, process)` and `on_oom(container)` are called on the loop."""
+
+    def __init__(self, runtime: Runtime, reaper, run_dir: str,
+                 pod_namespaces: Callable[[], dict], on_exit: Callable, on_oom: Callable):
+        self.runtime = runtime
+        self._reaper = reaper
+        self._run_dir = run_dir
+        self._pod_namespaces = pod_namespaces
+        self._on_exit = on_exit
+        self._on_oom = on_oom
+        self._containers: dict[str, Container] = {}
+        self._reserved: set[str] = set()
+        self._serial = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._containers)
+
+    def get(self, cid: str) -> Container:
+        check_id("container", cid)
+        try:
+            return self._containers[cid]
+        except KeyError:
+            raise not_found(f"container {cid} not found") from None
+
+    def _socket_path(self) -> str:
+        return os.path.join(self._run_dir, f"console-{next(self._serial)}.sock")
+
+    # -- Create / Start / Exec ----------------------------------------------------------------
+
+    async def create(self, cid: str, bundle: str, rootfs: list[Mount], stdin: str, stdout: str,
+                     stderr: str, terminal: bool) -> Container:
+        check_id("container", cid)
+        if cid in self._containers or cid in self._reserved:
+            raise already_exists(f"container {cid} already exists")
+        self._reserved.add(cid)
+        try:
+            return await self._create(cid, bundle, rootfs, stdin, stdout, stderr, terminal)
+        finally:
+            self._reserved.discard(cid)
+
+    async def _create(self, cid, bundle, rootfs, stdin, stdout, stderr, terminal) -> Container:
+        spec = load_bundle_spec(bundle)
+        if apply_pod_namespaces(spec, self._pod_namespaces()):
+            save_bundle_spec(bundle, spec)
+        namespaces = spec.get("linux", {}).get("namespaces", [])
+        own_pid_ns = any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+        uid, gid = process_owner(spec.get("process"))
+        workdir = os.path.join(self._run_dir, "containers", cid)
+        io = ProcessIO(stdin, stdout, stderr, terminal, self._socket_path(), uid, gid)
+        container = Container(cid, bundle, workdir, Process(cid, "", io), not own_pid_ns)
+        created = False
+        try:
+            os.makedirs(workdir, mode=0o700, exist_ok=True)
+            if rootfs:
+                container.rootfs_mounts = mount_rootfs(rootfs, os.path.join(bundle, "rootfs"))
+            pid_file = os.path.join(workdir, "init.pid")
+            console, fds = io.prepare()
+            await self.runtime.create(cid, bundle, pid_file, console, fds)
+            created = True
+            await io.started()
+            pid = _read_pid(pid_file)
+        except BaseException:
+            io.close()
+            if created:
+                await _quietly(self.runtime.delete(cid, force=True))
+            for _ in range(container.rootfs_mounts):
+                unmount(os.path.join(bundle, "rootfs"))
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        container.cgroup = Cgroup.of_pid(pid)
+        container.oom = oommod.watch(container.cgroup, lambda: self._on_oom(container))
+        self._containers[cid] = container
+        container.init.started(pid, self._reaper, lambda p: self._exited(container, p))
+        return container
+
+    async def start(self, cid: str, exec_id: str) -> Process:
+        container = self.get(cid)
+        async with container.lock:
+            process = container.process(exec_id)
+            if process.status != CREATED:
+                raise failed_precondition(f"{process.name} is {process.status}: cannot start it")
+            if not exec_id:
+                await self.runtime.start(cid)
+                if process.status == CREATED:
+                    process.status = RUNNING
+                return process
+            if container.init.status not in (RUNNING, PAUSED):
+                raise failed_precondition(
+                    f"container {cid} is {container.init.status}: cannot start exec {exec_id}")
+            await self._start_exec(container, process)
+            return process
+
+    async def _start_exec(self, container: Container, process: Process) -> None:
+        base = os.path.join(container.workdir, "exec-" + process.exec_id)
+        try:
+            with open(base + ".json", "w", encoding="utf-8") as f:
+                json.dump(process.spec, f)
+            console, fds = process.io.prepare()
+            await self.runtime.exec(container.id, base + ".json", base + ".pid", console, fds)
+            await process.io.started()
+            pid = _read_pid(base + ".pid")
+        except BaseException:
+            process.io.close()
+            process.set_exited(255, 0)
+            raise
+        process.status = RUNNING
+        process.started(pid, self._reaper, lambda p: self._exited(container, p))
+
+    async def exec(self, cid: str, exec_id: str, terminal: bool, stdin: str, stdout: str,
+                   stderr: str, spec: bytes) -> Process:
+        container = self.get(cid)
+        check_id("exec", exec_id)
+        if exec_id in container.execs:
+            raise already_exists(f"exec {exec_id} already exists in container {cid}")
+        if container.init.status not in (RUNNING, PAUSED):
+            raise failed_precondition(f"container {cid} is {container.init.status}: "
+                                      "it must be running to exec in it")
+        process_spec = parse_exec_process(spec)
+        process_spec["terminal"] = terminal
+        uid, gid = process_owner(process_spec)
+        io = ProcessIO(stdin, stdout, stderr, terminal, self._socket_path(), uid, gid)
+        process = Process(cid, exec_id, io, process_spec)
+        container.execs[exec_id] = process
+        return process
+
+    def _exited(self, container: Container, process: Process) -> None:
+        if process is container.init and container.shares_pids:
+            asyncio.ensure_future(_quietly(self.runtime.kill(container.id, signals.SIGKILL, True)))
+        self._on_exit(container, process)
+
+    # -- signals and waiting -------------------------------------------------------------------
+
+    async def kill(self, cid: str, exec_id: str, signal: int, all_processes: bool) -> None:
+        container = self.get(cid)
+        process = container.process(exec_id)
+        if not 0 <= signal < 65:
+            raise invalid_argument(f"signal {signal} is not a valid signal number")
+        if process.status == STOPPED:
+            raise not_found(f"{process.name} has already exited: nothing to signal")
+        if exec_id:
+            if process.status == CREATED:
+                raise failed_precondition(f"{process.name} has not been started")
+            try:
+                os.kill(process.pid, signal)
+            except ProcessLookupError:
+                raise not_found(f"{process.name} has already exited: nothing to signal") from None
+            return
+        await self.runtime.kill(cid, signal, all_processes)
+
+    async def wait(self, cid: str, exec_id: str) -> Process:
+        process = self.get(cid).process(exec_id)
+        await process.wait()
+        return process
+
+    # -- Delete -----------------------------------------------------------------------------------
+
+    async def delete(self, cid: str, exec_id: str) -> Process:
+        container = self.get(cid)
+        if exec_id:
+            process = container.process(exec_id)
+            if process.status in (RUNNING, PAUSED):
+                raise failed_precondition(f"{process.name} is running: kill it before Delete")
+            process.close()
+            del container.execs[exec_id]
+            return process
+        async with container.lock:
+            init = container.init
+            if init.status in (RUNNING, PAUSED):
+                raise failed_precondition(f"container {cid} is {init.status}: kill it before Delete")
+            try:
+                await self.runtime.delete(cid, force=True)
+            except TaskError as e:  # its state is gone: nothing left to hold the container
+                log.warning("%s; releasing container %s anyway", e, cid)
+            if init.pid and not init.exited:
+                try:
+                    await asyncio.wait_for(init.wait(), CREATED_EXIT_WAIT)
+                except asyncio.TimeoutError:
+                    init.set_exited(255, 0)
+            self._release(container)
+            return init
+
+    def _release(self, container: Container) -> None:
+        for process in [container.init, *container.execs.values()]:
+            process.close()
+        if container.oom is not None:
+            container.oom.close()
+        for _ in range(container.rootfs_mounts):
+            try:
+                unmount(os.path.join(container.bundle, "rootfs"))
+            except OSError as e:
+                log.warning("container %s: %s", container.id, e)
+        shutil.rmtree(container.workdir, ignore_errors=True)
+        del self._containers[container.id]
+
+    # -- Pause / Resume / Update ------------------------------------------------------------------
+
+    async def pause(self, cid: str) -> None:
+        container = self.get(cid)
+        async with container.lock:
+            if container.init.status != RUNNING:
+                raise failed_precondition(f"container {cid} is {container.init.status}: "
+                                          "only a running container can be paused")
+            await self.runtime.pause(cid)
+            if container.init.status == RUNNING:
+                container.init.status = PAUSED
+
+    async def resume(self, cid: str) -> None:
+        container = self.get(cid)
+        async with container.lock:
+            if container.init.status != PAUSED:
+                raise failed_precondition(f"container {cid} is {container.init.status}: "
+                                          "only a paused container can be resumed")
+            await self.runtime.resume(cid)
+            if container.init.status == PAUSED:
+                container.init.status = RUNNING
+
+    async def update(self, cid: str, resources: bytes) -> None:
+        """`resources`: the OCI LinuxResources as JSON (containerd's typeurl for it)."""
+        container = self.get(cid)
+        try:
+            parsed = json.loads(resources)
+        except ValueError as e:
+            raise invalid_argument(f"update of {cid}: resources are not JSON LinuxResources: {e}") \
+                from None
+        if not isinstance(parsed, dict):
+            raise invalid_argument(f"update of {cid}: resources must be a JSON object")
+        async with container.lock:
+            if container.init.status == STOPPED:
+                raise failed_precondition(f"container {cid} has exited: nothing to update")
+            path = os.path.join(container.workdir, "resources.json")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(parsed, f)
+            await self.runtime.update(cid, path)
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    def pids(self, cid: str) -> list[tuple[int, str]]:
+        """(pid, exec id or "") of every process in the container's cgroup."""
+        container = self.get(cid)
+        by_pid = {p.pid: p.exec_id for p in container.execs.values() if p.pid}
+        pids = container.cgroup.pids() if container.cgroup else []
+        if not pids and container.init.pid and not container.init.exited:
+            pids = [container.init.pid]
+        return [(pid, by_pid.get(pid, "")) for pid in pids]
+
+    def stats(self, cid: str):
+        from .stats import metrics
+        container = self.get(cid)
+        if container.cgroup is None:
+            raise failed_precondition(f"container {cid} has no cgroup to read statistics from")
+        return metrics(container.cgroup)
+
+    def resize(self, cid: str, exec_id: str, width: int, height: int) -> None:
+        process = self.get(cid).process(exec_id)
+        if not (0 <= width < 65536 and 0 <= height < 65536):
+            raise invalid_argument(f"terminal size {width}x{height} is out of range")
+        process.io.resize(width, height)
+
+    async def close_io(self, cid: str, exec_id: str) -> None:
+        await self.get(cid).process(exec_id).io.close_stdin()
+
+    def all(self) -> list[Container]:
+        return list(self._containers.values())
+
+
+def _read_pid(path: str) -> int:
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError) as e:
+        raise TaskError("UNKNOWN", f"the runtime wrote no usable pid file {path}: {e}") from None
+
+
+async def _quietly(coroutine) -> None:
+    try:
+        await coroutine
+    except TaskError as e:
+        log.info("%s", e)
