@@ -115,3 +115,16 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def root_is_ramfs(mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """pivot_root(2) cannot leave an initramfs root: the runtime then needs --no-pivot."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == "/":
+                    return fields[fields.index("-") + 1] in ("rootfs", "ramfs")
+    except OSError:
+        pass
+    return False
