@@ -1,0 +1,1 @@
+"""Guest initrd: deterministic cpio, agent build, assembly, manifest, floor image."""

@@ -1,0 +1,113 @@
+"""The agent binary: `vmm_task` compiled by Nuitka --standalone (a dist directory, not onefile:
+onefile's bootstrap would be PID 1 and would unpack to /tmp on every boot).
+
+The dist is cached in $VMM_TASK_CACHE/agent/<key>/ where key hashes the agent's sources
+(vmm_task + vmm_common, generated protos included), the Nuitka and Python versions and the
+options; Nuitka's C compiles go through ccache. Only what the agent imports is followed: grpc, ssl
+and the host side are cut off so they can never reach the guest.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCE_PACKAGES = ("vmm_task", "vmm_common")
+ENTRY = REPO / "vmm_task" / "__main__.py"
+BINARY_NAME = "vmm-task"
+# Never in the guest: host-only packages, TLS, test and packaging machinery.
+NOFOLLOW = ("grpc", "grpc_tools", "host_sandboxer", "qemu", "ssl", "_ssl", "_hashlib",
+            "pytest", "_pytest", "unittest", "doctest", "pydoc", "tkinter", "setuptools",
+            "pkg_resources", "pip", "distutils", "lib2to3", "idlelib", "ensurepip", "xmlrpc",
+            "http", "urllib.request", "email", "nuitka", "pyroute2.ndb", "pyroute2.ipdb",
+            "pyroute2.nftables", "pyroute2.ipset", "pyroute2.wiset", "pyroute2.remote",
+            "pyroute2.nslink", "pyroute2.cli")
+OPTIONS = [
+    "--standalone",
+    "--python-flag=no_site",
+    "--static-libpython=yes",
+    "--lto=no",
+    # PID 1 starts before /proc exists, where Nuitka looks for its own path by default: take it
+    # from argv[0] ("/init") and realpath() it through the /init -> /sbin/init symlinks instead.
+    "--experimental=force-unix-binary-name",
+    "--include-module=google._upb._message",  # protobuf's C (upb) backend, loaded dynamically
+    *(f"--nofollow-import-to={name}" for name in NOFOLLOW),
+    f"--output-filename={BINARY_NAME}",
+    "--remove-output",
+    "--assume-yes-for-downloads",
+    "--jobs=2",
+]
+
+
+@dataclass(frozen=True)
+class Agent:
+    dist: Path            # the Nuitka dist directory (binary + extension modules + libraries)
+    binary: str           # file name of the executable inside dist
+    modules: list[str]    # every module compiled into or shipped with the agent
+    cached: bool
+
+    @property
+    def size(self) -> int:
+        return sum(p.stat().st_size for p in self.dist.rglob("*") if p.is_file())
+
+
+def _versions() -> str:
+    import nuitka.Version  # the build tool's own version, part of the cache key
+    return f"nuitka {nuitka.Version.getNuitkaVersion()} python {sys.version}"
+
+
+def cache_key() -> str:
+    h = hashlib.sha256(_versions().encode() + b"\0" + " ".join(OPTIONS).encode())
+    h.update(Path(__file__).read_bytes())
+    for package in SOURCE_PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            h.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:20]
+
+
+def _report_modules(report: Path) -> list[str]:
+    """Module names from Nuitka's compilation report (compiled and shipped extension modules)."""
+    root = ET.parse(report).getroot()
+    return sorted({m.get("name") for m in root.iter("module") if m.get("name")})
+
+
+def ensure_agent(cache: Path, progress=print) -> Agent:
+    root = cache / "agent"
+    out = root / cache_key()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = (out / "dist").is_dir()
+        if not cached:
+            _build(out, progress)
+    modules = (out / "modules.txt").read_text().split()
+    return Agent(out / "dist", BINARY_NAME, modules, cached)
+
+
+def _build(out: Path, progress) -> None:
+    if not ENTRY.exists():
+        raise FileNotFoundError(f"{ENTRY} does not exist: nothing to compile")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    log_path = staging / "nuitka.log"
+    progress(f"agent: compiling with Nuitka (a few minutes; log {log_path})")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    command = ["nice", "-n", "10", sys.executable, "-m", "nuitka", *OPTIONS,
+               f"--output-dir={staging}", f"--report={staging / 'report.xml'}", str(ENTRY)]
+    with open(log_path, "w") as log:
+        result = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = log_path.read_text().splitlines()[-30:]
+        raise RuntimeError("Nuitka build failed:\n" + "\n".join(tail))
+    (staging / "__main__.dist").rename(staging / "dist")
+    (staging / "modules.txt").write_text("\n".join(_report_modules(staging / "report.xml")) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)

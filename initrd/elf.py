@@ -1,0 +1,44 @@
+"""Shared-library closure of ELF binaries, resolved by the host's dynamic loader (ldd).
+
+The guest gets exactly the libraries its binaries load (plus the loader itself), at the paths the
+loader will look for them; static binaries and non-ELF files need nothing.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+# "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+_LIB = re.compile(r"^\s*(?:\S+ => )?(/\S+) \(0x[0-9a-f]+\)$")
+_NOT_FOUND = re.compile(r"^\s*(\S+) => not found$")
+_ELF_MAGIC = b"\x7fELF"
+
+
+def is_elf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == _ELF_MAGIC
+
+
+def shared_libraries(binary: Path) -> set[str]:
+    """Absolute paths of every library `binary` loads (transitively), loader included."""
+    result = subprocess.run(["ldd", str(binary)], capture_output=True, text=True)
+    if result.returncode != 0:  # "not a dynamic executable": static, needs nothing
+        return set()
+    libs = set()
+    for line in result.stdout.splitlines():
+        if m := _NOT_FOUND.match(line):
+            raise FileNotFoundError(f"{binary}: shared library {m.group(1)} not found on the host")
+        if m := _LIB.match(line):
+            libs.add(m.group(1))
+    return libs
+
+
+def closure(binaries: list[Path], provided: set[str] = frozenset()) -> set[str]:
+    """Libraries needed by all `binaries` whose file names are not in `provided` (e.g. the ones
+    Nuitka already ships next to the agent)."""
+    needed: set[str] = set()
+    for binary in binaries:
+        if is_elf(binary):
+            needed |= {lib for lib in shared_libraries(binary) if Path(lib).name not in provided}
+    return needed
