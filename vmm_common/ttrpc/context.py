@@ -1,0 +1,43 @@
+"""What a handler knows about its call: names, metadata, deadline."""
+import asyncio
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from vmm_common.protos.ttrpc.request_pb2 import KeyValue
+
+Metadata = Mapping[str, str | Iterable[str]]
+
+
+def encode_metadata(metadata: Metadata | None) -> list[KeyValue]:
+    """{"k": "v", "k2": ["a", "b"]} -> the Request's repeated KeyValue."""
+    pairs = []
+    for key, value in (metadata or {}).items():
+        values = [value] if isinstance(value, str) else list(value)
+        pairs.extend(KeyValue(key=key, value=v) for v in values)
+    return pairs
+
+
+def decode_metadata(pairs: Iterable[KeyValue]) -> dict[str, list[str]]:
+    metadata: dict[str, list[str]] = {}
+    for kv in pairs:
+        metadata.setdefault(kv.key, []).append(kv.value)
+    return metadata
+
+
+@dataclass
+class CallContext:
+    service: str
+    method: str
+    metadata: dict[str, list[str]] = field(default_factory=dict)
+    # Event-loop time (loop.time()) by which the caller wants an answer; None: no limit.
+    deadline: float | None = None
+
+    def get(self, key: str) -> str | None:
+        """First metadata value for `key` (e.g. "containerd-namespace")."""
+        values = self.metadata.get(key)
+        return values[0] if values else None
+
+    def time_remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())

@@ -1,0 +1,69 @@
+"""The ttrpc server: a registry of services and an accept loop on a listening socket."""
+import asyncio
+import logging
+import socket
+
+from .channel import Channel
+from .connection import ServerConnection
+from .methods import Method
+
+log = logging.getLogger("vmm_common.ttrpc")
+
+ACCEPT_RETRY_S = 0.1  # after EMFILE and the like: back off, keep serving
+
+
+class Server:
+    def __init__(self):
+        self._services: dict[str, dict[str, Method]] = {}
+
+    def register(self, service: str, methods: dict[str, Method]) -> None:
+        """Add `service` ("grpc.SandboxService") with its {"Method": unary(...), ...}."""
+        if service in self._services:
+            raise ValueError(f"service {service} is already registered")
+        for name, method in methods.items():
+            if not isinstance(method, Method):
+                raise TypeError(f"{service}/{name}: use ttrpc.unary() or a *_stream() helper")
+        self._services[service] = dict(methods)
+
+    async def serve(self, sock: socket.socket) -> None:
+        """Accept on `sock` (AF_UNIX or AF_VSOCK, listening) until cancelled."""
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        connections: set[asyncio.Task] = set()
+        try:
+            while True:
+                try:
+                    conn, _ = await loop.sock_accept(sock)
+                except OSError as e:
+                    log.warning("ttrpc: accept failed: %s", e)
+                    await asyncio.sleep(ACCEPT_RETRY_S)
+                    continue
+                task = asyncio.create_task(self._serve_socket(conn))
+                connections.add(task)
+                task.add_done_callback(connections.discard)
+        finally:
+            for task in connections:
+                task.cancel()
+            await asyncio.gather(*connections, return_exceptions=True)
+
+    async def _serve_socket(self, conn: socket.socket) -> None:
+        peer = _peer_name(conn)
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn)
+        except OSError as e:
+            log.debug("ttrpc: dropping connection from %s: %s", peer, e)
+            conn.close()
+            return
+        await self.serve_connection(reader, writer, peer)
+
+    async def serve_connection(self, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter, peer: str = "peer") -> None:
+        """Serve one already-open byte stream (e.g. a hybrid-vsock connection) until it ends."""
+        await ServerConnection(self._services, Channel(reader, writer), peer).run()
+
+
+def _peer_name(conn: socket.socket) -> str:
+    try:
+        return str(conn.getpeername() or conn.family.name)
+    except OSError:
+        return conn.family.name
