@@ -24,6 +24,10 @@ protos:
 guest-image: setup
 	@$(PY) -m initrd.guest_image --runtime $(RUNTIME) --debug $(DEBUG)
 
+# The boot benchmark's floor: same kernel, an initrd whose /init is static busybox printing a line.
+floor-image: setup
+	@$(PY) -m initrd.floor
+
 test: setup guest-image
 	$(PY) -m pytest -q -ra tests
 
