@@ -67,11 +67,19 @@ class AgentConfig:
 
 
 @dataclass
+class ContainerdConfig:
+    """Where the daemon publishes task events (containerd's gRPC socket); "" disables it."""
+
+    address: str = "/run/containerd/containerd.sock"
+
+
+@dataclass
 class Config:
     vm: VmConfig = field(default_factory=VmConfig)
     sharefs: SharefsConfig = field(default_factory=SharefsConfig)
     vsock: VsockConfig = field(default_factory=VsockConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
 
 
 def load_config(path: Path | str | None) -> Config:
