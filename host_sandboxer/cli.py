@@ -1,4 +1,5 @@
-"""`vmm-sandboxer` entry point: `check [--config FILE]` validates image and host."""
+"""`vmm-sandboxer` entry point: `--listen SOCKET --dir STATE_DIR [--config FILE]` serves
+containerd's Sandbox API; `check [--config FILE]` validates image and host."""
 from __future__ import annotations
 
 import argparse
@@ -11,12 +12,36 @@ from host_sandboxer.config import ConfigError, load_config
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmm-sandboxer", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--listen", help="serve the Controller on this unix socket (created 0600)")
+    parser.add_argument("--dir", help="state directory (created 0700)")
+    parser.add_argument("--config", dest="serve_config", metavar="FILE", help="TOML configuration file")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    commands = parser.add_subparsers(dest="command")
     check = commands.add_parser("check", help="boot a throwaway VM from the configured image, call the "
                                               "agent's Check, print one JSON line")
     check.add_argument("--config", help="TOML configuration file (default: built-in defaults)")
     args = parser.parse_args(argv)
-    return _check(args.config)
+    if args.command == "check":
+        return _check(args.config)
+    if not (args.listen and args.dir):
+        parser.error("serving needs --listen SOCKET and --dir STATE_DIR (or the `check` command)")
+    return _serve(args)
+
+
+def _serve(args) -> int:
+    import logging
+    from pathlib import Path
+
+    from host_sandboxer.daemon import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.serve_config)
+    except ConfigError as e:
+        print(f"vmm-sandboxer: {e}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(Path(args.listen).absolute(), Path(args.dir).absolute(), config))
+    return 0
 
 
 def _check(config_path: str | None) -> int:

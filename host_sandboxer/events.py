@@ -9,6 +9,7 @@ dropped.
 
 import asyncio
 import logging
+import os
 
 import grpc
 from google.protobuf import any_pb2
@@ -71,6 +72,10 @@ class EventPublisher:
             await self._send(stub, namespace, topic, event)
 
     async def _send(self, stub, namespace: str, topic: str, event) -> None:
+        if not os.path.exists(self.address):
+            self.dropped += 1
+            log.debug("event %s (ns %s) dropped: no containerd at %s", topic, namespace, self.address)
+            return
         request = events_pb2.PublishRequest(topic=topic, event=event)
         for attempt in range(1, self.ATTEMPTS + 1):
             try:

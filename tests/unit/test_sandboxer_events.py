@@ -50,6 +50,7 @@ def test_published_events_reach_containerd_with_namespace(tmp_path):
 @pytest.mark.timeout(20)
 def test_unreachable_containerd_drops_after_retries_without_blocking(tmp_path):
     async def scenario():
+        (tmp_path / "nobody.sock").touch()  # exists, but nothing listens
         publisher = EventPublisher(str(tmp_path / "nobody.sock"))
         publisher.start()
         publisher.publish("default", "/tasks/start", pack(task_pb2.TaskStart(container_id="c")))

@@ -1,0 +1,50 @@
+"""The resident vmm-sandboxer process: one asyncio loop serving the Controller for all pods.
+
+`serve()` recovers the pods recorded in the state dir, listens on the Controller socket
+(0600), publishes events to containerd when an address is configured, and runs until
+SIGTERM/SIGINT. Leaving does not stop pods: containerd may restart its runtime at any time.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+
+from host_sandboxer.controller import Controller
+from host_sandboxer.events import EventPublisher
+from host_sandboxer.sandbox.manager import Sandboxes
+from host_sandboxer.sandbox.statedir import StateDir
+from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+async def serve(listen: Path, state_dir: Path, config) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    publisher = EventPublisher(config.containerd.address or None)
+    publisher.start()
+    sandboxes = Sandboxes(StateDir(state_dir), config, publisher)
+    sandboxes.recover()
+    server = grpc.aio.server()
+    sandbox_pb2_grpc.add_ControllerServicer_to_server(Controller(sandboxes), server)
+    listen.parent.mkdir(parents=True, exist_ok=True)
+    listen.unlink(missing_ok=True)
+    old_umask = os.umask(0o177)  # the socket is created 0600, never briefly open to others
+    try:
+        server.add_insecure_port(f"unix://{listen}")
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    log.info("vmm-sandboxer listening on %s, state in %s, %d pod(s) recovered",
+             listen, state_dir, len(sandboxes.pods))
+    await stop.wait()
+    log.info("vmm-sandboxer stopping (pods are left running)")
+    await server.stop(2.0)
+    await publisher.close()
+    listen.unlink(missing_ok=True)

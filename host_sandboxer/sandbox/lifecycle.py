@@ -1,0 +1,190 @@
+"""Start, stop and shut down one pod: the VM, the agent setup, the task address, the watchers."""
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+
+import grpc
+from google.protobuf import empty_pb2
+
+from host_sandboxer.sandbox.agent import AgentLink
+from host_sandboxer.sandbox.pod import Pod
+from host_sandboxer.taskproxy import mounts
+from host_sandboxer.taskproxy.errors import HostError
+from host_sandboxer.taskproxy.service import TaskProxy
+from host_sandboxer.vmm.vm import GuestVm, VmError
+from vmm_common import ttrpc
+from vmm_common.protos.containerd.services.ttrpc.events.v1 import events_pb2 as guest_events
+from vmm_common.protos.containerd.task.v2 import shim_pb2 as task_v2
+from vmm_common.protos.containerd.task.v3 import shim_pb2_grpc as task_v3_grpc
+from vmm_common.protos.kuasar import sandbox_pb2
+
+log = logging.getLogger(__name__)
+
+SANDBOX_SERVICE = "grpc.SandboxService"
+TASK_SERVICE = "containerd.task.v2.Task"
+CHECK_TIMEOUT_S = 10.0
+SETUP_TIMEOUT_S = 10.0
+DEFAULT_STOP_TIMEOUT_S = 10.0
+UNIX_PATH_MAX = 107
+
+
+def _pod_config(config, pod: Pod):
+    """The daemon config with the VM sized from the pod's resources."""
+    vm = dataclasses.replace(config.vm, cpus=pod.pod_config.vcpus(config.vm.cpus),
+                             memory_mib=pod.pod_config.memory_mib(config.vm.memory_mib))
+    return dataclasses.replace(config, vm=vm)
+
+
+async def start(pod: Pod, config) -> None:
+    """Boot the pod's VM, check and set up the agent, serve the task address."""
+    if len(os.fsencode(pod.task_socket)) > UNIX_PATH_MAX:
+        raise HostError(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"task socket path {pod.task_socket} is too long for a unix socket; use a shorter --dir")
+    pod.shared_dir.mkdir(mode=0o700, exist_ok=True)
+    mounts.make_shared_mountpoint(pod.shared_dir)
+    vm = GuestVm(_pod_config(config, pod), pod.dir, name=f"vmm-{pod.id}", share_dir=pod.shared_dir)
+    try:
+        timeline = await vm.start()
+    except VmError as exc:
+        code = grpc.StatusCode.FAILED_PRECONDITION if exc.stage in ("image", "config") \
+            else grpc.StatusCode.UNAVAILABLE
+        raise HostError(code, f"pod {pod.id}: VM failed to start ({exc.stage}): {exc}") from None
+    pod.vm = vm
+    pod.vmm_pid = vm.qemu.proc.pid
+    pod.agent = AgentLink(vm.open_connection, pod.id)
+    try:
+        await _set_up_agent(pod)
+        await _serve_task_address(pod)
+    except BaseException as exc:
+        what = exc.message if isinstance(exc, HostError) else f"{type(exc).__name__}: {exc}"
+        message = vm.qemu.failure(f"pod {pod.id}: sandbox setup failed: {what}")
+        await _close_vm(pod)
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise HostError(grpc.StatusCode.UNAVAILABLE, message) from None
+    pod.boot_info = {"boot_" + k: str(v) for k, v in timeline.as_dict().items()}
+    pod.boot_info.update(accel=vm.accel.accel, vcpus=str(vm.config.vm.cpus),
+                         memory_mib=str(vm.config.vm.memory_mib),
+                         transport=str(getattr(vm.transport, "kind", config.vsock.transport)),
+                         sharefs=config.sharefs.type)
+    pod.state = "ready"
+    pod.save()
+    pod.watchers = [asyncio.create_task(_watch_vm(pod), name=f"watch-{pod.id}"),
+                    asyncio.create_task(_pump_events(pod), name=f"events-{pod.id}")]
+
+
+async def _set_up_agent(pod: Pod) -> None:
+    try:
+        await asyncio.wait_for(pod.agent.call(SANDBOX_SERVICE, "Check", sandbox_pb2.CheckRequest(),
+                                              empty_pb2.Empty, timeout=CHECK_TIMEOUT_S), CHECK_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise HostError(grpc.StatusCode.UNAVAILABLE,
+                        f"agent did not answer Check within {CHECK_TIMEOUT_S:g} s") from None
+    request = sandbox_pb2.SetupSandboxRequest()
+    request.config.CopyFrom(pod.options)
+    await pod.agent.call(SANDBOX_SERVICE, "SetupSandbox", request, empty_pb2.Empty, timeout=SETUP_TIMEOUT_S)
+
+
+async def _serve_task_address(pod: Pod) -> None:
+    pod.task_socket.unlink(missing_ok=True)
+    server = grpc.aio.server()
+    task_v3_grpc.add_TaskServicer_to_server(TaskProxy(pod), server)
+    server.add_insecure_port(f"unix://{pod.task_socket}")
+    await server.start()
+    os.chmod(pod.task_socket, 0o600)
+    pod.task_server = server
+
+
+async def _watch_vm(pod: Pod) -> None:
+    status = await asyncio.shield(pod.vm.exited)
+    exit_status = 128 - status if status < 0 else status
+    if not pod.stopping:
+        pod.mark_exited(exit_status, pod.vm.qemu.failure("the VMM died"))
+        await _close_vm(pod)
+
+
+async def _pump_events(pod: Pod) -> None:
+    """Carry the guest's task events (GetEvents blocks until one is queued) to containerd."""
+    while not pod.vm_exited.done():
+        try:
+            envelope = await pod.agent.call(SANDBOX_SERVICE, "GetEvents", empty_pb2.Empty(),
+                                            guest_events.Envelope, timeout=None)
+        except (ConnectionError, ttrpc.RpcError) as exc:
+            if pod.vm_exited.done():
+                return
+            log.warning("pod %s: GetEvents failed (%s); retrying", pod.id, exc)
+            await asyncio.sleep(0.5)
+            continue
+        pod.publisher.publish(pod.namespace, envelope.topic, envelope.event)
+
+
+async def _close_vm(pod: Pod) -> None:
+    if pod.agent is not None:
+        await pod.agent.close()
+    if pod.vm is not None:
+        await pod.vm.close()
+
+
+async def _stop_containers(pod: Pod, timeout: float) -> None:
+    """SIGTERM every container, wait up to `timeout` for them, then SIGKILL the rest."""
+    async def call(method, request, response_type, call_timeout):
+        with contextlib.suppress(ConnectionError, ttrpc.RpcError, HostError, asyncio.TimeoutError):
+            await pod.agent_call(TASK_SERVICE, method, request, response_type, timeout=call_timeout)
+
+    ids = list(pod.containers)
+    if not ids:
+        return
+    for cid in ids:
+        await call("Kill", task_v2.KillRequest(id=cid, signal=signal.SIGTERM, all=True), empty_pb2.Empty, 5)
+    waits = [call("Wait", task_v2.WaitRequest(id=cid), task_v2.WaitResponse, None) for cid in ids]
+    try:
+        await asyncio.wait_for(asyncio.gather(*waits), timeout)
+    except asyncio.TimeoutError:
+        for cid in ids:
+            await call("Kill", task_v2.KillRequest(id=cid, signal=signal.SIGKILL, all=True), empty_pb2.Empty, 5)
+
+
+async def stop(pod: Pod, timeout_s: float) -> None:
+    """Stop the pod: its containers gracefully (forced after `timeout_s`), then the VM."""
+    if pod.state == "ready" and not pod.vm_exited.done():
+        await _stop_containers(pod, timeout_s or DEFAULT_STOP_TIMEOUT_S)
+    pod.stopping = True
+    await _close_vm(pod)
+    pod.mark_exited(0, "stopped")
+    for task in pod.watchers:
+        task.cancel()
+
+
+async def shutdown(pod: Pod) -> None:
+    """Remove every file, mount and process of the pod."""
+    if not pod.vm_exited.done() and pod.state == "ready":
+        await stop(pod, 1.0)
+    for cid in list(pod.containers):
+        await pod.remove_container(cid)
+    if pod.task_server is not None:
+        await pod.task_server.stop(1.0)
+    _kill_stray_vmm(pod)
+    mounts.unmount_all_under(pod.dir)
+    left = mounts.mountpoints_under(pod.dir)
+    if left:
+        raise HostError(grpc.StatusCode.INTERNAL, f"pod {pod.id}: cannot unmount {', '.join(left)}")
+    pod.state_dir.remove_sandbox_dir(pod.id)
+
+
+def _kill_stray_vmm(pod: Pod) -> None:
+    """A VMM left from before a daemon restart (recognised by its -name) is killed."""
+    if not pod.vmm_pid or pod.vm is not None:
+        return
+    try:
+        with open(f"/proc/{pod.vmm_pid}/cmdline", "rb") as f:
+            cmdline = f.read().split(b"\0")
+    except OSError:
+        return
+    if f"vmm-{pod.id}".encode() in cmdline:
+        log.warning("pod %s: killing VMM %d left from a previous daemon", pod.id, pod.vmm_pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pod.vmm_pid, signal.SIGKILL)

@@ -1,0 +1,77 @@
+"""Every pod of the daemon, by ID: creation, lookup, removal, and recovery after a restart."""
+
+import logging
+
+import grpc
+
+from host_sandboxer.sandbox.ids import InvalidID, check_id
+from host_sandboxer.sandbox.pod import Pod
+from host_sandboxer.sandbox.podconfig import PodConfigError, parse_pod_config
+from host_sandboxer.sandbox.statedir import StateDir
+from host_sandboxer.taskproxy.errors import HostError
+
+log = logging.getLogger(__name__)
+
+
+def _parse_options(options):
+    return parse_pod_config(options.type_url, options.value)
+
+
+class Sandboxes:
+    def __init__(self, state_dir: StateDir, config, publisher):
+        self.state_dir = state_dir
+        self.config = config
+        self.publisher = publisher
+        self.pods: dict[str, Pod] = {}
+
+    def get(self, sandbox_id: str) -> Pod:
+        try:
+            check_id("sandbox", sandbox_id)
+        except InvalidID as exc:
+            raise HostError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        pod = self.pods.get(sandbox_id)
+        if pod is None:
+            raise HostError(grpc.StatusCode.NOT_FOUND, f"sandbox {sandbox_id!r} not found")
+        return pod
+
+    def create(self, sandbox_id: str, namespace: str, options) -> Pod:
+        try:
+            check_id("sandbox", sandbox_id)
+        except InvalidID as exc:
+            raise HostError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if sandbox_id in self.pods:
+            raise HostError(grpc.StatusCode.ALREADY_EXISTS, f"sandbox {sandbox_id!r} already exists")
+        try:
+            pod_config = _parse_options(options)
+        except PodConfigError as exc:
+            raise HostError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"sandbox {sandbox_id}: options {options.type_url}: {exc}") from None
+        self.state_dir.create_sandbox_dir(sandbox_id)
+        pod = Pod(sandbox_id, self.state_dir, namespace, pod_config, options, self.publisher)
+        pod.save()
+        self.pods[sandbox_id] = pod
+        return pod
+
+    def forget(self, sandbox_id: str) -> None:
+        self.pods.pop(sandbox_id, None)
+
+    def recover(self) -> None:
+        """Load every pod recorded in the state dir.
+
+        A pod that was ready before the restart cannot be re-attached: its VMM dies with the
+        daemon that spawned it (the launcher sets PR_SET_PDEATHSIG) and the hybrid vsock
+        backend lived in the old process. It is recovered as stopped (exit 255): Wait and
+        Status report it, exit events of its containers are published, Shutdown cleans up.
+        """
+        for sandbox_id, record in self.state_dir.load_all().items():
+            try:
+                pod = Pod.from_record(record, self.state_dir, self.publisher, _parse_options)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("sandbox %s: state file unusable (%s); left on disk", sandbox_id, exc)
+                continue
+            self.pods[sandbox_id] = pod
+            if pod.state == "ready":
+                pod.mark_exited(255, "VM lost with the previous daemon process; recovered as stopped")
+            elif pod.state == "stopped":
+                pod.vm_exited.set_result(pod.exit_status)
+            log.info("sandbox %s recovered (%s)", sandbox_id, pod.state)

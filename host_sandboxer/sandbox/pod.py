@@ -1,0 +1,168 @@
+"""One pod: its record on disk, its VM, its agent link, its containers' host-side state.
+
+States (the record's `state`): created (Controller.Create) → ready (Start booted the VM and
+set the sandbox up) → stopped (Stop, or the VMM died). The record is rewritten atomically on
+every change so a restarted daemon knows every pod and what to clean up.
+"""
+
+import asyncio
+import base64
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from google.protobuf import any_pb2, timestamp_pb2
+
+from host_sandboxer.events import pack
+from host_sandboxer.sandbox.podconfig import PodConfig
+from host_sandboxer.sandbox.statedir import StateDir
+from host_sandboxer.taskproxy.bundle import GuestBundle
+from host_sandboxer.taskproxy.errors import HostError
+from host_sandboxer.taskproxy.stdio import PortAllocator, ProcessStdio
+from vmm_common.protos.containerd.events import task_pb2
+
+log = logging.getLogger(__name__)
+
+READY, NOT_READY = "SANDBOX_READY", "SANDBOX_NOTREADY"
+GUEST_POD_NS_DIR = "/run/sandbox-ns"
+UNKNOWN_EXIT_STATUS = 255
+
+
+def timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(ns)
+    return stamp
+
+
+@dataclass
+class Container:
+    """Host-side state of one container: its bundle in the shared dir and its stdio relays."""
+
+    host_bundle: str
+    bundle: GuestBundle
+    processes: dict[str, ProcessStdio] = field(default_factory=dict)  # "" = init
+
+
+class Pod:
+    def __init__(self, sandbox_id: str, state_dir: StateDir, namespace: str,
+                 pod_config: PodConfig, options: any_pb2.Any, publisher):
+        self.id = sandbox_id
+        self.state_dir = state_dir
+        self.dir: Path = state_dir.sandbox_dir(sandbox_id)
+        self.shared_dir = self.dir / "shared"
+        self.task_socket = self.dir / "task.sock"
+        self.namespace = namespace
+        self.pod_config = pod_config
+        self.options = options
+        self.publisher = publisher
+        self.state = "created"
+        self.created_at_ns = time.time_ns()
+        self.exited_at_ns = 0
+        self.exit_status = 0
+        self.vmm_pid = 0
+        self.vm = None           # host_sandboxer.vmm.vm.GuestVm while it runs
+        self.agent = None        # AgentLink
+        self.task_server = None  # grpc.aio.Server for the task address
+        self.boot_info: dict[str, str] = {}
+        self.ports = PortAllocator()
+        self.containers: dict[str, Container] = {}
+        self.vm_exited: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.stopping = False
+        self.watchers: list[asyncio.Task] = []  # VM death watch, event pump
+        self.lock = asyncio.Lock()  # serialises Start/Stop/Shutdown of this pod
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def record(self) -> dict:
+        return {
+            "id": self.id, "namespace": self.namespace, "state": self.state,
+            "created_at_ns": self.created_at_ns, "exited_at_ns": self.exited_at_ns,
+            "exit_status": self.exit_status, "vmm_pid": self.vmm_pid,
+            "options": {"type_url": self.options.type_url,
+                        "value": base64.b64encode(self.options.value).decode()},
+            "next_port": self.ports.next,
+            "containers": {cid: c.host_bundle for cid, c in self.containers.items()},
+        }
+
+    def save(self) -> None:
+        self.state_dir.write_state(self.id, self.record())
+
+    @classmethod
+    def from_record(cls, record: dict, state_dir: StateDir, publisher, parse_options) -> "Pod":
+        options = any_pb2.Any(type_url=record["options"]["type_url"],
+                              value=base64.b64decode(record["options"]["value"]))
+        pod = cls(record["id"], state_dir, record["namespace"], parse_options(options), options, publisher)
+        pod.state = record["state"]
+        pod.created_at_ns = record["created_at_ns"]
+        pod.exited_at_ns = record["exited_at_ns"]
+        pod.exit_status = record["exit_status"]
+        pod.vmm_pid = record["vmm_pid"]
+        pod.ports = PortAllocator(record["next_port"])
+        for cid, host_bundle in record["containers"].items():
+            pod.containers[cid] = Container(host_bundle, GuestBundle(pod.shared_dir, cid))
+        return pod
+
+    # -- what the task proxy uses -------------------------------------------------------------
+
+    @property
+    def transport(self):
+        return self.vm
+
+    def pod_namespaces(self) -> dict[str, str | None]:
+        return {"ipc": f"{GUEST_POD_NS_DIR}/ipc", "uts": f"{GUEST_POD_NS_DIR}/uts",
+                "pid": f"{GUEST_POD_NS_DIR}/pid" if self.pod_config.shared_pid else None}
+
+    async def agent_call(self, service, method, request, response_type, timeout=30.0):
+        if self.state != "ready" or self.agent is None:
+            raise HostError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"pod {self.id} is not running (state {self.state})")
+        return await self.agent.call(service, method, request, response_type, timeout=timeout)
+
+    def container(self, container_id: str) -> Container:
+        try:
+            return self.containers[container_id]
+        except KeyError:
+            raise HostError(grpc.StatusCode.NOT_FOUND,
+                            f"container {container_id!r} not found in pod {self.id}") from None
+
+    def add_container(self, container_id: str, host_bundle: str, stdio: ProcessStdio) -> None:
+        self.containers[container_id] = Container(host_bundle, GuestBundle(self.shared_dir, container_id),
+                                                  {"": stdio})
+        self.save()
+
+    async def remove_container(self, container_id: str) -> None:
+        container = self.containers.pop(container_id, None)
+        if container is None:
+            return
+        for stdio in container.processes.values():
+            await stdio.close()
+        container.bundle.cleanup()
+        self.save()
+
+    # -- exits --------------------------------------------------------------------------------
+
+    def mark_exited(self, status: int, reason: str) -> None:
+        """The VM is gone: record it, end Waits, publish exits of the pod's processes."""
+        if self.vm_exited.done():
+            return
+        self.state = "stopped"
+        self.exit_status = status
+        self.exited_at_ns = time.time_ns()
+        self.vm_exited.set_result(status)
+        if not self.stopping:
+            log.error("pod %s: %s", self.id, reason)
+            self._publish_exits()
+        self.save()
+
+    def _publish_exits(self) -> None:
+        for cid, container in self.containers.items():
+            for exec_id in set(container.processes) | {""}:
+                event = task_pb2.TaskExit(container_id=cid, id=exec_id or cid,
+                                          exit_status=UNKNOWN_EXIT_STATUS,
+                                          exited_at=timestamp(self.exited_at_ns))
+                self.publisher.publish(self.namespace, "/tasks/exit", pack(event))
+
+    def status_state(self) -> str:
+        return READY if self.state == "ready" and not self.vm_exited.done() else NOT_READY

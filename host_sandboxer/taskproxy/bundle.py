@@ -1,0 +1,96 @@
+"""A container's bundle as the guest sees it: `<shared>/<container-id>/` on the host.
+
+Holds the rewritten config.json, `rootfs/` (containerd's rootfs mounts performed on the host)
+and `mounts/<n>` (the spec's bind sources). The guest finds it at
+`/run/kuasar/state/<container-id>` through the shared directory.
+"""
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import grpc
+
+from host_sandboxer.taskproxy import mounts
+from host_sandboxer.taskproxy.errors import HostError
+from host_sandboxer.taskproxy.spec_rewrite import ROOTFS_DIR, SpecError, rewrite_spec
+
+log = logging.getLogger(__name__)
+
+
+def read_host_spec(host_bundle: str) -> dict:
+    """containerd's config.json from the host bundle; NOT_FOUND / INVALID_ARGUMENT if unusable."""
+    if not host_bundle or not os.path.isabs(host_bundle):
+        raise HostError(grpc.StatusCode.INVALID_ARGUMENT, f"bundle {host_bundle!r} is not an absolute path")
+    path = os.path.join(host_bundle, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise HostError(grpc.StatusCode.NOT_FOUND, f"bundle {host_bundle}: no config.json") from None
+    except (OSError, ValueError) as exc:
+        raise HostError(grpc.StatusCode.INVALID_ARGUMENT, f"bundle {host_bundle}: bad config.json: {exc}") from None
+
+
+class GuestBundle:
+    def __init__(self, shared_dir: Path, container_id: str):
+        self.shared_dir = shared_dir
+        self.host_dir = shared_dir / container_id
+        self.container_id = container_id
+
+    def prepare(self, host_bundle: str, rootfs_mounts, pod_namespaces: dict) -> None:
+        """Mount the rootfs, expose the binds and write the guest's config.json; undo on failure."""
+        spec = read_host_spec(host_bundle)
+        try:
+            rewritten = rewrite_spec(spec, self.container_id, pod_namespaces)
+        except SpecError as exc:
+            raise HostError(grpc.StatusCode.INVALID_ARGUMENT, f"container {self.container_id}: {exc}") from None
+        if self.host_dir.exists():
+            raise HostError(grpc.StatusCode.ALREADY_EXISTS, f"container {self.container_id} already has a bundle")
+        self.host_dir.mkdir(mode=0o700)
+        try:
+            self._mount_rootfs(host_bundle, spec, rootfs_mounts)
+            for exposure in rewritten.exposures:
+                readonly = "ro" in exposure.options
+                mounts.bind(exposure.host_source, self.shared_dir / exposure.shared_path,
+                            recursive="rbind" in exposure.options, readonly=readonly)
+            self._write_config(rewritten.spec)
+        except mounts.MountError as exc:
+            self.cleanup()
+            raise HostError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"container {self.container_id}: {exc.strerror}") from None
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def _mount_rootfs(self, host_bundle: str, spec: dict, rootfs_mounts) -> None:
+        target = self.host_dir / ROOTFS_DIR
+        target.mkdir()
+        if rootfs_mounts:
+            for m in rootfs_mounts:
+                mounts.mount_one(m.type, m.source, target, list(m.options))
+            return
+        # No mounts from containerd: the spec's root.path is a ready directory on the host.
+        root = (spec.get("root") or {})
+        source = os.path.join(host_bundle, root.get("path") or ROOTFS_DIR)
+        mounts.bind(source, target, recursive=True, readonly=bool(root.get("readonly")))
+
+    def _write_config(self, spec: dict) -> None:
+        path = self.host_dir / "config.json"
+        tmp = path.with_name(".config.json.tmp")
+        tmp.write_text(json.dumps(spec))
+        os.replace(tmp, path)
+
+    def cleanup(self) -> None:
+        """Unmount everything under the bundle, then remove it (never through a live mount)."""
+        if not self.host_dir.exists():
+            return
+        mounts.unmount_all_under(self.host_dir)
+        left = mounts.mountpoints_under(self.host_dir)
+        if left:
+            log.error("container %s: mounts still present, not removing %s: %s",
+                      self.container_id, self.host_dir, left)
+            return
+        shutil.rmtree(self.host_dir, ignore_errors=True)

@@ -1,0 +1,215 @@
+"""containerd.task.v3.Task for one pod, forwarded to the guest's containerd.task.v2.Task.
+
+v2 and v3 messages have the same fields, so most calls are re-encoded and forwarded. What
+only the host can see is translated first: Create/Exec (bundle, rootfs, binds, stdio FIFOs),
+State (guest stdio/bundle back to the host's), Delete (host mounts and relays undone),
+CloseIO (stdin drained before the guest closes it), Wait (VM death ends it with 255), and
+Shutdown, which containerd sends after every container's Delete: it must not stop the pod.
+"""
+
+import asyncio
+import logging
+import time
+
+import grpc
+from google.protobuf import empty_pb2, message_factory, timestamp_pb2
+
+from host_sandboxer.taskproxy.bundle import GuestBundle
+from host_sandboxer.taskproxy.errors import HostError, grpc_code
+from host_sandboxer.taskproxy.spec_rewrite import guest_bundle
+from host_sandboxer.taskproxy.stdio import ProcessStdio
+from host_sandboxer.sandbox.ids import InvalidID, check_id
+from vmm_common.protos.containerd.task.v2 import shim_pb2 as v2
+from vmm_common.protos.containerd.task.v3 import shim_pb2 as v3
+from vmm_common.protos.containerd.task.v3 import shim_pb2_grpc as v3_grpc
+from vmm_common.ttrpc import RpcError
+
+log = logging.getLogger(__name__)
+
+GUEST_TASK_SERVICE = "containerd.task.v2.Task"
+UNKNOWN_EXIT_STATUS = 255  # containerd's value for an exit nobody saw
+STDIO_DRAIN_S = 5.0
+_V2_METHODS = v2.DESCRIPTOR.services_by_name["Task"].methods_by_name
+
+
+def _v2_types(method: str):
+    m = _V2_METHODS[method]
+    return (message_factory.GetMessageClass(m.input_type),
+            message_factory.GetMessageClass(m.output_type))
+
+
+class TaskProxy(v3_grpc.TaskServicer):
+    """One pod's Task API. `pod` supplies the guest link and the pod's host-side state."""
+
+    def __init__(self, pod):
+        self.pod = pod
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _guest(self, method: str, request, v3_response, timeout: float | None = 30.0):
+        """Re-encode `request` as v2, call the guest, re-encode the reply as `v3_response`."""
+        req_type, resp_type = _v2_types(method)
+        reply = await self.pod.agent_call(GUEST_TASK_SERVICE, method,
+                                          req_type.FromString(request.SerializeToString()),
+                                          resp_type, timeout=timeout)
+        return v3_response.FromString(reply.SerializeToString())
+
+    async def _run(self, context, what: str, coro):
+        """Await `coro`, turning host and guest failures into gRPC statuses naming `what`."""
+        try:
+            return await coro
+        except HostError as exc:
+            await context.abort(exc.code, exc.message)
+        except InvalidID as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except RpcError as exc:
+            await context.abort(grpc_code(exc.code), f"{what}: {exc.message}")
+        except (ConnectionError, EOFError, OSError) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"{what}: pod {self.pod.id}: guest unreachable: {exc}")
+
+    def _forwarder(method: str, v3_response):
+        async def handler(self, request, context):
+            what = f"{method} {getattr(request, 'id', '')}".strip()
+            return await self._run(context, what, self._guest(method, request, v3_response))
+        handler.__name__ = method
+        handler.__doc__ = f"Forwarded to the guest's {GUEST_TASK_SERVICE}/{method}."
+        return handler
+
+    Start = _forwarder("Start", v3.StartResponse)
+    Kill = _forwarder("Kill", empty_pb2.Empty)
+    Pids = _forwarder("Pids", v3.PidsResponse)
+    Pause = _forwarder("Pause", empty_pb2.Empty)
+    Resume = _forwarder("Resume", empty_pb2.Empty)
+    Checkpoint = _forwarder("Checkpoint", empty_pb2.Empty)
+    ResizePty = _forwarder("ResizePty", empty_pb2.Empty)
+    Update = _forwarder("Update", empty_pb2.Empty)
+    Stats = _forwarder("Stats", v3.StatsResponse)
+    del _forwarder
+
+    # -- translated calls ---------------------------------------------------------------------
+
+    async def Create(self, request, context):
+        return await self._run(context, f"Create {request.id}", self._create(request))
+
+    async def _create(self, request):
+        cid = check_id("container", request.id)
+        if cid in self.pod.containers:
+            raise HostError(grpc.StatusCode.ALREADY_EXISTS, f"container {cid} already exists in pod {self.pod.id}")
+        bundle = GuestBundle(self.pod.shared_dir, cid)
+        bundle.prepare(request.bundle, request.rootfs, self.pod.pod_namespaces())
+        stdio = ProcessStdio(request.stdin, request.stdout, request.stderr, self.pod.ports)
+        self.pod.add_container(cid, request.bundle, stdio)
+        guest_request = v3.CreateTaskRequest()
+        guest_request.CopyFrom(request)
+        guest_request.bundle = guest_bundle(cid)
+        del guest_request.rootfs[:]
+        for name, path in stdio.guest_paths().items():
+            setattr(guest_request, name, path)
+        stdio.start(self.pod.transport)
+        try:
+            return await self._guest("Create", guest_request, v3.CreateTaskResponse, timeout=60)
+        except BaseException:
+            await self.pod.remove_container(cid)
+            raise
+
+    async def Exec(self, request, context):
+        return await self._run(context, f"Exec {request.id}/{request.exec_id}", self._exec(request))
+
+    async def _exec(self, request):
+        container = self.pod.container(request.id)
+        check_id("exec", request.exec_id)
+        if request.exec_id in container.processes:
+            raise HostError(grpc.StatusCode.ALREADY_EXISTS, f"exec {request.exec_id} already exists in {request.id}")
+        stdio = ProcessStdio(request.stdin, request.stdout, request.stderr, self.pod.ports)
+        guest_request = v3.ExecProcessRequest()
+        guest_request.CopyFrom(request)
+        for name, path in stdio.guest_paths().items():
+            setattr(guest_request, name, path)
+        container.processes[request.exec_id] = stdio
+        stdio.start(self.pod.transport)
+        try:
+            return await self._guest("Exec", guest_request, empty_pb2.Empty)
+        except BaseException:
+            container.processes.pop(request.exec_id, None)
+            await stdio.close()
+            raise
+
+    async def State(self, request, context):
+        return await self._run(context, f"State {request.id}", self._state(request))
+
+    async def _state(self, request):
+        container = self.pod.container(request.id)
+        reply = await self._guest("State", request, v3.StateResponse)
+        stdio = container.processes.get(request.exec_id)
+        reply.bundle = container.host_bundle
+        if stdio is not None:
+            reply.stdin, reply.stdout, reply.stderr = (stdio.fifos[n] for n in ("stdin", "stdout", "stderr"))
+        return reply
+
+    async def Wait(self, request, context):
+        return await self._run(context, f"Wait {request.id}", self._wait(request))
+
+    async def _wait(self, request):
+        container = self.pod.container(request.id)
+        call = asyncio.ensure_future(self._guest("Wait", request, v3.WaitResponse, timeout=None))
+        await asyncio.wait({call, self.pod.vm_exited}, return_when=asyncio.FIRST_COMPLETED)
+        if not call.done():
+            call.cancel()
+            return vm_death_exit(self.pod)
+        try:
+            reply = call.result()
+        except (ConnectionError, EOFError, OSError):
+            if not self.pod.vm_exited.done():
+                raise
+            return vm_death_exit(self.pod)
+        stdio = container.processes.get(request.exec_id)
+        if stdio is not None:
+            await stdio.outputs_done(STDIO_DRAIN_S)
+        return reply
+
+    async def CloseIO(self, request, context):
+        return await self._run(context, f"CloseIO {request.id}", self._close_io(request))
+
+    async def _close_io(self, request):
+        stdio = self.pod.container(request.id).processes.get(request.exec_id)
+        if request.stdin and stdio is not None:
+            # containerd closed its end of the stdin FIFO; let the relay carry the rest first.
+            await stdio.stdin_done(STDIO_DRAIN_S)
+        return await self._guest("CloseIO", request, empty_pb2.Empty)
+
+    async def Delete(self, request, context):
+        return await self._run(context, f"Delete {request.id}", self._delete(request))
+
+    async def _delete(self, request):
+        container = self.pod.container(request.id)
+        reply = await self._guest("Delete", request, v3.DeleteResponse)
+        if request.exec_id:
+            stdio = container.processes.pop(request.exec_id, None)
+            if stdio is not None:
+                await stdio.close()
+        else:
+            await self.pod.remove_container(request.id)
+        return reply
+
+    async def Connect(self, request, context):
+        reply = await self._run(context, f"Connect {request.id}",
+                                self._guest("Connect", request, v3.ConnectResponse))
+        reply.shim_pid = self.pod.vmm_pid  # the host process holding the pod's containers
+        return reply
+
+    async def Shutdown(self, request, context):
+        """containerd calls this after each container's Delete; the pod lives on (only the
+        Controller stops pods), so nothing is forwarded."""
+        return empty_pb2.Empty()
+
+    async def Events(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "task event streaming is not offered; events go to containerd's Events service")
+
+
+def vm_death_exit(pod) -> v3.WaitResponse:
+    """The Wait answer for a process whose VM is gone: status 255 at the VM's death."""
+    exited_at = timestamp_pb2.Timestamp()
+    exited_at.FromNanoseconds(pod.exited_at_ns or time.time_ns())
+    return v3.WaitResponse(exit_status=UNKNOWN_EXIT_STATUS, exited_at=exited_at)
