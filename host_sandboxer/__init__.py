@@ -1,0 +1,1 @@
+"""vmm-sandboxer: the host daemon (Sandbox API, Task API forwarding, QEMU, vsock). See docs/internals.md."""

@@ -1,0 +1,191 @@
+"""Split virtqueue (virtio 1.x §2.7) over untrusted guest memory: device side.
+
+The guest writes the descriptor table and the available ring; every index, address, length
+and flag read from them is checked here, and any violation raises VirtqueueError (the device
+then resets itself). Descriptor chains come back as lists of memoryviews into guest RAM, so
+data moves between guest memory and host sockets without extra copies.
+"""
+
+import os
+import struct
+
+from .guest_memory import GuestMemory
+
+DESC = struct.Struct("<QIHH")   # addr, len, flags, next
+U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")  # id, len
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+
+VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
+VIRTIO_RING_F_EVENT_IDX = 1 << 29
+
+MAX_QUEUE_SIZE = 32768
+
+
+class VirtqueueError(Exception):
+    """The guest's ring is malformed (bad index, address, length, flags or a loop)."""
+
+
+class Chain:
+    """One descriptor chain: `readable` (driver->device) then `writable` (device->driver) views."""
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head: int, readable: list, writable: list):
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+
+
+class Virtqueue:
+    """Configuration (from vhost-user messages) plus the ring walking of one queue."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.num = 0
+        self.desc_uva = self.avail_uva = self.used_uva = None
+        self.last_avail = 0        # next avail ring slot to consume
+        self.used_idx = 0          # next used ring slot to fill
+        self.kick_fd = None
+        self.call_fd = None
+        self.err_fd = None
+        self.enabled = False
+        self.started = False
+        self.event_idx = False
+        self.indirect = False
+        self._signalled_used = 0   # used_idx when the guest was last notified
+        self._memory = None
+
+    # -- configuration ------------------------------------------------------------------
+
+    def set_num(self, num: int) -> None:
+        if num == 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
+            raise VirtqueueError(f"queue {self.index}: size {num} is not a power of 2 <= {MAX_QUEUE_SIZE}")
+        self.num = num
+
+    def replace_fd(self, name: str, fd) -> None:
+        """Installs a new kick/call/err eventfd (QEMU replaces them at any time); closes the old."""
+        old = getattr(self, name)
+        if old is not None and old != fd:
+            try:
+                os.close(old)
+            except OSError:
+                pass
+        if fd is not None:
+            os.set_blocking(fd, False)
+        setattr(self, name, fd)
+
+    def ready(self) -> bool:
+        return bool(self.num and self.desc_uva is not None and self.kick_fd is not None and self.enabled)
+
+    def start(self, memory: GuestMemory, features: int) -> None:
+        """Binds the ring areas to guest memory; raises GuestMemoryError if they do not fit."""
+        n = self.num
+        self._memory = memory
+        self.event_idx = bool(features & VIRTIO_RING_F_EVENT_IDX)
+        self.indirect = bool(features & VIRTIO_RING_F_INDIRECT_DESC)
+        self._desc, self._desc_off = memory.locate_uva(self.desc_uva, 16 * n)
+        self._avail, self._avail_off = memory.locate_uva(self.avail_uva, 6 + 2 * n)
+        self._used, self._used_off = memory.locate_uva(self.used_uva, 6 + 8 * n)
+        self.used_idx = U16.unpack_from(self._used, self._used_off + 2)[0]
+        self.last_avail = self.used_idx   # chains in flight in a previous run are gone (as in libvhost-user)
+        self._signalled_used = self.used_idx
+        self.started = True
+
+    def stop(self) -> None:
+        self.started = False
+        self._memory = None
+        self._desc = self._avail = self._used = None
+
+    def close(self) -> None:
+        self.stop()
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            self.replace_fd(name, None)
+
+    # -- ring access --------------------------------------------------------------------
+
+    def avail_idx(self) -> int:
+        return U16.unpack_from(self._avail, self._avail_off + 2)[0]
+
+    def pop(self):
+        """The next available chain, or None. Raises VirtqueueError/GuestMemoryError if malformed."""
+        avail = U16.unpack_from(self._avail, self._avail_off + 2)[0]
+        last = self.last_avail
+        if avail == last:
+            return None
+        if (avail - last) & 0xFFFF > self.num:
+            raise VirtqueueError(f"queue {self.index}: avail idx {avail} is {(avail - last) & 0xFFFF} "
+                                 f"ahead of {last} with {self.num} entries")
+        head = U16.unpack_from(self._avail, self._avail_off + 4 + 2 * (last % self.num))[0]
+        self.last_avail = (last + 1) & 0xFFFF
+        if head >= self.num:
+            raise VirtqueueError(f"queue {self.index}: head {head} >= size {self.num}")
+        return self._walk(head)
+
+    def rollback(self) -> None:
+        """Un-pops the last chain (it was not used); it will be returned by the next pop()."""
+        self.last_avail = (self.last_avail - 1) & 0xFFFF
+
+    def _walk(self, head: int) -> Chain:
+        memory = self._memory
+        table, base, size = self._desc, self._desc_off, self.num
+        readable, writable = [], []
+        i, seen, indirect = head, 0, False
+        while True:
+            seen += 1
+            if seen > size:
+                raise VirtqueueError(f"queue {self.index}: chain from {head} loops or exceeds {size}")
+            addr, length, flags, nxt = DESC.unpack_from(table, base + 16 * i)
+            if flags & DESC_F_INDIRECT:
+                if not self.indirect or indirect or flags & DESC_F_NEXT:
+                    raise VirtqueueError(f"queue {self.index}: indirect descriptor not allowed here")
+                if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
+                    raise VirtqueueError(f"queue {self.index}: indirect table of {length} bytes")
+                table = memory.view(addr, length)
+                base, size, i, seen, indirect = 0, length // 16, 0, 0, True
+                continue
+            segment = memory.view(addr, length)
+            if flags & DESC_F_WRITE:
+                writable.append(segment)
+            elif writable:
+                raise VirtqueueError(f"queue {self.index}: readable descriptor after a writable one")
+            else:
+                readable.append(segment)
+            if not flags & DESC_F_NEXT:
+                return Chain(head, readable, writable)
+            if nxt >= size:
+                raise VirtqueueError(f"queue {self.index}: next {nxt} >= {size}")
+            i = nxt
+
+    def push(self, head: int, length: int) -> None:
+        """Puts a finished chain on the used ring (visible to the guest after publish())."""
+        USED_ELEM.pack_into(self._used, self._used_off + 4 + 8 * (self.used_idx % self.num), head, length)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def publish(self) -> None:
+        """Makes pushed entries visible and notifies the guest when it asked to be."""
+        new = self.used_idx
+        old = self._signalled_used
+        U16.pack_into(self._used, self._used_off + 2, new)
+        if new == old:
+            return
+        if self.event_idx:
+            event = U16.unpack_from(self._avail, self._avail_off + 4 + 2 * self.num)[0]
+            notify = (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+        else:
+            notify = not U16.unpack_from(self._avail, self._avail_off)[0] & AVAIL_F_NO_INTERRUPT
+        self._signalled_used = new
+        if notify and self.call_fd is not None:
+            try:
+                os.eventfd_write(self.call_fd, 1)
+            except OSError:
+                pass
+
+    def arm(self) -> bool:
+        """Asks for a kick at the next new buffer; True if buffers arrived meanwhile (poll again)."""
+        if self.event_idx:
+            U16.pack_into(self._used, self._used_off + 4 + 8 * self.num, self.last_avail)
+        return self.avail_idx() != self.last_avail
