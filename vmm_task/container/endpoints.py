@@ -25,6 +25,7 @@ class Endpoint:
     for the host to connect) and returns a non-blocking fd owned by the caller."""
 
     uri: str
+    reader_waits = True  # False: open_reader returns at once (opened during Create/Start)
 
     async def open_writer(self) -> int:
         raise NotImplementedError
@@ -37,6 +38,8 @@ class Endpoint:
 
 
 class PathEndpoint(Endpoint):
+    reader_waits = False
+
     def __init__(self, uri: str, path: str):
         self.uri = uri
         self.path = path

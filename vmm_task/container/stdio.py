@@ -74,8 +74,12 @@ class ProcessIO:
             if self._endpoints[0] is None:
                 os.close(self._our_fds[0])
                 self._our_fds[0] = None
-        if self._endpoints[0] is not None and self._our_fds[0] is not None:
-            self._stdin_task = asyncio.ensure_future(self._pump_stdin(self._endpoints[0]))
+        stdin = self._endpoints[0]
+        if stdin is not None and self._our_fds[0] is not None:
+            # a FIFO is opened before the RPC returns, as the runc shim does: the client may
+            # open its writing end (O_NONBLOCK) as soon as Create/Start answered
+            src = None if stdin.reader_waits else await stdin.open_reader()
+            self._stdin_task = asyncio.ensure_future(self._pump_stdin(stdin, src))
         for index in (1, 2):
             endpoint, src = self._endpoints[index], self._our_fds[index]
             if endpoint is not None and src is not None:
@@ -99,17 +103,19 @@ class ProcessIO:
                 os.close(dst)
             self._close_ours(index)
 
-    async def _pump_stdin(self, endpoint: Endpoint) -> None:
+    async def _pump_stdin(self, endpoint: Endpoint, src: Optional[int]) -> None:
         """Endpoint -> process until EOF or CloseIO; CloseIO first forwards what is readable."""
         dst = self._our_fds[0]
-        src = -1
         try:
-            opening = asyncio.ensure_future(endpoint.open_reader())
-            await asyncio.wait({opening, self._stdin_close}, return_when=asyncio.FIRST_COMPLETED)
-            if not opening.done():
-                opening.cancel()
-                return
-            src = opening.result()
+            if src is None:
+                src = -1
+                opening = asyncio.ensure_future(endpoint.open_reader())
+                await asyncio.wait({opening, self._stdin_close},
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not opening.done():
+                    opening.cancel()
+                    return
+                src = opening.result()
             while True:
                 readable = asyncio.ensure_future(wait_readable(src))
                 await asyncio.wait({readable, self._stdin_close}, return_when=asyncio.FIRST_COMPLETED)
