@@ -1,0 +1,266 @@
+"""virtio-vsock packets, credit and the hybrid socket semantics, end to end through HybridVsock:
+a FakeGuest (QEMU's front-end + a guest driver, see test_vhost_user_session.py) on the vhost-user
+socket, real unix-socket clients and listeners on the host side."""
+
+import asyncio
+import os
+import socket
+
+from host_sandboxer.vsock.connection import BUF_ALLOC
+from host_sandboxer.vsock.hybrid import HybridVsock
+from host_sandboxer.vsock.packet import (OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
+                                         OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_BOTH, SHUTDOWN_SEND)
+from test_vhost_user_session import GUEST_CID, FakeGuest, run_async, until
+
+GUEST_PORT = 1024
+SRC_CID, DST_CID, SRC_PORT, DST_PORT, LEN, TYPE, OP, FLAGS, BUF, FWD = range(10)
+
+
+async def closed_by_peer(reader) -> bool:
+    """True when the peer closed without sending anything (unread input turns EOF into a reset)."""
+    try:
+        return await reader.read() == b""
+    except ConnectionResetError:
+        return True
+
+
+class Hybrid:
+    """A started HybridVsock with a FakeGuest as its QEMU and guest driver."""
+
+    def __init__(self, tmp_path):
+        self.vsock = HybridVsock(tmp_path / "vhost.sock", tmp_path / "v.sock", GUEST_CID)
+        self.inbox = []
+
+    async def start(self, driver: bool = True):
+        await self.vsock.start()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self.vsock.vhost_socket)
+        self.guest = FakeGuest(sock)
+        await self.guest.connect()
+        if driver:
+            await self.guest.start_driver()
+            await until(lambda: self.vsock.device.running, what="device start")
+            self.guest.post_rx()
+        return self
+
+    async def expect(self, op: int, timeout: float = 5.0) -> tuple:
+        """The next packet with `op` sent to the guest (earlier ones of other ops are kept)."""
+        def found():
+            self.inbox += self.guest.received()
+            return any(p[0][OP] == op for p in self.inbox)
+        await until(found, timeout, what=f"op {op}")
+        i = next(i for i, p in enumerate(self.inbox) if p[0][OP] == op)
+        return self.inbox.pop(i)
+
+    async def host_connect(self, port: int = GUEST_PORT):
+        """A host client's CONNECT; returns (reader, writer, REQUEST header seen by the guest)."""
+        reader, writer = await asyncio.open_unix_connection(self.vsock.uds_path)
+        writer.write(b"CONNECT %d\n" % port)
+        request, _ = await self.expect(OP_REQUEST)
+        return reader, writer, request
+
+    async def established(self, buf_alloc: int = 262144):
+        reader, writer, req = await self.host_connect()
+        self.guest.send(GUEST_PORT, req[SRC_PORT], OP_RESPONSE, buf_alloc=buf_alloc)
+        assert await reader.readline() == b"OK %d\n" % req[SRC_PORT]
+        return reader, writer, req[SRC_PORT]
+
+    async def close(self):
+        await self.vsock.close()
+        self.guest.close()
+
+
+@run_async
+async def test_host_connect_exchange_and_half_close(tmp_path):
+    h = await Hybrid(tmp_path).start()
+    reader, writer, req = await h.host_connect()
+    assert (req[SRC_CID], req[DST_CID], req[DST_PORT]) == (2, GUEST_CID, GUEST_PORT)
+    assert req[SRC_PORT] >= 1 << 30 and req[BUF] == BUF_ALLOC
+    h.guest.send(GUEST_PORT, req[SRC_PORT], OP_RESPONSE)
+    assert await reader.readline() == b"OK %d\n" % req[SRC_PORT]
+    writer.write(b"ping")
+    rw, payload = await h.expect(OP_RW)
+    assert payload == b"ping" and rw[LEN] == 4
+    h.guest.send(GUEST_PORT, req[SRC_PORT], OP_RW, b"pong")
+    assert await reader.readexactly(4) == b"pong"
+    writer.write_eof()
+    shutdown, _ = await h.expect(OP_SHUTDOWN)
+    assert shutdown[FLAGS] == SHUTDOWN_SEND
+    h.guest.send(GUEST_PORT, req[SRC_PORT], OP_SHUTDOWN, flags=SHUTDOWN_BOTH)
+    await h.expect(OP_RST)
+    assert await reader.read() == b""
+    assert not h.vsock.device.conns
+    await h.close()
+
+
+@run_async
+async def test_guest_refusal_closes_the_client_and_open_connection_raises(tmp_path):
+    h = await Hybrid(tmp_path).start()
+    reader, writer, req = await h.host_connect()
+    h.guest.send(GUEST_PORT, req[SRC_PORT], OP_RST)
+    assert await reader.read() == b""
+    task = asyncio.ensure_future(h.vsock.open_connection(GUEST_PORT))
+    req, _ = await h.expect(OP_REQUEST)
+    h.guest.send(GUEST_PORT, req[SRC_PORT], OP_RST)
+    try:
+        await task
+        raise AssertionError("open_connection succeeded on a refused port")
+    except ConnectionRefusedError as e:
+        assert "refused" in str(e)
+    await h.close()
+
+
+@run_async
+async def test_connect_before_the_driver_is_up_is_closed_and_bad_lines_are_dropped(tmp_path):
+    h = await Hybrid(tmp_path).start(driver=False)
+    reader, writer = await asyncio.open_unix_connection(h.vsock.uds_path)
+    writer.write(b"CONNECT 1024\n")
+    assert await reader.read() == b""
+    for line in (b"HELLO 1\n", b"CONNECT 99999999999\n", b"CONNECT " + b"1" * 100):
+        reader, writer = await asyncio.open_unix_connection(h.vsock.uds_path)
+        writer.write(line)
+        assert await asyncio.wait_for(closed_by_peer(reader), 6)
+    await h.close()
+
+
+@run_async
+async def test_guest_connects_to_host_listener_or_gets_rst(tmp_path):
+    h = await Hybrid(tmp_path).start()
+    h.guest.send(5000, 1234, OP_REQUEST)
+    rst, _ = await h.expect(OP_RST)
+    assert (rst[SRC_PORT], rst[DST_PORT]) == (1234, 5000)
+    accepted = asyncio.get_running_loop().create_future()
+    server = await asyncio.start_unix_server(lambda r, w: accepted.set_result((r, w)),
+                                             f"{h.vsock.uds_path}_1234")
+    h.guest.send(5001, 1234, OP_REQUEST)
+    resp, _ = await h.expect(OP_RESPONSE)
+    assert (resp[SRC_PORT], resp[DST_PORT], resp[BUF]) == (1234, 5001, BUF_ALLOC)
+    reader, writer = await asyncio.wait_for(accepted, 5)
+    h.guest.send(5001, 1234, OP_RW, b"from guest")
+    assert await reader.readexactly(10) == b"from guest"
+    writer.write(b"from host")
+    _, payload = await h.expect(OP_RW)
+    assert payload == b"from host"
+    writer.close()
+    shutdown, _ = await h.expect(OP_SHUTDOWN)
+    assert shutdown[FLAGS] == SHUTDOWN_SEND
+    server.close()
+    await h.close()
+
+
+@run_async
+async def test_host_to_guest_respects_guest_credit(tmp_path):
+    h = await Hybrid(tmp_path).start()
+    reader, writer, port = await h.established(buf_alloc=1000)
+    writer.write(os.urandom(5000))
+    got = b""
+    while len(got) < 1000:
+        got += (await h.expect(OP_RW))[1]
+    await asyncio.sleep(0.05)
+    h.inbox += h.guest.received()
+    assert len(got) == 1000 and not [p for p in h.inbox if p[0][OP] == OP_RW], "sent beyond credit"
+    h.guest.send(GUEST_PORT, port, OP_CREDIT_UPDATE, buf_alloc=1000, fwd_cnt=1000)
+    while len(got) < 2000:
+        got += (await h.expect(OP_RW))[1]
+    assert len(got) == 2000
+    await h.close()
+
+
+@run_async
+async def test_guest_to_host_credit_updates_buffering_and_overrun(tmp_path):
+    h = await Hybrid(tmp_path).start()
+    reader, writer, port = await h.established()
+    chunk = os.urandom(65536)
+    h.guest.send(GUEST_PORT, port, OP_RW, chunk)
+    update, _ = await h.expect(OP_CREDIT_UPDATE)
+    assert update[FWD] == 65536 and update[BUF] == BUF_ALLOC
+    assert await reader.readexactly(65536) == chunk
+    h.guest.send(GUEST_PORT, port, OP_CREDIT_REQUEST)
+    update, _ = await h.expect(OP_CREDIT_UPDATE)
+    assert update[FWD] == 65536
+    # The host stops reading: the socket buffer fills, then our BUF_ALLOC; one more chunk is an overrun.
+    sent = 0
+    while not any(p[0][OP] == OP_RST for p in h.inbox) and sent < 200:
+        h.guest.send(GUEST_PORT, port, OP_RW, chunk)
+        sent += 1
+        await until(lambda: h.guest.used(1), what="tx used")
+        h.inbox += h.guest.received()
+    rst, _ = await h.expect(OP_RST)
+    assert sent < 200 and rst[DST_PORT] == GUEST_PORT
+    await h.close()
+
+
+@run_async
+async def test_bad_packets_are_answered_with_rst_or_dropped(tmp_path):
+    h = await Hybrid(tmp_path).start()
+    h.guest.send(6000, 7000, OP_RW, b"x")                  # no such connection
+    rst, _ = await h.expect(OP_RST)
+    assert (rst[SRC_PORT], rst[DST_PORT]) == (7000, 6000)
+    h.guest.send(6000, 7000, OP_RST)                      # an RST is never answered
+    h.guest.send(6001, 7000, OP_REQUEST, src_cid=99)      # spoofed source CID: dropped
+    h.guest.send(6002, 7000, OP_REQUEST, kind=2)          # SEQPACKET is not offered
+    rst, _ = await h.expect(OP_RST)
+    assert rst[DST_PORT] == 6002
+    reader, writer, port = await h.established()
+    h.guest.send(GUEST_PORT, port, OP_RW, b"abc", length=60000)   # claims more than it carries
+    rst, _ = await h.expect(OP_RST)
+    assert rst[SRC_PORT] == port
+    assert await reader.read() == b""
+    await asyncio.sleep(0.05)
+    h.inbox += h.guest.received()
+    assert not h.inbox, f"unexpected packets {h.inbox}"
+    await h.close()
+
+
+@run_async
+async def test_data_after_guest_shutdown_resets_and_guest_close_flushes(tmp_path):
+    h = await Hybrid(tmp_path).start()
+    reader, writer, port = await h.established()
+    h.guest.send(GUEST_PORT, port, OP_RW, b"last words")
+    h.guest.send(GUEST_PORT, port, OP_SHUTDOWN, flags=SHUTDOWN_BOTH)
+    await h.expect(OP_RST)
+    assert await reader.read() == b"last words"
+    reader, writer, port = await h.established()
+    h.guest.send(GUEST_PORT, port, OP_SHUTDOWN, flags=SHUTDOWN_SEND)
+    assert await reader.read() == b""           # half-close reaches the host as EOF
+    h.guest.send(GUEST_PORT, port, OP_RW, b"too late")
+    await h.expect(OP_RST)
+    await h.close()
+
+
+@run_async
+async def test_control_packets_wait_for_rx_buffers_in_order(tmp_path):
+    h = Hybrid(tmp_path)
+    await h.vsock.start()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(h.vsock.vhost_socket)
+    h.guest = FakeGuest(sock)
+    await h.guest.connect()
+    await h.guest.start_driver()
+    await until(lambda: h.vsock.device.running)
+    server = await asyncio.start_unix_server(lambda r, w: w.write(b"hello"), f"{h.vsock.uds_path}_80")
+    h.guest.send(4000, 80, OP_REQUEST)         # no rx buffers posted yet
+    h.guest.send(4001, 81, OP_REQUEST)         # nobody on 81
+    await until(lambda: len(h.guest.used(1)) or len(h.vsock.device.control) == 2)
+    await asyncio.sleep(0.05)
+    h.guest.post_rx()
+    await until(lambda: len(h.inbox) >= 3 or h.inbox.extend(h.guest.received()))
+    ops = [(p[0][DST_PORT], p[0][OP]) for p in h.inbox[:3]]
+    assert ops == [(4000, OP_RESPONSE), (4001, OP_RST), (4000, OP_RW)]
+    assert h.inbox[2][1] == b"hello"
+    server.close()
+    await h.close()
+
+
+@run_async
+async def test_device_stop_drops_host_connections_and_qemu_exit_resolves_dead(tmp_path):
+    h = await Hybrid(tmp_path).start()
+    reader, writer, port = await h.established()
+    await h.guest.stop_driver()
+    assert await reader.read() == b""
+    assert not h.vsock.dead.done()
+    h.guest.sock.close()
+    reason = await asyncio.wait_for(h.vsock.dead, 5)
+    assert "closed" in reason
+    await h.vsock.close()
+    h.guest.close()
