@@ -17,16 +17,18 @@ class SandboxState:
 
     `namespaces`: {"ipc": path, "uts": path, "pid": path or None} (None: no shared pod PID
     namespace, each container gets its own). `hosts_path`/`resolv_path`: files to bind into
-    containers (None until SetupSandbox wrote them). `ready`: SetupSandbox completed.
+    containers (None until SetupSandbox wrote them). `holder_pid`: the pod PID namespace's init
+    (None without one). `ready`: SetupSandbox completed.
     """
 
-    __slots__ = ("hostname", "namespaces", "hosts_path", "resolv_path", "ready")
+    __slots__ = ("hostname", "namespaces", "hosts_path", "resolv_path", "holder_pid", "ready")
 
     def __init__(self):
         self.hostname = ""
         self.namespaces: dict[str, Optional[str]] = {"ipc": None, "uts": None, "pid": None}
         self.hosts_path: Optional[str] = None
         self.resolv_path: Optional[str] = None
+        self.holder_pid: Optional[int] = None
         self.ready = False
 
 
@@ -35,10 +37,11 @@ class AgentContext:
     `dev_mode`: an ordinary host process (`--listen unix://...`), not PID 1 in a VM.
     `run_dir`: where the agent keeps its own runtime files (pod namespaces, resolv.conf, ...).
     `runtime`: path of crun or runc. `boot_problems`: what failed while booting (PID 1).
-    `started_boottime`: CLOCK_BOOTTIME when main() began."""
+    `started_boottime`: CLOCK_BOOTTIME when main() began. `services`: names registered on the
+    server. `cleanups`: callables run when the server stops (dev mode: unmount what we mounted)."""
 
     __slots__ = ("reaper", "events", "sandbox", "debug", "dev_mode", "state_dir", "run_dir",
-                 "runtime", "boot_problems", "started_boottime")
+                 "runtime", "boot_problems", "started_boottime", "services", "cleanups")
 
     def __init__(self, *, reaper: Reaper, events: EventQueue, dev_mode: bool, debug: bool = False,
                  state_dir: str = STATE_DIR, run_dir: str = "/run", runtime: str = "crun",
@@ -53,3 +56,5 @@ class AgentContext:
         self.runtime = runtime
         self.boot_problems = boot_problems or []
         self.started_boottime = started_boottime
+        self.services: list[str] = []
+        self.cleanups: list = []

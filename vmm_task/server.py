@@ -87,6 +87,8 @@ async def serve(ctx, listener: socket.socket, t_main: float) -> None:
         print(ready_line(t_main), flush=True)
         await ttrpc_server.serve(listener)
     finally:
+        for cleanup in reversed(ctx.cleanups):
+            cleanup()
         ctx.reaper.stop()
 
 

@@ -1,0 +1,61 @@
+"""UpdateRoutes: replace the main routing table with the host's routes (as Kuasar and Kata do)."""
+
+import socket
+
+from vmm_task.netlink.errors import NetworkConfigError
+
+RT_TABLE_MAIN = 254
+RTPROT_KERNEL = 2   # routes the kernel derives from addresses: kept
+RTPROT_BOOT = 3
+IPV6 = 1            # grpc.IPFamily.v6
+
+
+async def update_routes(routes) -> None:
+    """Delete our earlier routes of the main table, then add `routes` (each a grpc.Route), the
+    ones without gateway first so gateways are reachable when their routes are added."""
+    from pyroute2 import AsyncIPRoute
+
+    ordered = sorted(routes, key=lambda r: bool(r.gateway))
+    async with AsyncIPRoute() as ipr:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            async for old in await ipr.route("dump", family=family, table=RT_TABLE_MAIN):
+                if old["proto"] != RTPROT_KERNEL and old.get("RTA_TABLE") == RT_TABLE_MAIN:
+                    await ipr.route("del", **_identity(old))
+        for route in ordered:
+            request = await _request(ipr, route)
+            try:
+                await ipr.route("replace", **request)
+            except Exception as e:
+                raise NetworkConfigError(f"route {_describe(route)}: {e}") from None
+
+
+def _identity(route) -> dict:
+    request = {"family": route["family"], "table": RT_TABLE_MAIN, "dst_len": route["dst_len"],
+               "scope": route["scope"], "proto": route["proto"]}
+    for nla, key in (("RTA_DST", "dst"), ("RTA_GATEWAY", "gateway"), ("RTA_OIF", "oif")):
+        if route.get(nla) is not None:
+            request[key] = route.get(nla)
+    return request
+
+
+async def _request(ipr, route) -> dict:
+    family = socket.AF_INET6 if route.family == IPV6 else socket.AF_INET
+    request = {"family": family, "table": RT_TABLE_MAIN, "proto": RTPROT_BOOT,
+               "scope": route.scope, "dst": route.dest or "default"}
+    if route.device:
+        indexes = await ipr.link_lookup(ifname=route.device)
+        if not indexes:
+            raise NetworkConfigError(f"route {_describe(route)}: no link named {route.device}",
+                                     not_found=True)
+        request["oif"] = indexes[0]
+    if route.gateway:
+        request["gateway"] = route.gateway
+    if route.source:
+        request["prefsrc"] = route.source.split("/")[0]
+    return request
+
+
+def _describe(route) -> str:
+    via = f" via {route.gateway}" if route.gateway else ""
+    dev = f" dev {route.device}" if route.device else ""
+    return f"{route.dest or 'default'}{via}{dev}"

@@ -1,0 +1,120 @@
+"""The pod's IPC, UTS and (when asked) PID namespaces, shared by all its containers.
+
+A short-lived thread unshares the namespaces (unshare affects only the calling thread for these
+kinds), sets the pod hostname and IPC sysctls inside them, and bind-mounts its namespace files to
+`<dir>/ipc`, `<dir>/uts`; the bind mounts keep the namespaces alive after the thread ends. A PID
+namespace needs a living init, so for it the thread forks a tiny holder process (the pod's
+"pause": PID 1 of the namespace, reaping orphans there) and `<dir>/pid` binds its namespace.
+Containers join these paths through their OCI config.
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+
+from vmm_task.init import syscalls as sc
+
+KINDS = {"ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS}
+
+
+class PodNamespaces:
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.paths: dict[str, str] = {}
+        self.holder_pid: int | None = None
+
+    async def create(self, hostname: str, ipc_sysctls: dict[str, str], share_pid: bool) -> None:
+        """Make the namespaces; raises OSError/ValueError naming what failed (after undoing)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def in_thread():
+            try:
+                self._make(hostname, ipc_sysctls, share_pid)
+            except BaseException as e:  # reported to the awaiting coroutine
+                loop.call_soon_threadsafe(_resolve, done, e)
+            else:
+                loop.call_soon_threadsafe(_resolve, done, None)
+
+        os.makedirs(self.directory, mode=0o711, exist_ok=True)
+        threading.Thread(target=in_thread, name="pod-namespaces", daemon=True).start()
+        try:
+            await done
+        except BaseException:
+            self.destroy()
+            raise
+
+    def _make(self, hostname: str, ipc_sysctls: dict[str, str], share_pid: bool) -> None:
+        from vmm_task.pod.files import sysctl_path
+
+        flags = sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | (sc.CLONE_NEWPID if share_pid else 0)
+        sc.unshare(flags)
+        if hostname:
+            socket.sethostname(hostname)
+        for name, value in ipc_sysctls.items():
+            with open(sysctl_path(name), "w") as f:
+                f.write(value)
+        tid = threading.get_native_id()
+        for kind in KINDS:
+            self._bind(kind, f"/proc/self/task/{tid}/ns/{kind}")
+        if share_pid:
+            self.holder_pid = _fork_holder()
+            self._bind("pid", f"/proc/{self.holder_pid}/ns/pid")
+
+    def _bind(self, kind: str, source: str) -> None:
+        target = os.path.join(self.directory, kind)
+        with open(target, "a"):
+            pass  # a bind mount needs an existing file as its target
+        sc.mount(source, target, None, sc.MS_BIND)
+        self.paths[kind] = target
+
+    def destroy(self) -> None:
+        """Unmount the namespace files and stop the holder (best effort: used on failure and
+        at agent shutdown in dev mode)."""
+        for target in self.paths.values():
+            try:
+                sc.umount(target, sc.MNT_DETACH)
+                os.unlink(target)
+            except OSError:
+                pass
+        self.paths.clear()
+        if self.holder_pid is not None:
+            try:
+                os.kill(self.holder_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.holder_pid = None
+
+
+def _resolve(future: asyncio.Future, error) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _fork_holder() -> int:
+    """Fork the PID namespace's init (call after unshare(CLONE_NEWPID)). The child runs no
+    Python beyond this function: it drops every inherited fd, blocks signals and reaps the
+    pod's orphans until it is killed."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        with open("/proc/self/comm", "w") as f:
+            f.write("pod-pause")
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        while True:
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            except ChildProcessError:
+                pass
+            signal.sigwait({signal.SIGCHLD})
+    finally:
+        os._exit(0)
