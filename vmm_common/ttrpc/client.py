@@ -85,7 +85,7 @@ class Client:
 
     def _open(self, streaming_server: bool) -> tuple[int, _Pending]:
         if self._closed:
-            raise self._closed
+            raise RpcError(self._closed.code, self._closed.message)
         if self._next_id > MAX_STREAM_ID:
             raise RpcError(Code.UNAVAILABLE, "ttrpc connection ran out of stream ids")
         sid, self._next_id = self._next_id, self._next_id + 2
@@ -138,7 +138,8 @@ class Client:
             await self._on_response(frame, pending)
             return
         if not pending.streaming_server:
-            raise ProtocolError(f"data frame on unary stream {frame.stream_id}")
+            raise ProtocolError(f"data frame on stream {frame.stream_id}, which expects a "
+                                f"single response")
         if not frame.flags & fr.FLAG_NO_DATA and not await pending.inbox.put(frame.data):
             pending.inbox.end(RpcError(Code.RESOURCE_EXHAUSTED,
                                        "caller is not reading its stream: receive buffer full"))
