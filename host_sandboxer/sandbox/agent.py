@@ -13,6 +13,12 @@ from vmm_common import ttrpc
 log = logging.getLogger(__name__)
 
 
+def _is_closed(client) -> bool:
+    """The ttrpc client ended its connection (it then fails every call with UNAVAILABLE);
+    the client records why in `_closed` and has no public flag for it yet."""
+    return client._closed is not None
+
+
 class AgentLink:
     def __init__(self, open_connection, pod_id: str):
         """`open_connection()` returns (reader, writer) to the agent's port."""
@@ -23,20 +29,24 @@ class AgentLink:
 
     async def _connected(self):
         async with self._lock:
-            if self._client is None or self._client.closed:
+            if self._client is None or _is_closed(self._client):
                 reader, writer = await self._open()
                 self._client = ttrpc.Client(reader, writer)
             return self._client
 
     async def call(self, service: str, method: str, request, response_type, timeout: float | None = 30.0):
-        client = await self._connected()
+        try:
+            client = await self._connected()
+        except (ConnectionError, OSError) as exc:
+            raise ConnectionError(f"pod {self._pod_id}: cannot reach the agent: {exc}") from exc
         try:
             return await client.call(service, method, request, response_type, timeout=timeout)
-        except ttrpc.RpcError:
-            raise
-        except (ConnectionError, EOFError, OSError, ttrpc.ProtocolError) as exc:
+        except ttrpc.RpcError as exc:
+            if not _is_closed(client):
+                raise  # the agent's answer
             await self._drop(client)
-            raise ConnectionError(f"pod {self._pod_id}: link to the agent lost during {method}: {exc}") from exc
+            raise ConnectionError(f"pod {self._pod_id}: link to the agent lost during {method}: "
+                                  f"{exc.message}") from exc
 
     async def _drop(self, client) -> None:
         async with self._lock:

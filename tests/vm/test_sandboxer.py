@@ -1,0 +1,225 @@
+"""vmm-sandboxer end to end: a gRPC client from the generated stubs does what containerd's CRI
+does, against the real daemon, real QEMU (TCG) VMs, real crun in the guest.
+
+containerd itself is not installed here; its Events service is stood in for by a gRPC server
+from the generated stubs (so published events can be checked). Everything else is real.
+"""
+
+import concurrent.futures
+import importlib.util
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import empty_pb2
+
+from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
+from vmm_common.protos.containerd.events import task_pb2 as events
+from vmm_common.protos.containerd.services.events.v1 import events_pb2_grpc
+from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
+from vmm_common.protos.containerd.task.v3 import shim_pb2 as task
+
+_spec = importlib.util.spec_from_file_location("demo", Path(__file__).resolve().parents[2] / "scripts" / "demo.py")
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
+NS = demo.NAMESPACE
+
+pytestmark = [pytest.mark.vm, pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")]
+
+
+class Events(events_pb2_grpc.EventsServicer):
+    def __init__(self):
+        self.received = queue.Queue()
+
+    def Publish(self, request, context):
+        self.received.put((dict(context.invocation_metadata()).get("containerd-namespace"),
+                           request.topic, request.event))
+        return empty_pb2.Empty()
+
+    def topics(self, want: set, timeout: float = 20.0) -> list:
+        """Events received until every topic in `want` was seen (or the timeout)."""
+        seen, deadline = [], time.monotonic() + timeout
+        while not want <= {t for _, t, _ in seen} and time.monotonic() < deadline:
+            try:
+                seen.append(self.received.get(timeout=0.2))
+            except queue.Empty:
+                pass
+        return seen
+
+
+class Env:
+    def __init__(self, work: Path, image):
+        self.work = work
+        self.events = Events()
+        self.events_server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+        events_pb2_grpc.add_EventsServicer_to_server(self.events, self.events_server)
+        sock = work / "containerd.sock"
+        self.events_server.add_insecure_port(f"unix://{sock}")
+        self.events_server.start()
+        self.daemon = demo.Daemon(work, image.kernel, image.initrd, containerd_address=str(sock))
+        self.daemon.start()
+        self.cri = demo.Cri(self.daemon.socket)
+        self.lower = demo.busybox_tree()
+
+    def bundle(self, cid: str, args: list[str], sandbox_pid: int, terminal=False) -> "demo.Bundle":
+        return demo.Bundle(self.work / "bundles", cid, demo.cri_spec(args, cid, sandbox_pid, terminal), self.lower)
+
+    def status(self, sandbox_id: str, verbose=False):
+        return self.cri.controller.Status(sb.ControllerStatusRequest(sandbox_id=sandbox_id, verbose=verbose),
+                                          metadata=NS, timeout=10)
+
+
+@pytest.fixture
+def env(guest_image):
+    work = Path(tempfile.mkdtemp(prefix="vsb-"))  # short: unix socket paths
+    e = Env(work, guest_image)
+    yield e
+    e.daemon.stop()
+    e.events_server.stop(None)
+    unmount_all_under(work)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env, guest_image):
+    started = env.cri.run_pod("pod1")
+    assert started.version == 3
+    assert started.address == f"grpc+{env.daemon.state}/pod1/task.sock"
+    assert os.path.exists(f"/proc/{started.pid}")
+    assert env.status("pod1").state == "SANDBOX_READY"
+    tasks = demo.Cri.task_client(started.address)
+
+    b = env.bundle("c1", ["sh", "-c", "uname -r; cat /etc/hostname; echo oops >&2; exit 3"], started.pid)
+    out, err, status = demo.run_container(tasks, b)
+    release = out.decode().split()[0]
+    assert release != os.uname().release, "the container must run on the guest kernel"
+    assert release.startswith("6.1"), out
+    assert out.decode().split()[1] == "c1"  # the host bind mount reached the guest
+    assert (err, status) == (b"oops\n", 3)
+    seen = env.events.topics({"/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"})
+    assert {"/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"} <= {t for _, t, _ in seen}
+    assert {ns for ns, _, _ in seen} == {"k8s.io"}
+    exit_event = next(events.TaskExit.FromString(e.value) for _, t, e in seen if t == "/tasks/exit")
+    assert (exit_event.container_id, exit_event.exit_status) == ("c1", 3)
+    # Task.Shutdown came after Delete (as containerd does): the pod must still be up.
+    assert env.status("pod1").state == "SANDBOX_READY"
+    assert not os.path.exists(env.daemon.state / "pod1" / "shared" / "c1")
+
+    # exec with a TTY into a running container
+    b2 = env.bundle("c2", ["sleep", "300"], started.pid)
+    tasks.Create(task.CreateTaskRequest(id="c2", bundle=str(b2.path), rootfs=b2.rootfs), metadata=NS, timeout=60)
+    tasks.Start(task.StartRequest(id="c2"), metadata=NS, timeout=60)
+    tty_out = b2.fifo("exec-out")
+    reader = demo.FifoReader(tty_out)
+    process = {"terminal": True, "args": ["sh", "-c", "tty; stty size; echo exec-ok"], "cwd": "/",
+               "env": ["PATH=/bin", "TERM=xterm"], "user": {"uid": 0, "gid": 0}}
+    spec = task.ExecProcessRequest(id="c2", exec_id="e1", terminal=True, stdout=tty_out)
+    spec.spec.type_url = demo.PROCESS_SPEC_TYPE
+    spec.spec.value = json.dumps(process).encode()
+    tasks.Exec(spec, metadata=NS, timeout=60)
+    tasks.Start(task.StartRequest(id="c2", exec_id="e1"), metadata=NS, timeout=60)
+    assert tasks.Wait(task.WaitRequest(id="c2", exec_id="e1"), metadata=NS, timeout=60).exit_status == 0
+    text = reader.result().decode()
+    assert "/dev/pts/" in text and "exec-ok" in text, text
+    state = tasks.State(task.StateRequest(id="c2"), metadata=NS, timeout=10)
+    assert state.bundle == str(b2.path)  # host paths back, not the guest's
+    tasks.Kill(task.KillRequest(id="c2", signal=signal.SIGKILL, all=True), metadata=NS, timeout=10)
+    assert tasks.Wait(task.WaitRequest(id="c2"), metadata=NS, timeout=60).exit_status == 137
+    tasks.Delete(task.DeleteRequest(id="c2"), metadata=NS, timeout=60)
+
+    # bad requests get clear codes
+    ctl = env.cri.controller
+    assert code_of(lambda: ctl.Start(sb.ControllerStartRequest(sandbox_id="nope"), timeout=10)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: ctl.Create(sb.ControllerCreateRequest(sandbox_id="pod1"), timeout=10)) == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(lambda: ctl.Create(sb.ControllerCreateRequest(sandbox_id="../x"), timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
+    missing = task.CreateTaskRequest(id="c3", bundle=str(env.work / "no-such-bundle"))
+    assert code_of(lambda: tasks.Create(missing, timeout=10)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: tasks.State(task.StateRequest(id="ghost"), timeout=10)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: tasks.Create(task.CreateTaskRequest(id="a/b", bundle=str(b2.path)), timeout=10)) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+
+    metrics = ctl.Metrics(sb.ControllerMetricsRequest(sandbox_id="pod1"), timeout=10).metrics
+    assert metrics.id == "pod1" and metrics.data.type_url == "io.containerd.cgroups.v2.Metrics"
+    assert "boot_agent_ready_s" in env.status("pod1", verbose=True).info
+
+    env.cri.remove_pod("pod1")
+    assert code_of(lambda: env.status("pod1")) == grpc.StatusCode.NOT_FOUND
+    assert not (env.daemon.state / "pod1").exists()
+    assert mountpoints_under(env.work) == []
+
+
+def test_five_pods_at_once(env):
+    ids = [f"p{i}" for i in range(5)]
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        started = dict(zip(ids, pool.map(env.cri.run_pod, ids)))
+
+        def run(sid):
+            b = env.bundle(f"{sid}-c", ["cat", "/etc/hostname"], started[sid].pid)
+            return demo.run_container(demo.Cri.task_client(started[sid].address), b)
+
+        results = dict(zip(ids, pool.map(run, ids)))
+    assert len({s.pid for s in started.values()}) == 5
+    for sid in ids:
+        assert results[sid] == (f"{sid}-c\n".encode(), b"", 0)
+    for sid in ids:
+        env.cri.remove_pod(sid)
+    assert mountpoints_under(env.work) == []
+
+
+def _long_running_pod(env, sid):
+    started = env.cri.run_pod(sid)
+    tasks = demo.Cri.task_client(started.address)
+    b = env.bundle(f"{sid}-c", ["sleep", "1000"], started.pid)
+    tasks.Create(task.CreateTaskRequest(id=b.id, bundle=str(b.path), rootfs=b.rootfs), metadata=NS, timeout=60)
+    tasks.Start(task.StartRequest(id=b.id), metadata=NS, timeout=60)
+    return started, tasks, b
+
+
+def test_vmm_killed(env):
+    started, tasks, b = _long_running_pod(env, "crash")
+    other = env.cri.run_pod("bystander")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        task_wait = pool.submit(tasks.Wait, task.WaitRequest(id=b.id), metadata=NS, timeout=60)
+        pod_wait = pool.submit(env.cri.controller.Wait, sb.ControllerWaitRequest(sandbox_id="crash"),
+                               metadata=NS, timeout=60)
+        time.sleep(0.5)
+        os.kill(started.pid, signal.SIGKILL)
+        assert task_wait.result().exit_status == 255
+        assert pod_wait.result().exit_status == 128 + signal.SIGKILL
+    assert env.status("crash").state == "SANDBOX_NOTREADY"
+    assert env.status("bystander").state == "SANDBOX_READY"
+    exits = env.events.topics({"/tasks/exit"})
+    assert any(t == "/tasks/exit" and events.TaskExit.FromString(e.value).container_id == b.id
+               for _, t, e in exits)
+    env.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="crash"), metadata=NS, timeout=60)
+    assert not (env.daemon.state / "crash").exists()
+    assert all("/bystander/" in p for p in mountpoints_under(env.daemon.state))
+    env.cri.remove_pod("bystander")
+
+
+def test_daemon_restart_recovers_pods(env):
+    started, tasks, b = _long_running_pod(env, "survivor")
+    env.daemon.stop()
+    env.daemon.start()
+    status = env.status("survivor", verbose=True)
+    assert status.state == "SANDBOX_NOTREADY"
+    wait = env.cri.controller.Wait(sb.ControllerWaitRequest(sandbox_id="survivor"), metadata=NS, timeout=10)
+    assert wait.exit_status == 255
+    env.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="survivor"), metadata=NS, timeout=60)
+    assert not (env.daemon.state / "survivor").exists()
+    assert mountpoints_under(env.work) == []
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "vmm-survivor" not in ps, "no VMM of the pod may be left"
