@@ -54,25 +54,25 @@ def apply_pod_namespaces(spec: dict, pod: dict[str, Optional[str]]) -> bool:
     return changed
 
 
-def process_owner(process: Any) -> tuple[int, int]:
+def process_owner(process: Any, what: str) -> tuple[int, int]:
     """(uid, gid) a process spec runs as; pipes are handed to it with that owner."""
     user = process.get("user") if isinstance(process, dict) else None
     if not isinstance(user, dict):
         return 0, 0
     uid, gid = user.get("uid", 0), user.get("gid", 0)
     if not all(isinstance(v, int) and 0 <= v < 2**32 for v in (uid, gid)):
-        raise invalid_argument(f"process user {user!r}: uid/gid must be integers")
+        raise invalid_argument(f"{what}: process user {user!r}: uid/gid must be integers")
     return uid, gid
 
 
-def parse_exec_process(raw: bytes) -> dict:
+def parse_exec_process(raw: bytes, what: str) -> dict:
     """The Exec request's spec Any holds the OCI process as JSON (containerd's typeurl for
     specs.Process)."""
     try:
         process = json.loads(raw)
     except ValueError as e:
-        raise invalid_argument(f"exec spec is not a JSON OCI process: {e}") from None
+        raise invalid_argument(f"{what}: the spec is not a JSON OCI process: {e}") from None
     if not isinstance(process, dict) or not isinstance(process.get("args"), list) \
             or not process["args"]:
-        raise invalid_argument("exec spec: an OCI process with a non-empty args list is required")
+        raise invalid_argument(f"{what}: the spec needs an OCI process with non-empty args")
     return process

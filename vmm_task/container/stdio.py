@@ -16,7 +16,6 @@ from typing import Optional
 
 from . import console as consolemod
 from .endpoints import Endpoint, parse_endpoint
-from .errors import failed_precondition
 from .fdcopy import Pump, read_available, read_chunk, set_nonblocking, wait_readable, widen_pipe, write_all
 
 log = logging.getLogger(__name__)
@@ -144,8 +143,6 @@ class ProcessIO:
             await asyncio.shield(self._stdin_task)
 
     def resize(self, width: int, height: int) -> None:
-        if self.master is None:
-            raise failed_precondition("the process has no terminal to resize")
         consolemod.resize(self.master, width, height)
 
     async def drain(self, idle: float = 2.0) -> None:

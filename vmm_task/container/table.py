@@ -97,7 +97,7 @@ class ContainerTable:
             save_bundle_spec(bundle, spec)
         namespaces = spec.get("linux", {}).get("namespaces", [])
         own_pid_ns = any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
-        uid, gid = process_owner(spec.get("process"))
+        uid, gid = process_owner(spec.get("process"), f"container {cid}")
         workdir = os.path.join(self._run_dir, "containers", cid)
         io = ProcessIO(stdin, stdout, stderr, terminal, self._socket_path(), uid, gid)
         container = Container(cid, bundle, workdir, Process(cid, "", io), not own_pid_ns)
@@ -168,9 +168,10 @@ class ContainerTable:
         if container.init.status not in (RUNNING, PAUSED):
             raise failed_precondition(f"container {cid} is {container.init.status}: "
                                       "it must be running to exec in it")
-        process_spec = parse_exec_process(spec)
+        what = f"exec {exec_id} of container {cid}"
+        process_spec = parse_exec_process(spec, what)
         process_spec["terminal"] = terminal
-        uid, gid = process_owner(process_spec)
+        uid, gid = process_owner(process_spec, what)
         io = ProcessIO(stdin, stdout, stderr, terminal, self._socket_path(), uid, gid)
         process = Process(cid, exec_id, io, process_spec)
         container.execs[exec_id] = process
@@ -187,7 +188,7 @@ class ContainerTable:
         container = self.get(cid)
         process = container.process(exec_id)
         if not 0 <= signal < 65:
-            raise invalid_argument(f"signal {signal} is not a valid signal number")
+            raise invalid_argument(f"{process.name}: {signal} is not a signal number")
         if process.status == STOPPED:
             raise not_found(f"{process.name} has already exited: nothing to signal")
         if exec_id:
@@ -306,7 +307,9 @@ class ContainerTable:
     def resize(self, cid: str, exec_id: str, width: int, height: int) -> None:
         process = self.get(cid).process(exec_id)
         if not (0 <= width < 65536 and 0 <= height < 65536):
-            raise invalid_argument(f"terminal size {width}x{height} is out of range")
+            raise invalid_argument(f"{process.name}: terminal size {width}x{height} out of range")
+        if process.io.master is None:
+            raise failed_precondition(f"{process.name} has no terminal to resize")
         process.io.resize(width, height)
 
     async def close_io(self, cid: str, exec_id: str) -> None:
