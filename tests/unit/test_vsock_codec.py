@@ -1,0 +1,200 @@
+"""Pure units: vhost-user framing, vsock headers, guest memory bounds, split-ring walking."""
+
+import mmap
+import os
+import struct
+
+import pytest
+
+from host_sandboxer.vsock import vhost_user as vu
+from host_sandboxer.vsock.guest_memory import GuestMemory, GuestMemoryError
+from host_sandboxer.vsock.packet import HEADER, HEADER_SIZE, read_header, slice_views, write_header
+from host_sandboxer.vsock.virtqueue import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+                                            Virtqueue, VirtqueueError)
+
+DESC = struct.Struct("<QIHH")
+
+
+def test_header_and_reply_bytes_match_the_spec():
+    assert vu.encode(vu.GET_FEATURES) == bytes.fromhex("01000000" "01000000" "00000000")
+    reply = vu.encode_reply(vu.GET_FEATURES, vu.U64.pack(0x140000000))
+    assert reply[:12] == bytes.fromhex("01000000" "05000000" "08000000")
+    assert reply[12:] == bytes.fromhex("0000004001000000")
+
+
+def test_reader_reassembles_split_and_glued_messages_with_their_fds():
+    stream = (vu.encode(vu.SET_FEATURES, vu.U64.pack(1)) + vu.encode(vu.SET_VRING_KICK, vu.U64.pack(1))
+              + vu.encode(vu.SET_OWNER))
+    reader = vu.MessageReader()
+    first = reader.feed(stream[:5])
+    assert first == []
+    # SET_FEATURES's tail glued to SET_VRING_KICK, which carried fd 42 (the chunk's last bytes).
+    msgs = reader.feed(stream[5:40], [42])
+    assert [(m.request, m.fds) for m in msgs] == [(vu.SET_FEATURES, []), (vu.SET_VRING_KICK, [42])]
+    assert msgs[0].unpack(vu.U64) == (1,)
+    msgs = reader.feed(stream[40:])
+    assert [(m.request, m.payload, m.fds) for m in msgs] == [(vu.SET_OWNER, b"", [])]
+
+
+@pytest.mark.parametrize("header, why", [
+    (vu.HEADER.pack(1, 0x0, 0), "version"),
+    (vu.HEADER.pack(1, 0x3, 0), "version"),
+    (vu.HEADER.pack(5, 0x1, 1 << 20), "refused"),
+])
+def test_reader_rejects_garbage_without_allocating(header, why):
+    with pytest.raises(vu.ProtocolError, match=why):
+        vu.MessageReader().feed(header)
+
+
+def test_short_payloads_are_protocol_errors():
+    msg = vu.Message(vu.SET_VRING_ADDR, 1, b"\0" * 8)
+    with pytest.raises(vu.ProtocolError):
+        msg.unpack(vu.VRING_ADDR)
+    with pytest.raises(vu.ProtocolError):
+        vu.decode_mem_table(vu.MEM_TABLE_HEADER.pack(9, 0) + bytes(9 * 32))
+    with pytest.raises(vu.ProtocolError):
+        vu.decode_mem_table(vu.MEM_TABLE_HEADER.pack(2, 0) + bytes(32))
+
+
+def test_mem_table_round_trip():
+    regions = [vu.MemoryRegionEntry(0, 0xA0000, 0x7F0000000000, 0),
+               vu.MemoryRegionEntry(0xC0000, 0x1F40000, 0x7F00000C0000, 0xC0000)]
+    assert vu.decode_mem_table(vu.encode_mem_table(regions)) == regions
+
+
+def test_vsock_header_is_44_bytes_and_may_span_descriptors():
+    fields = (2, 3, 1 << 30, 1024, 5, 1, 5, 0, 262144, 77)
+    blob = HEADER.pack(*fields)
+    assert HEADER_SIZE == 44 and len(blob) == 44
+    assert read_header([memoryview(blob[:10]), memoryview(blob[10:] + b"payload")]) == fields
+    bufs = [memoryview(bytearray(20)), memoryview(bytearray(30))]
+    write_header(bufs, fields)
+    assert bytes(bufs[0]) + bytes(bufs[1])[:24] == blob
+    with pytest.raises(ValueError):
+        read_header([memoryview(blob[:43])])
+    with pytest.raises(ValueError):
+        write_header([memoryview(bytearray(40))], fields)
+
+
+def test_slice_views_skips_header_and_limits():
+    views = [memoryview(b"0123456789"), memoryview(b"abcdef")]
+    assert [bytes(v) for v in slice_views(views, 4, 8)] == [b"456789", b"ab"]
+    assert [bytes(v) for v in slice_views(views, 12, 100)] == [b"cdef"]
+    assert slice_views(views, 16, 5) == []
+
+
+@pytest.fixture
+def memory():
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 1 << 20)
+    entries = [vu.MemoryRegionEntry(0, 0x40000, 0x10000000, 0),
+               vu.MemoryRegionEntry(0x80000, 0x80000, 0x10080000, 0x80000)]
+    mem = GuestMemory.map(entries, [fd, os.dup(fd)])
+    yield mem
+    mem.close()
+
+
+def test_guest_memory_bounds(memory):
+    memory.view(0x3FFF0, 0x10)[:] = b"x" * 16
+    assert bytes(memory.view(0x3FFF0, 0x10)) == b"x" * 16
+    for gpa, length in [(0x3FFF1, 0x10), (0x40000, 1), (0x7FFFF, 2), (0x100000, 1), (-1, 1),
+                        (0x80000, 1 << 64), (1 << 64, 1)]:
+        with pytest.raises(GuestMemoryError):
+            memory.view(gpa, length)
+    view, off = memory.locate_uva(0x10080010, 16)
+    assert off == 0x10
+    with pytest.raises(GuestMemoryError):
+        memory.locate_uva(0x10040000, 1)
+
+
+def test_mapping_a_region_beyond_the_file_fails_and_closes_fds():
+    fd = os.memfd_create("small")
+    os.ftruncate(fd, 4096)
+    with pytest.raises(GuestMemoryError):
+        GuestMemory.map([vu.MemoryRegionEntry(0, 1 << 20, 0, 0)], [fd])
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+class Ring:
+    """A queue of `num` entries at guest address 0 of `memory`, laid out by hand."""
+
+    def __init__(self, memory, num=8, features=0):
+        self.mem = memory.regions[0].view
+        self.num = num
+        self.q = Virtqueue(0)
+        self.q.set_num(num)
+        self.q.desc_uva, self.q.avail_uva, self.q.used_uva = 0x10000000, 0x10000000 + 16 * num, 0x10001000
+        self.q.kick_fd, self.q.enabled = -1, True
+        self.q.start(memory, features)
+        self.avail = 0
+
+    def desc(self, i, addr, length, flags, nxt=0):
+        DESC.pack_into(self.mem, 16 * i, addr, length, flags, nxt)
+
+    def offer(self, head):
+        base = 16 * self.num
+        struct.pack_into("<H", self.mem, base + 4 + 2 * (self.avail % self.num), head)
+        self.avail += 1
+        struct.pack_into("<H", self.mem, base + 2, self.avail & 0xFFFF)
+
+
+def test_chain_with_scatter_gather_and_indirect_table(memory):
+    r = Ring(memory, features=VIRTIO_RING_F_INDIRECT_DESC)
+    r.desc(0, 0x2000, 44, 1, 1)
+    r.desc(1, 0x3000, 100, 1, 2)
+    r.desc(2, 0x4000, 200, 2)
+    r.offer(0)
+    chain = r.q.pop()
+    assert chain.head == 0 and [len(v) for v in chain.readable] == [44, 100]
+    assert [len(v) for v in chain.writable] == [200]
+    DESC.pack_into(r.mem, 0x5000, 0x6000, 10, 1, 1)
+    DESC.pack_into(r.mem, 0x5010, 0x7000, 20, 2, 0)
+    r.desc(3, 0x5000, 32, 4)
+    r.offer(3)
+    chain = r.q.pop()
+    assert [len(v) for v in chain.readable] == [10] and [len(v) for v in chain.writable] == [20]
+    assert r.q.pop() is None
+
+
+@pytest.mark.parametrize("setup, why", [
+    (lambda r: (r.desc(0, 0x2000, 10, 1, 0), r.offer(0)), "loops"),
+    (lambda r: (r.desc(0, 0x2000, 10, 1, 9), r.offer(0)), "next 9"),
+    (lambda r: r.offer(8), "head 8"),
+    (lambda r: (r.desc(0, 0x2000, 10, 3, 1), r.desc(1, 0x2000, 10, 0), r.offer(0)), "after a writable"),
+    (lambda r: (r.desc(0, 0x5000, 32, 4), r.offer(0)), "indirect"),
+    (lambda r: (r.desc(0, 0x40000, 10, 0), r.offer(0)), "outside guest RAM"),
+    (lambda r: (setattr(r, "avail", 9), r.offer(0)), "ahead"),
+])
+def test_malformed_chains_raise(memory, setup, why):
+    r = Ring(memory)    # no INDIRECT_DESC negotiated
+    setup(r)
+    with pytest.raises((VirtqueueError, GuestMemoryError), match=why):
+        r.q.pop()
+
+
+def test_event_idx_notification_suppression(memory):
+    r = Ring(memory, features=VIRTIO_RING_F_EVENT_IDX)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    r.q.call_fd = call
+    used_event_off = 16 * r.num + 4 + 2 * r.num
+    struct.pack_into("<H", r.mem, used_event_off, 1)      # "interrupt me once used idx passes 1"
+    for head in range(3):
+        r.desc(head, 0x2000, 8, 2)
+        r.offer(head)
+        r.q.push(r.q.pop().head, 8)
+        r.q.publish()
+    assert os.eventfd_read(call) == 1                      # only the publish that crossed 1
+    r.q.arm()
+    assert struct.unpack_from("<H", r.mem, 0x1000 + 4 + 8 * r.num)[0] == 3   # avail_event
+    os.close(call)
+    r.q.call_fd = None
+
+
+def test_rollback_returns_the_same_chain(memory):
+    r = Ring(memory)
+    r.desc(5, 0x2000, 8, 2)
+    r.offer(5)
+    assert r.q.pop().head == 5
+    r.q.rollback()
+    assert r.q.pop().head == 5
