@@ -32,6 +32,10 @@ async def fail(req, ctx):
     raise ValueError("disk on fire")
 
 
+async def exit_process(req, ctx):
+    raise SystemExit(3)
+
+
 async def refuse(req, ctx):
     raise ttrpc.RpcError(ttrpc.Code.NOT_FOUND, f"container {req.value} not found")
 
@@ -59,6 +63,10 @@ async def total(stream, ctx):
     return wrappers_pb2.Int64Value(value=sum([m.value async for m in stream]))
 
 
+async def ignore_stream(stream, ctx):
+    await asyncio.sleep(30)
+
+
 async def shout(stream, ctx):
     async for message in stream:
         await stream.send(wrappers_pb2.StringValue(value=message.value.upper()))
@@ -68,6 +76,7 @@ METHODS = {
     "Echo": ttrpc.unary(wrappers_pb2.StringValue, echo),
     "Sleep": ttrpc.unary(wrappers_pb2.DoubleValue, sleep),
     "Fail": ttrpc.unary(empty_pb2.Empty, fail),
+    "Exit": ttrpc.unary(empty_pb2.Empty, exit_process),
     "Refuse": ttrpc.unary(wrappers_pb2.StringValue, refuse),
     "Metadata": ttrpc.unary(empty_pb2.Empty, show_metadata),
     "Remaining": ttrpc.unary(empty_pb2.Empty, remaining),
@@ -75,6 +84,7 @@ METHODS = {
     "Count": ttrpc.server_stream(wrappers_pb2.Int32Value, count),
     "Total": ttrpc.client_stream(wrappers_pb2.Int64Value, total),
     "Shout": ttrpc.bidi_stream(wrappers_pb2.StringValue, shout),
+    "Ignore": ttrpc.client_stream(wrappers_pb2.StringValue, ignore_stream),
 }
 
 
@@ -175,6 +185,9 @@ def test_handler_failures_are_statuses_and_the_connection_stays_up():
             message = await expect_error(ttrpc.Code.NOT_FOUND, client.call(
                 SERVICE, "Refuse", wrappers_pb2.StringValue(value="c1"), empty_pb2.Empty))
             assert message == "container c1 not found"
+            message = await expect_error(ttrpc.Code.INTERNAL, client.call(
+                SERVICE, "Exit", empty_pb2.Empty(), empty_pb2.Empty))
+            assert message == "SystemExit: 3"  # PID 1 must not exit because a handler did
             message = await expect_error(ttrpc.Code.INTERNAL, client.call(
                 SERVICE, "ForgetToReturn", empty_pb2.Empty(), empty_pb2.Empty))
             assert "returned NoneType" in message

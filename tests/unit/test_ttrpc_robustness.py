@@ -15,10 +15,13 @@ import tempfile
 import pytest
 from google.protobuf import empty_pb2, wrappers_pb2
 
-from test_ttrpc_calls import SERVICE, client_of, expect_error, raw_exchange, request_frame, run, serving
+from test_ttrpc_calls import (
+    SERVICE, client_of, expect_error, raw_exchange, read_response, request_frame, run, serving,
+)
 from vmm_common import ttrpc
 from vmm_common.protos.google.rpc.status_pb2 import Status
 from vmm_common.protos.ttrpc.request_pb2 import Response
+from vmm_common.ttrpc import connection
 from vmm_common.ttrpc import frame as fr
 
 
@@ -130,6 +133,22 @@ def test_fuzzed_frames_never_take_the_server_down():
         logging.getLogger("vmm_common.ttrpc").setLevel(logging.NOTSET)
     assert loop_errors == []
     assert answered > 1000, f"only {answered} frames answered: the fuzz stayed shallow"
+
+
+def test_calls_in_flight_per_connection_are_bounded():
+    async def go():
+        async with serving() as path:
+            reader, writer = await asyncio.open_unix_connection(path)
+            long_sleep = wrappers_pb2.DoubleValue(value=30).SerializeToString()
+            limit = connection.MAX_IN_FLIGHT
+            writer.write(b"".join(request_frame(2 * i + 1, "Sleep", long_sleep)
+                                  for i in range(limit + 3)))
+            refused = [await read_response(reader) for _ in range(3)]
+            assert [f.stream_id for f, _ in refused] == [2 * i + 1 for i in range(limit, limit + 3)]
+            assert {r.status.code for _, r in refused} == {ttrpc.Code.RESOURCE_EXHAUSTED}
+            writer.close()
+            await still_answers(path)
+    run(go())
 
 
 @contextlib.asynccontextmanager

@@ -88,3 +88,18 @@ def test_streaming_frames_on_the_wire():
             ]
             writer.close()
     run(go())
+
+
+def test_a_handler_that_does_not_read_its_stream_is_stopped():
+    """64 messages queue up; beyond that the call ends RESOURCE_EXHAUSTED, not memory."""
+    async def go():
+        async with serving() as path, client_of(path) as client:
+            stream = await client.stream(SERVICE, "Ignore", wrappers_pb2.StringValue,
+                                         streaming_client=True, streaming_server=False)
+            message = wrappers_pb2.StringValue(value="z" * 1000)
+            for _ in range(70):
+                await stream.send(message)
+            await expect_error(ttrpc.Code.RESOURCE_EXHAUSTED, stream.recv())
+            reply = await client.call(SERVICE, "Echo", message, wrappers_pb2.StringValue)
+            assert reply == message
+    run(go())
