@@ -118,6 +118,9 @@ class Client:
             reason = f"protocol error from server: {e}"
         except OSError as e:
             reason = f"connection lost: {e}"
+        except Exception as e:  # never leave callers waiting on a dead reader
+            log.exception("ttrpc client: reader failed")
+            reason = f"internal error: {e}"
         self._fail_all(reason)
         await self._channel.close()
 

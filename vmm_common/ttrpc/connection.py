@@ -48,6 +48,8 @@ class ServerConnection:
             log.warning("ttrpc: closing connection from %s: %s", self._peer, e)
         except OSError as e:
             log.debug("ttrpc: connection from %s lost: %s", self._peer, e)
+        except Exception:  # a bug here must cost one connection, never the server
+            log.exception("ttrpc: closing connection from %s after an internal error", self._peer)
         finally:
             await self._shutdown()
 
