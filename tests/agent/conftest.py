@@ -259,13 +259,15 @@ class TaskClient:
 
 
 def _decode_event(packed):
-    for name in ("TaskCreate", "TaskStart", "TaskDelete", "TaskExit", "TaskOOM", "TaskExecAdded",
-                 "TaskExecStarted", "TaskPaused", "TaskResumed"):
-        message = getattr(events_pb, name)()
-        if packed.Is(message.DESCRIPTOR):
-            packed.Unpack(message)
-            return message
-    return packed
+    """The event message in an Envelope's Any (type URL with or without a prefix, as
+    containerd's typeurl writes the bare full name)."""
+    name = packed.type_url.rsplit("/", 1)[-1]
+    message_type = events_pb.DESCRIPTOR.message_types_by_name.get(name.rsplit(".", 1)[-1])
+    if message_type is None or message_type.full_name != name:
+        raise AssertionError(f"unexpected event type {packed.type_url!r}")
+    message = getattr(events_pb, message_type.name)()
+    message.ParseFromString(packed.value)
+    return message
 
 
 class Agent:
@@ -278,7 +280,7 @@ class Agent:
         self._log_file = open(self.log, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
-            [sys.executable, *os.environ.get("H6_AGENT", "-m vmm_task").split(), "--listen", f"unix://{self.socket}",
+            [sys.executable, "-m", "vmm_task", "--listen", f"unix://{self.socket}",
              "--run-dir", str(self.run_dir), "--runtime", "crun"],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.pid = self.process.pid
