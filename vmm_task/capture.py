@@ -43,7 +43,11 @@ async def run_capture(reaper: Reaper, argv: Sequence[str], stdin: bytes = b"",
     finally:
         for fd in (in_r, out_w, err_w):
             os.close(fd)
-    collectors = [_Collector(out_r, max_output), _Collector(err_r, max_output)]
+    def kill() -> None:
+        if child.status is None:
+            os.kill(child.pid, signal.SIGKILL)
+
+    collectors = [_Collector(out_r, max_output, kill), _Collector(err_r, max_output, kill)]
     feeder = asyncio.ensure_future(_feed(in_w, stdin))
     try:
         status = await child.wait()
@@ -53,8 +57,7 @@ async def run_capture(reaper: Reaper, argv: Sequence[str], stdin: bytes = b"",
                 raise OutputTooLarge(f"{argv[0]} wrote more than {max_output} bytes")
         return Captured(status.code, bytes(collectors[0].data), bytes(collectors[1].data))
     except BaseException:
-        if child.status is None:
-            os.kill(child.pid, signal.SIGKILL)
+        kill()
         raise
     finally:
         # stop the readers/writer before closing their fds, so no loop reader outlives its fd
@@ -67,16 +70,17 @@ async def run_capture(reaper: Reaper, argv: Sequence[str], stdin: bytes = b"",
 
 
 class _Collector:
-    """Reads one pipe to EOF (or `limit`) in the background; `data` holds what arrived."""
+    """Reads one pipe to EOF in the background; `data` holds what arrived. Past `limit` it
+    stops and calls `on_overflow` (which kills the writer rather than let it block)."""
 
-    def __init__(self, fd: int, limit: int):
+    def __init__(self, fd: int, limit: int, on_overflow):
         self.fd = fd
         self.data = bytearray()
         self.overflow = False
         os.set_blocking(fd, False)
-        self.task = asyncio.ensure_future(self._run(limit))
+        self.task = asyncio.ensure_future(self._run(limit, on_overflow))
 
-    async def _run(self, limit: int) -> None:
+    async def _run(self, limit: int, on_overflow) -> None:
         while True:
             try:
                 chunk = os.read(self.fd, 65536)
@@ -88,6 +92,7 @@ class _Collector:
             self.data += chunk
             if len(self.data) > limit:
                 self.overflow = True
+                on_overflow()
                 return
 
 
