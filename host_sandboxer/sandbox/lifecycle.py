@@ -163,6 +163,8 @@ async def shutdown(pod: Pod) -> None:
     """Remove every file, mount and process of the pod."""
     if not pod.vm_exited.done() and pod.state == "ready":
         await stop(pod, 1.0)
+    pod.stopping = True
+    pod.mark_exited(0, "shut down")  # a pod never started: release its Waits too
     for cid in list(pod.containers):
         await pod.remove_container(cid)
     if pod.task_server is not None:
