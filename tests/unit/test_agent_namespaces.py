@@ -1,0 +1,96 @@
+"""Pod namespaces made by SetupSandbox (root: unshare, bind mounts, a PID-namespace holder).
+
+Runs in a forked subreaper child (see test_agent_reaper.in_child) inside a private mount
+namespace, so the bind mounts never reach the host's mount table.
+"""
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from test_agent_reaper import in_child
+
+from vmm_task.capture import run_capture
+from vmm_task.init import syscalls as sc
+from vmm_task.pod.namespaces import PodNamespaces
+from vmm_task.procfs import count_zombie_children
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
+
+
+def private_mounts() -> None:
+    sc.unshare(sc.CLONE_NEWNS)
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+
+
+def test_ipc_uts_pid_namespaces_hostname_sysctl_and_holder(tmp_path):
+    async def body(reaper):
+        private_mounts()
+        host_name = socket.gethostname()
+        with open("/proc/sys/kernel/shmmni") as f:
+            host_shmmni = f.read().strip()
+        pod = PodNamespaces(str(tmp_path / "ns"))
+        await pod.create("pod-host", {"kernel.shmmni": "1234"}, share_pid=True)
+
+        async def run(*argv):
+            result = await run_capture(reaper, argv)
+            assert result.code == 0, result.stderr
+            return result.stdout.decode().strip()
+
+        holder = pod.holder_pid
+        seen = {
+            "uts": await run("nsenter", f"--uts={pod.paths['uts']}", "hostname"),
+            "ipc": await run("nsenter", f"--ipc={pod.paths['ipc']}", "cat",
+                             "/proc/sys/kernel/shmmni"),
+            "our hostname": socket.gethostname() == host_name,
+            "our shmmni": open("/proc/sys/kernel/shmmni").read().strip() == host_shmmni,
+            "pid ns": os.stat(pod.paths["pid"]).st_ino == os.stat(f"/proc/{holder}/ns/pid").st_ino,
+            "holder": open(f"/proc/{holder}/comm").read().strip(),
+            # a process in the pod PID namespace sees the holder as its PID 1
+            "pid 1": await run("nsenter", f"--pid={pod.paths['pid']}", "sh", "-c",
+                               "cat /proc/1/comm 2>/dev/null; echo $$"),
+        }
+        # an orphan inside the pod PID namespace is reaped by the holder, its init
+        await run("nsenter", f"--pid={pod.paths['pid']}", "sh", "-c", "sleep 0.2 &")
+        await asyncio.sleep(0.6)
+        seen["holder zombies"] = count_zombie_children(holder)
+        pod.destroy()
+        seen["holder exit"] = (await reaper.wait_pid(holder)).code
+        seen["files left"] = sorted(os.listdir(tmp_path / "ns"))
+        return seen
+
+    seen = in_child(body)
+    assert seen["uts"] == "pod-host" and seen["our hostname"]
+    assert seen["ipc"] == "1234" and seen["our shmmni"]
+    assert seen["pid ns"] and seen["holder"] == "pod-pause"
+    assert seen["pid 1"].split()[-1] == "2"  # nsenter's child is the namespace's second process
+    assert seen["holder zombies"] == 0
+    assert seen["holder exit"] == 128 + 9
+    assert seen["files left"] == []
+
+
+def test_without_pid_sharing_there_is_no_holder(tmp_path):
+    async def body(reaper):
+        private_mounts()
+        pod = PodNamespaces(str(tmp_path / "ns"))
+        await pod.create("", {}, share_pid=False)
+        result = sorted(pod.paths), pod.holder_pid
+        pod.destroy()
+        return result
+
+    assert in_child(body) == (["ipc", "uts"], None)
+
+
+def test_failure_inside_the_thread_is_reported_and_undone(tmp_path):
+    async def body(reaper):
+        private_mounts()
+        pod = PodNamespaces(str(tmp_path / "ns"))
+        try:
+            await pod.create("h", {"kernel.no_such_sysctl_anywhere": "1"}, share_pid=False)
+        except OSError as e:
+            return type(e).__name__, pod.paths, os.listdir(tmp_path / "ns")
+        return None
+
+    assert in_child(body) == ("FileNotFoundError", {}, [])
