@@ -7,7 +7,9 @@ few services the host speaks over gRPC). protoc emits top-level imports such as
 generated code needs nothing on sys.path and never shadows installed packages.
 A stamp holding the hash of every input makes a second run a no-op.
 """
+import fcntl
 import hashlib
+import importlib.metadata
 import re
 import shutil
 import sys
@@ -33,11 +35,9 @@ def proto_files() -> list[str]:
 
 
 def inputs_hash(protos: list[str]) -> str:
-    import grpc_tools
-
     digest = hashlib.sha256()
     digest.update(Path(__file__).read_bytes())
-    digest.update(getattr(grpc_tools, "__version__", "").encode())
+    digest.update(importlib.metadata.version("grpcio-tools").encode())
     for rel in protos:
         digest.update(rel.encode() + b"\0" + (PROTO_DIR / rel).read_bytes() + b"\0")
     return digest.hexdigest()
@@ -79,7 +79,7 @@ def add_init_files(out: Path) -> None:
 def install(out: Path) -> None:
     """Replace the generated tree (keeping the committed top-level __init__.py)."""
     for child in OUT_DIR.iterdir():
-        if child.name == "__init__.py":
+        if child.name in ("__init__.py", ".lock"):
             continue
         if child.is_dir():
             shutil.rmtree(child)
@@ -102,13 +102,18 @@ def main() -> int:
     digest = inputs_hash(protos)
     if up_to_date(protos, digest):
         return 0
-    with tempfile.TemporaryDirectory(prefix="genproto-") as tmp:
-        out = Path(tmp)
-        run_protoc(protos, out)
-        rewrite_imports(out, protos)
-        add_init_files(out)
-        install(out)
-    STAMP.write_text(digest + "\n")
+    # Several engineers (or make -j) may run this at once: one generates, the others wait.
+    with open(OUT_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if up_to_date(protos, digest):
+            return 0
+        with tempfile.TemporaryDirectory(prefix="genproto-") as tmp:
+            out = Path(tmp)
+            run_protoc(protos, out)
+            rewrite_imports(out, protos)
+            add_init_files(out)
+            install(out)
+        STAMP.write_text(digest + "\n")
     print(f"genproto: {len(protos)} protos -> {OUT_DIR.relative_to(ROOT)}")
     return 0
 
