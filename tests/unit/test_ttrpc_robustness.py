@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import random
-import socket
 import struct
 import tempfile
 
