@@ -47,4 +47,4 @@ bench: setup guest-image
 	@$(PY) -m bench.run
 
 clean:
-	rm -rf build vmm_common/protos/*_pb2*.py
+	rm -rf build vmm_common/protos/*/ vmm_common/protos/.stamp
