@@ -22,6 +22,8 @@ options:
   --runtime NAME      crun or runc, or a path (default: the first found on PATH)
   --log-level LEVEL   error, warn, info, debug or trace (default: info)
   --debug             allow grpc.SandboxService/ExecVMProcess (task.debug in the guest)
+  --manage-network    allow UpdateInterfaces/UpdateRoutes to change this process's network
+                      namespace (run it in one of its own, e.g. unshare --net)
   --version
 """
 _VALUED = ("--listen", "--run-dir", "--state-dir", "--runtime", "--log-level")
@@ -33,7 +35,7 @@ class UsageError(Exception):
 
 def parse_args(args: list[str]) -> dict:
     """The dev-mode options as a dict keyed like the flags (without "--")."""
-    options = {"debug": False, "log-level": "info", "runtime": ""}
+    options = {"debug": False, "manage-network": False, "log-level": "info", "runtime": ""}
     it = iter(args)
     for arg in it:
         flag, has_value, value = arg.partition("=")
@@ -43,8 +45,8 @@ def parse_args(args: list[str]) -> dict:
                 if value is None:
                     raise UsageError(f"{flag} needs a value")
             options[flag[2:]] = value
-        elif arg == "--debug":
-            options["debug"] = True
+        elif arg in ("--debug", "--manage-network"):
+            options[arg[2:]] = True
         elif arg in ("--help", "-h", "--version"):
             options[arg.lstrip("-")[0]] = True
         else:
@@ -125,6 +127,7 @@ def _dev_context(options: dict, run_dir: str):
     return AgentContext(reaper=Reaper(), events=EventQueue(), dev_mode=True,
                         debug=options["debug"], state_dir=options.get("state-dir") or run_dir,
                         run_dir=run_dir, runtime=server.find_runtime(options["runtime"]),
+                        manage_network=options["manage-network"],
                         started_boottime=T_MAIN)
 
 

@@ -36,16 +36,18 @@ class AgentContext:
     """Handed to every service. `debug`: booted with `task.debug` (ExecVMProcess allowed).
     `dev_mode`: an ordinary host process (`--listen unix://...`), not PID 1 in a VM.
     `run_dir`: where the agent keeps its own runtime files (pod namespaces, resolv.conf, ...).
-    `runtime`: path of crun or runc. `boot_problems`: what failed while booting (PID 1).
+    `runtime`: path of crun or runc. `manage_network`: the network namespace is the pod's to
+    configure (always in the VM; dev mode only with --manage-network). `boot_problems`: what failed while booting (PID 1).
     `started_boottime`: CLOCK_BOOTTIME when main() began. `services`: names registered on the
     server. `cleanups`: callables run when the server stops (dev mode: unmount what we mounted)."""
 
     __slots__ = ("reaper", "events", "sandbox", "debug", "dev_mode", "state_dir", "run_dir",
-                 "runtime", "boot_problems", "started_boottime", "services", "cleanups")
+                 "runtime", "manage_network", "boot_problems", "started_boottime", "services",
+                 "cleanups")
 
     def __init__(self, *, reaper: Reaper, events: EventQueue, dev_mode: bool, debug: bool = False,
                  state_dir: str = STATE_DIR, run_dir: str = "/run", runtime: str = "crun",
-                 boot_problems: Optional[list[str]] = None, started_boottime: float = 0.0):
+                 manage_network: bool = False, boot_problems: Optional[list[str]] = None, started_boottime: float = 0.0):
         self.reaper = reaper
         self.events = events
         self.sandbox = SandboxState()
@@ -54,6 +56,7 @@ class AgentContext:
         self.state_dir = state_dir
         self.run_dir = run_dir
         self.runtime = runtime
+        self.manage_network = manage_network
         self.boot_problems = boot_problems or []
         self.started_boottime = started_boottime
         self.services: list[str] = []

@@ -76,6 +76,7 @@ async def _serve(config: cmdline.TaskConfig, problems: list[str], t_main: float)
     except OSError as e:
         power_off(f"cannot listen on {VSOCK_ADDRESS} (is there a virtio-vsock device?): {e}")
     ctx = AgentContext(reaper=Reaper(), events=EventQueue(), dev_mode=False, debug=config.debug,
-                       runtime=server.find_runtime(config.runtime), boot_problems=problems,
+                       runtime=server.find_runtime(config.runtime), manage_network=True,
+                       boot_problems=problems,
                        started_boottime=t_main)
     await server.serve(ctx, listener, t_main)

@@ -2,7 +2,8 @@
 
 Every failure is an RpcError with a status code and a message naming the problem. In dev mode
 the agent shares the host's kernel: it refuses to change what belongs to the host (the clock,
-global sysctls, and the network unless it runs in a network namespace of its own).
+global sysctls, and the network unless started with --manage-network, i.e. in a network
+namespace of its own).
 """
 
 import asyncio
@@ -102,10 +103,10 @@ class SandboxService:
                                str(e)) from None
 
     def _require_own_network(self, what: str) -> None:
-        if self.ctx.dev_mode and _in_host_network_namespace():
+        if not self.ctx.manage_network:
             raise RpcError(Code.FAILED_PRECONDITION,
-                           f"{what}: dev mode in the host's network namespace would change the "
-                           "host's network; run the agent in its own (e.g. unshare -n)")
+                           f"{what}: dev mode would change the host's network; run the agent in "
+                           "a network namespace of its own with --manage-network")
 
     # -- clock ---------------------------------------------------------------------------------
 
@@ -180,13 +181,6 @@ def set_realtime_by(delta_ns: int) -> None:
     if target <= 0:
         raise ValueError(f"delta {delta_ns} ns would move the clock before 1970")
     time.clock_settime_ns(time.CLOCK_REALTIME, target)
-
-
-def _in_host_network_namespace() -> bool:
-    try:
-        return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
-    except OSError:
-        return True  # cannot tell: assume the host's
 
 
 def _addresses(interfaces) -> list[str]:

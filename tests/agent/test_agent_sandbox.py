@@ -1,0 +1,212 @@
+"""grpc.SandboxService and vmmtask.v1.Health of the real agent in dev mode
+(`.venv/bin/vmm-task --listen unix://...`, root), called over ttrpc as the host calls them."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from google.protobuf import empty_pb2
+
+from vmm_common import ttrpc
+from vmm_common.protos.kuasar import sandbox_pb2 as pb
+from vmm_common.protos.vmmtask.v1 import health_pb2 as health_pb
+
+VMM_TASK = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "vmm-task"
+SANDBOX = "grpc.SandboxService"
+HEALTH = "vmmtask.v1.Health"
+Code = ttrpc.Code
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dev-mode agent tests run as root")
+
+
+class DevAgent:
+    """`vmm-task --listen` as a subprocess, optionally behind a wrapper such as `unshare -n`."""
+
+    def __init__(self, workdir: Path, *flags: str, wrapper: tuple = ()):
+        self.socket = workdir / "agent.sock"
+        self.run_dir = workdir / "run"
+        self.output = workdir / "agent.out"
+        with open(self.output, "wb") as out:
+            self.process = subprocess.Popen(
+                [*wrapper, str(VMM_TASK), "--listen", f"unix://{self.socket}",
+                 "--run-dir", str(self.run_dir), *flags], stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while b"vmm-task ready" not in self.output.read_bytes():
+            assert self.process.poll() is None and time.monotonic() < deadline, self.log()
+            time.sleep(0.05)
+        self.pid = int(self.output.read_bytes().split(b" pid=")[1].split()[0])
+
+    def log(self) -> str:
+        return self.output.read_text(errors="replace")[-3000:]
+
+    def call(self, service: str, method: str, request, response_type, timeout: float = 10.0):
+        async def main():
+            client = await ttrpc.Client.connect_unix(str(self.socket))
+            try:
+                return await client.call(service, method, request, response_type,
+                                         timeout=timeout)
+            finally:
+                await client.close()
+        return asyncio.run(main())
+
+    def error(self, *args, **kwargs) -> ttrpc.RpcError:
+        with pytest.raises(ttrpc.RpcError) as caught:
+            self.call(*args, **kwargs)
+        return caught.value
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(10)
+
+
+@pytest.fixture
+def start_agent(tmp_path):
+    started = []
+
+    def start(*flags, wrapper=()):
+        agent = DevAgent(tmp_path, *flags, wrapper=wrapper)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.process.poll() is None:
+            agent.process.kill()
+            agent.process.wait()
+
+
+def pod_config(**config) -> pb.SetupSandboxRequest:
+    """Kuasar's form: type_url "PodSandboxConfig", the CRI config as JSON."""
+    request = pb.SetupSandboxRequest()
+    request.config.type_url = "PodSandboxConfig"
+    request.config.value = json.dumps(config).encode()
+    return request
+
+
+def status(agent) -> health_pb.StatusResponse:
+    return agent.call(HEALTH, "Status", empty_pb2.Empty(), health_pb.StatusResponse)
+
+
+def test_check_health_and_clean_stop(start_agent):
+    agent = start_agent()
+    agent.call(SANDBOX, "Check", pb.CheckRequest(), empty_pb2.Empty)
+    version = agent.call(HEALTH, "Version", empty_pb2.Empty(), health_pb.VersionResponse)
+    assert version.mode == "dev" and version.runtime.endswith(("crun", "runc"))
+    check = agent.call(HEALTH, "Check", health_pb.HealthCheckRequest(service=SANDBOX),
+                       health_pb.HealthCheckResponse)
+    assert check.status == health_pb.HealthCheckResponse.SERVING
+    unknown = agent.call(HEALTH, "Check", health_pb.HealthCheckRequest(service="no.Such"),
+                         health_pb.HealthCheckResponse)
+    assert unknown.status == health_pb.HealthCheckResponse.SERVICE_UNKNOWN
+    state = status(agent)
+    assert state.pid == agent.pid and state.rss_bytes > 1_000_000 and state.zombies == 0
+    assert agent.stop() == 0
+    assert not agent.socket.exists()
+
+
+def test_setup_sandbox_namespaces_dns_hosts_and_refusals(start_agent):
+    agent = start_agent()
+    bad = agent.error(SANDBOX, "SetupSandbox", pod_config(hostname="../../x"), empty_pb2.Empty)
+    assert bad.code == Code.INVALID_ARGUMENT and "invalid hostname" in bad.message
+    host_sysctl = agent.error(SANDBOX, "SetupSandbox", pod_config(
+        linux={"sysctls": {"kernel.pid_max": "99999"}}), empty_pb2.Empty)
+    assert host_sysctl.code == Code.FAILED_PRECONDITION and "kernel.pid_max" in host_sysctl.message
+
+    agent.call(SANDBOX, "SetupSandbox", pod_config(
+        hostname="web-0",
+        dns_config={"servers": ["10.96.0.10"], "searches": ["svc.cluster.local"]},
+        linux={"sysctls": {"kernel.msgmax": "4321"},
+               "security_context": {"namespace_options": {"pid": 0}}}), empty_pb2.Empty)
+    ns = agent.run_dir / "sandbox-ns"
+    assert sorted(os.listdir(ns)) == ["ipc", "pid", "uts"]
+    in_uts = subprocess.run(["nsenter", f"--uts={ns}/uts", "hostname"], capture_output=True)
+    assert in_uts.stdout == b"web-0\n"
+    in_ipc = subprocess.run(["nsenter", f"--ipc={ns}/ipc", "cat", "/proc/sys/kernel/msgmax"],
+                            capture_output=True)
+    assert in_ipc.stdout == b"4321\n"
+    pod = agent.run_dir / "pod"
+    assert (pod / "resolv.conf").read_text() == "search svc.cluster.local\nnameserver 10.96.0.10\n"
+    assert "127.0.1.1\tweb-0" in (pod / "hosts").read_text()
+
+    again = agent.error(SANDBOX, "SetupSandbox", pod_config(), empty_pb2.Empty)
+    assert again.code == Code.FAILED_PRECONDITION and "already" in again.message
+    # dev mode in the host's network namespace must not touch the host's links
+    net = agent.error(SANDBOX, "UpdateInterfaces", pb.UpdateInterfacesRequest(
+        interfaces=[pb.Interface(hwAddr="02:00:00:00:00:01")]), empty_pb2.Empty)
+    assert net.code == Code.FAILED_PRECONDITION and "--manage-network" in net.message
+
+    assert agent.stop() == 0
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(ns) not in mounts  # the pod namespace bind mounts went with the agent
+
+
+def test_sync_clock_first_step_and_dev_mode_refuses_to_set_the_host_clock(start_agent):
+    agent = start_agent()
+    sent = time.time_ns()
+    reply = agent.call(SANDBOX, "SyncClock", pb.SyncClockPacket(ClientSendTime=sent),
+                       pb.SyncClockPacket)
+    assert reply.ClientSendTime == sent
+    assert sent <= reply.ClientArriveTime <= reply.ServerSendTime <= time.time_ns()
+    refused = agent.error(SANDBOX, "SyncClock", pb.SyncClockPacket(Delta=-1000),
+                          pb.SyncClockPacket)
+    assert refused.code == Code.FAILED_PRECONDITION and "host's clock" in refused.message
+
+
+def test_exec_vm_process_needs_debug(start_agent):
+    agent = start_agent()
+    denied = agent.error(SANDBOX, "ExecVMProcess", pb.ExecVMProcessRequest(command="true"),
+                         pb.ExecVMProcessResponse)
+    assert denied.code == Code.PERMISSION_DENIED and "task.debug" in denied.message
+
+
+def test_exec_vm_process_and_its_orphan_is_reaped(start_agent):
+    agent = start_agent("--debug")
+    echo = agent.call(SANDBOX, "ExecVMProcess",
+                      pb.ExecVMProcessRequest(command="cat; echo done", stdin=b"in "),
+                      pb.ExecVMProcessResponse)
+    assert echo.out == "in done\n"
+    failed = agent.error(SANDBOX, "ExecVMProcess",
+                         pb.ExecVMProcessRequest(command="echo broken >&2; exit 4"),
+                         pb.ExecVMProcessResponse)
+    assert failed.code == Code.UNKNOWN and "exited with 4" in failed.message
+    assert "broken" in failed.message
+
+    reaped_before = status(agent).reaped_total
+    orphan = int(agent.call(SANDBOX, "ExecVMProcess",
+                            pb.ExecVMProcessRequest(command="sleep 30 & echo $!"),
+                            pb.ExecVMProcessResponse).out)
+    parent = Path(f"/proc/{orphan}/stat").read_bytes().rsplit(b")", 1)[1].split()[1]
+    assert int(parent) == agent.pid  # re-parented to the agent (child-subreaper)
+    os.kill(orphan, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{orphan}").exists():  # a zombie would keep its /proc entry
+        assert time.monotonic() < deadline, "orphan left as a zombie"
+        time.sleep(0.05)
+    after = status(agent)
+    assert after.zombies == 0 and after.reaped_total >= reaped_before + 2
+
+
+def test_update_interfaces_and_routes_in_the_agents_own_network_namespace(start_agent):
+    agent = start_agent("--manage-network", wrapper=("unshare", "--net"))
+    in_agent_net = ["nsenter", "-t", str(agent.pid), "-n"]
+    subprocess.run([*in_agent_net, "ip", "link", "add", "eth0", "address", "02:00:00:00:aa:01",
+                    "type", "veth", "peer", "name", "peer0"], check=True)
+    agent.call(SANDBOX, "UpdateInterfaces", pb.UpdateInterfacesRequest(interfaces=[
+        pb.Interface(name="pod0", hwAddr="02:00:00:00:aa:01", mtu=1450, IPAddresses=[
+            pb.IPAddress(address="192.168.77.2", mask="24")])]), empty_pb2.Empty)
+    agent.call(SANDBOX, "UpdateRoutes", pb.UpdateRoutesRequest(routes=[
+        pb.Route(dest="default", gateway="192.168.77.1", device="pod0")]), empty_pb2.Empty)
+    link = json.loads(subprocess.run([*in_agent_net, "ip", "-j", "addr", "show", "pod0"],
+                                     capture_output=True, check=True).stdout)[0]
+    assert link["mtu"] == 1450 and "UP" in link["flags"]
+    assert {"192.168.77.2/24"} <= {f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"]}
+    routes = subprocess.run([*in_agent_net, "ip", "route"], capture_output=True, text=True).stdout
+    assert "default via 192.168.77.1 dev pod0" in routes
+    missing = agent.error(SANDBOX, "UpdateInterfaces", pb.UpdateInterfacesRequest(
+        interfaces=[pb.Interface(hwAddr="02:00:00:00:00:99")]), empty_pb2.Empty)
+    assert missing.code == Code.NOT_FOUND and "02:00:00:00:00:99" in missing.message
