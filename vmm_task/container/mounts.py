@@ -2,11 +2,11 @@
 unmounted again on Delete. mount(2) through libc (no util-linux in the guest)."""
 
 import ctypes
-import ctypes.util
 import os
 from typing import Iterable, NamedTuple
 
 from .errors import TaskError, invalid_argument
+from .libc import check, libc
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_SYNCHRONOUS, MS_REMOUNT, MS_MANDLOCK, MS_DIRSYNC = 16, 32, 64, 128
@@ -33,9 +33,6 @@ _FLAGS = {
 _PROPAGATION = {"private": MS_PRIVATE, "rprivate": MS_PRIVATE | MS_REC, "slave": MS_SLAVE,
                 "rslave": MS_SLAVE | MS_REC, "shared": MS_SHARED, "rshared": MS_SHARED | MS_REC}
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
 class Mount(NamedTuple):
     type: str
     source: str
@@ -56,29 +53,23 @@ def parse_options(options: Iterable[str]) -> tuple[int, int, str]:
     return flags, propagation, ",".join(data)
 
 
-def _call(rc: int, what: str) -> None:
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
 def mount(source: str, target: str, fstype: str, options: Iterable[str]) -> None:
     flags, propagation, data = parse_options(options)
     if "\0" in source + target + fstype + data:
         raise invalid_argument(f"mount of {source!r} on {target!r}: NUL byte in the mount fields")
-    _call(_libc.mount(source.encode(), target.encode(), fstype.encode() or None, flags,
-                      data.encode() or None), f"mount {fstype} {source} on {target}")
+    check(libc().mount(source.encode(), target.encode(), fstype.encode() or None, flags,
+                       data.encode() or None), f"mount {fstype} {source} on {target}")
     if flags & MS_BIND and flags & MS_RDONLY:  # a bind mount ignores MS_RDONLY until remounted
-        _call(_libc.mount(None, target.encode(), None, flags | MS_REMOUNT, None),
+        check(libc().mount(None, target.encode(), None, flags | MS_REMOUNT, None),
               f"remount {target} read-only")
     if propagation:
-        _call(_libc.mount(None, target.encode(), None, propagation, None),
+        check(libc().mount(None, target.encode(), None, propagation, None),
               f"set propagation of {target}")
 
 
 def unmount(target: str) -> None:
     """Detach `target`; a target that is not mounted is fine."""
-    if _libc.umount2(target.encode(), MNT_DETACH) != 0:
+    if libc().umount2(target.encode(), MNT_DETACH) != 0:
         err = ctypes.get_errno()
         if err not in (22, 2):  # EINVAL: not a mount point; ENOENT: gone
             raise OSError(err, f"umount {target}: {os.strerror(err)}")

@@ -3,20 +3,17 @@ TaskOOM). cgroup v2: inotify on `memory.events`, an event per increase of `oom_k
 an eventfd registered for `memory.oom_control` through `cgroup.event_control`."""
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
 from typing import Callable, Optional
 
 from .cgroups import Cgroup, flat_keyed
+from .libc import check, libc
 
 log = logging.getLogger(__name__)
 
 IN_MODIFY = 0x2
 IN_NONBLOCK_CLOEXEC = os.O_NONBLOCK | os.O_CLOEXEC
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 class OomWatcher:
@@ -35,14 +32,13 @@ class OomWatcher:
 
     def _watch_v2(self) -> None:
         events = os.path.join(self._cgroup.dir(""), "memory.events")
-        fd = _libc.inotify_init1(IN_NONBLOCK_CLOEXEC)
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1")
+        fd = check(libc().inotify_init1(IN_NONBLOCK_CLOEXEC), "inotify_init1")
         self._fds.append(fd)
-        if _libc.inotify_add_watch(fd, events.encode(), IN_MODIFY) < 0:
-            err = ctypes.get_errno()
+        try:
+            check(libc().inotify_add_watch(fd, events.encode(), IN_MODIFY), f"inotify on {events}")
+        except OSError:
             self.close()
-            raise OSError(err, f"inotify on {events}: {os.strerror(err)}")
+            raise
         self._kills = self._v2_kills()
         self._loop.add_reader(fd, self._on_v2_change, fd)
 

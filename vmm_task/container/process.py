@@ -7,15 +7,13 @@ import logging
 import time
 from typing import Callable, Optional
 
-from .stdio import ProcessIO
-
 log = logging.getLogger(__name__)
 
 CREATED, RUNNING, PAUSED, STOPPED = "created", "running", "paused", "stopped"
 
 
 class Process:
-    def __init__(self, container_id: str, exec_id: str, io: ProcessIO,
+    def __init__(self, container_id: str, exec_id: str, io: "ProcessIO",  # noqa: F821 (stdio.py)
                  spec: Optional[dict] = None):
         self.container_id = container_id
         self.exec_id = exec_id          # "" for the init process

@@ -15,10 +15,7 @@ from vmm_common.protos.containerd.runc.v1 import oci_pb2
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as pb
 from vmm_common.protos.containerd.types.task import task_pb2 as types
 from vmm_task.container.errors import TaskError, invalid_argument
-from vmm_task.container.mounts import Mount
 from vmm_task.container.process import CREATED, PAUSED, RUNNING, STOPPED
-from vmm_task.container.runtime import Runtime, root_is_ramfs
-from vmm_task.container.table import ContainerTable
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +33,23 @@ def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
 class TaskService:
     def __init__(self, ctx):
         self._ctx = ctx
-        runtime = Runtime(ctx.reaper, ctx.runtime, os.path.join(ctx.run_dir, "oci"),
-                          no_pivot=root_is_ramfs())
-        self.table = ContainerTable(runtime, ctx.reaper, ctx.run_dir,
-                                    lambda: dict(ctx.sandbox.namespaces),
-                                    self._publish_exit, self._publish_oom)
+        self._table = None
+
+    @property
+    def table(self):
+        """The container table, built (and the container layer imported) on first use: the
+        agent's start, which the guest's boot waits for, does not pay for it."""
+        if self._table is None:
+            from vmm_task.container.runtime import Runtime, root_is_ramfs
+            from vmm_task.container.table import ContainerTable
+
+            ctx = self._ctx
+            runtime = Runtime(ctx.reaper, ctx.runtime, os.path.join(ctx.run_dir, "oci"),
+                              no_pivot=root_is_ramfs())
+            self._table = ContainerTable(runtime, ctx.reaper, ctx.run_dir,
+                                         lambda: dict(ctx.sandbox.namespaces),
+                                         self._publish_exit, self._publish_oom)
+        return self._table
 
     def _publish(self, topic: str, message) -> None:
         self._ctx.events.publish(topic, message)
@@ -58,6 +67,8 @@ class TaskService:
     async def create(self, req: pb.CreateTaskRequest) -> pb.CreateTaskResponse:
         if req.checkpoint or req.parent_checkpoint:
             raise TaskError("UNIMPLEMENTED", "restoring a task from a checkpoint is not supported")
+        from vmm_task.container.mounts import Mount
+
         mounts = []
         for m in req.rootfs:
             if m.target:
