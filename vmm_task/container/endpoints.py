@@ -13,7 +13,7 @@ import os
 import socket
 import stat
 
-from .errors import invalid_argument
+from .errors import TaskError, invalid_argument
 from .fdcopy import set_nonblocking
 
 _VSOCK_SCHEMES = ("vsock://", "hvsock://")
@@ -91,14 +91,18 @@ class VsockEndpoint(Endpoint):
 
 
 def parse_endpoint(stream: str, uri: str) -> Endpoint:
-    """INVALID_ARGUMENT for a malformed vsock address or a relative path; OSError when a vsock
-    port cannot be listened on."""
+    """INVALID_ARGUMENT for a malformed vsock address or a relative path; UNKNOWN when a vsock
+    port cannot be listened on (in use, or no vsock in this kernel)."""
     for scheme in _VSOCK_SCHEMES:
         if uri.startswith(scheme):
             port = uri[len(scheme):].rsplit(":", 1)[-1]
             if not port.isdigit() or not 0 < int(port) < 2**32:
                 raise invalid_argument(f"{stream} {uri!r}: expected vsock://PORT or vsock://CID:PORT")
-            return VsockEndpoint(uri, int(port))
+            try:
+                return VsockEndpoint(uri, int(port))
+            except OSError as e:
+                raise TaskError("UNKNOWN", f"{stream} {uri!r}: cannot listen on vsock port "
+                                           f"{port}: {e.strerror or e}") from None
     path = uri
     for scheme in ("fifo://", "file://"):
         if uri.startswith(scheme):

@@ -62,6 +62,9 @@ class Process:
         await asyncio.shield(self._exited)
 
     def close(self) -> None:
+        """Delete: stop watching and release the stdio; a Wait still pending (an exec never
+        started) returns rather than hang."""
         if self._watcher is not None and not self._watcher.done():
             self._watcher.cancel()
         self.io.close()
+        self.set_exited(255, 0)

@@ -249,24 +249,22 @@ class ContainerTable:
     # -- Pause / Resume / Update ------------------------------------------------------------------
 
     async def pause(self, cid: str) -> None:
-        container = self.get(cid)
-        async with container.lock:
-            if container.init.status != RUNNING:
-                raise failed_precondition(f"container {cid} is {container.init.status}: "
-                                          "only a running container can be paused")
-            await self.runtime.pause(cid)
-            if container.init.status == RUNNING:
-                container.init.status = PAUSED
+        await self._switch(cid, RUNNING, PAUSED, self.runtime.pause, "paused")
 
     async def resume(self, cid: str) -> None:
+        await self._switch(cid, PAUSED, RUNNING, self.runtime.resume, "resumed")
+
+    async def _switch(self, cid: str, before: str, after: str, action, verb: str) -> None:
+        """Pause or Resume: only from `before`; the state becomes `after` unless the container
+        exited meanwhile."""
         container = self.get(cid)
         async with container.lock:
-            if container.init.status != PAUSED:
+            if container.init.status != before:
                 raise failed_precondition(f"container {cid} is {container.init.status}: "
-                                          "only a paused container can be resumed")
-            await self.runtime.resume(cid)
-            if container.init.status == PAUSED:
-                container.init.status = RUNNING
+                                          f"only a {before} container can be {verb}")
+            await action(cid)
+            if container.init.status == before:
+                container.init.status = after
 
     async def update(self, cid: str, resources: bytes) -> None:
         """`resources`: the OCI LinuxResources as JSON (containerd's typeurl for it)."""
