@@ -98,7 +98,8 @@ class TaskProxy(v3_grpc.TaskServicer):
             raise HostError(grpc.StatusCode.ALREADY_EXISTS, f"container {cid} already exists in pod {self.pod.id}")
         bundle = GuestBundle(self.pod.shared_dir, cid)
         bundle.prepare(request.bundle, request.rootfs, self.pod.pod_namespaces())
-        stdio = ProcessStdio(request.stdin, request.stdout, request.stderr, self.pod.ports)
+        stdio = ProcessStdio(request.stdin, request.stdout, request.stderr, self.pod.ports,
+                             request.terminal)
         self.pod.add_container(cid, request.bundle, stdio)
         guest_request = v3.CreateTaskRequest()
         guest_request.CopyFrom(request)
@@ -121,7 +122,8 @@ class TaskProxy(v3_grpc.TaskServicer):
         check_id("exec", request.exec_id)
         if request.exec_id in container.processes:
             raise HostError(grpc.StatusCode.ALREADY_EXISTS, f"exec {request.exec_id} already exists in {request.id}")
-        stdio = ProcessStdio(request.stdin, request.stdout, request.stderr, self.pod.ports)
+        stdio = ProcessStdio(request.stdin, request.stdout, request.stderr, self.pod.ports,
+                             request.terminal)
         guest_request = v3.ExecProcessRequest()
         guest_request.CopyFrom(request)
         for name, path in stdio.guest_paths().items():

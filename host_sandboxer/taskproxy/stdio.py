@@ -80,8 +80,9 @@ async def _connect(transport, port: int, deadline: float):
 class ProcessStdio:
     """The relays of one process (init or exec). Holds ports and tasks; `close()` ends them."""
 
-    def __init__(self, stdin: str, stdout: str, stderr: str, ports: PortAllocator):
-        self.fifos = {"stdin": stdin, "stdout": stdout, "stderr": stderr}
+    def __init__(self, stdin: str, stdout: str, stderr: str, ports: PortAllocator, terminal: bool = False):
+        # With a terminal, stdout carries everything: the agent ignores a stderr stream.
+        self.fifos = {"stdin": stdin, "stdout": stdout, "stderr": "" if terminal else stderr}
         self.ports = {name: ports.take() for name, path in self.fifos.items() if path}
         self._tasks: dict[str, asyncio.Task] = {}
 
