@@ -46,11 +46,12 @@ def apply_pod_namespaces(spec: dict, pod: dict[str, Optional[str]]) -> bool:
         path = pod.get(kind)
         if not path:
             continue
-        wanted = {"type": kind, "path": path}
-        kept = [ns for ns in namespaces if not (isinstance(ns, dict) and ns.get("type") == kind)]
-        if kept + [wanted] != namespaces:
-            namespaces[:] = kept + [wanted]
-            changed = True
+        entries = [ns for ns in namespaces if isinstance(ns, dict) and ns.get("type") == kind]
+        if entries == [{"type": kind, "path": path}]:
+            continue
+        namespaces[:] = [ns for ns in namespaces if not any(ns is e for e in entries)]
+        namespaces.append({"type": kind, "path": path})
+        changed = True
     return changed
 
 
