@@ -21,7 +21,11 @@ def load_bundle_spec(bundle: str) -> dict:
         raise invalid_argument(f"bundle {bundle}: no config.json") from None
     except (OSError, ValueError) as e:
         raise invalid_argument(f"bundle {bundle}: unreadable config.json: {e}") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("process", {}), dict):
+    linux = spec.get("linux", {}) if isinstance(spec, dict) else None
+    if not isinstance(spec.get("process", {}) if isinstance(spec, dict) else None, dict) \
+            or not isinstance(linux, dict) \
+            or not isinstance(linux.get("namespaces", []), list) \
+            or not all(isinstance(ns, dict) for ns in linux.get("namespaces", [])):
         raise invalid_argument(f"bundle {bundle}: config.json is not an OCI runtime spec")
     return spec
 
@@ -36,17 +40,15 @@ def save_bundle_spec(bundle: str, spec: dict) -> None:
 
 def apply_pod_namespaces(spec: dict, pod: dict[str, Optional[str]]) -> bool:
     """Point the spec's ipc/uts (and pid, when the pod shares one) namespaces at the pod's.
-    Returns whether the spec changed. `pod` maps a type to a path (or None: not shared)."""
-    linux = spec.setdefault("linux", {})
-    namespaces = linux.setdefault("namespaces", [])
-    if not isinstance(namespaces, list):
-        raise invalid_argument("config.json: linux.namespaces is not a list")
+    Returns whether the spec changed. `pod` maps a type to a path (or None: not shared); the
+    spec passed load_bundle_spec's shape checks."""
+    namespaces = spec.setdefault("linux", {}).setdefault("namespaces", [])
     changed = False
     for kind in POD_NAMESPACES:
         path = pod.get(kind)
         if not path:
             continue
-        entries = [ns for ns in namespaces if isinstance(ns, dict) and ns.get("type") == kind]
+        entries = [ns for ns in namespaces if ns.get("type") == kind]
         if entries == [{"type": kind, "path": path}]:
             continue
         namespaces[:] = [ns for ns in namespaces if not any(ns is e for e in entries)]

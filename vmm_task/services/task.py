@@ -202,7 +202,16 @@ _METHODS = {
 }
 
 
+# Calls that change containers run to completion even when the caller gives up (deadline or
+# lost connection): a Create cut short between `crun create` and the table entry would leave a
+# container nobody can address. Their callers see the outcome through State/Wait/events.
+_RUN_TO_COMPLETION = {"Create", "Start", "Delete", "Exec", "Kill", "Pause", "Resume", "Update",
+                      "CloseIO"}
+
+
 def register(server, ctx) -> TaskService:
+    import asyncio
+
     from vmm_common import ttrpc
 
     service = TaskService(ctx)
@@ -210,6 +219,10 @@ def register(server, ctx) -> TaskService:
     def guarded(name, method):
         async def handler(request, _call):
             try:
+                if name in _RUN_TO_COMPLETION:
+                    work = asyncio.ensure_future(method(service, request))
+                    work.add_done_callback(_retrieve)  # an abandoned failure is not "unretrieved"
+                    return await asyncio.shield(work)
                 return await method(service, request)
             except TaskError as e:
                 raise ttrpc.RpcError(ttrpc.Code[e.code], f"{name}: {e}") from None
@@ -220,3 +233,8 @@ def register(server, ctx) -> TaskService:
     server.register(SERVICE, {name: ttrpc.unary(request_type, guarded(name, method))
                               for name, (request_type, method) in _METHODS.items()})
     return service
+
+
+def _retrieve(task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.info("%s", task.exception())
