@@ -237,4 +237,4 @@ def register(server, ctx) -> TaskService:
 
 def _retrieve(task) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.info("%s", task.exception())
+        log.debug("%s", task.exception())
