@@ -107,12 +107,13 @@ class TaskProxy(v3_grpc.TaskServicer):
         del guest_request.rootfs[:]
         for name, path in stdio.guest_paths().items():
             setattr(guest_request, name, path)
-        stdio.start(self.pod.transport)
         try:
-            return await self._guest("Create", guest_request, v3.CreateTaskResponse, timeout=60)
+            reply = await self._guest("Create", guest_request, v3.CreateTaskResponse, timeout=60)
         except BaseException:
             await self.pod.remove_container(cid)
             raise
+        stdio.start(self.pod.transport)  # the agent listens on the stdio ports from now on
+        return reply
 
     async def Exec(self, request, context):
         return await self._run(context, f"Exec {request.id}/{request.exec_id}", self._exec(request))
@@ -129,13 +130,13 @@ class TaskProxy(v3_grpc.TaskServicer):
         for name, path in stdio.guest_paths().items():
             setattr(guest_request, name, path)
         container.processes[request.exec_id] = stdio
-        stdio.start(self.pod.transport)
         try:
-            return await self._guest("Exec", guest_request, empty_pb2.Empty)
+            reply = await self._guest("Exec", guest_request, empty_pb2.Empty)
         except BaseException:
             container.processes.pop(request.exec_id, None)
-            await stdio.close()
             raise
+        stdio.start(self.pod.transport)
+        return reply
 
     async def State(self, request, context):
         return await self._run(context, f"State {request.id}", self._state(request))
@@ -155,9 +156,12 @@ class TaskProxy(v3_grpc.TaskServicer):
     async def _wait(self, request):
         container = self.pod.container(request.id)
         call = asyncio.ensure_future(self._guest("Wait", request, v3.WaitResponse, timeout=None))
-        await asyncio.wait({call, self.pod.vm_exited}, return_when=asyncio.FIRST_COMPLETED)
-        if not call.done():
-            call.cancel()
+        try:
+            await asyncio.wait({call, self.pod.vm_exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not call.done():  # the VM died, or containerd gave up waiting
+                call.cancel()
+        if call.cancelled():
             return vm_death_exit(self.pod)
         try:
             reply = call.result()
