@@ -1,31 +1,17 @@
 """The QEMU command line for one guest, built from a `VmSpec` (pure: no I/O, unit-tested).
 
-Devices are virtio-pci on q35 and virtio-mmio on microvm (the same device with a `-device`
-suffix instead of `-pci`).  Guest RAM is always a shared memfd: vhost-user devices (hybrid
-vsock, virtiofs) read and write it from another process.  See docs/qemu.md for the choices
-and what they cost at boot.
+Devices are named as virtio-pci (`...-pci`, also in the vsock transport's `qemu_args()`); on
+microvm, which has no PCI bus, each becomes its virtio-mmio twin (`...-device`).  Guest RAM is
+always a shared memfd: vhost-user devices (hybrid vsock, virtiofs) read and write it from
+another process.  See docs/qemu.md for the choices and what they cost at boot.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Union
 
 SHARE_TAG = "kuasar"
-
-
-@dataclass(frozen=True)
-class HybridVsock:
-    """vhost-user-vsock served by our backend listening on `socket_path`."""
-
-    socket_path: Path
-
-
-@dataclass(frozen=True)
-class KernelVsock:
-    """vhost-vsock through the host kernel's /dev/vhost-vsock."""
-
-    guest_cid: int
 
 
 @dataclass(frozen=True)
@@ -42,7 +28,6 @@ class NinePShare:
     directory: Path
 
 
-VsockDevice = Union[HybridVsock, KernelVsock]
 ShareDevice = Union[VirtiofsShare, NinePShare]
 
 
@@ -52,7 +37,7 @@ class VmSpec:
     initrd: Path
     console_socket: Path  # QEMU connects to these two; we listen first, so there is no race
     qmp_socket: Path
-    vsock: VsockDevice | None = None
+    vsock_args: tuple[str, ...] = ()  # from the vsock transport's qemu_args()
     share: ShareDevice | None = None
     kernel_params: tuple[str, ...] = ()
     qemu: str = "qemu-system-x86_64"
@@ -61,12 +46,11 @@ class VmSpec:
     cpus: int = 1
     memory_mib: int = 512
     name: str = "vmm-task"
-    extra_args: tuple[str, ...] = field(default=())
+    extra_args: tuple[str, ...] = ()
 
 
 def build_argv(spec: VmSpec) -> list[str]:
     """The full argv (argv[0] = the QEMU binary) for `spec`."""
-    bus = "pci" if spec.machine == "q35" else "device"
     argv = [
         spec.qemu,
         "-name", spec.name,
@@ -87,8 +71,8 @@ def build_argv(spec: VmSpec) -> list[str]:
         "-chardev", f"socket,id=qmp,path={_opt(spec.qmp_socket)}",
         "-mon", "chardev=qmp,mode=control",
     ]
-    argv += _vsock_args(spec.vsock, bus) + _share_args(spec.share, bus) + list(spec.extra_args)
-    return argv
+    argv += list(spec.vsock_args) + _share_args(spec.share) + list(spec.extra_args)
+    return argv if spec.machine == "q35" else _virtio_mmio(argv)
 
 
 def kernel_params(spec: VmSpec) -> list[str]:
@@ -101,30 +85,30 @@ def kernel_params(spec: VmSpec) -> list[str]:
 
 def _machine(spec: VmSpec) -> str:
     # memory-backend= puts all RAM in the shared memfd without a NUMA node (microvm has no NUMA).
-    opts = [spec.machine, f"accel={spec.accel}", "memory-backend=mem"]
-    if spec.machine == "microvm":
-        # No legacy PIC/PIT/RTC to emulate; the kernel uses the LAPIC timer. Keep the ISA serial.
-        opts += ["pic=off", "pit=off", "rtc=off"]
-    return ",".join(opts)
+    # microvm keeps its default PIC/PIT/RTC: without the PIT the kernel cannot calibrate the TSC
+    # under TCG (no clock, boot stalls) and rtc=off costs ~1 s of boot (docs/qemu.md).
+    return f"{spec.machine},accel={spec.accel},memory-backend=mem"
 
 
-def _vsock_args(vsock: VsockDevice | None, bus: str) -> list[str]:
-    if vsock is None:
-        return []
-    if isinstance(vsock, HybridVsock):
-        return ["-chardev", f"socket,id=vsock,path={_opt(vsock.socket_path)}",
-                "-device", f"vhost-user-vsock-{bus},chardev=vsock"]
-    return ["-device", f"vhost-vsock-{bus},guest-cid={vsock.guest_cid}"]
-
-
-def _share_args(share: ShareDevice | None, bus: str) -> list[str]:
+def _share_args(share: ShareDevice | None) -> list[str]:
     if share is None:
         return []
     if isinstance(share, VirtiofsShare):
         return ["-chardev", f"socket,id=fs,path={_opt(share.socket_path)}",
-                "-device", f"vhost-user-fs-{bus},chardev=fs,tag={SHARE_TAG}"]
+                "-device", f"vhost-user-fs-pci,chardev=fs,tag={SHARE_TAG}"]
     return ["-fsdev", f"local,id=fs,path={_opt(share.directory)},security_model=none",
-            "-device", f"virtio-9p-{bus},fsdev=fs,mount_tag={SHARE_TAG}"]
+            "-device", f"virtio-9p-pci,fsdev=fs,mount_tag={SHARE_TAG}"]
+
+
+def _virtio_mmio(argv: list[str]) -> list[str]:
+    """Each `-device X-pci,...` as `-device X-device,...` (QEMU's virtio-mmio naming)."""
+    out = list(argv)
+    for i in range(1, len(out)):
+        if out[i - 1] == "-device":
+            driver, sep, opts = out[i].partition(",")
+            if driver.endswith("-pci"):
+                out[i] = driver[:-len("-pci")] + "-device" + sep + opts
+    return out
 
 
 def _opt(path: Path) -> str:

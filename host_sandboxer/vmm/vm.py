@@ -108,7 +108,8 @@ class GuestVm:
                 raise VmError("image", f"no {what} at {path} (run `make guest-image` or set vm.{what})")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.run_dir, 0o700)
-        self._socket_path("qmp.sock")  # the longest name we choose: fail early on a deep run_dir
+        # Fail early on a deep run_dir: the longest socket name is hybrid vsock's guest->host one.
+        self._socket_path("vsock.sock_4294967295")
         self.transport = self._make_transport()
         try:
             await self.transport.start()
@@ -119,7 +120,7 @@ class GuestVm:
             qemu=vm.qemu, machine=vm.machine, accel=self.accel.accel, cpus=vm.cpus, memory_mib=vm.memory_mib,
             kernel=vm.kernel, initrd=vm.initrd, name=self.name,
             console_socket=self._socket_path("console.sock"), qmp_socket=self._socket_path("qmp.sock"),
-            vsock=self.transport.qemu_device, share=share,
+            vsock_args=tuple(self.transport.qemu_args()), share=share,
             kernel_params=self._agent_params() + self.kernel_params), self.run_dir)
         try:
             await self.qemu.start()
@@ -129,7 +130,10 @@ class GuestVm:
 
     def _make_transport(self):
         from host_sandboxer import vsock
-        return vsock.create_transport(self.config.vsock.transport, self.run_dir)
+        try:
+            return vsock.create_transport(self.config.vsock.transport, str(self.run_dir))
+        except (ValueError, RuntimeError) as e:
+            raise VmError("transport", str(e)) from None
 
     async def _start_sharefs(self):
         if self.share_dir is None:

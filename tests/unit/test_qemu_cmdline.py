@@ -3,8 +3,12 @@ from pathlib import Path
 
 import pytest
 
-from host_sandboxer.vmm.cmdline import (HybridVsock, KernelVsock, NinePShare, VirtiofsShare, VmSpec,
-                                        build_argv)
+from host_sandboxer.vmm.cmdline import NinePShare, VirtiofsShare, VmSpec, build_argv
+
+# What the vsock transports' qemu_args() return (host_sandboxer/vsock): virtio-pci names.
+HYBRID_ARGS = ("-chardev", "socket,id=vsock0,path=/run/vm/vhost-vsock.sock",
+               "-device", "vhost-user-vsock-pci,chardev=vsock0")
+KERNEL_ARGS = ("-device", "vhost-vsock-pci,id=vsock0,guest-cid=7")
 
 
 def spec(**kw) -> VmSpec:
@@ -47,27 +51,28 @@ def test_kvm_uses_host_cpu():
 
 
 def test_microvm_uses_mmio_devices():
-    argv = build_argv(spec(machine="microvm", vsock=HybridVsock(Path("/run/vm/vsock.sock")),
-                           share=VirtiofsShare(Path("/run/vm/fs.sock"))))
-    assert option(argv, "-machine") == ["microvm,accel=tcg,memory-backend=mem,pic=off,pit=off,rtc=off"]
-    assert option(argv, "-device") == ["vhost-user-vsock-device,chardev=vsock",
+    argv = build_argv(spec(machine="microvm", vsock_args=HYBRID_ARGS, share=VirtiofsShare(Path("/run/vm/fs.sock"))))
+    assert option(argv, "-machine") == ["microvm,accel=tcg,memory-backend=mem"]
+    assert option(argv, "-device") == ["vhost-user-vsock-device,chardev=vsock0",
                                        "vhost-user-fs-device,chardev=fs,tag=kuasar"]
+    assert option(build_argv(spec(machine="microvm", share=NinePShare(Path("/srv")))), "-device") == \
+        ["virtio-9p-device,fsdev=fs,mount_tag=kuasar"]
 
 
 def test_hybrid_vsock_and_virtiofs_on_q35():
-    argv = build_argv(spec(vsock=HybridVsock(Path("/run/vm/vsock.sock")),
-                           share=VirtiofsShare(Path("/run/vm/fs.sock")), kernel_params=("task.debug",)))
+    argv = build_argv(spec(vsock_args=HYBRID_ARGS, share=VirtiofsShare(Path("/run/vm/fs.sock")),
+                           kernel_params=("task.debug",)))
     chardevs = option(argv, "-chardev")
-    assert "socket,id=vsock,path=/run/vm/vsock.sock" in chardevs
+    assert "socket,id=vsock0,path=/run/vm/vhost-vsock.sock" in chardevs
     assert "socket,id=fs,path=/run/vm/fs.sock" in chardevs
-    assert option(argv, "-device") == ["vhost-user-vsock-pci,chardev=vsock",
+    assert option(argv, "-device") == ["vhost-user-vsock-pci,chardev=vsock0",
                                        "vhost-user-fs-pci,chardev=fs,tag=kuasar"]
     assert option(argv, "-append") == ["console=ttyS0 panic=-1 task.sharefs_type=virtiofs task.debug"]
 
 
 def test_kernel_vsock_and_9p():
-    argv = build_argv(spec(vsock=KernelVsock(guest_cid=7), share=NinePShare(Path("/srv/state"))))
-    assert option(argv, "-device") == ["vhost-vsock-pci,guest-cid=7", "virtio-9p-pci,fsdev=fs,mount_tag=kuasar"]
+    argv = build_argv(spec(vsock_args=KERNEL_ARGS, share=NinePShare(Path("/srv/state"))))
+    assert option(argv, "-device") == ["vhost-vsock-pci,id=vsock0,guest-cid=7", "virtio-9p-pci,fsdev=fs,mount_tag=kuasar"]
     assert option(argv, "-fsdev") == ["local,id=fs,path=/srv/state,security_model=none"]
     assert "task.sharefs_type=9p" in option(argv, "-append")[0].split()
 
