@@ -15,7 +15,9 @@ from initrd.guest_image import REPO, compressed_image, write_atomic
 from initrd.tree import Tree
 from kernel import build as kernel_build
 
-READY_LINE = "floor ready"
+# The launcher waits for "vmm-task ready" on the console; the floor prints it too, so both images
+# are booted and timed by exactly the same code.
+READY_LINE = "vmm-task ready (floor: static busybox /init)"
 BUSYBOX = "/bin/busybox"
 INIT = f"""#!/usr/bin/busybox sh
 echo "{READY_LINE}"

@@ -32,6 +32,20 @@ def add_agent(tree: Tree, agent: Agent) -> None:
     shipped = [p for p in agent.dist.rglob("*") if p.is_file() and not p.is_symlink()]
     for lib in sorted(elf.closure(shipped, provided={p.name for p in shipped})):
         tree.copy_host_path(lib)
+    _link_executable_libraries(tree, agent)
+
+
+def _link_executable_libraries(tree: Tree, agent: Agent) -> None:
+    """The loader finds the executable's own $ORIGIN through /proc/self/exe, which PID 1 starts
+    without: link the dist libraries the executable needs into the system library directory
+    (where libc is), so they resolve by the default search path instead."""
+    dist = agent.dist.resolve()
+    libs = elf.shared_libraries(agent.dist / agent.binary)
+    libc = next(Path(lib) for lib in libs if Path(lib).name.startswith("libc.so"))
+    system_dir = str(libc.resolve().parent).strip("/")
+    for lib in sorted(map(Path, libs)):
+        if lib.resolve().is_relative_to(dist):
+            tree.symlink(f"{system_dir}/{lib.name}", f"/{AGENT_DIR}/{lib.resolve().relative_to(dist)}")
 
 
 def guest_tree(agent: Agent, runtime: str, debug: bool) -> Tree:

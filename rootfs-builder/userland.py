@@ -42,11 +42,14 @@ def add_etc(tree: Tree) -> None:
 
 
 def add_skeleton(tree: Tree) -> None:
-    """Mount points and the two device nodes the kernel opens before devtmpfs exists."""
+    """Mount points, and the device nodes needed before the agent mounts devtmpfs: the console
+    (the kernel opens it for PID 1's stdio), null, and urandom (Python seeds its hash
+    randomisation from it when getrandom() would still block this early in boot)."""
     for name, mode in MOUNT_POINTS.items():
         tree.directory(name, mode)
     tree.chardev("dev/console", 5, 1, 0o600)
     tree.chardev("dev/null", 1, 3, 0o666)
+    tree.chardev("dev/urandom", 1, 9, 0o666)
 
 
 def add_busybox(tree: Tree) -> None:

@@ -1,0 +1,26 @@
+"""The image from `make guest-image` boots in QEMU (TCG, memfd shared memory, virtiofs through
+virtiofsd, hybrid vsock) and its PID 1 announces itself on the serial console."""
+import json
+import re
+
+
+def test_guest_boots_to_vmm_task_ready(vm, guest_image):
+    console = vm.console_text()
+    ready = [line for line in console.splitlines() if "vmm-task ready" in line]
+    assert len(ready) == 1, console[-3000:]
+    # The kernel ran the initrd's /init (the Nuitka agent), not a fallback.
+    assert "Run /init as init process" in console
+    assert "Kernel panic" not in console
+    assert vm.timeline.agent_ready_s > vm.timeline.kernel_init_s > 0
+
+
+def test_manifest_describes_the_booted_image(guest_image):
+    manifest = json.loads(guest_image.manifest.read_text())
+    assert manifest["initrd"]["size"] == guest_image.initrd.stat().st_size
+    assert manifest["kernel"]["size"] == guest_image.kernel.stat().st_size
+    assert re.fullmatch(r"6\.1\.\d+", manifest["kernel"]["release"])
+    paths = {f["path"]: f for f in manifest["files"]}
+    assert paths["/init"]["target"] == "sbin/init"
+    assert paths["/sbin/init"]["target"].endswith("/vmm-task")
+    assert paths["/usr/lib/vmm-task/vmm-task"]["size"] > 0
+    assert not [p for p in paths if re.search(r"(^|/)(_ssl|_hashlib|grpc)", p)]
