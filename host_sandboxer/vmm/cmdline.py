@@ -70,6 +70,10 @@ def build_argv(spec: VmSpec) -> list[str]:
         "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,path={_opt(spec.qmp_socket)}",
         "-mon", "chardev=qmp,mode=control",
+        # Entropy from the host: without it the guest's CRNG is not ready when /init starts
+        # and the agent's interpreter cannot seed its hash randomisation.
+        "-object", "rng-random,id=rng,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,rng=rng",
     ]
     argv += list(spec.vsock_args) + _share_args(spec.share) + list(spec.extra_args)
     return argv if spec.machine == "q35" else _virtio_mmio(argv)

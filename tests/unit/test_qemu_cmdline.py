@@ -26,7 +26,7 @@ def test_q35_tcg_defaults():
     argv = build_argv(spec())
     assert argv[0] == "qemu-system-x86_64"
     assert option(argv, "-machine") == ["q35,accel=tcg,memory-backend=mem"]
-    assert option(argv, "-object") == ["memory-backend-memfd,id=mem,size=512M,share=on"]
+    assert option(argv, "-object")[0] == "memory-backend-memfd,id=mem,size=512M,share=on"
     assert option(argv, "-m") == ["512M"]
     for flag in ("-nodefaults", "-no-user-config", "-nographic", "-no-reboot"):
         assert flag in argv
@@ -39,7 +39,8 @@ def test_q35_tcg_defaults():
     assert option(argv, "-serial") == ["chardev:console"]
     assert "socket,id=qmp,path=/run/vm/qmp.sock" in option(argv, "-chardev")
     assert option(argv, "-mon") == ["chardev=qmp,mode=control"]
-    assert option(argv, "-device") == []
+    assert "rng-random,id=rng,filename=/dev/urandom" in option(argv, "-object")
+    assert option(argv, "-device") == ["virtio-rng-pci,rng=rng"]
 
 
 def test_kvm_uses_host_cpu():
@@ -47,16 +48,16 @@ def test_kvm_uses_host_cpu():
     assert option(argv, "-cpu") == ["host"]
     assert option(argv, "-machine") == ["q35,accel=kvm,memory-backend=mem"]
     assert option(argv, "-smp") == ["2"]
-    assert option(argv, "-object") == ["memory-backend-memfd,id=mem,size=256M,share=on"]
+    assert option(argv, "-object")[0] == "memory-backend-memfd,id=mem,size=256M,share=on"
 
 
 def test_microvm_uses_mmio_devices():
     argv = build_argv(spec(machine="microvm", vsock_args=HYBRID_ARGS, share=VirtiofsShare(Path("/run/vm/fs.sock"))))
     assert option(argv, "-machine") == ["microvm,accel=tcg,memory-backend=mem"]
-    assert option(argv, "-device") == ["vhost-user-vsock-device,chardev=vsock0",
+    assert option(argv, "-device") == ["virtio-rng-device,rng=rng", "vhost-user-vsock-device,chardev=vsock0",
                                        "vhost-user-fs-device,chardev=fs,tag=kuasar"]
     assert option(build_argv(spec(machine="microvm", share=NinePShare(Path("/srv")))), "-device") == \
-        ["virtio-9p-device,fsdev=fs,mount_tag=kuasar"]
+        ["virtio-rng-device,rng=rng", "virtio-9p-device,fsdev=fs,mount_tag=kuasar"]
 
 
 def test_hybrid_vsock_and_virtiofs_on_q35():
@@ -65,14 +66,14 @@ def test_hybrid_vsock_and_virtiofs_on_q35():
     chardevs = option(argv, "-chardev")
     assert "socket,id=vsock0,path=/run/vm/vhost-vsock.sock" in chardevs
     assert "socket,id=fs,path=/run/vm/fs.sock" in chardevs
-    assert option(argv, "-device") == ["vhost-user-vsock-pci,chardev=vsock0",
+    assert option(argv, "-device")[1:] == ["vhost-user-vsock-pci,chardev=vsock0",
                                        "vhost-user-fs-pci,chardev=fs,tag=kuasar"]
     assert option(argv, "-append") == ["console=ttyS0 panic=-1 task.sharefs_type=virtiofs task.debug"]
 
 
 def test_kernel_vsock_and_9p():
     argv = build_argv(spec(vsock_args=KERNEL_ARGS, share=NinePShare(Path("/srv/state"))))
-    assert option(argv, "-device") == ["vhost-vsock-pci,id=vsock0,guest-cid=7", "virtio-9p-pci,fsdev=fs,mount_tag=kuasar"]
+    assert option(argv, "-device")[1:] == ["vhost-vsock-pci,id=vsock0,guest-cid=7", "virtio-9p-pci,fsdev=fs,mount_tag=kuasar"]
     assert option(argv, "-fsdev") == ["local,id=fs,path=/srv/state,security_model=none"]
     assert "task.sharefs_type=9p" in option(argv, "-append")[0].split()
 
