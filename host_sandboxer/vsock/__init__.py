@@ -34,7 +34,7 @@ def choose_kind(kind: str, kernel_usable=kernel.usable) -> str:
 def create_transport(kind: str, vm_dir: str, kernel_usable=kernel.usable, cids: CidAllocator = _cids):
     """A transport for one VM whose files live in `vm_dir` (keep it short: unix paths max 107 bytes)."""
     if choose_kind(kind, kernel_usable) == "kernel":
-        return KernelVsock(cids.allocate())
+        return KernelVsock(cids.allocate(), release=cids.release)
     return HybridVsock(os.path.join(vm_dir, "vhost-vsock.sock"), os.path.join(vm_dir, "vsock.sock"))
 
 

@@ -66,10 +66,12 @@ class KernelVsock:
     kind = "kernel"
     needs_shared_memory = False
 
-    def __init__(self, guest_cid: int):
+    def __init__(self, guest_cid: int, release=None):
+        """`release(cid)` runs at close(): hands the CID back to its allocator."""
         if not FIRST_GUEST_CID <= guest_cid <= MAX_GUEST_CID:
             raise ValueError(f"guest CID {guest_cid} is reserved or out of range")
         self.guest_cid = guest_cid
+        self._release = release
         self.dead = None   # never resolves on its own: the kernel link lives as long as QEMU
 
     async def start(self) -> None:
@@ -90,5 +92,8 @@ class KernelVsock:
         return await asyncio.open_connection(sock=sock)
 
     async def close(self) -> None:
+        if self._release is not None:
+            self._release(self.guest_cid)
+            self._release = None
         if self.dead is not None and not self.dead.done():
             self.dead.set_result("transport closed")
