@@ -46,13 +46,15 @@ def busybox_tree() -> Path:
     """A busybox root filesystem (read-only lower layer), cached by busybox's size and mtime."""
     busybox = Path("/bin/busybox")
     st = busybox.stat()
-    tree = CACHE / f"demo-busybox-{st.st_size}-{int(st.st_mtime)}"
+    tree = CACHE / f"demo-busybox-v2-{st.st_size}-{int(st.st_mtime)}"
     if not tree.exists():
         tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".busybox-"))
+        tmp.chmod(0o755)
         for d in ("bin", "proc", "sys", "dev", "tmp", "etc", "root"):
             (tmp / d).mkdir()
         shutil.copy2(busybox, tmp / "bin" / "busybox")
-        subprocess.run([str(tmp / "bin" / "busybox"), "--install", "-s", str(tmp / "bin")], check=True)
+        # Inside a chroot, the applet links point at /bin/busybox of the tree itself.
+        subprocess.run(["chroot", str(tmp), "/bin/busybox", "--install", "-s", "/bin"], check=True)
         (tmp / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
         tmp.rename(tree)
     return tree
@@ -160,7 +162,7 @@ class Daemon:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(REPO / ".venv" / "bin" / "vmm-sandboxer"), "--listen", str(self.socket),
-                 "--dir", str(self.state), "--config", str(self.config), "--log-level", "debug"],
+                 "--dir", str(self.state), "--config", str(self.config)],
                 stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while not self.socket.exists():
