@@ -32,6 +32,16 @@ ShareDevice = Union[VirtiofsShare, NinePShare]
 
 
 @dataclass(frozen=True)
+class TapNic:
+    """virtio-net on a tap QEMU inherits as open fds (one per queue: multi-queue when > 1);
+    `mac` is the guest's MAC (host_sandboxer.network makes these)."""
+
+    id: str
+    mac: str
+    fds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class VmSpec:
     kernel: Path
     initrd: Path
@@ -39,6 +49,7 @@ class VmSpec:
     qmp_socket: Path
     vsock_args: tuple[str, ...] = ()  # from the vsock transport's qemu_args()
     share: ShareDevice | None = None
+    nics: tuple[TapNic, ...] = ()  # their fds must be passed to QEMU (`pass_fds`)
     kernel_params: tuple[str, ...] = ()
     qemu: str = "qemu-system-x86_64"
     machine: Literal["q35", "microvm"] = "q35"
@@ -75,7 +86,8 @@ def build_argv(spec: VmSpec) -> list[str]:
         "-object", "rng-random,id=rng,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng",
     ]
-    argv += list(spec.vsock_args) + _share_args(spec.share) + list(spec.extra_args)
+    argv += list(spec.vsock_args) + _share_args(spec.share) + _nic_args(spec.nics, spec.machine)
+    argv += list(spec.extra_args)
     return argv if spec.machine == "q35" else _virtio_mmio(argv)
 
 
@@ -102,6 +114,25 @@ def _share_args(share: ShareDevice | None) -> list[str]:
                 "-device", f"vhost-user-fs-pci,chardev=fs,tag={SHARE_TAG}"]
     return ["-fsdev", f"local,id=fs,path={_opt(share.directory)},security_model=none",
             "-device", f"virtio-9p-pci,fsdev=fs,mount_tag={SHARE_TAG}"]
+
+
+def _nic_args(nics: tuple[TapNic, ...], machine: str) -> list[str]:
+    args = []
+    for nic in nics:
+        fds = ":".join(map(str, nic.fds))
+        device = f"virtio-net-pci,netdev={nic.id},mac={nic.mac}"
+        if len(nic.fds) > 1:
+            device += ",mq=on"
+            if machine == "q35":  # MSI-X: one vector per queue each way, + config + control
+                device += f",vectors={2 * len(nic.fds) + 2}"
+        args += ["-netdev", f"tap,id={nic.id},{'fds' if len(nic.fds) > 1 else 'fd'}={fds}",
+                 "-device", device]
+    return args
+
+
+def pass_fds(spec: VmSpec) -> list[int]:
+    """The fds QEMU must inherit at the same numbers."""
+    return [fd for nic in spec.nics for fd in nic.fds]
 
 
 def _virtio_mmio(argv: list[str]) -> list[str]:

@@ -13,6 +13,7 @@ import ctypes
 import os
 import signal
 from pathlib import Path
+from typing import Sequence
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -22,13 +23,14 @@ def _die_with_parent() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-async def spawn(argv: list[str], output: Path) -> asyncio.subprocess.Process:
-    """Start argv with stdin from /dev/null and stdout+stderr appended to `output`."""
+async def spawn(argv: list[str], output: Path, pass_fds: Sequence[int] = ()) -> asyncio.subprocess.Process:
+    """Start argv with stdin from /dev/null and stdout+stderr appended to `output`; the fds in
+    `pass_fds` are inherited at the same numbers (every other fd is closed)."""
     with open(output, "ab") as out:
         os.fchmod(out.fileno(), 0o600)
         return await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent)
+            start_new_session=True, preexec_fn=_die_with_parent, pass_fds=tuple(pass_fds))
 
 
 async def stop(proc: asyncio.subprocess.Process, grace_s: float = 3.0) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 from host_sandboxer.vmm import process
-from host_sandboxer.vmm.cmdline import VmSpec, build_argv
+from host_sandboxer.vmm.cmdline import VmSpec, build_argv, pass_fds
 from host_sandboxer.vmm.console import ConsoleLog
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Qemu:
         os.chmod(self.spec.qmp_socket, 0o600)
         self.started_at = time.monotonic()
         try:
-            self.proc = await process.spawn(self.argv, self.output)
+            self.proc = await process.spawn(self.argv, self.output, pass_fds(self.spec))
         except OSError as e:
             await self.close()
             raise QemuError(f"cannot run {self.argv[0]}: {e.strerror}") from None

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from host_sandboxer.config import Config
 from host_sandboxer.vmm.accel import resolve_accel
-from host_sandboxer.vmm.cmdline import NinePShare, VirtiofsShare, VmSpec
+from host_sandboxer.vmm.cmdline import NinePShare, TapNic, VirtiofsShare, VmSpec
 from host_sandboxer.vmm.qemu import Qemu, QemuError
 from host_sandboxer.vmm.virtiofsd import Virtiofsd, VirtiofsdError
 
@@ -53,11 +53,13 @@ class BootTimeline:
 
 class GuestVm:
     def __init__(self, config: Config, run_dir: Path, *, name: str = "vmm-task",
-                 share_dir: Path | None = None, kernel_params: Sequence[str] = ()):
+                 share_dir: Path | None = None, kernel_params: Sequence[str] = (),
+                 nics: Sequence[TapNic] = ()):
         self.config = config
         self.run_dir = run_dir
         self.name = name
         self.share_dir = share_dir
+        self.nics = tuple(nics)  # taps from host_sandboxer.network; the caller owns their fds
         self.kernel_params = tuple(config.vm.kernel_params.split()) + tuple(kernel_params)
         self.accel = resolve_accel(config.vm.accel)
         self.transport = None
@@ -120,7 +122,7 @@ class GuestVm:
             qemu=vm.qemu, machine=vm.machine, accel=self.accel.accel, cpus=vm.cpus, memory_mib=vm.memory_mib,
             kernel=vm.kernel, initrd=vm.initrd, name=self.name,
             console_socket=self._socket_path("console.sock"), qmp_socket=self._socket_path("qmp.sock"),
-            vsock_args=tuple(self.transport.qemu_args()), share=share,
+            vsock_args=tuple(self.transport.qemu_args()), share=share, nics=self.nics,
             kernel_params=self._agent_params() + self.kernel_params), self.run_dir)
         try:
             await self.qemu.start()
