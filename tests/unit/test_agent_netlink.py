@@ -14,7 +14,7 @@ from test_agent_reaper import in_child
 from vmm_common.protos.kuasar import sandbox_pb2 as pb
 from vmm_task.init import syscalls as sc
 from vmm_task.netlink.errors import NetworkConfigError
-from vmm_task.netlink.links import parse_prefix, update_interfaces
+from vmm_task.netlink.links import IFF_NOARP, parse_prefix, update_interfaces
 from vmm_task.netlink.routes import update_routes
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespace)")
@@ -73,7 +73,7 @@ async def _routes(ipr) -> list:
             async for r in await ipr.route("dump", family=socket.AF_INET, table=254)]
 
 
-def test_name_taken_by_another_link_is_moved_aside():
+def test_name_taken_by_another_link_is_moved_aside_and_noarp_applied():
     async def body(_reaper):
         from pyroute2 import AsyncIPRoute
 
@@ -81,11 +81,12 @@ def test_name_taken_by_another_link_is_moved_aside():
         async with AsyncIPRoute() as ipr:
             await make_nic(ipr)
             await ipr.link("add", ifname="pod0", kind="veth", peer="peer1")
-            await update_interfaces([pod_interface(IPAddresses=[])])
+            await update_interfaces([pod_interface(IPAddresses=[], raw_flags=IFF_NOARP)])
             names = sorted([link.get("IFLA_IFNAME") async for link in await ipr.link("dump")])
-        return names
+            flags = (await ipr.link("get", ifname="pod0"))[0]["flags"]
+        return names, bool(flags & IFF_NOARP)
 
-    assert in_child(body) == ["lo", "peer0", "peer1", "pod0", "pod0-tmp"]
+    assert in_child(body) == (["lo", "peer0", "peer1", "pod0", "pod0-tmp"], True)
 
 
 def test_unknown_mac_and_bad_route_device_are_not_found():
