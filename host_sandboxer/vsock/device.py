@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 RX, TX = 0, 1
 BATCH = 64                   # chains handled per callback before yielding to other VMs
+BURST = 16                   # rx buffers filled by one recvmsg from a host socket
 MAX_CONNECTIONS = 1024
 MAX_CONTROL = 4096           # control packets waiting for rx buffers (a guest may never post any)
 CONNECT_TIMEOUT = 10.0
@@ -136,40 +137,66 @@ class VsockDevice:
     def _on_host_readable(self, conn: Connection) -> None:
         if conn.state != ESTABLISHED or not self.running:
             return
-        rxq = self.rxq
         if self.control and not self._flush_control():
             self._park(conn)
             return
-        for _ in range(BATCH):
-            credit = conn.credit()
-            if credit <= 0:
+        for _ in range(BATCH // BURST):
+            if not self._receive_burst(conn):
                 break
+        self.rxq.publish()
+        self._update_reading(conn)
+
+    def _receive_burst(self, conn: Connection) -> bool:
+        """One recvmsg from the host socket straight into up to BURST rx buffers; True to go on."""
+        rxq = self.rxq
+        room = min(conn.credit(), BURST * MAX_PAYLOAD)
+        chains, views, starved = [], [], False
+        while room > 0 and len(chains) < BURST:
             chain = rxq.pop()
             if chain is None:
-                self._park(conn)
+                starved = True
                 break
-            payload = slice_views(chain.writable, HEADER_SIZE, min(credit, MAX_PAYLOAD))
+            payload = slice_views(chain.writable, HEADER_SIZE, min(room, MAX_PAYLOAD))
             if not payload:
                 raise VirtqueueError(f"rx buffer of {sum(map(len, chain.writable))} bytes holds no payload")
-            try:
-                n = (conn.sock.recv_into(payload[0]) if len(payload) == 1
-                     else conn.sock.recvmsg_into(payload)[0])
-            except BlockingIOError:
-                rxq.rollback()
-                break
-            except OSError:
-                rxq.rollback()
-                self._drop(conn, rst=True)
-                break
-            if n == 0:
-                rxq.rollback()
-                self._host_eof(conn)
-                break
-            write_header(chain.writable, conn.header(OP_RW, n))
-            rxq.push(chain.head, HEADER_SIZE + n)
+            size = sum(map(len, payload))
+            chains.append((chain, size))
+            views += payload
+            room -= size
+        if not chains:
+            if starved:
+                self._park(conn)
+            return False
+        try:
+            n = conn.sock.recv_into(views[0]) if len(views) == 1 else conn.sock.recvmsg_into(views)[0]
+        except BlockingIOError:
+            n = None
+        except OSError:
+            self._rollback(rxq, len(chains))
+            self._drop(conn, rst=True)
+            return False
+        used = filled = 0
+        if n:
+            for chain, size in chains:
+                part = min(size, n - filled)
+                if part <= 0:
+                    break
+                write_header(chain.writable, conn.header(OP_RW, part))
+                rxq.push(chain.head, HEADER_SIZE + part)
+                filled += part
+                used += 1
             conn.tx_cnt += n
-        rxq.publish()
-        self._update_reading(conn)
+        self._rollback(rxq, len(chains) - used)
+        if n == 0:
+            self._host_eof(conn)
+        elif starved and used == len(chains):
+            self._park(conn)
+        return bool(n) and used == len(chains) and not starved
+
+    @staticmethod
+    def _rollback(rxq, count: int) -> None:
+        for _ in range(count):
+            rxq.rollback()
 
     def _host_eof(self, conn: Connection) -> None:
         conn.host_eof = True
