@@ -16,6 +16,36 @@ def start_uptime(pid: int | str = "self") -> float:
     return int(stat_fields(pid)[19]) / os.sysconf("SC_CLK_TCK")
 
 
+def exec_uptime() -> float:
+    """Seconds after boot at which this program began. PID 1's task exists long before the
+    kernel execs /init into it, so for PID 1 the kernel's "Run ... as init process" log record
+    gives the time; any other process started with its exec (fork and exec are adjacent)."""
+    if os.getpid() == 1:
+        for record in _kernel_log():
+            header, _, message = record.partition(";")
+            if message.startswith("Run ") and " as init process" in message:
+                return int(header.split(",")[2]) / 1e6
+    return start_uptime()
+
+
+def _kernel_log():
+    """Records of /dev/kmsg ("prio,seq,usec,flags;message"), oldest first, without blocking."""
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        while True:
+            try:
+                yield os.read(fd, 8192).decode(errors="replace")
+            except BlockingIOError:
+                return
+            except OSError:  # EPIPE: a record was overwritten meanwhile; read on
+                continue
+    finally:
+        os.close(fd)
+
+
 def rss_bytes(pid: int | str = "self") -> int:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -94,10 +94,10 @@ async def serve(ctx, listener: socket.socket, t_main: float) -> None:
 
 def ready_line(t_main: float) -> str:
     """The one console line the host waits for, with the boot timeline and our RSS:
-    started = uptime when the process was exec'd, main = when our code began, ready = now."""
+    started = uptime when the agent was exec'd, main = when our code began, ready = now."""
     import time
 
     from vmm_task import procfs
     ready = time.clock_gettime(time.CLOCK_BOOTTIME)
-    return (f"vmm-task ready: started={procfs.start_uptime():.3f}s main={t_main:.3f}s "
+    return (f"vmm-task ready: started={procfs.exec_uptime():.3f}s main={t_main:.3f}s "
             f"ready={ready:.3f}s rss={procfs.rss_bytes() / 2**20:.1f}MB pid={os.getpid()}")
