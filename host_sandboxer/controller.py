@@ -48,7 +48,8 @@ class Controller(api_grpc.ControllerServicer):
 
     @_guarded
     async def Create(self, request, context):
-        pod = self.sandboxes.create(request.sandbox_id, namespace_of(context), request.options)
+        pod = self.sandboxes.create(request.sandbox_id, namespace_of(context), request.options,
+                                    request.netns_path)
         log.info("sandbox %s created (ns %s)", pod.id, pod.namespace)
         return api.ControllerCreateResponse(sandbox_id=pod.id)
 

@@ -10,6 +10,8 @@ import signal
 import grpc
 from google.protobuf import empty_pb2
 
+from host_sandboxer.network import NetworkError
+from host_sandboxer.network import pod as pod_network
 from host_sandboxer.sandbox.agent import AgentLink
 from host_sandboxer.sandbox.pod import Pod
 from host_sandboxer.taskproxy import mounts
@@ -46,23 +48,36 @@ async def start(pod: Pod, config) -> None:
                         f"task socket path {pod.task_socket} is too long for a unix socket; use a shorter --dir")
     pod.shared_dir.mkdir(mode=0o700, exist_ok=True)
     mounts.make_shared_mountpoint(pod.shared_dir)
-    vm = GuestVm(_pod_config(config, pod), pod.dir, name=f"vmm-{pod.id}", share_dir=pod.shared_dir)
+    sized = _pod_config(config, pod)
+    try:
+        attachment = await pod_network.plug(pod.dir, pod.netns_path, sized.vm.cpus)
+    except NetworkError as exc:
+        raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc}") from None
+    vm = GuestVm(sized, pod.dir, name=f"vmm-{pod.id}", share_dir=pod.shared_dir,
+                 nics=attachment.nics if attachment else ())
     try:
         timeline = await vm.start()
     except VmError as exc:
         code = grpc.StatusCode.FAILED_PRECONDITION if exc.stage in ("image", "config") \
             else grpc.StatusCode.UNAVAILABLE
+        await _unplug(pod)
         raise HostError(code, f"pod {pod.id}: VM failed to start ({exc.stage}): {exc}") from None
+    finally:
+        if attachment:
+            attachment.close_fds()  # QEMU holds the taps now: they live as long as it does
     pod.vm = vm
     pod.vmm_pid = vm.qemu.proc.pid
     pod.agent = AgentLink(vm.open_connection, pod.id)
     try:
         await _set_up_agent(pod)
+        if attachment:
+            await pod_network.configure_guest(pod.agent.call, attachment, SETUP_TIMEOUT_S)
         await _serve_task_address(pod)
     except BaseException as exc:
         what = exc.message if isinstance(exc, HostError) else f"{type(exc).__name__}: {exc}"
         message = vm.qemu.failure(f"pod {pod.id}: sandbox setup failed: {what}")
         await _close_vm(pod)
+        await _unplug(pod)
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise HostError(grpc.StatusCode.UNAVAILABLE, message) from None
@@ -122,6 +137,14 @@ async def _pump_events(pod: Pod) -> None:
         pod.publisher.publish(pod.namespace, envelope.topic, envelope.event)
 
 
+async def _unplug(pod: Pod) -> None:
+    """Give the pod's links back as the CNI made them (before the CNI deletes the netns)."""
+    try:
+        await pod_network.unplug(pod.dir)
+    except NetworkError as exc:
+        raise HostError(grpc.StatusCode.INTERNAL, f"pod {pod.id}: {exc}") from None
+
+
 async def _close_vm(pod: Pod) -> None:
     if pod.agent is not None:
         await pod.agent.close()
@@ -154,6 +177,7 @@ async def stop(pod: Pod, timeout_s: float) -> None:
         await _stop_containers(pod, timeout_s or DEFAULT_STOP_TIMEOUT_S)
     pod.stopping = True
     await _close_vm(pod)
+    await _unplug(pod)
     pod.mark_exited(0, "stopped")
     for task in pod.watchers:
         task.cancel()
@@ -170,6 +194,7 @@ async def shutdown(pod: Pod) -> None:
     if pod.task_server is not None:
         await pod.task_server.stop(1.0)
     _kill_stray_vmm(pod)
+    await _unplug(pod)
     mounts.unmount_all_under(pod.dir)
     left = mounts.mountpoints_under(pod.dir)
     if left:

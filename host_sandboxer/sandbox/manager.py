@@ -34,7 +34,7 @@ class Sandboxes:
             raise HostError(grpc.StatusCode.NOT_FOUND, f"sandbox {sandbox_id!r} not found")
         return pod
 
-    def create(self, sandbox_id: str, namespace: str, options) -> Pod:
+    def create(self, sandbox_id: str, namespace: str, options, netns_path: str = "") -> Pod:
         try:
             check_id("sandbox", sandbox_id)
         except InvalidID as exc:
@@ -48,6 +48,7 @@ class Sandboxes:
                             f"sandbox {sandbox_id}: options {options.type_url}: {exc}") from None
         self.state_dir.create_sandbox_dir(sandbox_id)
         pod = Pod(sandbox_id, self.state_dir, namespace, pod_config, options, self.publisher)
+        pod.netns_path = netns_path
         pod.save()
         self.pods[sandbox_id] = pod
         return pod

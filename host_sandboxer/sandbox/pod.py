@@ -56,6 +56,7 @@ class Pod:
         self.namespace = namespace
         self.pod_config = pod_config
         self.options = options
+        self.netns_path = ""     # the pod's network namespace from Controller.Create ("": host network)
         self.publisher = publisher
         self.state = "created"
         self.created_at_ns = time.time_ns()
@@ -79,7 +80,7 @@ class Pod:
         return {
             "id": self.id, "namespace": self.namespace, "state": self.state,
             "created_at_ns": self.created_at_ns, "exited_at_ns": self.exited_at_ns,
-            "exit_status": self.exit_status, "vmm_pid": self.vmm_pid,
+            "exit_status": self.exit_status, "vmm_pid": self.vmm_pid, "netns_path": self.netns_path,
             "options": {"type_url": self.options.type_url,
                         "value": base64.b64encode(self.options.value).decode()},
             "next_port": self.ports.next,
@@ -99,6 +100,7 @@ class Pod:
         pod.exited_at_ns = record["exited_at_ns"]
         pod.exit_status = record["exit_status"]
         pod.vmm_pid = record["vmm_pid"]
+        pod.netns_path = record.get("netns_path", "")
         pod.ports = PortAllocator(record["next_port"])
         for cid, host_bundle in record["containers"].items():
             pod.containers[cid] = Container(host_bundle, GuestBundle(pod.shared_dir, cid))
