@@ -92,13 +92,18 @@ class HybridVsock:
         if self.dead is not None and not self.dead.done():
             self.dead.set_result(reason)
 
-    def _accept_frontend(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket):
         try:
-            sock, _ = listener.accept()
+            return listener.accept()[0]
         except BlockingIOError:
-            return
+            return None
         except OSError as e:
-            log.error("vhost-user socket %s: accept failed: %s", self.vhost_socket, e)
+            log.error("vsock cid %d: accept on %s failed: %s", self.guest_cid, listener.getsockname(), e)
+            return None
+
+    def _accept_frontend(self, listener: socket.socket) -> None:
+        sock = self._accept(listener)
+        if sock is None:
             return
         # One front-end per VM, ever: QEMU 7.2 cannot reconnect a vhost-user-vsock device.
         self.device.loop.remove_reader(listener.fileno())
@@ -108,12 +113,8 @@ class HybridVsock:
         self.backend = VhostUserBackend(sock, self.device, on_close=self._died)
 
     def _accept_client(self, listener: socket.socket) -> None:
-        try:
-            sock, _ = listener.accept()
-        except BlockingIOError:
-            return
-        except OSError as e:
-            log.error("vsock socket %s: accept failed: %s", self.uds_path, e)
+        sock = self._accept(listener)
+        if sock is None:
             return
         sock.setblocking(False)
         task = asyncio.ensure_future(self._handshake(sock))

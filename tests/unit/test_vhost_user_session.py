@@ -96,11 +96,22 @@ class FakeGuest:
         """What QEMU sends when the guest driver brings the device up."""
         await self.set_call_fds()
         await self.request(vu.SET_FEATURES, vu.U64.pack(self.features))
+        assert await self.set_mem_table() == 0
+        await self.configure_rings()
+        for q in range(2):
+            await self.request(vu.SET_VRING_ENABLE, vu.VRING_STATE.pack(q, 1))
+        await self.set_call_fds()
+
+    async def set_mem_table(self) -> int:
+        """QEMU's two regions of one memfd (around the PC hole); returns the REPLY_ACK status."""
         regions = [vu.MemoryRegionEntry(0, HOLE[0], uva(0), 0),
                    vu.MemoryRegionEntry(HOLE[1], MEM_SIZE - HOLE[1], uva(HOLE[1]), HOLE[1])]
         ack = await self.request(vu.SET_MEM_TABLE, vu.encode_mem_table(regions),
                                  [self.memfd, self.memfd], need_reply=True)
-        assert vu.U64.unpack(ack)[0] == 0
+        return vu.U64.unpack(ack)[0]
+
+    async def configure_rings(self):
+        """Fresh zeroed rings: NUM, BASE, ADDR, KICK per queue (not yet enabled)."""
         self.avail, self.used_seen, self.tx_next = [0, 0], [0, 0], 0
         for q in range(2):
             self.mem[RING_GPA[q]:RING_GPA[q] + 0x10000] = bytes(0x10000)
@@ -109,9 +120,6 @@ class FakeGuest:
             await self.request(vu.SET_VRING_BASE, vu.VRING_STATE.pack(q, 0))
             await self.request(vu.SET_VRING_ADDR, vu.VRING_ADDR.pack(q, 0, uva(desc), uva(used), uva(avail), 0))
             await self.request(vu.SET_VRING_KICK, vu.U64.pack(q), [self.kick[q]])
-        for q in range(2):
-            await self.request(vu.SET_VRING_ENABLE, vu.VRING_STATE.pack(q, 1))
-        await self.set_call_fds()
 
     async def stop_driver(self) -> list:
         """Device stop / guest reset; returns the ring bases the back-end reported."""
@@ -261,14 +269,8 @@ async def test_rings_start_only_after_enable_and_stop_on_get_vring_base():
     await g.set_call_fds()
     await g.request(vu.SET_FEATURES, vu.U64.pack(g.features))
     # Without SET_VRING_ENABLE the rings must stay stopped (protocol features are on).
-    regions = [vu.MemoryRegionEntry(0, HOLE[0], uva(0), 0),
-               vu.MemoryRegionEntry(HOLE[1], MEM_SIZE - HOLE[1], uva(HOLE[1]), HOLE[1])]
-    await g.request(vu.SET_MEM_TABLE, vu.encode_mem_table(regions), [g.memfd, g.memfd], need_reply=True)
-    for q in range(2):
-        desc, avail, used = g.ring(q)
-        await g.request(vu.SET_VRING_NUM, vu.VRING_STATE.pack(q, g.num))
-        await g.request(vu.SET_VRING_ADDR, vu.VRING_ADDR.pack(q, 0, uva(desc), uva(used), uva(avail), 0))
-        await g.request(vu.SET_VRING_KICK, vu.U64.pack(q), [g.kick[q]])
+    assert await g.set_mem_table() == 0
+    await g.configure_rings()
     await asyncio.sleep(0.01)
     assert not s.device.running
     for q in range(2):
