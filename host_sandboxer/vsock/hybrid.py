@@ -147,11 +147,9 @@ async def _read_connect(sock: socket.socket) -> int:
     """Reads exactly the `CONNECT <port>\\n` line; bytes after it stay in the socket for the guest."""
     loop = asyncio.get_running_loop()
     line = b""
-    while not line.endswith(b"\n"):
-        if len(line) >= MAX_LINE:
-            raise ValueError(f"no CONNECT line in {line!r}")
+    while True:
         try:
-            byte = sock.recv(1)
+            peek = sock.recv(MAX_LINE - len(line), socket.MSG_PEEK)
         except BlockingIOError:
             ready = loop.create_future()
             loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
@@ -160,9 +158,14 @@ async def _read_connect(sock: socket.socket) -> int:
             finally:
                 loop.remove_reader(sock.fileno())
             continue
-        if not byte:
+        if not peek:
             raise ValueError("closed before CONNECT")
-        line += byte
+        end = peek.find(b"\n")
+        line += sock.recv(end + 1 if end >= 0 else len(peek))   # all of it belongs to the line
+        if end >= 0:
+            break
+        if len(line) >= MAX_LINE:
+            raise ValueError(f"no CONNECT line in {line!r}")
     match = CONNECT_LINE.fullmatch(line)
     if not match or int(match.group(1)) > 0xFFFFFFFF:
         raise ValueError(f"bad request line {line!r}")

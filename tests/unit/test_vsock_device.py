@@ -264,3 +264,19 @@ async def test_device_stop_drops_host_connections_and_qemu_exit_resolves_dead(tm
     assert "closed" in reason
     await h.vsock.close()
     h.guest.close()
+
+
+@run_async
+async def test_split_connect_line_and_pipelined_bytes(tmp_path):
+    h = await Hybrid(tmp_path).start()
+    reader, writer = await asyncio.open_unix_connection(h.vsock.uds_path)
+    writer.write(b"CONN")
+    await writer.drain()
+    await asyncio.sleep(0.02)
+    writer.write(b"ECT 1024\nearly bytes")
+    req, _ = await h.expect(OP_REQUEST)
+    h.guest.send(GUEST_PORT, req[SRC_PORT], OP_RESPONSE)
+    assert await reader.readline() == b"OK %d\n" % req[SRC_PORT]
+    _, payload = await h.expect(OP_RW)
+    assert payload == b"early bytes"
+    await h.close()
