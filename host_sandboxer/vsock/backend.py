@@ -23,6 +23,7 @@ FEATURES = (VIRTIO_F_VERSION_1 | vu.F_PROTOCOL_FEATURES | VIRTIO_RING_F_EVENT_ID
 PROTOCOL_FEATURES = vu.PROTOCOL_F_REPLY_ACK | vu.PROTOCOL_F_CONFIG
 NUM_QUEUES = 2   # rx and tx; QEMU keeps the event queue to itself
 CONFIG = struct.Struct("<Q")   # struct virtio_vsock_config { le64 guest_cid; }
+MAX_CONFIG_SIZE = 256          # VHOST_USER_MAX_CONFIG_SIZE
 
 
 class RequestFailed(Exception):
@@ -85,6 +86,9 @@ class VhostUserBackend:
             self.close(f"protocol error: {e}")
         except OSError as e:
             self.close(f"front-end connection: {e}")
+        except Exception as e:
+            log.exception("vhost-user-vsock cid %d: unexpected error", self.device.guest_cid)
+            self.close(f"internal error: {e}")
 
     def _dispatch(self, msg: vu.Message) -> None:
         handler = self._handlers.get(msg.request)
@@ -150,6 +154,8 @@ class VhostUserBackend:
 
     def _get_config(self, msg):
         offset, size, flags = msg.unpack(vu.CONFIG_HEADER)
+        if size > MAX_CONFIG_SIZE:
+            raise vu.ProtocolError(f"GET_CONFIG of {size} bytes")
         config = CONFIG.pack(self.device.guest_cid)[offset:offset + size].ljust(size, b"\0")
         return vu.CONFIG_HEADER.pack(offset, size, flags) + config
 

@@ -356,3 +356,13 @@ async def test_front_end_hangup_releases_everything():
     assert all(q.kick_fd is None and q.call_fd is None for q in s.backend.queues)
     assert s.backend.memory is None
 
+
+
+@run_async
+async def test_config_read_of_absurd_size_ends_the_session_without_allocating_it():
+    s = Session()
+    await s.guest.connect()
+    vu.send_message(s.guest.sock, vu.encode(vu.GET_CONFIG, vu.CONFIG_HEADER.pack(0, 0xFFFFFFF0, 0)))
+    await until(lambda: s.closed_reason is not None)
+    assert "GET_CONFIG" in s.closed_reason
+    s.guest.close()
