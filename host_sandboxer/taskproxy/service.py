@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 GUEST_TASK_SERVICE = "containerd.task.v2.Task"
 UNKNOWN_EXIT_STATUS = 255  # containerd's value for an exit nobody saw
 STDIO_DRAIN_S = 5.0
+LINK_LOST_GRACE_S = 3.0  # how long a lost guest link may precede the VMM's noticed death
 _V2_METHODS = v2.DESCRIPTOR.services_by_name["Task"].methods_by_name
 
 
@@ -155,24 +156,36 @@ class TaskProxy(v3_grpc.TaskServicer):
 
     async def _wait(self, request):
         container = self.pod.container(request.id)
-        call = asyncio.ensure_future(self._guest("Wait", request, v3.WaitResponse, timeout=None))
-        try:
-            await asyncio.wait({call, self.pod.vm_exited}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not call.done():  # the VM died, or containerd gave up waiting
-                call.cancel()
-        if call.cancelled():
-            return vm_death_exit(self.pod)
-        try:
-            reply = call.result()
-        except (ConnectionError, EOFError, OSError):
-            if not self.pod.vm_exited.done():
-                raise
+        reply = await self._guest_wait(request)
+        if reply is None:
             return vm_death_exit(self.pod)
         stdio = container.processes.get(request.exec_id)
         if stdio is not None:
             await stdio.outputs_done(STDIO_DRAIN_S)
         return reply
+
+    async def _guest_wait(self, request):
+        """The guest's Wait answer, or None when the VM died first. A link lost while the VM
+        lives (the VMM's death is noticed a moment after its sockets close) is waited on again."""
+        while not self.pod.vm_exited.done():
+            call = asyncio.ensure_future(self._guest("Wait", request, v3.WaitResponse, timeout=None))
+            try:
+                await asyncio.wait({call, self.pod.vm_exited}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not call.done():  # the VM died, or containerd gave up waiting
+                    call.cancel()
+            if not call.done() or call.cancelled():
+                return None
+            try:
+                return call.result()
+            except ConnectionError:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.pod.vm_exited), LINK_LOST_GRACE_S)
+                    return None
+                except asyncio.TimeoutError:
+                    log.warning("pod %s: link lost during Wait %s with the VM alive; waiting again",
+                                self.pod.id, request.id)
+        return None
 
     async def CloseIO(self, request, context):
         return await self._run(context, f"CloseIO {request.id}", self._close_io(request))
