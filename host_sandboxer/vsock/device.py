@@ -156,7 +156,11 @@ class VsockDevice:
             if chain is None:
                 starved = True
                 break
-            payload = slice_views(chain.writable, HEADER_SIZE, min(room, MAX_PAYLOAD))
+            writable = chain.writable
+            if len(writable) == 1 and len(writable[0]) > HEADER_SIZE:   # Linux 6.1: one buffer each
+                payload = [writable[0][HEADER_SIZE:HEADER_SIZE + min(room, MAX_PAYLOAD)]]
+            else:
+                payload = slice_views(writable, HEADER_SIZE, min(room, MAX_PAYLOAD))
             if not payload:
                 raise VirtqueueError(f"rx buffer of {sum(map(len, chain.writable))} bytes holds no payload")
             size = sum(map(len, payload))

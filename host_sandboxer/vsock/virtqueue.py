@@ -123,6 +123,10 @@ class Virtqueue:
         self.last_avail = (last + 1) & 0xFFFF
         if head >= self.num:
             raise VirtqueueError(f"queue {self.index}: head {head} >= size {self.num}")
+        addr, length, flags, _ = DESC.unpack_from(self._desc, self._desc_off + 16 * head)
+        if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):   # the common one-descriptor chain
+            segment = self._memory.view(addr, length)
+            return Chain(head, [], [segment]) if flags & DESC_F_WRITE else Chain(head, [segment], [])
         return self._walk(head)
 
     def rollback(self) -> None:
