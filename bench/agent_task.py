@@ -1,4 +1,4 @@
-"""Task benchmark of the agent in dev mode (root, real crun), printed as one JSON object:
+"""Task benchmark of the agent (root, real crun), printed as one JSON object:
 
 - create+start latency through the agent (Create + Start over ttrpc) against `crun run -d` on
   the same bundle, and against `crun create` + `crun start` (the two runtime calls the Task
@@ -6,12 +6,14 @@
   <= 1.2 against `crun run -d`);
 - the agent's memory (Pss_Anon and Pss from /proc/PID/smaps_rollup) idle and with 10 running
   containers;
-- the agent's import time at start (`python -X importtime`): total and the slowest imports.
+- the agent's import time until it is ready (`python -X importtime`, dev mode): total and the
+  slowest imports.
 
-    python -m bench.agent_task [--runs 10] [--containers 10]
+    python -m bench.agent_task [--runs 20] [--containers 10] [--vm]
 
-Dev mode runs the agent as CPython on the host; in the guest it is the Nuitka build, whose
-memory figures the boot benchmark's image reports.
+Default: the agent in dev mode (CPython on this host, `--runs` containers of `true`). `--vm`: the
+Nuitka agent as PID 1 of the guest image (`make guest-image`), bundles on the shared directory;
+the issue's memory targets are about this one.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ TASK = "containerd.task.v2.Task"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def busybox_bundle(path: Path, args: list[str]) -> Path:
+def busybox_bundle(path: Path, args: list[str], own_pid_namespace: bool = True) -> Path:
     """crun's default spec running `args` over a rootfs of busybox-static and its applets."""
     # `busybox --install -s` links to the binary's real path (/usr/bin/busybox on merged-/usr
     # hosts): put the copy there inside the rootfs too
@@ -48,18 +50,24 @@ def busybox_bundle(path: Path, args: list[str]) -> Path:
     subprocess.run(["crun", "spec", "-b", str(path)], check=True)
     spec = json.loads((path / "config.json").read_text())
     spec["process"].update(terminal=False, args=args)
+    if not own_pid_namespace:
+        spec["linux"]["namespaces"] = [ns for ns in spec["linux"]["namespaces"]
+                                       if ns["type"] != "pid"]
     (path / "config.json").write_text(json.dumps(spec))
     return path
 
 
-def smaps_rollup(pid: int) -> dict[str, float]:
-    """Pss and Pss_Anon of `pid` in MiB."""
+MEMORY_KEYS = ("Pss", "Pss_Anon", "RssAnon", "RssFile")
+
+
+def smaps_rollup(text: str) -> dict[str, float]:
+    """Pss and Pss_Anon in MiB from the text of /proc/PID/smaps_rollup (or, from a kernel
+    without CONFIG_PROC_PAGE_MONITOR, RssAnon and RssFile from /proc/PID/status)."""
     values = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("Pss", "Pss_Anon"):
-                values[key] = round(int(rest.split()[0]) / 1024, 2)
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in MEMORY_KEYS:
+            values[key] = round(int(rest.split()[0]) / 1024, 2)
     return values
 
 
@@ -88,6 +96,8 @@ class DevAgent:
         ready = self.process.stdout.readline().decode()
         if "vmm-task ready" not in ready:
             raise RuntimeError(f"agent did not start: {self.stderr_path.read_text()[-2000:]}")
+        # what was imported until the agent was ready (later lazy imports are not start cost)
+        self.imports_at_start = self.stderr_path.read_text(errors="replace")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -95,32 +105,24 @@ class DevAgent:
         self._stderr.close()
 
 
-async def create_start(client: ttrpc.Client, cid: str, bundle: Path) -> float:
+async def create_start(client: ttrpc.Client, cid: str, bundle: str) -> float:
     started = time.perf_counter()
-    await client.call(TASK, "Create", pb.CreateTaskRequest(id=cid, bundle=str(bundle)),
-                      pb.CreateTaskResponse, timeout=30)
-    await client.call(TASK, "Start", pb.StartRequest(id=cid), pb.StartResponse, timeout=30)
+    await client.call(TASK, "Create", pb.CreateTaskRequest(id=cid, bundle=bundle),
+                      pb.CreateTaskResponse, timeout=60)
+    await client.call(TASK, "Start", pb.StartRequest(id=cid), pb.StartResponse, timeout=60)
     return time.perf_counter() - started
 
 
 async def remove(client: ttrpc.Client, cid: str) -> None:
     from google.protobuf import empty_pb2
-    await client.call(TASK, "Kill", pb.KillRequest(id=cid, signal=9, all=True), empty_pb2.Empty)
-    await client.call(TASK, "Wait", pb.WaitRequest(id=cid), pb.WaitResponse, timeout=30)
+    try:
+        await client.call(TASK, "Kill", pb.KillRequest(id=cid, signal=9, all=True),
+                          empty_pb2.Empty)
+    except ttrpc.RpcError as e:
+        if e.code != ttrpc.Code.NOT_FOUND:  # NOT_FOUND: it already exited
+            raise
+    await client.call(TASK, "Wait", pb.WaitRequest(id=cid), pb.WaitResponse, timeout=60)
     await client.call(TASK, "Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
-
-
-def crun_direct(root: Path, cid: str, bundle: Path, two_steps: bool) -> float:
-    """`crun run -d`, or (two_steps) `crun create` + `crun start` as the Task API needs."""
-    crun = ["crun", "--root", str(root)]
-    steps = ([crun + ["create", "--bundle", str(bundle), cid], crun + ["start", cid]] if two_steps
-             else [crun + ["run", "-d", "--bundle", str(bundle), cid]])
-    started = time.perf_counter()
-    for step in steps:
-        subprocess.run(step, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    elapsed = time.perf_counter() - started
-    subprocess.run(crun + ["delete", "--force", cid], check=True)
-    return elapsed
 
 
 def spread(samples: list[float]) -> dict:
@@ -129,57 +131,185 @@ def spread(samples: list[float]) -> dict:
             "max_ms": round(max(ms), 2)}
 
 
-async def measure(agent: DevAgent, workdir: Path, runs: int, containers: int) -> dict:
-    bundle = busybox_bundle(workdir / "bundle", ["sleep", "1000"])
-    client = await ttrpc.Client.connect_unix(str(agent.socket))
+class Target:
+    """Where the agent runs. `bundle(name, args, own_pid_namespace)` lays out a bundle and
+    returns its path as the agent sees it; `memory()` reads the agent's smaps_rollup;
+    `baselines` time the runtime started directly on a bundle: {name: async fn(i, bundle)}."""
+    client: ttrpc.Client
+    baselines: dict
+
+    def bundle(self, name: str, args: list[str], own_pid_namespace: bool = True) -> str:
+        raise NotImplementedError
+
+    async def memory(self) -> dict:
+        raise NotImplementedError
+
+
+async def measure(target: Target, runs: int, containers: int) -> dict:
+    quick = target.bundle("quick", ["true"])
+    idle = await target.memory()
+    via_agent, via_direct = [], {name: [] for name in target.baselines}
+    for i in range(runs):
+        via_agent.append(await create_start(target.client, f"bench-agent-{i}", quick))
+        await remove(target.client, f"bench-agent-{i}")
+        for name, baseline in target.baselines.items():
+            via_direct[name].append(await baseline(i, quick))
+    sleeper = target.bundle("sleeper", ["sleep", "1000"])
+    ids = [f"bench-many-{i}" for i in range(containers)]
+    for cid in ids:
+        await create_start(target.client, cid, sleeper)
+    loaded = await target.memory()
+    for cid in ids:
+        await remove(target.client, cid)
+    agent_ms = spread(via_agent)
+    latency = {"agent_create_then_start": agent_ms, "runs": runs, "target_ratio": 1.2}
+    for name, samples in via_direct.items():
+        latency[name] = spread(samples)
+        latency[f"ratio_median_vs_{name}"] = round(
+            agent_ms["median_ms"] / latency[name]["median_ms"], 3)
+    return {"create_start": latency,
+            "memory_mib": {"idle": idle, f"with_{containers}_containers": loaded,
+                           "target_idle_pss_anon": 12}}
+
+
+class DevTarget(Target):
+    """The agent as CPython on this host; baselines: `crun run -d` and `crun create` + `crun
+    start` (the two runtime calls behind the Task API's Create and Start)."""
+
+    def __init__(self, agent: DevAgent, client: ttrpc.Client, workdir: Path):
+        self.agent, self.client, self.workdir = agent, client, workdir
+        self.baselines = {"crun_run_d": self._crun(two_steps=False),
+                          "crun_create_then_start": self._crun(two_steps=True)}
+
+    def bundle(self, name, args, own_pid_namespace=True):
+        return str(busybox_bundle(self.workdir / name, args, own_pid_namespace))
+
+    async def memory(self):
+        return smaps_rollup(Path(f"/proc/{self.agent.process.pid}/smaps_rollup").read_text())
+
+    def _crun(self, two_steps: bool):
+        async def run(i: int, bundle: str) -> float:
+            return await asyncio.to_thread(self._crun_direct, f"bench-crun-{i}", bundle, two_steps)
+        return run
+
+    def _crun_direct(self, cid: str, bundle: str, two_steps: bool) -> float:
+        crun = ["crun", "--root", str(self.workdir / "crun-root")]
+        steps = ([crun + ["create", "--bundle", bundle, cid], crun + ["start", cid]] if two_steps
+                 else [crun + ["run", "-d", "--bundle", bundle, cid]])
+        started = time.perf_counter()
+        for step in steps:
+            subprocess.run(step, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        elapsed = time.perf_counter() - started
+        subprocess.run(crun + ["delete", "--force", cid], check=True)
+        return elapsed
+
+
+class VmTarget(Target):
+    """The Nuitka agent as PID 1 of the guest image (QEMU, TCG here), booted with task.debug.
+    Memory: a probe container in the guest's PID namespace reads /proc/1/smaps_rollup (or
+    /proc/1/status when the kernel has no smaps) into the shared directory. Baseline: `crun run -d --no-pivot` (the root is an initramfs, as for the
+    agent) in the guest through ExecVMProcess (one RPC that
+    returns when crun and the container, `true`, are done with its stdout)."""
+
+    GUEST_SHARE = "/run/kuasar/state"
+
+    def __init__(self, guest, client: ttrpc.Client, share: Path):
+        self.guest, self.client, self.share = guest, client, share
+        self._probes = 0
+        self.baselines = {"crun_run_d_via_ExecVMProcess": self._crun_run}
+
+    def bundle(self, name, args, own_pid_namespace=True):
+        busybox_bundle(self.share / name, args, own_pid_namespace)
+        return f"{self.GUEST_SHARE}/{name}"
+
+    async def memory(self):
+        self._probes += 1
+        name = f"probe{self._probes}"
+        script = "cat /proc/1/smaps_rollup 2>/dev/null || cat /proc/1/status"
+        bundle = self.bundle(name, ["sh", "-c", script], own_pid_namespace=False)
+        await self.client.call(TASK, "Create", pb.CreateTaskRequest(
+            id=name, bundle=bundle, stdout=f"{bundle}/out"), pb.CreateTaskResponse, timeout=60)
+        await self.client.call(TASK, "Start", pb.StartRequest(id=name), pb.StartResponse)
+        await remove(self.client, name)
+        for _ in range(50):  # the shared directory may show the write a moment later
+            values = smaps_rollup((self.share / name / "out").read_text())
+            if values:
+                return values
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"probe {name} wrote no memory figures")
+
+    async def _crun_run(self, i: int, bundle: str) -> float:
+        from vmm_common.protos.kuasar import sandbox_pb2
+        crun = "crun --root /run/bench-crun"
+
+        async def vm_exec(command: str) -> None:
+            await self.client.call("grpc.SandboxService", "ExecVMProcess",
+                                   sandbox_pb2.ExecVMProcessRequest(command=command),
+                                   sandbox_pb2.ExecVMProcessResponse, timeout=60)
+        started = time.perf_counter()
+        await vm_exec(f"{crun} run -d --no-pivot --bundle {bundle} bench-crun-{i}")
+        elapsed = time.perf_counter() - started
+        await vm_exec(f"{crun} delete --force bench-crun-{i}")
+        return elapsed
+
+
+async def run_dev(runs: int, containers: int) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-task-"))
+    agent = DevAgent(workdir)
     try:
-        idle = smaps_rollup(agent.process.pid)
-        via_agent, via_run, via_two = [], [], []
-        for i in range(runs):
-            via_agent.append(await create_start(client, f"bench-agent-{i}", bundle))
-            await remove(client, f"bench-agent-{i}")
-            for samples, two_steps in ((via_run, False), (via_two, True)):
-                samples.append(await asyncio.to_thread(
-                    crun_direct, workdir / "crun-root", f"bench-crun-{i}", bundle, two_steps))
-        ids = [f"bench-many-{i}" for i in range(containers)]
-        for cid in ids:
-            await create_start(client, cid, bundle)
-        loaded = smaps_rollup(agent.process.pid)
-        for cid in ids:
-            await remove(client, cid)
+        client = await ttrpc.Client.connect_unix(str(agent.socket))
+        try:
+            result = await measure(DevTarget(agent, client, workdir), runs, containers)
+        finally:
+            await client.close()
     finally:
-        await client.close()
-    agent_ms, run_ms, two_ms = spread(via_agent), spread(via_run), spread(via_two)
-    return {
-        "create_start": {"agent": agent_ms, "crun_run_d": run_ms, "crun_create_then_start": two_ms,
-                         "runs": runs,
-                         "ratio_median": round(agent_ms["median_ms"] / run_ms["median_ms"], 3),
-                         "ratio_median_vs_create_then_start":
-                             round(agent_ms["median_ms"] / two_ms["median_ms"], 3),
-                         "target_ratio": 1.2},
-        "memory_mib": {"idle": idle, f"with_{containers}_containers": loaded,
-                       "target_idle_pss_anon": 12},
-    }
+        agent.stop()
+    result["agent_imports_at_start"] = import_summary(agent.imports_at_start)
+    result["mode"] = "dev (CPython on the host)"
+    shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+async def run_vm(runs: int, containers: int) -> dict:
+    import dataclasses
+
+    from host_sandboxer.config import DEFAULT_IMAGE_DIR, load_config
+    from host_sandboxer.vmm.vm import GuestVm
+
+    config = load_config(None)
+    config.vm = dataclasses.replace(config.vm, kernel=DEFAULT_IMAGE_DIR / "kernel",
+                                    initrd=DEFAULT_IMAGE_DIR / "initrd.img", boot_timeout_s=120.0)
+    config.vsock = dataclasses.replace(config.vsock, transport="hybrid")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-task-vm-"))
+    share = workdir / "share"
+    share.mkdir()
+    guest = GuestVm(config, workdir / "vm", name="bench-task", share_dir=share,
+                    kernel_params=["task.debug"])
+    try:
+        await guest.start()
+        client = await guest.ttrpc_client()
+        try:
+            result = await measure(VmTarget(guest, client, share), runs, containers)
+        finally:
+            await client.close()
+    finally:
+        await guest.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["mode"] = "vm (Nuitka agent as PID 1, QEMU accel from the config: TCG here)"
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--containers", type=int, default=10)
+    parser.add_argument("--vm", action="store_true", help="measure the agent in the guest image")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.agent_task runs containers: root needed", file=sys.stderr)
         return 1
-    workdir = Path(tempfile.mkdtemp(prefix="bench-task-"))
-    agent = DevAgent(workdir)
-    try:
-        result = asyncio.run(measure(agent, workdir, args.runs, args.containers))
-    finally:
-        agent.stop()
-    result["agent_imports"] = import_summary(agent.stderr_path.read_text(errors="replace"))
-    result["mode"] = "dev (CPython on the host)"
-    print(json.dumps(result))
-    shutil.rmtree(workdir, ignore_errors=True)
+    run = run_vm if args.vm else run_dev
+    print(json.dumps(asyncio.run(run(args.runs, args.containers))))
     return 0
 
 
