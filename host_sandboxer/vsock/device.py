@@ -254,6 +254,8 @@ class VsockDevice:
     @guarded
     def _process_tx(self) -> None:
         self._tx_scheduled = False
+        if not self.running:       # stopped while this call was scheduled
+            return
         txq = self.txq
         for _ in range(BATCH):
             chain = txq.pop()
