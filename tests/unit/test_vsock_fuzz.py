@@ -79,6 +79,7 @@ async def test_random_descriptor_chains_never_escape_the_device(caplog):
     loop = asyncio.get_running_loop()
     escaped = []
     loop.set_exception_handler(lambda loop, context: escaped.append(context))
+    bystander = await Session().start()      # another VM's device on the same loop
     s = await Session(dial=lambda port: None).start()
     g = s.guest
     failures = chains = 0
@@ -112,3 +113,7 @@ async def test_random_descriptor_chains_never_escape_the_device(caplog):
     await until(lambda: any(p[0][6] == OP_RST and p[0][3] == 1234 for p in g.received()), what="RST")
     assert not escaped
     s.close()
+    assert bystander.device.running and bystander.device.broken is None
+    bystander.guest.send(1234, 80, 1)
+    await until(lambda: any(p[0][6] == OP_RST for p in bystander.guest.received()), what="bystander RST")
+    bystander.close()
