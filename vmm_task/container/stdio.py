@@ -97,6 +97,8 @@ class ProcessIO:
                 pump.error = f"{pump.name}: cannot open {endpoint.uri}: {e}"
                 log.warning("%s", pump.error)
             await pump.run(src, dst)
+            if pump.error:
+                log.info("output dropped after a failure: %s", pump.error)
         finally:
             if dst >= 0:
                 os.close(dst)
