@@ -24,6 +24,10 @@ class SandboxState:
     __slots__ = ("hostname", "namespaces", "hosts_path", "resolv_path", "holder_pid", "ready")
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to "no pod set up" (SetupSandbox failed and may be tried again)."""
         self.hostname = ""
         self.namespaces: dict[str, Optional[str]] = {"ipc": None, "uts": None, "pid": None}
         self.hosts_path: Optional[str] = None

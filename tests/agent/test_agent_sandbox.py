@@ -116,6 +116,9 @@ def test_setup_sandbox_namespaces_dns_hosts_and_refusals(start_agent):
     host_sysctl = agent.error(SANDBOX, "SetupSandbox", pod_config(
         linux={"sysctls": {"kernel.pid_max": "99999"}}), empty_pb2.Empty)
     assert host_sysctl.code == Code.FAILED_PRECONDITION and "kernel.pid_max" in host_sysctl.message
+    unknown = agent.error(SANDBOX, "SetupSandbox", pod_config(
+        hostname="web-0", linux={"sysctls": {"kernel.shm_no_such": "1"}}), empty_pb2.Empty)
+    assert unknown.code == Code.INVALID_ARGUMENT and "no sysctl kernel.shm_no_such" in unknown.message
 
     agent.call(SANDBOX, "SetupSandbox", pod_config(
         hostname="web-0",
@@ -210,3 +213,11 @@ def test_update_interfaces_and_routes_in_the_agents_own_network_namespace(start_
     missing = agent.error(SANDBOX, "UpdateInterfaces", pb.UpdateInterfacesRequest(
         interfaces=[pb.Interface(hwAddr="02:00:00:00:00:99")]), empty_pb2.Empty)
     assert missing.code == Code.NOT_FOUND and "02:00:00:00:00:99" in missing.message
+
+    # a SetupSandbox whose network part fails leaves nothing behind and may be retried
+    failed = pod_config(hostname="web-1")
+    failed.interfaces.add(hwAddr="02:00:00:00:00:99")
+    assert agent.error(SANDBOX, "SetupSandbox", failed, empty_pb2.Empty).code == Code.NOT_FOUND
+    assert os.listdir(agent.run_dir / "sandbox-ns") == []
+    agent.call(SANDBOX, "SetupSandbox", pod_config(hostname="web-1"), empty_pb2.Empty)
+    assert sorted(os.listdir(agent.run_dir / "sandbox-ns")) == ["ipc", "pid", "uts"]

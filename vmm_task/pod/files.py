@@ -49,6 +49,21 @@ def sysctl_path(name: str) -> str:
     return "/proc/sys/" + "/".join(parts)
 
 
+def write_sysctl(name: str, value: str) -> None:
+    """Set a sysctl; ValueError naming it when it does not exist or refuses the value."""
+    import errno
+
+    try:
+        with open(sysctl_path(name), "w") as f:
+            f.write(value)
+    except FileNotFoundError:
+        raise ValueError(f"no sysctl {name}") from None
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ERANGE):
+            raise ValueError(f"sysctl {name} refuses {value!r}: {e.strerror}") from None
+        raise
+
+
 # sysctls that belong to the IPC namespace: applied inside the pod's own IPC namespace
 IPC_SYSCTL_PREFIXES = ("kernel.shm", "kernel.msg", "kernel.sem", "fs.mqueue.")
 

@@ -26,7 +26,8 @@ class PodNamespaces:
         self.holder_pid: int | None = None
 
     async def create(self, hostname: str, ipc_sysctls: dict[str, str], share_pid: bool) -> None:
-        """Make the namespaces; raises OSError/ValueError naming what failed (after undoing)."""
+        """Make the namespaces; raises OSError, or ValueError for a bad sysctl, naming what
+        failed (after undoing what was made)."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
@@ -47,15 +48,14 @@ class PodNamespaces:
             raise
 
     def _make(self, hostname: str, ipc_sysctls: dict[str, str], share_pid: bool) -> None:
-        from vmm_task.pod.files import sysctl_path
+        from vmm_task.pod.files import write_sysctl
 
         flags = sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | (sc.CLONE_NEWPID if share_pid else 0)
         sc.unshare(flags)
         if hostname:
             socket.sethostname(hostname)
         for name, value in ipc_sysctls.items():
-            with open(sysctl_path(name), "w") as f:
-                f.write(value)
+            write_sysctl(name, value)
         tid = threading.get_native_id()
         for kind in KINDS:
             self._bind(kind, f"/proc/self/task/{tid}/ns/{kind}")

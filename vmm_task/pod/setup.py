@@ -27,9 +27,11 @@ def decode_config(type_url: str, value: bytes) -> PodConfig:
     return config
 
 
-async def setup_pod(ctx, config: PodConfig) -> None:
+async def setup_pod(ctx, config: PodConfig) -> PodNamespaces:
     """Namespaces and sysctls. IPC sysctls go inside the pod's IPC namespace; the others are
-    global, which in the VM is the pod's own kernel and in dev mode the host's (refused)."""
+    global, which in the VM is the pod's own kernel and in dev mode the host's (refused).
+    Raises ValueError for a sysctl that does not exist or refuses its value, HostProtected,
+    or OSError; nothing is left behind when it raises."""
     ipc = {k: v for k, v in config.sysctls.items() if files.is_ipc_sysctl(k)}
     others = {k: v for k, v in config.sysctls.items() if k not in ipc}
     if others and ctx.dev_mode:
@@ -37,15 +39,26 @@ async def setup_pod(ctx, config: PodConfig) -> None:
                             "and would change the host")
     namespaces = PodNamespaces(os.path.join(ctx.run_dir, "sandbox-ns"))
     await namespaces.create(config.hostname, ipc, config.share_pid)
+    try:
+        for name, value in others.items():
+            files.write_sysctl(name, value)
+    except BaseException:
+        namespaces.destroy()
+        raise
     ctx.cleanups.append(namespaces.destroy)
-    for name, value in others.items():
-        with open(files.sysctl_path(name), "w") as f:
-            f.write(value)
     sandbox = ctx.sandbox
     sandbox.hostname = config.hostname
     sandbox.namespaces = {"ipc": namespaces.paths["ipc"], "uts": namespaces.paths["uts"],
                           "pid": namespaces.paths.get("pid")}
     sandbox.holder_pid = namespaces.holder_pid
+    return namespaces
+
+
+def undo_pod(ctx, namespaces: PodNamespaces) -> None:
+    """Forget a pod setup that failed after setup_pod, so SetupSandbox can be tried again."""
+    namespaces.destroy()
+    ctx.cleanups.remove(namespaces.destroy)
+    ctx.sandbox.reset()
 
 
 def write_pod_files(ctx, config: PodConfig, addresses: list[str]) -> None:

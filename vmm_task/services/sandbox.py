@@ -61,13 +61,19 @@ class SandboxService:
             if request.interfaces or request.routes:
                 self._require_own_network("SetupSandbox with interfaces or routes")
             try:
-                await setup.setup_pod(self.ctx, config)
+                namespaces = await setup.setup_pod(self.ctx, config)
+            except ValueError as e:
+                raise RpcError(Code.INVALID_ARGUMENT, str(e)) from None
             except setup.HostProtected as e:
                 raise RpcError(Code.FAILED_PRECONDITION, str(e)) from None
             except OSError as e:
                 raise RpcError(Code.INTERNAL, f"pod setup failed: {e}") from None
-            await self._configure_network(request.interfaces, request.routes)
-            setup.write_pod_files(self.ctx, config, _addresses(request.interfaces))
+            try:
+                await self._configure_network(request.interfaces, request.routes)
+                setup.write_pod_files(self.ctx, config, _addresses(request.interfaces))
+            except BaseException:
+                setup.undo_pod(self.ctx, namespaces)
+                raise
             self.ctx.sandbox.ready = True
             log.info("sandbox set up: hostname=%r namespaces=%s", config.hostname,
                      self.ctx.sandbox.namespaces)
