@@ -10,7 +10,7 @@ from host_sandboxer.vsock.connection import BUF_ALLOC
 from host_sandboxer.vsock.hybrid import HybridVsock
 from host_sandboxer.vsock.packet import (OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
                                          OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_BOTH, SHUTDOWN_SEND)
-from test_vhost_user_session import GUEST_CID, FakeGuest, run_async, until
+from test_vhost_user_session import EVENT_IDX, GUEST_CID, FakeGuest, run_async, until
 
 GUEST_PORT = 1024
 SRC_CID, DST_CID, SRC_PORT, DST_PORT, LEN, TYPE, OP, FLAGS, BUF, FWD = range(10)
@@ -31,12 +31,12 @@ class Hybrid:
         self.vsock = HybridVsock(tmp_path / "vhost.sock", tmp_path / "v.sock", GUEST_CID)
         self.inbox = []
 
-    async def start(self, driver: bool = True):
+    async def start(self, driver: bool = True, features_mask: int = ~0):
         await self.vsock.start()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(self.vsock.vhost_socket)
         self.guest = FakeGuest(sock)
-        await self.guest.connect()
+        await self.guest.connect(features_mask)
         if driver:
             await self.guest.start_driver()
             await until(lambda: self.vsock.device.running, what="device start")
@@ -279,4 +279,20 @@ async def test_split_connect_line_and_pipelined_bytes(tmp_path):
     assert await reader.readline() == b"OK %d\n" % req[SRC_PORT]
     _, payload = await h.expect(OP_RW)
     assert payload == b"early bytes"
+    await h.close()
+
+
+@run_async
+async def test_without_event_idx_every_used_buffer_is_signalled(tmp_path):
+    h = await Hybrid(tmp_path).start(features_mask=~EVENT_IDX)
+    assert not h.vsock.backend.queues[0].event_idx
+    reader, writer, port = await h.established()
+    writer.write(b"a" * 10000)
+    got = b""
+    while len(got) < 10000:
+        got += (await h.expect(OP_RW))[1]
+    assert os.eventfd_read(h.guest.call[0]) >= 1     # rx interrupts
+    h.guest.send(GUEST_PORT, port, OP_RW, b"b" * 3000)
+    assert await reader.readexactly(3000) == b"b" * 3000
+    assert os.eventfd_read(h.guest.call[1]) >= 1     # tx completions
     await h.close()
