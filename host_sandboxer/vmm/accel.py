@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +30,16 @@ class HostFacts:
     kvm_modules: frozenset[str]
     kvm_api_version: int | None  # None: /dev/kvm missing or not openable
     kvm_error: str = ""
+    # The host TSC rate, which is also the guest's under TCG (rdtsc reads the host's counter).
+    tsc_khz: int | None = None
 
     @classmethod
     def probe(cls, root: Path = Path("/")) -> "HostFacts":
         version, error = _kvm_api_version(root / "dev" / "kvm")
         modules = frozenset(m for m in HARDWARE_MODULES + PARAVIRTUAL_MODULES
                             if (root / "sys" / "module" / m).exists())
-        return cls(_cpu_flags(root / "proc" / "cpuinfo"), modules, version, error)
+        flags, tsc_khz = _cpuinfo(root / "proc" / "cpuinfo")
+        return cls(flags, modules, version, error, tsc_khz)
 
 
 @dataclass(frozen=True)
@@ -67,16 +71,23 @@ def resolve_accel(configured: str, facts: HostFacts | None = None) -> AccelChoic
     return choose_accel(facts if facts is not None else HostFacts.probe())
 
 
-def _cpu_flags(cpuinfo: Path) -> frozenset[str]:
+def _cpuinfo(cpuinfo: Path) -> tuple[frozenset[str], int | None]:
+    """The first CPU's flags, and its TSC rate in kHz: the nominal rate in an Intel model name
+    ("... @ 2.60GHz"), else "cpu MHz" (exact in a VM, the current clock on a bare-metal host)."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return frozenset()
-    for line in text.splitlines():
+        return frozenset(), None
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n")[0].splitlines():
         name, _, value = line.partition(":")
-        if name.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+        fields[name.strip()] = value.strip()
+    nominal = re.search(r"@ (\d+(?:\.\d+)?)GHz", fields.get("model name", ""))
+    try:
+        tsc_khz = round(float(nominal.group(1)) * 1e6) if nominal else round(float(fields["cpu MHz"]) * 1e3)
+    except (KeyError, ValueError):
+        tsc_khz = None
+    return frozenset(fields.get("flags", "").split()), tsc_khz
 
 
 def _kvm_api_version(dev: Path) -> tuple[int | None, str]:

@@ -56,6 +56,7 @@ class VmSpec:
     accel: Literal["kvm", "tcg"] = "tcg"
     cpus: int = 1
     memory_mib: int = 512
+    tsc_khz: int | None = None  # the host's TSC rate; handed to a microvm guest under TCG
     name: str = "vmm-task"
     extra_args: tuple[str, ...] = ()
 
@@ -94,6 +95,10 @@ def build_argv(spec: VmSpec) -> list[str]:
 def kernel_params(spec: VmSpec) -> list[str]:
     """console on the first serial port; a panic (PID 1 dying) ends QEMU via -no-reboot."""
     params = ["console=ttyS0", "panic=-1"]
+    if spec.machine == "microvm" and spec.accel == "tcg" and spec.tsc_khz:
+        # microvm has no HPET or ACPI PM timer to calibrate the TSC against; under TCG on a busy
+        # host the PIT calibration fails and boot stalls (docs/qemu.md).  KVM has kvmclock.
+        params.append(f"tsc_early_khz={spec.tsc_khz}")
     if spec.share is not None:
         params.append("task.sharefs_type=" + ("virtiofs" if isinstance(spec.share, VirtiofsShare) else "9p"))
     return params + list(spec.kernel_params)
@@ -101,8 +106,8 @@ def kernel_params(spec: VmSpec) -> list[str]:
 
 def _machine(spec: VmSpec) -> str:
     # memory-backend= puts all RAM in the shared memfd without a NUMA node (microvm has no NUMA).
-    # microvm keeps its default PIC/PIT/RTC: without the PIT the kernel cannot calibrate the TSC
-    # under TCG (no clock, boot stalls) and rtc=off costs ~1 s of boot (docs/qemu.md).
+    # microvm keeps its default PIC/PIT/RTC: measured, pit=off stalls boot under TCG and
+    # rtc=off costs ~1 s (docs/qemu.md).
     return f"{spec.machine},accel={spec.accel},memory-backend=mem"
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from host_sandboxer.config import Config
-from host_sandboxer.vmm.accel import resolve_accel
+from host_sandboxer.vmm.accel import HostFacts, resolve_accel
 from host_sandboxer.vmm.cmdline import NinePShare, TapNic, VirtiofsShare, VmSpec
 from host_sandboxer.vmm.qemu import Qemu, QemuError
 from host_sandboxer.vmm.virtiofsd import Virtiofsd, VirtiofsdError
@@ -61,7 +61,8 @@ class GuestVm:
         self.share_dir = share_dir
         self.nics = tuple(nics)  # taps from host_sandboxer.network; the caller owns their fds
         self.kernel_params = tuple(config.vm.kernel_params.split()) + tuple(kernel_params)
-        self.accel = resolve_accel(config.vm.accel)
+        self.host = HostFacts.probe()
+        self.accel = resolve_accel(config.vm.accel, self.host)
         self.transport = None
         self.virtiofsd: Virtiofsd | None = None
         self.qemu: Qemu | None = None
@@ -120,6 +121,7 @@ class GuestVm:
         share = await self._start_sharefs()
         self.qemu = Qemu(VmSpec(
             qemu=vm.qemu, machine=vm.machine, accel=self.accel.accel, cpus=vm.cpus, memory_mib=vm.memory_mib,
+            tsc_khz=self.host.tsc_khz,
             kernel=vm.kernel, initrd=vm.initrd, name=self.name,
             console_socket=self._socket_path("console.sock"), qmp_socket=self._socket_path("qmp.sock"),
             vsock_args=tuple(self.transport.qemu_args()), share=share, nics=self.nics,

@@ -51,6 +51,18 @@ def test_probe_reads_fake_tree(tmp_path: Path):
     assert choose_accel(facts).accel == "tcg"
 
 
+def test_tsc_rate_from_cpuinfo(tmp_path: Path):
+    (tmp_path / "proc").mkdir()
+    cpuinfo = tmp_path / "proc" / "cpuinfo"
+    cpuinfo.write_text("model name\t: Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz\ncpu MHz\t\t: 1200.000\n\n"
+                       "model name\t: other\n")
+    assert HostFacts.probe(tmp_path).tsc_khz == 2_400_000  # nominal, not the throttled clock
+    cpuinfo.write_text("model name\t: AMD EPYC\ncpu MHz\t\t: 2596.144\nflags\t: fpu\n")
+    assert HostFacts.probe(tmp_path).tsc_khz == 2_596_144
+    cpuinfo.write_text("model name\t: AMD EPYC\n")
+    assert HostFacts.probe(tmp_path).tsc_khz is None
+
+
 def test_this_machine_probe_is_consistent():
     facts = HostFacts.probe()
     choice = choose_accel(facts)

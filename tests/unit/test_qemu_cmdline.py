@@ -60,6 +60,13 @@ def test_microvm_uses_mmio_devices():
         ["virtio-rng-device,rng=rng", "virtio-9p-device,fsdev=fs,mount_tag=kuasar"]
 
 
+def test_microvm_under_tcg_is_told_the_tsc_rate():
+    assert "tsc_early_khz=2596144" in option(build_argv(spec(machine="microvm", tsc_khz=2596144)), "-append")[0]
+    for other in (spec(machine="q35", tsc_khz=2596144), spec(machine="microvm", accel="kvm", tsc_khz=2596144),
+                  spec(machine="microvm")):
+        assert "tsc_early_khz" not in option(build_argv(other), "-append")[0]
+
+
 def test_hybrid_vsock_and_virtiofs_on_q35():
     argv = build_argv(spec(vsock_args=HYBRID_ARGS, share=VirtiofsShare(Path("/run/vm/fs.sock")),
                            kernel_params=("task.debug",)))

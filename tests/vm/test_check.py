@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from host_sandboxer.vmm.accel import HostFacts, choose_accel
 from host_sandboxer.vmm.vm import VmError
 
 CLI = [sys.executable, "-m", "host_sandboxer.cli", "check"]
 
 
-def write_config(tmp_path: Path, guest_image, **vm) -> Path:
+def write_config(tmp_path: Path, guest_image, sharefs: str = "virtiofs", **vm) -> Path:
     settings = {"kernel": str(guest_image.kernel), "initrd": str(guest_image.initrd), **vm}
-    lines = ["[vm]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()] + ["[vsock]", 'transport = "hybrid"']
+    lines = (["[vm]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+             + ["[vsock]", 'transport = "hybrid"', "[sharefs]", f"type = {json.dumps(sharefs)}"])
     path = tmp_path / "vmm.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -25,14 +27,16 @@ def run_check(config: Path) -> subprocess.CompletedProcess:
     return subprocess.run(CLI + ["--config", str(config)], capture_output=True, text=True, timeout=180)
 
 
-def test_check_boots_calls_and_reports(tmp_path, guest_image):
-    done = run_check(write_config(tmp_path, guest_image))
+@pytest.mark.parametrize("machine, sharefs", [("q35", "virtiofs"), ("microvm", "9p")])
+def test_check_boots_calls_and_reports(tmp_path, guest_image, machine, sharefs):
+    done = run_check(write_config(tmp_path, guest_image, sharefs=sharefs, machine=machine))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 1
     report = json.loads(lines[0])
     assert report["ok"] is True
-    assert report["transport"] == "hybrid" and report["accel"] == "tcg"
+    assert (report["transport"], report["accel"], report["machine"], report["sharefs"]) == \
+        ("hybrid", choose_accel(HostFacts.probe()).accel, machine, sharefs)  # tcg on the build machine
     assert 0 < report["boot"]["kernel_init_s"] < report["agent_ready_s"] == report["boot"]["agent_ready_s"]
     assert 0 < report["check_rtt_ms"] < 10_000 and 0 < report["check_rtt_ms_median"] < 10_000
     assert report["shutdown_s"] >= 0
