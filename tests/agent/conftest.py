@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 BUSYBOX = Path("/bin/busybox")
 TASK = "containerd.task.v2.Task"
 AGENT_START_TIMEOUT = 30.0
+# crun by default; VMM_TASK_TEST_RUNTIME=runc runs the same tests with runc
+RUNTIME = os.environ.get("VMM_TASK_TEST_RUNTIME", "crun")
 
 RESPONSES = {
     "State": pb.StateResponse, "Create": pb.CreateTaskResponse, "Start": pb.StartResponse,
@@ -281,7 +283,7 @@ class Agent:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vmm_task", "--listen", f"unix://{self.socket}",
-             "--run-dir", str(self.run_dir), "--runtime", "crun"],
+             "--run-dir", str(self.run_dir), "--runtime", RUNTIME],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.pid = self.process.pid
         deadline = time.monotonic() + AGENT_START_TIMEOUT
@@ -330,7 +332,7 @@ class Agent:
         if root.is_dir():
             for cid in os.listdir(root):
                 if (root / cid).is_dir():
-                    subprocess.run(["crun", "--root", str(root), "delete", "--force", cid],
+                    subprocess.run([RUNTIME, "--root", str(root), "delete", "--force", cid],
                                    capture_output=True)
 
 
