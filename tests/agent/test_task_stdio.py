@@ -125,3 +125,30 @@ def test_terminal_resize_and_input(agent, bundles):
     text = out.read_text(errors="replace").replace("\r", "")
     assert text.splitlines()[0] == "45 123"
     assert "got:hello" in text and text.rstrip().endswith("24 80")
+
+
+def test_exec_with_a_terminal(agent, bundles):
+    bundle = bundles.make(["sleep", "1000"])
+    stdin, out = bundle.file("exec-in.fifo"), bundle.file("exec-out")
+    os.mkfifo(stdin)
+
+    async def body(t):
+        await t.create(bundle)
+        await t.start(bundle.id)
+        await t.exec(bundle.id, "tty", ["sh", "-c", "tty; read go; stty size"], terminal=True,
+                     stdin=str(stdin), stdout=str(out))
+        resize = pb.ResizePtyRequest(id=bundle.id, exec_id="tty", width=99, height=11)
+        early = await t.error("ResizePty", resize)  # the terminal exists from Start on
+        await t.start(bundle.id, "tty")
+        writer = _open_writer(stdin)
+        await t.call("ResizePty", resize)
+        os.write(writer, b"\n")
+        assert await t.wait(bundle.id, "tty") == 0
+        os.close(writer)
+        await t.remove(bundle.id)
+        return early
+
+    early = agent.run(body)
+    assert early.code.name == "FAILED_PRECONDITION"
+    lines = [line for line in out.read_text().replace("\r", "").splitlines() if line]
+    assert lines[0].startswith("/dev/pts/") and lines[-1] == "11 99"

@@ -16,11 +16,13 @@ from typing import Optional
 
 from . import console as consolemod
 from .endpoints import Endpoint, parse_endpoint
+from .errors import TaskError
 from .fdcopy import Pump, read_available, read_chunk, set_nonblocking, wait_readable, widen_pipe, write_all
 
 log = logging.getLogger(__name__)
 
 EOT = b"\x04"
+CONSOLE_TIMEOUT = 5.0  # seconds for the runtime to pass the pty master after create/exec
 
 
 class ProcessIO:
@@ -67,7 +69,11 @@ class ProcessIO:
         """The runtime created the process: take the terminal, drop the child ends, start pumps."""
         self._close_child_fds()
         if self.terminal:
-            self.master = await asyncio.wait_for(self._console_task, timeout=5)
+            try:
+                self.master = await asyncio.wait_for(self._console_task, CONSOLE_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise TaskError("UNKNOWN", f"the runtime passed no terminal on {self._console_path}"
+                                           f" within {CONSOLE_TIMEOUT:.0f}s") from None
             self._console.close()
             self._our_fds = [os.dup(self.master), os.dup(self.master), None]
             if self._endpoints[0] is None:
