@@ -74,10 +74,13 @@ def start_agent(tmp_path):
         return agent
 
     yield start
-    for agent in started:
+    for agent in started:  # SIGTERM: the agent undoes its pod mounts before exiting
         if agent.process.poll() is None:
-            agent.process.kill()
-            agent.process.wait()
+            try:
+                agent.stop()
+            except subprocess.TimeoutExpired:
+                agent.process.kill()
+                agent.process.wait()
 
 
 def pod_config(**config) -> pb.SetupSandboxRequest:

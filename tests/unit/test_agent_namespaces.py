@@ -7,6 +7,7 @@ namespace, so the bind mounts never reach the host's mount table.
 import asyncio
 import os
 import socket
+import time
 
 import pytest
 
@@ -94,3 +95,26 @@ def test_failure_inside_the_thread_is_reported_and_undone(tmp_path):
         return None
 
     assert in_child(body) == ("no sysctl kernel.no_such_sysctl_anywhere", {}, [])
+
+
+def test_holder_exits_when_the_agent_dies_without_cleaning_up(tmp_path):
+    """Dev mode: a SIGKILLed agent cannot kill its pod-pause holder; the holder notices."""
+    async def body(reaper):
+        private_mounts()
+        pod = PodNamespaces(str(tmp_path / "ns"))
+        await pod.create("", {}, share_pid=True)
+        return pod.holder_pid  # the forked child then exits without destroy()
+
+    holder = in_child(body)
+    deadline = time.monotonic() + 5
+    while _alive(holder):
+        assert time.monotonic() < deadline, f"holder {holder} outlived the agent"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False

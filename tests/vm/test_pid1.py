@@ -98,6 +98,17 @@ def test_mounts_pod_namespaces_and_clock_in_the_guest(vm_factory, tmp_path):
     assert guest(vm, f"nsenter --ipc=/run/sandbox-ns/ipc {BUSYBOX} cat "
                      "/proc/sys/kernel/msgmax") == "5555\n"
 
+    # pyroute2 (imported on first use) works in the compiled agent: lo stands in for a NIC
+    vm.call(SANDBOX, "UpdateInterfaces", pb.UpdateInterfacesRequest(interfaces=[pb.Interface(
+        name="lo", device="lo", mtu=65000, IPAddresses=[
+            pb.IPAddress(address="127.0.0.1", mask="8"),
+            pb.IPAddress(address="127.0.0.53", mask="255.0.0.0")])]), empty_pb2.Empty, timeout=60)
+    vm.call(SANDBOX, "UpdateRoutes", pb.UpdateRoutesRequest(routes=[
+        pb.Route(dest="10.200.0.0/16", device="lo", scope=253)]), empty_pb2.Empty, timeout=60)
+    addresses = guest(vm, "ip addr show lo")
+    assert "mtu 65000" in addresses and "inet 127.0.0.53/8" in addresses
+    assert "10.200.0.0/16 dev lo scope link" in guest(vm, "ip route")
+
     def guest_offset_s() -> float:
         sent = time.time_ns()
         reply = vm.call(SANDBOX, "SyncClock", pb.SyncClockPacket(ClientSendTime=sent),

@@ -10,6 +10,7 @@ Containers join these paths through their OCI config.
 
 import asyncio
 import os
+import select
 import signal
 import socket
 import threading
@@ -24,6 +25,7 @@ class PodNamespaces:
         self.directory = directory
         self.paths: dict[str, str] = {}
         self.holder_pid: int | None = None
+        self._alive_w: int | None = None  # the holder exits when this closes (agent gone)
 
     async def create(self, hostname: str, ipc_sysctls: dict[str, str], share_pid: bool) -> None:
         """Make the namespaces; raises OSError, or ValueError for a bad sysctl, naming what
@@ -60,7 +62,11 @@ class PodNamespaces:
         for kind in KINDS:
             self._bind(kind, f"/proc/self/task/{tid}/ns/{kind}")
         if share_pid:
-            self.holder_pid = _fork_holder()
+            alive_r, self._alive_w = os.pipe()
+            try:
+                self.holder_pid = _fork_holder(alive_r)
+            finally:
+                os.close(alive_r)
             self._bind("pid", f"/proc/{self.holder_pid}/ns/pid")
 
     def _bind(self, kind: str, source: str) -> None:
@@ -86,6 +92,9 @@ class PodNamespaces:
             except ProcessLookupError:
                 pass
             self.holder_pid = None
+        if self._alive_w is not None:
+            os.close(self._alive_w)
+            self._alive_w = None
 
 
 def _resolve(future: asyncio.Future, error) -> None:
@@ -97,15 +106,17 @@ def _resolve(future: asyncio.Future, error) -> None:
         future.set_exception(error)
 
 
-def _fork_holder() -> int:
+def _fork_holder(alive_r: int) -> int:
     """Fork the PID namespace's init (call after unshare(CLONE_NEWPID)). The child runs no
-    Python beyond this function: it drops every inherited fd, blocks signals and reaps the
-    pod's orphans until it is killed."""
+    Python beyond this function: it keeps only `alive_r` (a pipe whose write end the agent
+    holds), blocks signals and reaps the pod's orphans until it is killed or the pipe reports
+    EOF because the agent died (dev mode; PDEATHSIG would fire when the forking thread ends)."""
     pid = os.fork()
     if pid:
         return pid
     try:
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        os.dup2(alive_r, 3)
+        os.closerange(4, os.sysconf("SC_OPEN_MAX"))
         with open("/proc/self/comm", "w") as f:
             f.write("pod-pause")
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
@@ -115,6 +126,8 @@ def _fork_holder() -> int:
                     pass
             except ChildProcessError:
                 pass
-            signal.sigwait({signal.SIGCHLD})
+            if select.select([3], [], [], 0)[0]:
+                break  # EOF: the agent is gone
+            signal.sigtimedwait({signal.SIGCHLD}, 1.0)
     finally:
         os._exit(0)
