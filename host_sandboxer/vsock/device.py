@@ -17,7 +17,7 @@ import socket
 
 from .connection import (BUF_ALLOC, CLOSED, CONNECTING, ESTABLISHED, Connection, CreditViolation)
 from .guest_memory import GuestMemoryError
-from .packet import (HEADER_SIZE, HOST_CID, MAX_PAYLOAD, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,
+from .packet import (HEADER, HEADER_SIZE, HOST_CID, MAX_PAYLOAD, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,
                      OP_NAMES, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV,
                      SHUTDOWN_SEND, TYPE_STREAM, read_header, slice_views, write_header)
 from .virtqueue import VirtqueueError
@@ -150,52 +150,66 @@ class VsockDevice:
         """One recvmsg from the host socket straight into up to BURST rx buffers; True to go on."""
         rxq = self.rxq
         room = min(conn.credit(), BURST * MAX_PAYLOAD)
-        chains, views, starved = [], [], False
-        while room > 0 and len(chains) < BURST:
-            chain = rxq.pop()
-            if chain is None:
-                starved = True
+        if room <= 0:
+            return False
+        chains = rxq.pop_many(BURST)
+        dry = len(chains) < BURST
+        taken, views = [], []
+        for chain in chains:
+            if room <= 0:
                 break
             writable = chain.writable
             if len(writable) == 1 and len(writable[0]) > HEADER_SIZE:   # Linux 6.1: one buffer each
-                payload = [writable[0][HEADER_SIZE:HEADER_SIZE + min(room, MAX_PAYLOAD)]]
+                size = min(len(writable[0]) - HEADER_SIZE, room, MAX_PAYLOAD)
+                views.append(writable[0][HEADER_SIZE:HEADER_SIZE + size])
             else:
                 payload = slice_views(writable, HEADER_SIZE, min(room, MAX_PAYLOAD))
-            if not payload:
-                raise VirtqueueError(f"rx buffer of {sum(map(len, chain.writable))} bytes holds no payload")
-            size = sum(map(len, payload))
-            chains.append((chain, size))
-            views += payload
+                if not payload:
+                    raise VirtqueueError(f"rx buffer of {sum(map(len, writable))} bytes holds no payload")
+                size = sum(map(len, payload))
+                views += payload
+            taken.append((chain, size))
             room -= size
-        if not chains:
-            if starved:
-                self._park(conn)
+        self._rollback(rxq, len(chains) - len(taken))
+        if not taken:
+            self._park(conn)
             return False
         try:
             n = conn.sock.recv_into(views[0]) if len(views) == 1 else conn.sock.recvmsg_into(views)[0]
         except BlockingIOError:
             n = None
         except OSError:
-            self._rollback(rxq, len(chains))
+            self._rollback(rxq, len(taken))
             self._drop(conn, rst=True)
             return False
-        used = filled = 0
-        if n:
-            for chain, size in chains:
-                part = min(size, n - filled)
-                if part <= 0:
-                    break
-                write_header(chain.writable, conn.header(OP_RW, part))
-                rxq.push(chain.head, HEADER_SIZE + part)
-                filled += part
-                used += 1
-            conn.tx_cnt += n
-        self._rollback(rxq, len(chains) - used)
+        used = self._fill(conn, taken, n) if n else []
+        self._rollback(rxq, len(taken) - len(used))
+        rxq.push_many(used)
         if n == 0:
             self._host_eof(conn)
-        elif starved and used == len(chains):
+        elif n and dry and len(used) == len(chains):
             self._park(conn)
-        return bool(n) and used == len(chains) and not starved
+            return False
+        return bool(n) and len(used) == len(taken)
+
+    def _fill(self, conn: Connection, taken: list, n: int) -> list:
+        """Writes the RW headers for `n` bytes received into `taken` buffers: their used entries."""
+        fields = conn.header(OP_RW)
+        pack = HEADER.pack_into
+        used = []
+        for chain, size in taken:
+            part = min(size, n)
+            first = chain.writable[0]
+            if len(first) >= HEADER_SIZE:
+                pack(first, 0, *fields[:4], part, *fields[5:])
+            else:
+                write_header(chain.writable, fields[:4] + (part,) + fields[5:])
+            used.append((chain.head, HEADER_SIZE + part))
+            n -= part
+            if n <= 0:
+                break
+        conn.tx_cnt += sum(length - HEADER_SIZE for _, length in used)
+        return used
 
     @staticmethod
     def _rollback(rxq, count: int) -> None:

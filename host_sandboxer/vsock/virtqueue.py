@@ -112,22 +112,33 @@ class Virtqueue:
 
     def pop(self):
         """The next available chain, or None. Raises VirtqueueError/GuestMemoryError if malformed."""
+        chains = self.pop_many(1)
+        return chains[0] if chains else None
+
+    def pop_many(self, limit: int) -> list:
+        """Up to `limit` available chains in ring order (fewer when the ring runs dry)."""
+        last, num = self.last_avail, self.num
         avail = U16.unpack_from(self._avail, self._avail_off + 2)[0]
-        last = self.last_avail
-        if avail == last:
-            return None
-        if (avail - last) & 0xFFFF > self.num:
-            raise VirtqueueError(f"queue {self.index}: avail idx {avail} is {(avail - last) & 0xFFFF} "
-                                 f"ahead of {last} with {self.num} entries")
-        head = U16.unpack_from(self._avail, self._avail_off + 4 + 2 * (last % self.num))[0]
-        self.last_avail = (last + 1) & 0xFFFF
-        if head >= self.num:
-            raise VirtqueueError(f"queue {self.index}: head {head} >= size {self.num}")
-        addr, length, flags, _ = DESC.unpack_from(self._desc, self._desc_off + 16 * head)
-        if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):   # the common one-descriptor chain
-            segment = self._memory.view(addr, length)
-            return Chain(head, [], [segment]) if flags & DESC_F_WRITE else Chain(head, [segment], [])
-        return self._walk(head)
+        ready = (avail - last) & 0xFFFF
+        if ready > num:
+            raise VirtqueueError(f"queue {self.index}: avail idx {avail} is {ready} ahead of {last} "
+                                 f"with {num} entries")
+        ring, ring_off = self._avail, self._avail_off + 4
+        table, table_off, view = self._desc, self._desc_off, self._memory.view
+        chains = []
+        for i in range(min(ready, limit)):
+            head = U16.unpack_from(ring, ring_off + 2 * ((last + i) % num))[0]
+            self.last_avail = (last + i + 1) & 0xFFFF
+            if head >= num:
+                raise VirtqueueError(f"queue {self.index}: head {head} >= size {num}")
+            addr, length, flags, _ = DESC.unpack_from(table, table_off + 16 * head)
+            if flags & (DESC_F_NEXT | DESC_F_INDIRECT):
+                chains.append(self._walk(head))
+            elif flags & DESC_F_WRITE:     # the common one-descriptor chains, without _walk
+                chains.append(Chain(head, [], [view(addr, length)]))
+            else:
+                chains.append(Chain(head, [view(addr, length)], []))
+        return chains
 
     def rollback(self) -> None:
         """Un-pops the last chain (it was not used); it will be returned by the next pop()."""
@@ -166,8 +177,15 @@ class Virtqueue:
 
     def push(self, head: int, length: int) -> None:
         """Puts a finished chain on the used ring (visible to the guest after publish())."""
-        USED_ELEM.pack_into(self._used, self._used_off + 4 + 8 * (self.used_idx % self.num), head, length)
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self.push_many(((head, length),))
+
+    def push_many(self, entries) -> None:
+        """push() for each (head, length), in order."""
+        used, base, num, idx = self._used, self._used_off + 4, self.num, self.used_idx
+        for head, length in entries:
+            USED_ELEM.pack_into(used, base + 8 * (idx % num), head, length)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
 
     def publish(self) -> None:
         """Makes pushed entries visible and notifies the guest when it asked to be."""
