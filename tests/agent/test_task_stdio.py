@@ -64,6 +64,23 @@ def test_100mb_stdout_arrives_intact_before_wait_returns(agent, bundles):
     assert agent.run(body, timeout=180) == expected
 
 
+def test_wait_answers_only_after_the_last_byte_is_written(agent, bundles):
+    lines = 2_000_000
+    bundle = bundles.make(["seq", "1", str(lines)])
+    out = bundle.file("out")
+    expected = sum(len(str(i)) + 1 for i in range(1, lines + 1))
+
+    async def body(t):
+        await t.create(bundle, stdout=str(out))
+        await t.start(bundle.id)
+        assert await t.wait(bundle.id) == 0
+        size_at_exit = out.stat().st_size  # before Delete: nothing may still be in flight
+        await t.delete(bundle.id)
+        return size_at_exit
+
+    assert agent.run(body) == expected
+
+
 def _open_writer(path) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
     os.set_blocking(fd, True)
