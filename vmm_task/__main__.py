@@ -17,7 +17,7 @@ usage: vmm-task                              (as PID 1 in the guest: boot, serve
        vmm-task --listen unix:///PATH [options]   (dev mode on a host)
 options:
   --listen ADDRESS    unix:///ABSOLUTE/PATH (or vsock://PORT)
-  --run-dir DIR       the agent's own runtime files (default: PATH.d next to the socket)
+  --run-dir DIR       the agent's own runtime files (default: PATH.d beside a unix socket)
   --state-dir DIR     the directory the host shares with the agent (default: the run dir)
   --runtime NAME      crun or runc, or a path (default: the first found on PATH)
   --log-level LEVEL   error, warn, info, debug or trace (default: info)
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = parse_args(sys.argv[1:] if argv is None else list(argv))
     except UsageError as e:
-        print(f"vmm-task: {e}\n{USAGE}", file=sys.stderr, end="")
-        return 2
+        return _usage_error(str(e))
     if options.get("h"):
         print(USAGE, end="")
         return 0
@@ -71,9 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vmm-task {__version__}")
         return 0
     if "listen" not in options:
-        print(f"vmm-task: not PID 1, so --listen is required\n{USAGE}", file=sys.stderr, end="")
-        return 2
+        return _usage_error("not PID 1, so --listen is required")
+    if "run-dir" not in options and not options["listen"].startswith("unix://"):
+        return _usage_error("--run-dir is required with a vsock:// listen address")
     return run_dev(options)
+
+
+def _usage_error(message: str) -> int:
+    print(f"vmm-task: {message}\n{USAGE}", file=sys.stderr, end="")
+    return 2
 
 
 def run_dev(options: dict) -> int:
@@ -86,15 +91,15 @@ def run_dev(options: dict) -> int:
     from vmm_task import server
     from vmm_task.logs import setup_logging
 
-    setup_logging(options["log-level"])
-    prctl.set_child_subreaper(True)
-    prctl.set_name("vmm-task")
     listen = options["listen"]
     try:
         listener = server.listen(listen)
     except (OSError, ValueError) as e:
         print(f"vmm-task: cannot listen on {listen}: {e}", file=sys.stderr)
         return 1
+    setup_logging(options["log-level"])
+    prctl.set_child_subreaper(True)
+    prctl.set_name("vmm-task")
     run_dir = options.get("run-dir") or listen.removeprefix(server.UNIX_PREFIX) + ".d"
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     ctx = _dev_context(options, run_dir)

@@ -52,8 +52,8 @@ def run(t_main: float) -> None:
     """Boot and serve; never returns."""
     import asyncio
 
-    config, problems = boot()
     try:
+        config, problems = boot()
         asyncio.run(_serve(config, problems, t_main))
         reason = "the agent's server stopped"
     except BaseException as e:  # PID 1 must not exit: the only clean way out is power-off
@@ -77,6 +77,5 @@ async def _serve(config: cmdline.TaskConfig, problems: list[str], t_main: float)
         power_off(f"cannot listen on {VSOCK_ADDRESS} (is there a virtio-vsock device?): {e}")
     ctx = AgentContext(reaper=Reaper(), events=EventQueue(), dev_mode=False, debug=config.debug,
                        runtime=server.find_runtime(config.runtime), manage_network=True,
-                       boot_problems=problems,
-                       started_boottime=t_main)
+                       boot_problems=problems, started_boottime=t_main)
     await server.serve(ctx, listener, t_main)
