@@ -5,7 +5,7 @@ import json
 import pytest
 
 from vmm_task.pod import files
-from vmm_task.pod.podconfig import PodConfig, PodConfigError, decode
+from vmm_task.pod.podconfig import PodConfig, decode
 from vmm_task.pod.setup import decode_config
 
 
