@@ -7,10 +7,14 @@ state root is private to this agent (`root`), never the host's default /run/crun
 
 import itertools
 import json
+import logging
 import os
+import time
 from typing import Optional, Sequence
 
 from .errors import TaskError
+
+log = logging.getLogger(__name__)
 
 StdioFds = tuple[Optional[int], Optional[int], Optional[int]]
 
@@ -70,8 +74,10 @@ class Runtime:
 
     async def _run(self, verb: str, cid: str, args: Sequence[str],
                    stdio: StdioFds = (None, None, None)) -> None:
-        log = os.path.join(self.root, f".log-{os.getpid()}-{next(self._serial)}.json")
-        argv = [self.binary, "--root", self.root, "--log", log, "--log-format", "json", verb, *args]
+        log_file = os.path.join(self.root, f".log-{os.getpid()}-{next(self._serial)}.json")
+        argv = [self.binary, "--root", self.root, "--log", log_file, "--log-format", "json", verb,
+                *args]
+        started = time.monotonic()
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
             stdin, stdout, stderr = (null if fd is None else fd for fd in stdio)
@@ -82,13 +88,15 @@ class Runtime:
         finally:
             os.close(null)
         status = await child.wait()
+        log.debug("%s %s %s: exit %d in %.1f ms", self.name, verb, cid, status.code,
+                  (time.monotonic() - started) * 1000)
         try:
             if status.code != 0:
                 raise RuntimeFailure(
                     f"{self.name} {verb} {cid} failed "
-                    f"(exit {status.code}): {_last_error(log) or 'no message in its log'}")
+                    f"(exit {status.code}): {_last_error(log_file) or 'no message in its log'}")
         finally:
-            _unlink(log)
+            _unlink(log_file)
 
 
 def _last_error(log_path: str) -> str:

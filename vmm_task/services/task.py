@@ -7,6 +7,7 @@ and only the Sandbox controller may stop the VM.
 
 import logging
 import os
+import time
 
 from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 
@@ -218,6 +219,7 @@ def register(server, ctx) -> TaskService:
 
     def guarded(name, method):
         async def handler(request, _call):
+            started = time.monotonic()
             try:
                 if name in _RUN_TO_COMPLETION:
                     work = asyncio.ensure_future(method(service, request))
@@ -228,6 +230,8 @@ def register(server, ctx) -> TaskService:
                 raise ttrpc.RpcError(ttrpc.Code[e.code], f"{name}: {e}") from None
             except OSError as e:
                 raise ttrpc.RpcError(ttrpc.Code.UNKNOWN, f"{name}: {e}") from None
+            finally:
+                log.debug("%s %s: %.1f ms", name, request.id, (time.monotonic() - started) * 1000)
         return handler
 
     server.register(SERVICE, {name: ttrpc.unary(request_type, guarded(name, method))
