@@ -57,9 +57,15 @@ class HybridVsock:
                 "-device", f"vhost-user-vsock-pci,chardev={chardev_id}"]
 
     async def open_connection(self, port: int):
-        """(reader, writer) of a stream to guest `port`; ConnectionRefusedError if nobody answers."""
-        reader, writer = await asyncio.open_unix_connection(self.uds_path)
-        writer.write(b"CONNECT %d\n" % port)
+        """(reader, writer) of a stream to guest `port`; ConnectionRefusedError if nobody answers.
+
+        In-process callers skip the unix listener: one end of a socketpair goes straight to the
+        device, which answers `OK <n>` on it exactly as it does for outside clients.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.setblocking(False)
+        self.device.connect_from_host(theirs, port, lambda host_port: theirs.sendall(b"OK %d\n" % host_port))
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
         line = await reader.readline()
         if not line.startswith(b"OK "):
             writer.close()
