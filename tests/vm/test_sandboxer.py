@@ -56,7 +56,7 @@ class Events(events_pb2_grpc.EventsServicer):
 
 
 class Env:
-    def __init__(self, work: Path, image):
+    def __init__(self, work: Path, image, sharefs: str = "virtiofs"):
         self.work = work
         self.events = Events()
         self.events_server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
@@ -65,6 +65,7 @@ class Env:
         self.events_server.add_insecure_port(f"unix://{sock}")
         self.events_server.start()
         self.daemon = demo.Daemon(work, image.kernel, image.initrd, containerd_address=str(sock))
+        self.daemon.config.write_text(self.daemon.config.read_text() + f'[sharefs]\ntype = "{sharefs}"\n')
         self.daemon.start()
         self.cri = demo.Cri(self.daemon.socket)
         self.lower = demo.busybox_tree()
@@ -78,9 +79,9 @@ class Env:
 
 
 @pytest.fixture
-def env(guest_image):
+def env(guest_image, request):
     work = Path(tempfile.mkdtemp(prefix="vsb-"))  # short: unix socket paths
-    e = Env(work, guest_image)
+    e = Env(work, guest_image, getattr(request, "param", "virtiofs"))
     yield e
     e.daemon.stop()
     e.events_server.stop(None)
@@ -223,3 +224,13 @@ def test_daemon_restart_recovers_pods(env):
     assert mountpoints_under(env.work) == []
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "vmm-survivor" not in ps, "no VMM of the pod may be left"
+
+
+@pytest.mark.parametrize("env", ["9p"], indirect=True)
+def test_rootfs_and_binds_over_9p(env):
+    started = env.cri.run_pod("ninep")
+    b = env.bundle("c9", ["sh", "-c", "cat /etc/hostname; ls /bin/busybox"], started.pid)
+    out = demo.run_container(demo.Cri.task_client(started.address), b)
+    assert out == (b"c9\n/bin/busybox\n", b"", 0)
+    env.cri.remove_pod("ninep")
+    assert mountpoints_under(env.work) == []
