@@ -1,18 +1,19 @@
 """Rootfs mounts of a Create request, mounted onto `<bundle>/rootfs` as the runc shim does, and
-unmounted again on Delete. mount(2) through libc (no util-linux in the guest)."""
+unmounted again on Delete. mount(2) through the agent's libc calls (no util-linux in the guest)."""
 
-import ctypes
+import errno
 import os
 from typing import Iterable, NamedTuple
 
-from .errors import TaskError, invalid_argument
-from .libc import check, libc
+from vmm_task.init import syscalls
+from vmm_task.init.syscalls import (MNT_DETACH, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID,
+                                    MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, MS_SHARED,
+                                    MS_SLAVE)
 
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_SYNCHRONOUS, MS_REMOUNT, MS_MANDLOCK, MS_DIRSYNC = 16, 32, 64, 128
-MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 1024, 2048, 4096, 16384
-MS_PRIVATE, MS_SLAVE, MS_SHARED, MS_RELATIME, MS_STRICTATIME = 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 24
-MNT_DETACH = 2
+from .errors import TaskError, invalid_argument
+
+MS_SYNCHRONOUS, MS_MANDLOCK, MS_DIRSYNC = 16, 64, 128
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
 
 # option -> (clear?, flag), the mount(8) vocabulary containerd's mount package understands
 _FLAGS = {
@@ -57,22 +58,20 @@ def mount(source: str, target: str, fstype: str, options: Iterable[str]) -> None
     flags, propagation, data = parse_options(options)
     if "\0" in source + target + fstype + data:
         raise invalid_argument(f"mount of {source!r} on {target!r}: NUL byte in the mount fields")
-    check(libc().mount(source.encode(), target.encode(), fstype.encode() or None, flags,
-                       data.encode() or None), f"mount {fstype} {source} on {target}")
+    syscalls.mount(source, target, fstype or None, flags, data or None)
     if flags & MS_BIND and flags & MS_RDONLY:  # a bind mount ignores MS_RDONLY until remounted
-        check(libc().mount(None, target.encode(), None, flags | MS_REMOUNT, None),
-              f"remount {target} read-only")
+        syscalls.mount(None, target, None, flags | MS_REMOUNT)
     if propagation:
-        check(libc().mount(None, target.encode(), None, propagation, None),
-              f"set propagation of {target}")
+        syscalls.mount(None, target, None, propagation)
 
 
 def unmount(target: str) -> None:
     """Detach `target`; a target that is not mounted is fine."""
-    if libc().umount2(target.encode(), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (22, 2):  # EINVAL: not a mount point; ENOENT: gone
-            raise OSError(err, f"umount {target}: {os.strerror(err)}")
+    try:
+        syscalls.umount(target, MNT_DETACH)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOENT):  # not a mount point, or gone
+            raise
 
 
 def mount_rootfs(mounts: list[Mount], rootfs: str) -> int:

@@ -8,7 +8,6 @@ import os
 from typing import Callable, Optional
 
 from .cgroups import Cgroup, flat_keyed
-from .libc import check, libc
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +31,10 @@ class OomWatcher:
 
     def _watch_v2(self) -> None:
         events = os.path.join(self._cgroup.dir(""), "memory.events")
-        fd = check(libc().inotify_init1(IN_NONBLOCK_CLOEXEC), "inotify_init1")
+        fd = _inotify("inotify_init1", "", IN_NONBLOCK_CLOEXEC)
         self._fds.append(fd)
         try:
-            check(libc().inotify_add_watch(fd, events.encode(), IN_MODIFY), f"inotify on {events}")
+            _inotify("inotify_add_watch", events, fd, events.encode(), IN_MODIFY)
         except OSError:
             self.close()
             raise
@@ -98,6 +97,17 @@ class OomWatcher:
                 pass
             os.close(fd)
         self._fds.clear()
+
+
+def _inotify(name: str, what: str, *args) -> int:
+    """libc's inotify call `name` (the os module has none); OSError naming it on failure."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = getattr(libc, name)(*args)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name} {what}: {os.strerror(err)}")
+    return result
 
 
 def watch(cgroup: Optional[Cgroup], on_oom: Callable[[], None]) -> Optional[OomWatcher]:
