@@ -15,7 +15,7 @@ import itertools
 import logging
 import socket
 
-from .connection import (BUF_ALLOC, CLOSED, CONNECTING, ESTABLISHED, Connection, CreditViolation)
+from .connection import CLOSED, CONNECTING, ESTABLISHED, Connection, CreditViolation
 from .guest_memory import GuestMemoryError
 from .packet import (HEADER, HEADER_SIZE, HOST_CID, MAX_PAYLOAD, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,
                      OP_NAMES, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV,
@@ -49,10 +49,12 @@ def guarded(method):
 
 
 class VsockDevice:
-    def __init__(self, guest_cid: int, dial, loop: asyncio.AbstractEventLoop = None):
-        """`dial(port) -> socket | None` opens the host end of a guest-initiated stream."""
+    def __init__(self, guest_cid: int, dial, loop: asyncio.AbstractEventLoop = None, on_fail=None):
+        """`dial(port) -> socket | None` opens the host end of a guest-initiated stream;
+        `on_fail(reason)` hears of every reset caused by a malformed ring."""
         self.guest_cid = guest_cid
         self.dial = dial
+        self.on_fail = on_fail
         self.loop = loop or asyncio.get_event_loop()
         self.rxq = self.txq = None
         self.conns = {}
@@ -85,6 +87,8 @@ class VsockDevice:
         log.error("vsock cid %d: device reset: %s", self.guest_cid, reason)
         self.broken = reason
         self._reset_all()
+        if self.on_fail is not None:
+            self.on_fail(reason)
 
     def _reset_all(self) -> None:
         self.control.clear()
@@ -459,7 +463,7 @@ class VsockDevice:
                 if rxq.arm():
                     continue
                 break
-            item = control.popleft()
+            item = control.popleft()      # (conn, op, flags), or a whole header for a stranger
             if len(item) == 3:
                 conn, op, flags = item
                 item = conn.header(op, 0, flags)

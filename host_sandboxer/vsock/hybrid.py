@@ -45,7 +45,8 @@ class HybridVsock:
         """Listens on both sockets; must run before QEMU starts (QEMU connects at startup)."""
         loop = asyncio.get_running_loop()
         self.dead = loop.create_future()
-        self.device = VsockDevice(self.guest_cid, self._dial, loop)
+        self.device = VsockDevice(self.guest_cid, self._dial, loop,
+                                  on_fail=lambda reason: self._died(f"device reset by a malformed ring: {reason}"))
         frontend = _listen(self.vhost_socket, backlog=1)
         clients = _listen(self.uds_path, backlog=128)
         self._listeners = [frontend, clients]

@@ -296,3 +296,16 @@ async def test_without_event_idx_every_used_buffer_is_signalled(tmp_path):
     assert await reader.readexactly(3000) == b"b" * 3000
     assert os.eventfd_read(h.guest.call[1]) >= 1     # tx completions
     await h.close()
+
+
+@run_async
+async def test_malformed_ring_resets_the_device_and_resolves_dead(tmp_path):
+    h = await Hybrid(tmp_path).start()
+    reader, writer, port = await h.established()
+    h.guest.make_avail(1, 9999)          # a head beyond the ring
+    h.guest.notify(1)
+    reason = await asyncio.wait_for(h.vsock.dead, 5)
+    assert "malformed ring" in reason and "head 9999" in reason
+    assert await closed_by_peer(reader)
+    assert h.vsock.backend.closed is False, "the vhost-user session itself stays up"
+    await h.close()
