@@ -125,16 +125,32 @@ def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env, guest_image):
     tasks.Start(task.StartRequest(id="c2"), metadata=NS, timeout=60)
     tty_out = b2.fifo("exec-out")
     reader = demo.FifoReader(tty_out)
-    process = {"terminal": True, "args": ["sh", "-c", "tty; stty size; echo exec-ok"], "cwd": "/",
+    process = {"terminal": True, "args": ["sh", "-c", "tty; sleep 2; stty size; echo exec-ok"], "cwd": "/",
                "env": ["PATH=/bin", "TERM=xterm"], "user": {"uid": 0, "gid": 0}}
     spec = task.ExecProcessRequest(id="c2", exec_id="e1", terminal=True, stdout=tty_out)
     spec.spec.type_url = demo.PROCESS_SPEC_TYPE
     spec.spec.value = json.dumps(process).encode()
     tasks.Exec(spec, metadata=NS, timeout=60)
     tasks.Start(task.StartRequest(id="c2", exec_id="e1"), metadata=NS, timeout=60)
+    tasks.ResizePty(task.ResizePtyRequest(id="c2", exec_id="e1", width=100, height=40), metadata=NS, timeout=10)
     assert tasks.Wait(task.WaitRequest(id="c2", exec_id="e1"), metadata=NS, timeout=60).exit_status == 0
     text = reader.result().decode()
-    assert "/dev/pts/" in text and "exec-ok" in text, text
+    assert "/dev/pts/" in text and "40 100" in text and "exec-ok" in text, text
+
+    # stdin: containerd writes its FIFO, closes it, then CloseIO; everything reaches the process
+    stdin, stdout = b2.fifo("cat-in"), b2.fifo("cat-out")
+    cat_out = demo.FifoReader(stdout)
+    cat = task.ExecProcessRequest(id="c2", exec_id="e2", stdin=stdin, stdout=stdout)
+    cat.spec.type_url = demo.PROCESS_SPEC_TYPE
+    cat.spec.value = json.dumps(dict(process, terminal=False, args=["cat"])).encode()
+    tasks.Exec(cat, metadata=NS, timeout=60)
+    tasks.Start(task.StartRequest(id="c2", exec_id="e2"), metadata=NS, timeout=60)
+    payload = os.urandom(200_000)
+    with open(stdin, "wb") as f:
+        f.write(payload)
+    tasks.CloseIO(task.CloseIORequest(id="c2", exec_id="e2", stdin=True), metadata=NS, timeout=60)
+    assert tasks.Wait(task.WaitRequest(id="c2", exec_id="e2"), metadata=NS, timeout=60).exit_status == 0
+    assert cat_out.result() == payload
     state = tasks.State(task.StateRequest(id="c2"), metadata=NS, timeout=10)
     assert state.bundle == str(b2.path)  # host paths back, not the guest's
     tasks.Kill(task.KillRequest(id="c2", signal=signal.SIGKILL, all=True), metadata=NS, timeout=10)
