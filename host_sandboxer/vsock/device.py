@@ -194,20 +194,22 @@ class VsockDevice:
         elif n and dry and len(used) == len(chains):
             self._park(conn)
             return False
-        return bool(n) and len(used) == len(taken)
+        # A short read means the socket is drained: asking again would only raise EAGAIN.
+        return bool(n) and n == sum(size for _, size in taken)
 
     def _fill(self, conn: Connection, taken: list, n: int) -> list:
         """Writes the RW headers for `n` bytes received into `taken` buffers: their used entries."""
         fields = conn.header(OP_RW)
+        before, after = fields[:4], fields[5:]    # around the length field
         pack = HEADER.pack_into
         used = []
         for chain, size in taken:
             part = min(size, n)
             first = chain.writable[0]
             if len(first) >= HEADER_SIZE:
-                pack(first, 0, *fields[:4], part, *fields[5:])
+                pack(first, 0, *before, part, *after)
             else:
-                write_header(chain.writable, fields[:4] + (part,) + fields[5:])
+                write_header(chain.writable, before + (part,) + after)
             used.append((chain.head, HEADER_SIZE + part))
             n -= part
             if n <= 0:
