@@ -74,7 +74,7 @@ async def start(pod: Pod, config) -> None:
     try:
         await _set_up_agent(pod)
         if attachment:
-            await pod_network.configure_guest(pod.agent.call, attachment, SETUP_TIMEOUT_S)
+            await pod_network.configure_guest(pod.agent.call, attachment)
         await _serve_task_address(pod)
     except BaseException as exc:
         what = exc.message if isinstance(exc, HostError) else f"{type(exc).__name__}: {exc}"

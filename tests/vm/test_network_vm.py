@@ -1,0 +1,86 @@
+"""Pod networking end to end: vmm-sandboxer starts a pod in a network namespace the test made
+(veth to a peer namespace, 192.0.2.0/24); containers in the VM ping the peer, connect to a TCP
+server in the peer namespace and serve TCP to the peer; Stop leaves the pod namespace as the
+"CNI" made it.  Only the test's own namespaces carry traffic."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+
+import grpc
+import pytest
+
+from bench.netpair import GATEWAY, PEER_IP, POD_IP, NetnsPair
+from bench.netpod import Daemon, NetPod, demo
+from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
+
+pytestmark = [pytest.mark.vm, pytest.mark.skipif(os.geteuid() != 0, reason="netns and mounts need root")]
+PEER_PORT, POD_PORT = 8080, 8081
+
+
+@pytest.fixture
+def daemon(guest_image):
+    d = Daemon(guest_image.kernel, guest_image.initrd)
+    yield d
+    d.close()
+
+
+def _serve_once(server, reply: bytes) -> bytes:
+    server.settimeout(60)
+    conn, _ = server.accept()
+    with conn:
+        conn.settimeout(30)
+        data = conn.recv(100)
+        conn.sendall(reply)
+    return data
+
+
+def test_containers_reach_the_peer_and_are_reached_through_the_pod_namespace(daemon):
+    with NetnsPair() as pair:
+        before = pair.snapshot(pair.pod)
+        pod = NetPod(daemon, pair)
+        try:
+            assert "tap0_vmm" in {link["ifname"] for link in pair.links(pair.pod)}
+            out, err, status = pod.run("c-ip", "ip -o addr show eth0; ip route; "
+                                       "cat /sys/class/net/eth0/address")
+            assert status == 0, err
+            assert f"inet {POD_IP}/24" in out
+            assert f"default via {GATEWAY} dev eth0" in out
+            assert pair.mac(pair.pod) in out  # the guest NIC carries the pod link's MAC
+
+            out, err, status = pod.run("c-ping", f"ping -c 2 -W 10 {PEER_IP}")
+            assert status == 0, out + err
+            assert "2 packets received" in out
+
+            with pod.peer_socket() as server, concurrent.futures.ThreadPoolExecutor(1) as pool:
+                server.bind((PEER_IP, PEER_PORT))
+                server.listen(1)
+                received = pool.submit(_serve_once, server, b"hello-from-peer\n")
+                out, err, status = pod.run("c-tcp-out", f"echo hello-from-vm | nc {PEER_IP} {PEER_PORT}")
+                assert status == 0, err
+                assert received.result(60) == b"hello-from-vm\n"
+                assert out == "hello-from-peer\n"
+
+            container = pod.run_in_background("c-tcp-in", f"echo hello-from-vm | nc -l -p {POD_PORT}")
+            with pod.connect_from_peer(POD_PORT) as conn:
+                conn.sendall(b"hello-from-peer\n")
+                assert conn.recv(100) == b"hello-from-vm\n"
+            out, err, status = container.result(60)
+            assert (out, status) == ("hello-from-peer\n", 0), err
+        finally:
+            pod.remove()
+        assert pair.snapshot(pair.pod) == before
+
+
+def test_missing_network_namespace_fails_start_and_leaves_nothing(daemon):
+    daemon.create("nonet", "/var/run/netns/vmmt-absent")
+    with pytest.raises(grpc.RpcError) as info:
+        daemon.start("nonet")
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "network namespace /var/run/netns/vmmt-absent does not exist" in info.value.details()
+    pod_dir = daemon.daemon.state / "nonet"
+    assert not (pod_dir / "network.json").exists()
+    assert not (pod_dir / "qemu.log").exists()  # no VMM was started
+    daemon.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="nonet"),
+                                   metadata=demo.NAMESPACE, timeout=60)
+    assert not pod_dir.exists()
