@@ -5,7 +5,7 @@ import logging
 import grpc
 
 from host_sandboxer.sandbox.ids import InvalidID, check_id
-from host_sandboxer.sandbox.pod import Pod
+from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, Pod
 from host_sandboxer.sandbox.podconfig import PodConfigError, parse_pod_config
 from host_sandboxer.sandbox.statedir import StateDir
 from host_sandboxer.taskproxy.errors import HostError
@@ -72,7 +72,8 @@ class Sandboxes:
                 continue
             self.pods[sandbox_id] = pod
             if pod.state == "ready":
-                pod.mark_exited(255, "VM lost with the previous daemon process; recovered as stopped")
+                pod.mark_exited(UNKNOWN_EXIT_STATUS,
+                                "VM lost with the previous daemon process; recovered as stopped")
             elif pod.state == "stopped":
                 pod.vm_exited.set_result(pod.exit_status)
             log.info("sandbox %s recovered (%s)", sandbox_id, pod.state)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 READY, NOT_READY = "SANDBOX_READY", "SANDBOX_NOTREADY"
 GUEST_POD_NS_DIR = "/run/sandbox-ns"
-UNKNOWN_EXIT_STATUS = 255
+UNKNOWN_EXIT_STATUS = 255  # containerd's value for an exit nobody saw
 
 
 def timestamp(ns: int) -> timestamp_pb2.Timestamp:

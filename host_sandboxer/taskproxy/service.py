@@ -12,13 +12,14 @@ import logging
 import time
 
 import grpc
-from google.protobuf import empty_pb2, message_factory, timestamp_pb2
+from google.protobuf import empty_pb2, message_factory
 
 from host_sandboxer.taskproxy.bundle import GuestBundle
 from host_sandboxer.taskproxy.errors import HostError, grpc_code
 from host_sandboxer.taskproxy.spec_rewrite import guest_bundle
 from host_sandboxer.taskproxy.stdio import ProcessStdio
 from host_sandboxer.sandbox.ids import InvalidID, check_id
+from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, timestamp
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as v2
 from vmm_common.protos.containerd.task.v3 import shim_pb2 as v3
 from vmm_common.protos.containerd.task.v3 import shim_pb2_grpc as v3_grpc
@@ -27,7 +28,6 @@ from vmm_common.ttrpc import RpcError
 log = logging.getLogger(__name__)
 
 GUEST_TASK_SERVICE = "containerd.task.v2.Task"
-UNKNOWN_EXIT_STATUS = 255  # containerd's value for an exit nobody saw
 STDIO_DRAIN_S = 5.0
 LINK_LOST_GRACE_S = 3.0  # how long a lost guest link may precede the VMM's noticed death
 _V2_METHODS = v2.DESCRIPTOR.services_by_name["Task"].methods_by_name
@@ -229,6 +229,4 @@ class TaskProxy(v3_grpc.TaskServicer):
 
 def vm_death_exit(pod) -> v3.WaitResponse:
     """The Wait answer for a process whose VM is gone: status 255 at the VM's death."""
-    exited_at = timestamp_pb2.Timestamp()
-    exited_at.FromNanoseconds(pod.exited_at_ns or time.time_ns())
-    return v3.WaitResponse(exit_status=UNKNOWN_EXIT_STATUS, exited_at=exited_at)
+    return v3.WaitResponse(exit_status=UNKNOWN_EXIT_STATUS, exited_at=timestamp(pod.exited_at_ns or time.time_ns()))
