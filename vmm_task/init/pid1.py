@@ -8,6 +8,7 @@ the VM off, with a message; nothing here ever returns or exits (PID 1 exiting pa
 import logging
 import os
 import socket
+import time
 
 from vmm_task.context import STATE_DIR
 from vmm_task.init import cmdline, console, loopback, mounts, signals
@@ -23,6 +24,7 @@ GUEST_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/b
 def boot() -> tuple[cmdline.TaskConfig, list[str]]:
     """Mounts, console, command line, cgroups, loopback, shared directory.
     Returns the parsed config and every problem met (already logged)."""
+    started = time.clock_gettime(time.CLOCK_BOOTTIME)
     problems = mounts.mount_base()          # /dev first: the console lives there
     problem = console.attach_console()
     problems += [problem] if problem else []
@@ -44,7 +46,8 @@ def boot() -> tuple[cmdline.TaskConfig, list[str]]:
         later.append(f"cannot set the hostname: {e}")
     for problem in later:
         log.error("boot: %s", problem)
-    log.info("boot: %r", config)
+    log.info("boot: %r; steps took %.3f s", config,
+             time.clock_gettime(time.CLOCK_BOOTTIME) - started)
     return config, problems + later
 
 
