@@ -17,16 +17,29 @@ async def update_routes(routes) -> None:
 
     ordered = sorted(routes, key=lambda r: bool(r.gateway))
     async with AsyncIPRoute() as ipr:
-        for family in (socket.AF_INET, socket.AF_INET6):
-            async for old in await ipr.route("dump", family=family, table=RT_TABLE_MAIN):
-                if old["proto"] != RTPROT_KERNEL and old.get("RTA_TABLE") == RT_TABLE_MAIN:
-                    await ipr.route("del", **_identity(old))
+        await _remove_our_routes(ipr)
         for route in ordered:
             request = await _request(ipr, route)
             try:
                 await ipr.route("replace", **request)
             except Exception as e:
                 raise NetworkConfigError(f"route {_describe(route)}: {e}") from None
+
+
+async def _remove_our_routes(ipr) -> None:
+    """Every main-table route except those the kernel derived from addresses."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        old_routes = [route async for route in await ipr.route("dump", family=family,
+                                                                 table=RT_TABLE_MAIN)
+                      if route["proto"] != RTPROT_KERNEL
+                      and route.get("RTA_TABLE") == RT_TABLE_MAIN]
+        for old in old_routes:
+            try:
+                await ipr.route("del", **_identity(old))
+            except Exception as e:
+                raise NetworkConfigError(
+                    f"cannot remove the old route {old.get('RTA_DST') or 'default'}"
+                    f"/{old['dst_len']}: {e}") from None
 
 
 def _identity(route) -> dict:
