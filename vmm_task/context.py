@@ -41,8 +41,8 @@ class AgentContext:
     `dev_mode`: an ordinary host process (`--listen unix://...`), not PID 1 in a VM.
     `run_dir`: where the agent keeps its own runtime files (pod namespaces, resolv.conf, ...).
     `runtime`: path of crun or runc. `manage_network`: the network namespace is the pod's to
-    configure (always in the VM; dev mode only with --manage-network). `boot_problems`: what failed while booting (PID 1).
-    `started_boottime`: CLOCK_BOOTTIME when main() began. `services`: names registered on the
+    configure (always in the VM; dev mode only with --manage-network). `boot_problems`: what
+    failed while booting (PID 1). `started_boottime`: CLOCK_BOOTTIME when main() began. `services`: names registered on the
     server. `cleanups`: callables run when the server stops (dev mode: unmount what we mounted)."""
 
     __slots__ = ("reaper", "events", "sandbox", "debug", "dev_mode", "state_dir", "run_dir",
@@ -51,7 +51,8 @@ class AgentContext:
 
     def __init__(self, *, reaper: Reaper, events: EventQueue, dev_mode: bool, debug: bool = False,
                  state_dir: str = STATE_DIR, run_dir: str = "/run", runtime: str = "crun",
-                 manage_network: bool = False, boot_problems: Optional[list[str]] = None, started_boottime: float = 0.0):
+                 manage_network: bool = False, boot_problems: Optional[list[str]] = None,
+                 started_boottime: float = 0.0):
         self.reaper = reaper
         self.events = events
         self.sandbox = SandboxState()

@@ -121,7 +121,8 @@ def test_setup_sandbox_namespaces_dns_hosts_and_refusals(start_agent):
     assert host_sysctl.code == Code.FAILED_PRECONDITION and "kernel.pid_max" in host_sysctl.message
     unknown = agent.error(SANDBOX, "SetupSandbox", pod_config(
         hostname="web-0", linux={"sysctls": {"kernel.shm_no_such": "1"}}), empty_pb2.Empty)
-    assert unknown.code == Code.INVALID_ARGUMENT and "no sysctl kernel.shm_no_such" in unknown.message
+    assert unknown.code == Code.INVALID_ARGUMENT
+    assert "no sysctl kernel.shm_no_such" in unknown.message
 
     agent.call(SANDBOX, "SetupSandbox", pod_config(
         hostname="web-0",

@@ -75,7 +75,8 @@ def test_pid1_ready_line_bad_parameters_and_orphan_reaping(vm_factory, tmp_path)
 
 def test_mounts_pod_namespaces_and_clock_in_the_guest(vm_factory, tmp_path):
     vm = booted_with_busybox(vm_factory, tmp_path)
-    mounts = {line.split()[1]: line.split()[2] for line in guest(vm, "cat /proc/mounts").splitlines()}
+    mounts = {line.split()[1]: line.split()[2]
+              for line in guest(vm, "cat /proc/mounts").splitlines()}
     for target, fstype in (("/proc", "proc"), ("/sys", "sysfs"), ("/dev", "devtmpfs"),
                            ("/dev/pts", "devpts"), ("/dev/shm", "tmpfs"), ("/run", "tmpfs"),
                            ("/sys/fs/cgroup", "cgroup2"), ("/run/kuasar/state", "virtiofs")):
