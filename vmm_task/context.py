@@ -1,8 +1,4 @@
-"""State shared by every service of one agent (one `AgentContext` per process).
-
-Plain classes rather than dataclasses: `dataclasses` is not otherwise imported by the agent and
-every module costs boot time in the guest.
-"""
+"""State shared by every service of one agent (one `AgentContext` per process)."""
 
 from typing import Optional
 
