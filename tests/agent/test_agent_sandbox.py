@@ -95,8 +95,13 @@ def status(agent) -> health_pb.StatusResponse:
     return agent.call(HEALTH, "Status", empty_pb2.Empty(), health_pb.StatusResponse)
 
 
-def test_check_health_and_clean_stop(start_agent):
+def test_ready_line_check_health_and_clean_stop(start_agent):
     agent = start_agent()
+    ready = [line for line in agent.log().splitlines() if "vmm-task ready" in line]
+    fields = dict(word.split("=") for word in ready[0].split() if "=" in word)
+    started, main, ready_at = (float(fields[k].rstrip("s")) for k in ("started", "main", "ready"))
+    assert len(ready) == 1 and 0 < started <= main <= ready_at
+    assert int(fields["pid"]) == agent.pid and float(fields["rss"].rstrip("MB")) > 1
     agent.call(SANDBOX, "Check", pb.CheckRequest(), empty_pb2.Empty)
     version = agent.call(HEALTH, "Version", empty_pb2.Empty(), health_pb.VersionResponse)
     assert version.mode == "dev" and version.runtime.endswith(("crun", "runc"))
