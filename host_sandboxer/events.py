@@ -13,7 +13,9 @@ import os
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 
+from vmm_common.protos.containerd.events import task_pb2
 from vmm_common.protos.containerd.services.events.v1 import events_pb2, events_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,34 @@ def namespace_of(context) -> str:
 def pack(message):
     """A message as containerd's typeurl packs events: an Any typed by the bare full name."""
     return any_pb2.Any(type_url=message.DESCRIPTOR.full_name, value=message.SerializeToString())
+
+
+_TASK_TOPICS = {
+    "/tasks/create": task_pb2.TaskCreate, "/tasks/start": task_pb2.TaskStart,
+    "/tasks/delete": task_pb2.TaskDelete, "/tasks/exit": task_pb2.TaskExit,
+    "/tasks/oom": task_pb2.TaskOOM, "/tasks/exec-added": task_pb2.TaskExecAdded,
+    "/tasks/exec-started": task_pb2.TaskExecStarted, "/tasks/paused": task_pb2.TaskPaused,
+    "/tasks/resumed": task_pb2.TaskResumed, "/tasks/checkpointed": task_pb2.TaskCheckpointed,
+}
+
+
+def check_guest_event(topic: str, event, container_ids) -> str:
+    """Why an event from a guest must not reach containerd ("" if it may).
+
+    The guest is untrusted: it may only speak of its own pod's containers, with a task topic
+    and the message type containerd publishes under that topic."""
+    message_type = _TASK_TOPICS.get(topic)
+    if message_type is None:
+        return f"topic {topic!r} is not a task event"
+    if event.type_url != message_type.DESCRIPTOR.full_name:
+        return f"topic {topic} carries {event.type_url!r}, not {message_type.DESCRIPTOR.full_name}"
+    try:
+        message = message_type.FromString(event.value)
+    except DecodeError as exc:
+        return f"undecodable {topic} event: {exc}"
+    if message.container_id not in container_ids:
+        return f"{topic} for container {message.container_id!r}, which is not in this pod"
+    return ""
 
 
 class EventPublisher:

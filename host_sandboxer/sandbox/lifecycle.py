@@ -11,6 +11,7 @@ import time
 import grpc
 from google.protobuf import empty_pb2
 
+from host_sandboxer.events import check_guest_event
 from host_sandboxer.network import NetworkError
 from host_sandboxer.network import pod as pod_network
 from host_sandboxer.sandbox.agent import AgentLink
@@ -143,6 +144,10 @@ async def _pump_events(pod: Pod) -> None:
                 return
             log.warning("pod %s: GetEvents failed (%s); retrying", pod.id, exc)
             await asyncio.sleep(0.5)
+            continue
+        refused = check_guest_event(envelope.topic, envelope.event, pod.known_container_ids)
+        if refused:
+            log.warning("pod %s: guest event dropped: %s", pod.id, refused)
             continue
         pod.publisher.publish(pod.namespace, envelope.topic, envelope.event)
 

@@ -69,6 +69,7 @@ class Pod:
         self.boot_info: dict[str, str] = {}
         self.ports = PortAllocator()
         self.containers: dict[str, Container] = {}
+        self.known_container_ids: set[str] = set()  # ever created here: their events may pass
         self.vm_exited: asyncio.Future = asyncio.get_running_loop().create_future()
         self.stopping = False
         self.watchers: list[asyncio.Task] = []  # VM death watch, event pump
@@ -132,6 +133,7 @@ class Pod:
     def add_container(self, container_id: str, host_bundle: str, stdio: ProcessStdio) -> None:
         self.containers[container_id] = Container(host_bundle, GuestBundle(self.shared_dir, container_id),
                                                   {"": stdio})
+        self.known_container_ids.add(container_id)
         self.save()
 
     async def remove_container(self, container_id: str) -> None:

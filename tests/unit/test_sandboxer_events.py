@@ -9,10 +9,10 @@ import asyncio
 import grpc
 import pytest
 
-from host_sandboxer.events import EventPublisher, pack
+from host_sandboxer.events import EventPublisher, check_guest_event, pack
 from vmm_common.protos.containerd.events import task_pb2
 from vmm_common.protos.containerd.services.events.v1 import events_pb2_grpc
-from google.protobuf import empty_pb2
+from google.protobuf import any_pb2, empty_pb2
 
 
 class RecordingEvents(events_pb2_grpc.EventsServicer):
@@ -62,3 +62,14 @@ def test_unreachable_containerd_drops_after_retries_without_blocking(tmp_path):
         await publisher.close()
 
     asyncio.run(scenario())
+
+
+def test_guest_events_only_about_its_own_containers_pass():
+    mine = pack(task_pb2.TaskExit(container_id="c1", id="c1", exit_status=0))
+    assert check_guest_event("/tasks/exit", mine, {"c1"}) == ""
+    other = pack(task_pb2.TaskExit(container_id="victim", id="victim"))
+    assert "not in this pod" in check_guest_event("/tasks/exit", other, {"c1"})
+    assert "not a task event" in check_guest_event("/containers/delete", mine, {"c1"})
+    assert "not containerd.events.TaskStart" in check_guest_event("/tasks/start", mine, {"c1"})
+    garbage = any_pb2.Any(type_url="containerd.events.TaskExit", value=b"\xff\xff\xff")
+    assert "undecodable" in check_guest_event("/tasks/exit", garbage, {"c1"})
