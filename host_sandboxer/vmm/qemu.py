@@ -82,6 +82,15 @@ class Qemu:
         """Ask QEMU to exit now (the guest gets no say)."""
         await self.qmp.execute("quit")
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) QEMU has used so far: under TCG, the cost of the guest's work."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, AttributeError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def failure(self, what: str) -> str:
         """`what` plus how QEMU ended, its last SHUTDOWN event, its output and the console tail."""
         parts = [what]

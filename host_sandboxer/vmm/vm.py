@@ -46,6 +46,7 @@ class BootTimeline:
     kernel_init_guest_s: float | None
     agent_ready_s: float  # the agent printed "vmm-task ready"
     agent_ready_guest_s: float | None
+    qemu_cpu_s: float | None  # CPU time QEMU used until the agent was ready
 
     def as_dict(self) -> dict:
         return {k: (round(v, 3) if v is not None else None) for k, v in asdict(self).items()}
@@ -178,7 +179,8 @@ class GuestVm:
             kernel_init_s=init.host_time - start if init else None,
             kernel_init_guest_s=init.guest_time if init else None,
             agent_ready_s=line.host_time - start,
-            agent_ready_guest_s=line.guest_time)
+            agent_ready_guest_s=line.guest_time,
+            qemu_cpu_s=qemu.cpu_seconds())
         return self.timeline
 
     def _socket_path(self, name: str) -> Path:
