@@ -18,8 +18,18 @@ COMMANDS = {
 DEFAULT = "zstd"
 
 
-def compress(data: bytes, method: str = DEFAULT) -> bytes:
+def _command(method: str) -> list[str]:
     if method not in COMMANDS:
         raise ValueError(f"unknown initrd compression {method!r}; choose from {sorted(COMMANDS)}")
-    return subprocess.run(COMMANDS[method], input=data, stdout=subprocess.PIPE,
-                          check=True).stdout
+    return COMMANDS[method]
+
+
+def compress(data: bytes, method: str = DEFAULT) -> bytes:
+    return subprocess.run(_command(method), input=data, stdout=subprocess.PIPE, check=True).stdout
+
+
+def decompress(data: bytes, method: str) -> bytes:
+    """The inverse (used by the compression benchmark); `cat` for "none"."""
+    command = _command(method)
+    command = [command[0], "-d", "-c"] if method != "none" else command
+    return subprocess.run(command, input=data, stdout=subprocess.PIPE, check=True).stdout
