@@ -6,7 +6,6 @@ is covered by the other VM tests; these push the transport itself.
 """
 
 import asyncio
-import functools
 import hashlib
 import os
 import signal
@@ -24,7 +23,6 @@ MiB = 1 << 20
 def with_vms(count: int):
     """Runs the async test with `count` booted echo guests; tears them down whatever happens."""
     def decorate(test):
-        @functools.wraps(test)
         def wrapper():
             async def scenario():
                 dirs = [short_run_dir() for _ in range(count)]
@@ -39,7 +37,7 @@ def with_vms(count: int):
                     for d in dirs:
                         remove_run_dir(d)
             asyncio.run(scenario())
-        wrapper.__signature__ = None
+        wrapper.__name__, wrapper.__doc__ = test.__name__, test.__doc__   # no fixtures: the VMs are args
         return wrapper
     return decorate
 
