@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--config", help="TOML configuration file (default: built-in defaults)")
     args = parser.parse_args(argv)
     if args.command == "check":
-        return _check(args.config)
+        return _check(args.config or args.serve_config)  # `--config F check` or `check --config F`
     if not (args.listen and args.dir):
         parser.error("serving needs --listen SOCKET and --dir STATE_DIR (or the `check` command)")
     return _serve(args)

@@ -112,8 +112,9 @@ class GuestVm:
                 raise VmError("image", f"no {what} at {path} (run `make guest-image` or set vm.{what})")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.run_dir, 0o700)
-        # Fail early on a deep run_dir: the longest socket name is hybrid vsock's guest->host one.
-        self._socket_path("vsock.sock_4294967295")
+        # Fail early on a deep run_dir. The longest socket name always made is hybrid vsock's
+        # `vhost-vsock.sock`; its guest->host listeners `vsock.sock_<port>` are as long up to port 99999.
+        self._socket_path("vhost-vsock.sock")
         self.transport = self._make_transport()
         try:
             await self.transport.start()
