@@ -208,13 +208,18 @@ class VhostUserBackend:
             (value,) = msg.unpack(vu.U64)
             q = self._queue(value & vu.VRING_IDX_MASK)
             fd = None if value & vu.VRING_NOFD_MASK or not msg.fds else msg.fds[0]
-            if name == "kick_fd":
-                self._stop_queues(f"queue {q.index} got a new kick fd")
-                if not self.features & vu.F_PROTOCOL_FEATURES:
-                    q.enabled = True   # without protocol features a kick fd starts the ring
-            q.replace_fd(name, fd)
-            if name == "kick_fd" and fd is None:
+            if name != "kick_fd":
+                q.replace_fd(name, fd)    # used from the next notification on
+                return
+            if fd is None:
                 raise RequestFailed(f"queue {q.index}: polling mode is not supported")
+            if q.started:                 # a running ring just listens on the new fd
+                self.loop.remove_reader(q.kick_fd)
+            q.replace_fd(name, fd)
+            if q.started:
+                self.loop.add_reader(fd, self._on_kick, q)
+            if not self.features & vu.F_PROTOCOL_FEATURES:
+                q.enabled = True          # without protocol features a kick fd starts the ring
             self._try_start()
         return handler
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 
+from host_sandboxer.vsock import vhost_user as vu
 from host_sandboxer.vsock.connection import BUF_ALLOC
 from host_sandboxer.vsock.hybrid import HybridVsock
 from host_sandboxer.vsock.packet import (OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
@@ -308,4 +309,22 @@ async def test_malformed_ring_resets_the_device_and_resolves_dead(tmp_path):
     assert "malformed ring" in reason and "head 9999" in reason
     assert await closed_by_peer(reader)
     assert h.vsock.backend.closed is False, "the vhost-user session itself stays up"
+    await h.close()
+
+
+@run_async
+async def test_kick_and_call_fds_replaced_while_running_keep_streams(tmp_path):
+    h = await Hybrid(tmp_path).start(features_mask=~EVENT_IDX)   # every completion is signalled
+    reader, writer, port = await h.established()
+    g = h.guest
+    for q in range(2):
+        os.close(g.kick[q])
+        g.kick[q] = os.eventfd(0, os.EFD_NONBLOCK)
+        await g.request(vu.SET_VRING_KICK, vu.U64.pack(q), [g.kick[q]])
+    await g.set_call_fds()
+    await g.request(vu.GET_FEATURES, reply=True)    # a barrier: the back-end has seen the new fds
+    assert h.vsock.device.running and h.vsock.device.conns
+    g.send(GUEST_PORT, port, OP_RW, b"via the new kick fd")
+    assert await reader.readexactly(19) == b"via the new kick fd"
+    assert os.eventfd_read(g.call[1]) >= 1, "tx completion signalled on the new call fd"
     await h.close()
