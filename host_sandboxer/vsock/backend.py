@@ -79,9 +79,11 @@ class VhostUserBackend:
             vu.close_fds(fds)
             self.close("front-end closed the connection")
             return
+        pending = []
         try:
-            for msg in self._reader.feed(data, fds):
-                self._dispatch(msg)
+            pending = self._reader.feed(data, fds)
+            while pending and not self.closed:
+                self._dispatch(pending.pop(0))
         except vu.ProtocolError as e:
             self.close(f"protocol error: {e}")
         except OSError as e:
@@ -89,6 +91,8 @@ class VhostUserBackend:
         except Exception as e:
             log.exception("vhost-user-vsock cid %d: unexpected error", self.device.guest_cid)
             self.close(f"internal error: {e}")
+        for msg in pending:           # left undispatched by a session that ended
+            vu.close_fds(msg.fds)
 
     def _dispatch(self, msg: vu.Message) -> None:
         handler = self._handlers.get(msg.request)
