@@ -67,7 +67,11 @@ class HybridVsock:
         theirs.setblocking(False)
         self.device.connect_from_host(theirs, port, lambda host_port: theirs.sendall(b"OK %d\n" % host_port))
         reader, writer = await asyncio.open_unix_connection(sock=ours)
-        line = await reader.readline()
+        try:
+            line = await reader.readline()
+        except BaseException:          # cancelled (a caller's timeout) or reset
+            writer.close()
+            raise
         if not line.startswith(b"OK "):
             writer.close()
             raise ConnectionRefusedError(f"vsock port {port} of guest cid {self.guest_cid}: "
