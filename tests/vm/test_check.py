@@ -1,6 +1,7 @@
 """`vmm-sandboxer check` end to end (real image, QEMU TCG, hybrid vsock), and the launcher's
 failure paths: a missing kernel, a guest that panics, QEMU killed under a running VM, an agent
 that never becomes ready."""
+import asyncio
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from host_sandboxer.vmm.accel import HostFacts, choose_accel
-from host_sandboxer.vmm.vm import VmError
+from host_sandboxer.vmm.vm import GuestVm, VmError
 
 CLI = [sys.executable, "-m", "host_sandboxer.cli", "check"]
 
@@ -58,17 +59,29 @@ def test_check_names_a_bad_config_key(tmp_path):
     assert "vm.machine = 'pc': must be one of 'q35', 'microvm'" in done.stderr
 
 
-def test_guest_panic_is_reported_with_the_console_tail(vm_factory):
+def test_guest_panic_is_reported_and_everything_torn_down(vm_config, vm_loop, tmp_path):
     # No /init to run: the kernel panics, panic=-1 + -no-reboot end QEMU.
+    guest = GuestVm(vm_config, tmp_path / "run", share_dir=tmp_path, kernel_params=["rdinit=/no-such-init"])
     with pytest.raises(VmError) as err:
-        vm_factory(kernel_params=["rdinit=/no-such-init"])
+        vm_loop.run(guest.start())
     assert err.value.stage == "qemu"
     message = str(err.value)
     assert "QEMU died before the agent was ready: QEMU exited with status 0" in message
+    assert "after SHUTDOWN (reason=guest-reset, guest=True)" in message
     assert "console tail:" in message and "Kernel panic" in message
+    assert guest.virtiofsd.proc.returncode is not None  # stopped with the VM
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["console.log", "qemu.log", "virtiofsd.log"]
 
 
-def test_qemu_killed_under_a_running_vm_is_noticed(vm):
+def test_qmp_control_and_qemu_killed_under_a_running_vm(vm):
+    qemu = vm.guest.qemu
+    assert vm.run(qemu.status()) == "running"
+
+    async def powerdown_reported():
+        await qemu.powerdown()  # the agent ignores the ACPI button today; QEMU reports it
+        while "POWERDOWN" not in [event["event"] for event in qemu.events]:
+            await asyncio.sleep(0.05)
+    vm.run(asyncio.wait_for(powerdown_reported(), 10))
     status = vm.kill_qemu()
     assert status == -9
     assert "QEMU killed by SIGKILL" in vm.guest.qemu.failure("VM lost")
