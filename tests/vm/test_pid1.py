@@ -46,7 +46,7 @@ def test_pid1_ready_line_bad_parameters_and_orphan_reaping(vm_factory, tmp_path)
     console = vm.console_text()
     ready = [line for line in console.splitlines() if "vmm-task ready" in line]
     assert len(ready) == 1, console[-3000:]
-    print(ready[0])  # the boot figures, visible with -s
+    print(ready[0], *[line for line in console.splitlines() if "steps took" in line])  # -s
     fields = dict(word.split("=") for word in ready[0].split() if "=" in word)
     started, ready_at = float(fields["started"].rstrip("s")), float(fields["ready"].rstrip("s"))
     assert 0 < started <= ready_at < 60
