@@ -49,8 +49,10 @@ async def start(pod: Pod, config) -> None:
         raise HostError(grpc.StatusCode.FAILED_PRECONDITION,
                         f"task socket path {pod.task_socket} is too long for a unix socket; use a shorter --dir")
     began = time.monotonic()
-    pod.shared_dir.mkdir(mode=0o700, exist_ok=True)
-    mounts.make_shared_mountpoint(pod.shared_dir)
+    for directory in (pod.mounts_dir, pod.shared_dir):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    mounts.make_shared_mountpoint(pod.mounts_dir)
+    mounts.export_readonly(pod.mounts_dir, pod.shared_dir)
     sized = _pod_config(config, pod)
     try:
         attachment = await pod_network.plug(pod.dir, pod.netns_path, sized.vm.cpus)

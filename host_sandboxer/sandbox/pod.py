@@ -51,7 +51,8 @@ class Pod:
         self.id = sandbox_id
         self.state_dir = state_dir
         self.dir: Path = state_dir.sandbox_dir(sandbox_id)
-        self.shared_dir = self.dir / "shared"
+        self.mounts_dir = self.dir / "mounts"  # host-only: containers' bundles and mounts
+        self.shared_dir = self.dir / "shared"  # what the guest mounts: a read-only view of mounts/
         self.task_socket = self.dir / "task.sock"
         self.namespace = namespace
         self.pod_config = pod_config
@@ -104,7 +105,7 @@ class Pod:
         pod.netns_path = record.get("netns_path", "")
         pod.ports = PortAllocator(record["next_port"])
         for cid, host_bundle in record["containers"].items():
-            pod.containers[cid] = Container(host_bundle, GuestBundle(pod.shared_dir, cid))
+            pod.containers[cid] = Container(host_bundle, GuestBundle(pod.mounts_dir, cid))
         return pod
 
     # -- what the task proxy uses -------------------------------------------------------------
@@ -131,7 +132,7 @@ class Pod:
                             f"container {container_id!r} not found in pod {self.id}") from None
 
     def add_container(self, container_id: str, host_bundle: str, stdio: ProcessStdio) -> None:
-        self.containers[container_id] = Container(host_bundle, GuestBundle(self.shared_dir, container_id),
+        self.containers[container_id] = Container(host_bundle, GuestBundle(self.mounts_dir, container_id),
                                                   {"": stdio})
         self.known_container_ids.add(container_id)
         self.save()

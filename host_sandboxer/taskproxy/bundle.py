@@ -1,8 +1,9 @@
-"""A container's bundle as the guest sees it: `<shared>/<container-id>/` on the host.
+"""A container's bundle as the guest sees it: `<pod>/mounts/<container-id>/` on the host.
 
 Holds the rewritten config.json, `rootfs/` (containerd's rootfs mounts performed on the host)
 and `mounts/<n>` (the spec's bind sources). The guest finds it at
-`/run/kuasar/state/<container-id>` through the shared directory.
+`/run/kuasar/state/<container-id>` through the shared directory, a read-only view of
+`<pod>/mounts/` (see mounts.export_readonly).
 """
 
 import json
@@ -35,9 +36,9 @@ def read_host_spec(host_bundle: str) -> dict:
 
 
 class GuestBundle:
-    def __init__(self, shared_dir: Path, container_id: str):
-        self.shared_dir = shared_dir
-        self.host_dir = shared_dir / container_id
+    def __init__(self, root: Path, container_id: str):
+        self.root = root
+        self.host_dir = root / container_id
         self.container_id = container_id
 
     def prepare(self, host_bundle: str, rootfs_mounts, pod_namespaces: dict) -> None:
@@ -54,7 +55,7 @@ class GuestBundle:
             self._mount_rootfs(host_bundle, spec, rootfs_mounts)
             for exposure in rewritten.exposures:
                 readonly = "ro" in exposure.options
-                mounts.bind(exposure.host_source, self.shared_dir / exposure.shared_path,
+                mounts.bind(exposure.host_source, self.root / exposure.shared_path,
                             recursive="rbind" in exposure.options, readonly=readonly)
             self._write_config(rewritten.spec)
         except mounts.MountError as exc:

@@ -2,8 +2,9 @@
 
 containerd hands the runtime mounts described for a host (an `overlay` with host lower/upper/
 work dirs, or a `bind`); the guest can only see the shared directory. So the host performs
-those mounts under the shared directory, which is itself a shared-propagation mount point so
-that mounts made after virtiofsd started still reach virtiofsd's mount namespace.
+those mounts in a host-only directory, a shared-propagation mount point, shown to the guest
+through a read-only slave bind (`export_readonly`): mounts made after virtiofsd started still
+reach virtiofsd's mount namespace, and the guest cannot write what the host prepares.
 mount(2) is called through libc: no helper process per container.
 """
 
@@ -22,6 +23,7 @@ MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MNT_DETACH = 0x2
 
@@ -86,6 +88,20 @@ def make_shared_mountpoint(path: Path) -> None:
     if not is_mountpoint(path):
         _call_mount(str(path), str(path), None, MS_BIND, None)
     _call_mount("none", str(path), None, MS_SHARED, None)
+
+
+def export_readonly(source: Path, target: Path) -> None:
+    """Show `source` at `target` read-only, including mounts made below `source` later.
+
+    The guest sees `target` (the shared directory). It must not write the bundles the host
+    prepares, or race the host by putting a symlink where the host is about to mount: so it
+    gets a read-only view (a recursive bind, slave of `source`, read-only at the top). Mounts
+    made later under `source` keep their own flags there: a rootfs overlay stays writable."""
+    if is_mountpoint(target):
+        return
+    _call_mount(str(source), str(target), None, MS_BIND | MS_REC, None)
+    _call_mount("none", str(target), None, MS_SLAVE, None)
+    _call_mount("none", str(target), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
 
 
 def _unescape(field: str) -> str:

@@ -97,7 +97,7 @@ class TaskProxy(v3_grpc.TaskServicer):
         cid = check_id("container", request.id)
         if cid in self.pod.containers:
             raise HostError(grpc.StatusCode.ALREADY_EXISTS, f"container {cid} already exists in pod {self.pod.id}")
-        bundle = GuestBundle(self.pod.shared_dir, cid)
+        bundle = GuestBundle(self.pod.mounts_dir, cid)
         bundle.prepare(request.bundle, request.rootfs, self.pod.pod_namespaces())
         stdio = ProcessStdio(request.stdin, request.stdout, request.stderr, self.pod.ports,
                              request.terminal)

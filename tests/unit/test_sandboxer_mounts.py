@@ -1,5 +1,6 @@
 """Real host mounts (root) of the kind the task proxy makes under a pod's shared directory."""
 
+import errno
 import os
 
 import pytest
@@ -54,3 +55,26 @@ def test_split_options_separates_flags_from_filesystem_data():
     flags, data = mounts.split_options(["ro", "nosuid", "rprivate", "lowerdir=/a:/b", "index=off"])
     assert flags == mounts.MS_RDONLY | mounts.MS_NOSUID
     assert data == "lowerdir=/a:/b,index=off"
+
+
+def test_export_is_read_only_but_carries_later_writable_mounts(tmp_path):
+    host_side, guest_view, lower, upper, work = (tmp_path / n for n in ("m", "s", "l", "u", "w"))
+    for d in (host_side, guest_view, lower, upper, work):
+        d.mkdir()
+    mounts.make_shared_mountpoint(host_side)
+    mounts.export_readonly(host_side, guest_view)
+    try:
+        (host_side / "c1" / "rootfs").mkdir(parents=True)
+        (host_side / "c1" / "config.json").write_text("{}")
+        mounts.mount_one("overlay", "overlay", host_side / "c1" / "rootfs",
+                         [f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}"])
+        assert (guest_view / "c1" / "config.json").read_text() == "{}"
+        with pytest.raises(OSError) as info:
+            (guest_view / "c1" / "evil").symlink_to("/")
+        assert info.value.errno == errno.EROFS
+        (guest_view / "c1" / "rootfs" / "written-by-guest").write_text("ok")  # the rootfs is rw
+        assert (upper / "written-by-guest").read_text() == "ok"
+    finally:
+        mounts.unmount_all_under(guest_view)
+        mounts.unmount_all_under(host_side)
+    assert mounts.mountpoints_under(tmp_path) == []
