@@ -5,13 +5,20 @@ server in the peer namespace and serve TCP to the peer; Stop leaves the pod name
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import grpc
 import pytest
 
-from bench.netpair import GATEWAY, PEER_IP, POD_IP, NetnsPair
+from bench.netpair import GATEWAY, PEER_IP, POD_IP, NetnsPair, sh
 from bench.netpod import Daemon, NetPod, demo
+from host_sandboxer import network
+from host_sandboxer.network import pod as pod_network
+from host_sandboxer.vmm.vm import GuestVm
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(os.geteuid() != 0, reason="netns and mounts need root")]
@@ -84,3 +91,44 @@ def test_missing_network_namespace_fails_start_and_leaves_nothing(daemon):
     daemon.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="nonet"),
                                    metadata=demo.NAMESPACE, timeout=60)
     assert not pod_dir.exists()
+
+
+def test_multiqueue_nic_with_two_vcpus_answers_the_peer(vm_config, vm_loop, tmp_path):
+    """The launcher level, no containers: 2 vCPUs -> a 2-queue tap and virtio-net mq; the guest
+    kernel itself answers the peer's ping once the agent configured eth0 by MAC."""
+    config = dataclasses.replace(vm_config, vm=dataclasses.replace(vm_config.vm, cpus=2))
+    record, run_dir = tmp_path / "network.json", Path(tempfile.mkdtemp(prefix="vmnet-"))
+    with NetnsPair() as pair:
+        before = pair.snapshot(pair.pod)
+
+        started: list[GuestVm] = []
+
+        async def boot() -> GuestVm:
+            attachment = await network.attach(pair.pod_path, 2, record)
+            guest = GuestVm(config, run_dir, name="vmnet-mq", nics=attachment.nics)
+            started.append(guest)  # closed below whatever happens
+            try:
+                await guest.start()
+            finally:
+                attachment.close_fds()
+            client = await guest.ttrpc_client()
+            try:
+                await pod_network.configure_guest(client.call, attachment)
+            finally:
+                await client.close()
+            return guest
+
+        try:
+            guest = vm_loop.run(boot())
+            assert "tap,id=tap0_vmm,fds=" in " ".join(guest.qemu.argv)
+            assert f"mac={pair.mac(pair.pod)},mq=on,vectors=6" in " ".join(guest.qemu.argv)
+            assert "multi_queue" in sh("ip", "-n", pair.pod, "-d", "link", "show", "tap0_vmm")
+            ping = pair.exec(pair.peer, "busybox", "ping", "-c", "3", "-W", "10", POD_IP)
+            assert ping.returncode == 0 and "3 packets received" in ping.stdout, ping.stdout + ping.stderr
+        finally:
+            for guest in started:
+                vm_loop.run(guest.close())
+            vm_loop.run(network.detach(record))
+            shutil.rmtree(run_dir, ignore_errors=True)
+        assert "tap0_vmm" not in {link["ifname"] for link in pair.links(pair.pod)}
+        assert pair.snapshot(pair.pod) == before
