@@ -207,7 +207,7 @@ def _long_running_pod(env, sid):
 
 def test_vmm_killed(env):
     started, tasks, b = _long_running_pod(env, "crash")
-    other = env.cri.run_pod("bystander")
+    _long_running_pod(env, "bystander")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         task_wait = pool.submit(tasks.Wait, task.WaitRequest(id=b.id), metadata=NS, timeout=60)
         pod_wait = pool.submit(env.cri.controller.Wait, sb.ControllerWaitRequest(sandbox_id="crash"),
@@ -224,7 +224,8 @@ def test_vmm_killed(env):
     env.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="crash"), metadata=NS, timeout=60)
     assert not (env.daemon.state / "crash").exists()
     assert all("/bystander/" in p for p in mountpoints_under(env.daemon.state))
-    env.cri.remove_pod("bystander")
+    env.cri.remove_pod("bystander")  # Stop with a container still running, then Shutdown
+    assert mountpoints_under(env.work) == []
 
 
 def test_daemon_restart_recovers_pods(env):
