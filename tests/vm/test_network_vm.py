@@ -9,6 +9,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -131,4 +132,23 @@ def test_multiqueue_nic_with_two_vcpus_answers_the_peer(vm_config, vm_loop, tmp_
             vm_loop.run(network.detach(record))
             shutil.rmtree(run_dir, ignore_errors=True)
         assert "tap0_vmm" not in {link["ifname"] for link in pair.links(pair.pod)}
+        assert pair.snapshot(pair.pod) == before
+
+
+def test_daemon_killed_then_shutdown_restores_the_namespace_from_the_record(daemon):
+    """SIGKILL the daemon with a networked pod running: QEMU dies with it (and so the tap), the
+    redirect on the pod's veth stays; the restarted daemon's Shutdown removes it."""
+    with NetnsPair() as pair:
+        before = pair.snapshot(pair.pod)
+        NetPod(daemon, pair, "crashnet")
+        daemon.daemon.proc.kill()
+        daemon.daemon.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while "tap0_vmm" in {link["ifname"] for link in pair.links(pair.pod)}:
+            assert time.monotonic() < deadline, "the tap outlived QEMU"
+            time.sleep(0.2)
+        assert ("eth0", "ingress") in pair.snapshot(pair.pod)["qdiscs"]
+        daemon.daemon.start()
+        daemon.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="crashnet"),
+                                       metadata=demo.NAMESPACE, timeout=60)
         assert pair.snapshot(pair.pod) == before
