@@ -161,12 +161,10 @@ class Bundles:
         self.made: list[Bundle] = []
 
     def make(self, args: list[str], terminal: bool = False, resources: dict | None = None,
-             pid_namespace: bool = True, spec_edit=None) -> Bundle:
+             pid_namespace: bool = True) -> Bundle:
         cid = f"t{uuid.uuid4().hex[:12]}"
         bundle = Bundle(self._root / cid, cid, self._lower)
         spec = oci_spec(args, cid, terminal, resources, pid_namespace)
-        if spec_edit:
-            spec_edit(spec)
         (bundle.path / "config.json").write_text(json.dumps(spec))
         self.made.append(bundle)
         return bundle

@@ -1,6 +1,7 @@
 """Pod namespaces: after SetupSandbox with a shared PID namespace (its own agent: SetupSandbox
 is once per agent), two containers see each other's processes and share the pod's hostname;
-their specs' ipc/uts/pid entries were pointed at the pod's namespaces by the agent."""
+their specs' ipc/uts/pid entries were pointed at the pod's namespaces by the agent, and the
+hostname each spec names is dropped (it would rename the pod)."""
 import json
 import os
 
@@ -10,14 +11,10 @@ POD_CONFIG = {"hostname": "podhost",
               "linux": {"security_context": {"namespace_options": {"pid": "POD"}}}}
 
 
-def _no_hostname(spec: dict) -> None:
-    spec.pop("hostname")  # the pod's UTS namespace carries the hostname
-
-
 def test_two_containers_share_the_pod_pid_namespace(agent, bundles):
-    sleeper = bundles.make(["sleep", "1000"], spec_edit=_no_hostname)
+    sleeper = bundles.make(["sleep", "1000"])
     script = "hostname; for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done"
-    looker = bundles.make(["sh", "-c", script], spec_edit=_no_hostname)
+    looker = bundles.make(["sh", "-c", script])
     out = looker.file("out")
 
     async def body(t):
@@ -37,10 +34,11 @@ def test_two_containers_share_the_pod_pid_namespace(agent, bundles):
 
     joined = agent.run(body)
     lines = out.read_text().splitlines()
-    assert lines[0] == "podhost"
+    assert lines[0] == "podhost"                # though each spec named its own hostname
     assert "sleep 1000 " in lines[1:]           # the other container's process is visible
     spec = json.loads((sleeper.path / "config.json").read_text())
     paths = {ns["type"]: ns.get("path") for ns in spec["linux"]["namespaces"]}
     assert all(paths[kind] for kind in ("ipc", "uts", "pid")), paths
+    assert "hostname" not in spec
     assert joined == f"pid:[{os.stat(paths['pid']).st_ino}]"  # the pod's, not one of its own
     assert joined != os.readlink(f"/proc/{agent.pid}/ns/pid")

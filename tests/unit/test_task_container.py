@@ -50,8 +50,11 @@ def test_pod_namespaces_replace_ipc_uts_and_pid_only_when_shared():
     assert not apply_pod_namespaces(spec, pod)  # applying again changes nothing
     assert apply_pod_namespaces(spec, dict(pod, pid="/run/ns/pid"))
     assert {"type": "pid", "path": "/run/ns/pid"} in spec["linux"]["namespaces"]
-    untouched = {"linux": {"namespaces": [{"type": "ipc"}]}}
+    named = {"hostname": "c1", "linux": {"namespaces": []}}
+    assert apply_pod_namespaces(named, pod) and "hostname" not in named
+    untouched = {"hostname": "c2", "linux": {"namespaces": [{"type": "ipc"}]}}
     assert not apply_pod_namespaces(untouched, {"ipc": None, "uts": None, "pid": None})
+    assert untouched["hostname"] == "c2"
 
 
 def test_stdio_addresses():

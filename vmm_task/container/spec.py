@@ -39,7 +39,8 @@ def save_bundle_spec(bundle: str, spec: dict) -> None:
 
 
 def apply_pod_namespaces(spec: dict, pod: dict[str, Optional[str]]) -> bool:
-    """Point the spec's ipc/uts (and pid, when the pod shares one) namespaces at the pod's.
+    """Point the spec's ipc/uts (and pid, when the pod shares one) namespaces at the pod's, and
+    drop a hostname the pod's UTS namespace already has.
     Returns whether the spec changed. `pod` maps a type to a path (or None: not shared); the
     spec passed load_bundle_spec's shape checks."""
     namespaces = spec.setdefault("linux", {}).setdefault("namespaces", [])
@@ -53,6 +54,11 @@ def apply_pod_namespaces(spec: dict, pod: dict[str, Optional[str]]) -> bool:
             continue
         namespaces[:] = [ns for ns in namespaces if not any(ns is e for e in entries)]
         namespaces.append({"type": kind, "path": path})
+        changed = True
+    if pod.get("uts") and "hostname" in spec:
+        # the pod's UTS namespace carries the pod's hostname (SetupSandbox): a container setting
+        # its own there would rename the whole pod
+        del spec["hostname"]
         changed = True
     return changed
 
