@@ -38,7 +38,7 @@ def timestamp(ns: int) -> timestamp_pb2.Timestamp:
 
 @dataclass
 class Container:
-    """Host-side state of one container: its bundle in the shared dir and its stdio relays."""
+    """Host-side state of one container: its bundle under the pod's mounts/ and its stdio relays."""
 
     host_bundle: str
     bundle: GuestBundle

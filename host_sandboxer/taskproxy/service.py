@@ -23,6 +23,7 @@ from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, timestamp
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as v2
 from vmm_common.protos.containerd.task.v3 import shim_pb2 as v3
 from vmm_common.protos.containerd.task.v3 import shim_pb2_grpc as v3_grpc
+from vmm_common.protos.containerd.types.task import task_pb2 as task_types
 from vmm_common.ttrpc import RpcError
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,12 @@ class TaskProxy(v3_grpc.TaskServicer):
 
     async def _state(self, request):
         container = self.pod.container(request.id)
-        reply = await self._guest("State", request, v3.StateResponse)
+        if self.pod.vm_exited.done():  # what containerd's shim says of a process that died
+            stamp = timestamp(self.pod.exited_at_ns)
+            reply = v3.StateResponse(id=request.id, exec_id=request.exec_id, status=task_types.STOPPED,
+                                     exit_status=UNKNOWN_EXIT_STATUS, exited_at=stamp)
+        else:
+            reply = await self._guest("State", request, v3.StateResponse)
         stdio = container.processes.get(request.exec_id)
         reply.bundle = container.host_bundle
         if stdio is not None:
@@ -202,7 +208,10 @@ class TaskProxy(v3_grpc.TaskServicer):
 
     async def _delete(self, request):
         container = self.pod.container(request.id)
-        reply = await self._guest("Delete", request, v3.DeleteResponse)
+        if self.pod.vm_exited.done():  # the VM took the process with it: only the host side is left
+            reply = v3.DeleteResponse(exit_status=UNKNOWN_EXIT_STATUS, exited_at=timestamp(self.pod.exited_at_ns))
+        else:
+            reply = await self._guest("Delete", request, v3.DeleteResponse)
         if request.exec_id:
             stdio = container.processes.pop(request.exec_id, None)
             if stdio is not None:

@@ -217,6 +217,11 @@ def test_vmm_killed(env):
         assert task_wait.result().exit_status == 255
         assert pod_wait.result().exit_status == 128 + signal.SIGKILL
     assert env.status("crash").state == "SANDBOX_NOTREADY"
+    # what CRI does next (crictl rm): State, then Delete, answered without the VM
+    state = tasks.State(task.StateRequest(id=b.id), metadata=NS, timeout=10)
+    assert (state.status, state.exit_status, state.bundle) == (3, 255, str(b.path))  # STOPPED
+    assert tasks.Delete(task.DeleteRequest(id=b.id), metadata=NS, timeout=10).exit_status == 255
+    assert not (env.daemon.state / "crash" / "mounts" / b.id).exists()
     assert env.status("bystander").state == "SANDBOX_READY"
     exits = env.events.topics({"/tasks/exit"})
     assert any(t == "/tasks/exit" and events.TaskExit.FromString(e.value).container_id == b.id
