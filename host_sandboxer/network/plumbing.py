@@ -8,6 +8,7 @@ Nothing here changes the links the CNI made besides their ingress qdisc.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -49,14 +50,26 @@ class Attachment:
 async def attach(netns_path: str, queues: int, record: Path) -> Attachment:
     """Plumb every link of the namespace at `netns_path` to a tap with `queues` queues.
     NetworkError (and nothing left behind) if the namespace or a link cannot be taken over."""
+    work = asyncio.ensure_future(in_netns(netns_path, lambda: _attach(netns_path, queues, record)))
     try:
-        return await in_netns(netns_path, lambda: _attach(netns_path, queues, record))
-    except BaseException:
-        try:
-            await detach(record)
-        except Exception:
-            log.exception("network namespace %s: undoing a failed attach failed", netns_path)
+        return await asyncio.shield(work)
+    except BaseException as exc:
+        await _undo(work, record, netns_path)
+        if isinstance(exc, (NetlinkError, OSError)):
+            raise NetworkError(f"network namespace {netns_path}: {exc}") from None
         raise
+
+
+async def _undo(work: asyncio.Future, record: Path, netns_path: str) -> None:
+    """After a failure, or a cancellation while the namespace thread still runs: let it end,
+    close the taps it may have opened, remove whatever it made."""
+    await asyncio.wait({work})
+    if not work.cancelled() and work.exception() is None:
+        work.result().close_fds()
+    try:
+        await detach(record)
+    except Exception:
+        log.exception("network namespace %s: undoing a failed attach failed", netns_path)
 
 
 async def detach(record: Path) -> None:

@@ -182,3 +182,19 @@ def test_detach_after_the_cni_deleted_the_namespace(tmp_path):
         attachment.close_fds()
     run(network.detach(record))
     assert not record.exists()
+
+
+def test_cancelled_attach_leaves_nothing(pair, tmp_path):
+    """Start cancelled while the namespace thread works: it is let finish, then undone."""
+    before = pair.snapshot(pair.pod)
+    record = tmp_path / "network.json"
+
+    async def cancel_early():
+        task = asyncio.ensure_future(network.attach(pair.pod_path, 2, record))
+        await asyncio.sleep(0)  # the thread has started; cancel before it is done
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    run(cancel_early())
+    assert pair.snapshot(pair.pod) == before
+    assert not record.exists()
