@@ -16,7 +16,7 @@ from vmm_task.container.ids import check_id
 from vmm_task.container.mounts import MS_BIND, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, parse_options
 from vmm_task.container.oom import OomWatcher
 from vmm_task.container.runtime import root_is_ramfs
-from vmm_task.container.spec import apply_pod_namespaces
+from vmm_task.container.spec import add_pod_files, apply_pod_namespaces
 
 
 @pytest.mark.parametrize("good", ["a", "A1", "abc.def_ghi-0", "9" * 128])
@@ -55,6 +55,16 @@ def test_pod_namespaces_replace_ipc_uts_and_pid_only_when_shared():
     untouched = {"hostname": "c2", "linux": {"namespaces": [{"type": "ipc"}]}}
     assert not apply_pod_namespaces(untouched, {"ipc": None, "uts": None, "pid": None})
     assert untouched["hostname"] == "c2"
+
+
+def test_pod_files_are_bound_unless_the_spec_mounts_them():
+    spec = {"mounts": [{"destination": "/etc/hosts", "type": "bind", "source": "/shared/hosts"}]}
+    files = {"/etc/hosts": "/run/pod/hosts", "/etc/resolv.conf": "/run/pod/resolv.conf"}
+    assert add_pod_files(spec, files)
+    assert spec["mounts"][0]["source"] == "/shared/hosts"  # CRI's own mount wins
+    assert spec["mounts"][1] == {"destination": "/etc/resolv.conf", "type": "bind",
+                                 "source": "/run/pod/resolv.conf", "options": ["rbind", "ro"]}
+    assert not add_pod_files(spec, files)
 
 
 def test_stdio_addresses():

@@ -63,6 +63,20 @@ def apply_pod_namespaces(spec: dict, pod: dict[str, Optional[str]]) -> bool:
     return changed
 
 
+def add_pod_files(spec: dict, files: dict[str, str]) -> bool:
+    """Bind the pod's files (destination -> path: /etc/hosts, /etc/resolv.conf from
+    SetupSandbox) read-only into the container, unless its spec mounts that destination already
+    (CRI's own mounts, rewritten by the host, win). Returns whether the spec changed."""
+    mounts = spec.setdefault("mounts", [])
+    if not isinstance(mounts, list):
+        raise invalid_argument("config.json: mounts is not a list")
+    taken = {m.get("destination") for m in mounts if isinstance(m, dict)}
+    added = [{"destination": dest, "type": "bind", "source": path, "options": ["rbind", "ro"]}
+             for dest, path in sorted(files.items()) if dest not in taken]
+    mounts.extend(added)
+    return bool(added)
+
+
 def process_owner(process: Any, what: str) -> tuple[int, int]:
     """(uid, gid) a process spec runs as; pipes are handed to it with that owner."""
     user = process.get("user") if isinstance(process, dict) else None

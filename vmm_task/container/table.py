@@ -17,8 +17,8 @@ from .ids import check_id
 from .mounts import Mount, mount_rootfs, unmount
 from .process import CREATED, PAUSED, RUNNING, STOPPED, Process
 from .runtime import Runtime
-from .spec import apply_pod_namespaces, load_bundle_spec, parse_exec_process, process_owner, \
-    save_bundle_spec
+from .spec import add_pod_files, apply_pod_namespaces, load_bundle_spec, parse_exec_process, \
+    process_owner, save_bundle_spec
 from .stdio import ProcessIO
 
 log = logging.getLogger(__name__)
@@ -50,15 +50,16 @@ class Container:
 
 
 class ContainerTable:
-    """`pod_namespaces()` gives the pod's {"ipc"|"uts"|"pid": path or None};
-    `on_exit(container, process)` and `on_oom(container)` are called on the loop."""
+    """`pod()` gives the pod's namespaces {"ipc"|"uts"|"pid": path or None} and files
+    {destination: path}; `on_exit(container, process)` and `on_oom(container)` are called on
+    the loop."""
 
     def __init__(self, runtime: Runtime, reaper, run_dir: str,
-                 pod_namespaces: Callable[[], dict], on_exit: Callable, on_oom: Callable):
+                 pod: Callable[[], tuple[dict, dict]], on_exit: Callable, on_oom: Callable):
         self.runtime = runtime
         self._reaper = reaper
         self._run_dir = run_dir
-        self._pod_namespaces = pod_namespaces
+        self._pod = pod
         self._on_exit = on_exit
         self._on_oom = on_oom
         self._containers: dict[str, Container] = {}
@@ -93,7 +94,8 @@ class ContainerTable:
 
     async def _create(self, cid, bundle, rootfs, stdin, stdout, stderr, terminal) -> Container:
         spec = load_bundle_spec(bundle)
-        if apply_pod_namespaces(spec, self._pod_namespaces()):
+        namespaces, files = self._pod()
+        if apply_pod_namespaces(spec, namespaces) | add_pod_files(spec, files):
             save_bundle_spec(bundle, spec)
         namespaces = spec.get("linux", {}).get("namespaces", [])
         own_pid_ns = any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)

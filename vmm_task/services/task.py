@@ -47,10 +47,15 @@ class TaskService:
             ctx = self._ctx
             runtime = Runtime(ctx.reaper, ctx.runtime, os.path.join(ctx.run_dir, "oci"),
                               no_pivot=root_is_ramfs())
-            self._table = ContainerTable(runtime, ctx.reaper, ctx.run_dir,
-                                         lambda: dict(ctx.sandbox.namespaces),
+            self._table = ContainerTable(runtime, ctx.reaper, ctx.run_dir, self._pod,
                                          self._publish_exit, self._publish_oom)
         return self._table
+
+    def _pod(self) -> tuple[dict, dict]:
+        """What SetupSandbox made for the pod's containers: namespaces and files to bind."""
+        sandbox = self._ctx.sandbox
+        files = {"/etc/hosts": sandbox.hosts_path, "/etc/resolv.conf": sandbox.resolv_path}
+        return dict(sandbox.namespaces), {dest: path for dest, path in files.items() if path}
 
     def _publish(self, topic: str, message) -> None:
         self._ctx.events.publish(topic, message)
