@@ -116,6 +116,28 @@ def test_frames_cross_between_the_tap_and_the_peer(pair, tmp_path):
         run(network.detach(record))
 
 
+def test_every_link_gets_its_own_tap(pair, tmp_path):
+    sh("ip", "link", "add", "net1", "netns", pair.pod, "type", "veth",
+       "peer", "name", "net1", "netns", pair.peer)
+    sh("ip", "-n", pair.pod, "addr", "add", "192.0.2.129/25", "dev", "net1")
+    for ns in (pair.pod, pair.peer):
+        sh("ip", "-n", ns, "link", "set", "net1", "up")
+    before = pair.snapshot(pair.pod)
+    record = tmp_path / "network.json"
+    attachment = run(network.attach(pair.pod_path, 1, record))
+    try:
+        assert [(nic.id, nic.mac) for nic in attachment.nics] == [
+            ("tap0_vmm", pair.mac(pair.pod, "eth0")), ("tap1_vmm", pair.mac(pair.pod, "net1"))]
+        assert (mirred_targets(pair, "eth0"), mirred_targets(pair, "net1")) == (["tap0_vmm"], ["tap1_vmm"])
+        assert (mirred_targets(pair, "tap0_vmm"), mirred_targets(pair, "tap1_vmm")) == (["eth0"], ["net1"])
+        routes = network.routes_request(attachment.network).routes
+        assert {(r.dest, r.device) for r in routes} >= {("192.0.2.0/24", "eth0"), ("192.0.2.128/25", "net1")}
+    finally:
+        attachment.close_fds()
+        run(network.detach(record))
+    assert pair.snapshot(pair.pod) == before
+
+
 def test_single_queue_tap_without_multiqueue(pair, tmp_path):
     record = tmp_path / "network.json"
     attachment = run(network.attach(pair.pod_path, 1, record))
