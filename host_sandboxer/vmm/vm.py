@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from host_sandboxer.vmm.virtiofsd import Virtiofsd, VirtiofsdError
 READY_LINE = "vmm-task ready"
 KERNEL_INIT_LINE = "Run /init as init process"
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
+_REPORTED = re.compile(r"\b(\w+)=(\d+(?:\.\d+)?)")  # key=number, any unit suffix ignored
 
 
 class VmError(RuntimeError):
@@ -38,7 +40,8 @@ class VmError(RuntimeError):
 
 @dataclass
 class BootTimeline:
-    """Seconds from QEMU's spawn (host clock); *_guest: the guest's printk uptime, if shown."""
+    """Seconds from QEMU's spawn (host clock); *_guest_s: guest uptime (a printk timestamp, or
+    for the agent the `ready=` it reports)."""
 
     qmp_connected_s: float
     first_console_s: float | None
@@ -47,9 +50,11 @@ class BootTimeline:
     agent_ready_s: float  # the agent printed "vmm-task ready"
     agent_ready_guest_s: float | None
     qemu_cpu_s: float | None  # CPU time QEMU used until the agent was ready
+    # The numbers the agent put on its ready line ("started=2.301s main=2.410s ready=3.2s rss=14.1MB").
+    agent_reported: dict[str, float]
 
     def as_dict(self) -> dict:
-        return {k: (round(v, 3) if v is not None else None) for k, v in asdict(self).items()}
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
 class GuestVm:
@@ -174,14 +179,16 @@ class GuestVm:
         first = qemu.console.first_output.result() if qemu.console.first_output.done() else None
         init = kernel_init.result() if kernel_init.done() else None
         line = ready.result()
+        reported = {key: float(value) for key, value in _REPORTED.findall(line.text.partition(READY_LINE)[2])}
         self.timeline = BootTimeline(
             qmp_connected_s=qmp_connected - start,
             first_console_s=first - start if first is not None else None,
             kernel_init_s=init.host_time - start if init else None,
             kernel_init_guest_s=init.guest_time if init else None,
             agent_ready_s=line.host_time - start,
-            agent_ready_guest_s=line.guest_time,
-            qemu_cpu_s=qemu.cpu_seconds())
+            agent_ready_guest_s=reported.get("ready", line.guest_time),
+            qemu_cpu_s=qemu.cpu_seconds(),
+            agent_reported=reported)
         return self.timeline
 
     def _socket_path(self, name: str) -> Path:

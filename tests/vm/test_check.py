@@ -38,7 +38,10 @@ def test_check_boots_calls_and_reports(tmp_path, guest_image, machine, sharefs):
     assert report["ok"] is True
     assert (report["transport"], report["accel"], report["machine"], report["sharefs"]) == \
         ("hybrid", choose_accel(HostFacts.probe()).accel, machine, sharefs)  # tcg on the build machine
-    assert 0 < report["boot"]["kernel_init_s"] < report["agent_ready_s"] == report["boot"]["agent_ready_s"]
+    boot = report["boot"]
+    assert 0 < boot["kernel_init_s"] < report["agent_ready_s"] == boot["agent_ready_s"]
+    assert 0 < boot["kernel_init_guest_s"] <= boot["agent_reported"]["started"] <= boot["agent_ready_guest_s"]
+    assert boot["agent_reported"]["pid"] == 1 and boot["qemu_cpu_s"] > 0
     assert 0 < report["check_rtt_ms"] < 10_000 and 0 < report["check_rtt_ms_median"] < 10_000
     assert report["shutdown_s"] >= 0
     print(lines[0])  # the figures, visible with -s
