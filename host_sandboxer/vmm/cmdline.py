@@ -58,7 +58,6 @@ class VmSpec:
     memory_mib: int = 512
     tsc_khz: int | None = None  # the host's TSC rate; handed to a microvm guest under TCG
     name: str = "vmm-task"
-    extra_args: tuple[str, ...] = ()
 
 
 def build_argv(spec: VmSpec) -> list[str]:
@@ -88,7 +87,6 @@ def build_argv(spec: VmSpec) -> list[str]:
         "-device", "virtio-rng-pci,rng=rng",
     ]
     argv += list(spec.vsock_args) + _share_args(spec.share) + _nic_args(spec.nics, spec.machine)
-    argv += list(spec.extra_args)
     return argv if spec.machine == "q35" else _virtio_mmio(argv)
 
 

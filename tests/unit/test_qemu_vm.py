@@ -1,4 +1,5 @@
-"""GuestVm's checks before anything is spawned: image files present, socket paths short enough."""
+"""GuestVm's start-up failures that need no guest image: missing image files, socket paths too
+long, no QEMU binary, QEMU refusing the kernel (real QEMU, a file that is no kernel)."""
 import asyncio
 import dataclasses
 
@@ -14,6 +15,7 @@ def config_with_image(tmp_path, kernel_exists=True) -> Config:
         (tmp_path / "kernel").write_bytes(b"kernel")
     config = Config()
     config.vm = dataclasses.replace(config.vm, kernel=tmp_path / "kernel", initrd=tmp_path / "initrd.img")
+    config.vsock = dataclasses.replace(config.vsock, transport="hybrid")  # needs no /dev/vhost-vsock
     return config
 
 
@@ -35,3 +37,22 @@ def test_run_dir_too_deep_for_unix_sockets(tmp_path):
     err = start(GuestVm(config_with_image(tmp_path), deep))
     assert err.stage == "config"
     assert f"socket path {deep}/vhost-vsock.sock is longer than {UNIX_PATH_MAX} bytes" in str(err)
+
+
+def test_missing_qemu_binary_is_named(tmp_path):
+    config = config_with_image(tmp_path)
+    config.vm = dataclasses.replace(config.vm, qemu=str(tmp_path / "no-qemu"))
+    err = start(GuestVm(config, tmp_path / "run"))
+    assert err.stage == "qemu"
+    assert str(err) == f"cannot run {tmp_path / 'no-qemu'}: No such file or directory"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["console.log", "qemu.log"]
+
+
+def test_qemu_exiting_at_start_is_reported_with_its_output(tmp_path):
+    err = start(GuestVm(config_with_image(tmp_path), tmp_path / "run"))  # "kernel" is 6 bytes of text
+    assert err.stage == "qemu"
+    first, *rest = str(err).splitlines()
+    assert first == "QEMU failed to start: QEMU exited with status 1"
+    assert rest[0] == "QEMU output:" and "kernel" in rest[1]
+    assert rest[-2:] == ["console tail:", "(no console output)"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["console.log", "qemu.log"]
