@@ -7,6 +7,7 @@ the agent listens on that vsock port and the host connects through the pod's tra
 """
 
 import asyncio
+import concurrent.futures
 import errno
 import logging
 import os
@@ -15,6 +16,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 CONNECT_RETRY_S = 0.02
+# Threads that wait for containerd to open stdin FIFOs (an open blocks): their own pool, so a
+# FIFO nobody opens never starves the loop's default executor.
+_STDIN_OPENS = concurrent.futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="stdin-open")
 
 
 class PortAllocator:
@@ -36,24 +40,30 @@ def guest_uri(port: int) -> str:
     return f"vsock://{port}"
 
 
-async def _open_fifo(path: str, flags: int):
-    """Open a FIFO without blocking the event loop (a thread waits for containerd's end)."""
-    fd = await asyncio.to_thread(os.open, path, flags | os.O_CLOEXEC)
-    return os.fdopen(fd, "rb" if flags == os.O_RDONLY else "wb", buffering=0)
-
-
 async def _fifo_reader(path: str) -> asyncio.StreamReader:
+    """stdin: wait (in a thread: FIFO opens block) until containerd opens its writing end.
+    Reading before that would see EOF, which is what a closed writer looks like too."""
     loop = asyncio.get_running_loop()
+    fd = await loop.run_in_executor(_STDIN_OPENS, os.open, path, os.O_RDONLY | os.O_CLOEXEC)
     reader = asyncio.StreamReader(limit=CHUNK)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                 await _open_fifo(path, os.O_RDONLY))
+                                 os.fdopen(fd, "rb", buffering=0))
     return reader
 
 
 async def _fifo_writer(path: str) -> asyncio.StreamWriter:
+    """stdout/stderr: open once containerd reads the FIFO (ENXIO until then), without a thread."""
     loop = asyncio.get_running_loop()
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            await asyncio.sleep(CONNECT_RETRY_S)
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
-                                                        await _open_fifo(path, os.O_WRONLY))
+                                                        os.fdopen(fd, "wb", buffering=0))
     return asyncio.StreamWriter(transport, protocol, None, loop)
 
 
@@ -146,8 +156,8 @@ class ProcessStdio:
         """Stop every relay, unblocking FIFO opens still waiting for containerd."""
         for name, task in self._tasks.items():
             if not task.done():
-                _release_blocked_open(self.fifos[name],
-                                      os.O_WRONLY if name == "stdin" else os.O_RDONLY)
+                if name == "stdin":
+                    _release_blocked_open(self.fifos[name], os.O_WRONLY)
                 task.cancel()
         for name, task in self._tasks.items():
             try:

@@ -103,3 +103,32 @@ def test_close_unblocks_fifos_nobody_opened(tmp_path):
         server.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(30)
+def test_fifos_nobody_opens_yet_do_not_hold_up_other_relays(tmp_path):
+    async def scenario():
+        async def talk(reader, writer):
+            writer.write(b"out")
+            await writer.drain()
+            writer.close()
+
+        ports = PortAllocator()
+        idle = []
+        for i in range(12):  # more than the default executor's threads on a small machine
+            os.mkfifo(tmp_path / f"idle{i}")
+            os.mkfifo(tmp_path / f"in{i}")
+            idle.append(ProcessStdio(str(tmp_path / f"in{i}"), str(tmp_path / f"idle{i}"), "", ports))
+        os.mkfifo(tmp_path / "live")
+        live = ProcessStdio("", str(tmp_path / "live"), "", ports)
+        servers = [await asyncio.start_unix_server(talk, str(tmp_path / str(port)))
+                   for io in idle + [live] for port in io.ports.values()]
+        for io in idle + [live]:
+            io.start(UnixPortTransport(str(tmp_path)))
+        assert await asyncio.wait_for(read_fifo(str(tmp_path / "live")), 10) == b"out"
+        for io in idle + [live]:
+            await asyncio.wait_for(io.close(), 5)
+        for server in servers:
+            server.close()
+
+    asyncio.run(scenario())
