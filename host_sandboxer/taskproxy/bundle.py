@@ -16,7 +16,7 @@ import grpc
 
 from host_sandboxer.taskproxy import mounts
 from host_sandboxer.taskproxy.errors import HostError
-from host_sandboxer.taskproxy.spec_rewrite import ROOTFS_DIR, SpecError, rewrite_spec
+from host_sandboxer.taskproxy.spec_rewrite import ROOTFS_DIR, SpecError, drop_missing_pod_files, rewrite_spec
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,13 @@ class GuestBundle:
         self.host_dir.mkdir(mode=0o700)
         try:
             self._mount_rootfs(host_bundle, spec, rootfs_mounts)
-            for exposure in rewritten.exposures:
+            missing = [e for e in rewritten.exposures if not os.path.exists(e.host_source)]
+            unresolved = drop_missing_pod_files(rewritten.spec, missing)
+            if unresolved:
+                raise HostError(grpc.StatusCode.NOT_FOUND,
+                                f"container {self.container_id}: bind source(s) missing: "
+                                + ", ".join(e.host_source for e in unresolved))
+            for exposure in (e for e in rewritten.exposures if e not in missing):
                 readonly = "ro" in exposure.options
                 mounts.bind(exposure.host_source, self.root / exposure.shared_path,
                             recursive="rbind" in exposure.options, readonly=readonly)

@@ -33,12 +33,39 @@ class Exposure:
     host_source: str
     shared_path: str
     options: tuple[str, ...]
+    destination: str = ""
 
 
 @dataclass(frozen=True)
 class RewrittenSpec:
     spec: dict
     exposures: list[Exposure]
+
+
+# Pod files CRI binds from its sandbox directory. A sandboxer other than CRI's own may get
+# them without CRI having made the files; then the guest's own take their place: the agent's
+# hosts/resolv.conf/hostname and a tmpfs /dev/shm.
+POD_FILE_DESTINATIONS = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf")
+SHM = {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+       "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}
+
+
+def drop_missing_pod_files(spec: dict, missing: list[Exposure]) -> list[Exposure]:
+    """Remove from `spec` the binds of CRI pod files whose host source is missing (a tmpfs for
+    /dev/shm); return the exposures that cannot be dropped (a real missing source)."""
+    keep = []
+    for exposure in missing:
+        guest_source = posixpath.join(GUEST_SHARED_DIR, exposure.shared_path)
+        if exposure.destination not in POD_FILE_DESTINATIONS + ("/dev/shm",):
+            keep.append(exposure)
+            continue
+        mounts = spec["mounts"]
+        index = next(i for i, m in enumerate(mounts) if m.get("source") == guest_source)
+        if exposure.destination == "/dev/shm":
+            mounts[index] = dict(SHM)
+        else:
+            del mounts[index]
+    return keep
 
 
 def guest_bundle(container_id: str) -> str:
@@ -119,6 +146,7 @@ def _rewrite_mounts(spec: dict, container_id: str) -> list[Exposure]:
         if not isinstance(source, str) or not posixpath.isabs(source):
             raise SpecError(f"bind mount to {mount.get('destination')!r} has no absolute source")
         shared_path = posixpath.join(container_id, "mounts", str(index))
-        exposures.append(Exposure(source, shared_path, tuple(mount.get("options") or ())))
+        exposures.append(Exposure(source, shared_path, tuple(mount.get("options") or ()),
+                                  mount.get("destination") or ""))
         mount["source"] = posixpath.join(GUEST_SHARED_DIR, shared_path)
     return exposures

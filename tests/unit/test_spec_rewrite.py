@@ -2,7 +2,7 @@
 
 import pytest
 
-from host_sandboxer.taskproxy.spec_rewrite import SpecError, rewrite_spec
+from host_sandboxer.taskproxy.spec_rewrite import SpecError, drop_missing_pod_files, rewrite_spec
 
 POD_NS = {"ipc": "/run/sandbox-ns/ipc", "uts": "/run/sandbox-ns/uts", "pid": "/run/sandbox-ns/pid"}
 
@@ -98,3 +98,17 @@ def test_input_spec_is_not_modified():
 def test_malformed_specs_raise_spec_error(bad):
     with pytest.raises(SpecError):
         rewrite_spec(bad, "c1", POD_NS)
+
+
+def test_missing_cri_pod_files_give_way_to_the_guest_ones():
+    spec = cri_spec()
+    spec["mounts"].append({"destination": "/dev/shm", "type": "bind", "source": "/run/cri/p1/shm",
+                           "options": ["rbind", "rw"]})
+    result = rewrite_spec(spec, "c1", POD_NS)
+    hosts, data, shm = result.exposures
+    unresolved = drop_missing_pod_files(result.spec, [hosts, shm, data])
+    assert unresolved == [data]  # a real volume that is missing stays an error
+    destinations = {m["destination"]: m for m in result.spec["mounts"]}
+    assert "/etc/hosts" not in destinations
+    assert destinations["/dev/shm"]["type"] == "tmpfs"
+    assert destinations["/data"]["source"] == "/run/kuasar/state/c1/mounts/2"

@@ -165,6 +165,15 @@ def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env, guest_image):
     missing = task.CreateTaskRequest(id="c3", bundle=str(env.work / "no-such-bundle"))
     assert code_of(lambda: tasks.Create(missing, timeout=10)) == grpc.StatusCode.NOT_FOUND
     assert code_of(lambda: tasks.State(task.StateRequest(id="ghost"), timeout=10)) == grpc.StatusCode.NOT_FOUND
+    b3 = env.bundle("c3", ["true"], started.pid)
+    spec3 = json.loads((b3.path / "config.json").read_text())
+    spec3["mounts"].append({"destination": "/data", "type": "bind", "source": "/no/such/volume", "options": ["rbind"]})
+    (b3.path / "config.json").write_text(json.dumps(spec3))
+    with pytest.raises(grpc.RpcError) as missing_volume:
+        tasks.Create(task.CreateTaskRequest(id="c3", bundle=str(b3.path), rootfs=b3.rootfs), timeout=30)
+    assert missing_volume.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "/no/such/volume" in missing_volume.value.details()
+    assert not (env.daemon.state / "pod1" / "mounts" / "c3").exists()  # nothing left mounted
     assert code_of(lambda: tasks.Create(task.CreateTaskRequest(id="a/b", bundle=str(b2.path)), timeout=10)) \
         == grpc.StatusCode.INVALID_ARGUMENT
 
