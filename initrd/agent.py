@@ -25,7 +25,23 @@ BINARY_NAME = "vmm-task"
 NOFOLLOW = ("grpc", "grpc_tools", "host_sandboxer", "qemu", "ssl", "_ssl", "_hashlib", "sqlite3",
             "_sqlite3", "pytest", "_pytest", "unittest", "doctest", "pydoc", "tkinter",
             "setuptools", "pkg_resources", "pip", "distutils", "lib2to3", "idlelib", "ensurepip",
-            "xmlrpc", "http", "urllib.request", "email", "nuitka")
+            "xmlrpc", "http", "urllib.request", "email", "nuitka",
+            # CJK codecs (~1 MB of extension modules) that only encodings.<cjk> would load
+            "_multibytecodec", "_codecs_cn", "_codecs_hk", "_codecs_iso2022", "_codecs_jp",
+            "_codecs_kr", "_codecs_tw")
+# Nuitka carries most of the standard library as bytecode whether imported or not; these parts
+# nothing in the agent imports (tests/unit/test_initrd_agent_imports.py checks it) stay out.
+UNUSED_STDLIB = ("_pyio", "tarfile", "zipfile", "html", "pickletools", "imaplib", "configparser",
+                 "importlib.metadata", "ftplib", "pydoc_data", "mailbox", "nntplib", "smtplib",
+                 "poplib", "telnetlib", "cgi", "cgitb", "audioop", "wave", "aifc", "sunau", "chunk",
+                 "sndhdr", "imghdr", "webbrowser", "turtle", "turtledemo", "pstats", "profile",
+                 "cProfile", "trace", "tabnanny", "timeit", "pdb", "bdb", "code", "codeop", "pyclbr",
+                 "py_compile", "compileall", "zipapp", "optparse", "xdrlib", "uu", "quopri",
+                 "mailcap", "netrc", "nturl2path", "plistlib", "socketserver", "wsgiref", "smtpd",
+                 "asynchat", "asyncore", "mimetypes", "getpass", "sched", "filecmp", "fileinput",
+                 "graphlib", "rlcompleter", "crypt", "pipes", "spwd", "ossaudiodev", "nis",
+                 "statistics", "fractions", "decimal", "_pydecimal", "_decimal", "xml", "pyexpat",
+                 "zoneinfo", "sysconfig", "venv", "gzip", "tomllib")
 # Module-level imports of ssl/unittest/sqlite3 inside pyroute2, neutralised (see the file).
 PACKAGE_CONFIG = Path(__file__).resolve().parent / "nuitka-agent.yml"
 OPTIONS = [
@@ -37,11 +53,13 @@ OPTIONS = [
     # from argv[0] ("/init") and realpath() it through the /init -> /sbin/init symlinks instead.
     "--experimental=force-unix-binary-name",
     "--include-module=google._upb._message",  # protobuf's C (upb) backend, loaded dynamically
-    *(f"--nofollow-import-to={name}" for name in NOFOLLOW),
+    *(f"--nofollow-import-to={name}" for name in NOFOLLOW + UNUSED_STDLIB),
     f"--user-package-configuration-file={PACKAGE_CONFIG}",
-    # pyroute2 (145 modules, imported lazily for pod networking) as bytecode, not C: compiled it
-    # would be most of the binary, and under TCG every MB of initrd is boot time.
-    "--noinclude-custom-mode=pyroute2:bytecode",
+    # Libraries as bytecode, not C: pyroute2 (145 modules, imported lazily for pod networking),
+    # protobuf's Python layer and the generated *_pb2 (descriptors: data, not code). Compiled,
+    # they would be most of the binary, and under TCG every MB of initrd is boot time.
+    *(f"--noinclude-custom-mode={name}:bytecode"
+      for name in ("pyroute2", "google.protobuf", "vmm_common.protos")),
     f"--output-filename={BINARY_NAME}",
     "--assume-yes-for-downloads",
     "--jobs=2",
@@ -54,6 +72,7 @@ class Agent:
     binary: str           # file name of the executable inside dist
     modules: list[str]    # every module compiled into or shipped with the agent
     cached: bool
+    key: str              # the cache key: same key, same sources and options
 
     @property
     def size(self) -> int:
@@ -93,7 +112,7 @@ def ensure_agent(cache: Path, progress=print) -> Agent:
         if not cached:
             _build(out, progress)
     modules = (out / "modules.txt").read_text().split()
-    return Agent(out / "dist", BINARY_NAME, modules, cached)
+    return Agent(out / "dist", BINARY_NAME, modules, cached, out.name)
 
 
 def _build(out: Path, progress) -> None:

@@ -93,7 +93,7 @@ def build(out: Path, runtime: str, debug: bool, method: str, cache: Path) -> dic
                    "uncompressed_size": raw.tell(), "sha256": hashlib.sha256(data).hexdigest(),
                    "source_date_epoch": cpio.source_date_epoch()},
         "agent": {"build_mode": "nuitka-standalone", "path": f"/{image.AGENT_DIR}/{agent.binary}",
-                  "dist_size": agent.size, "modules": agent.modules},
+                  "cache_key": agent.key, "dist_size": agent.size, "modules": agent.modules},
         "runtime": runtime,
         "debug": debug,
         "total_size": kernel_size + len(data),

@@ -3,6 +3,8 @@ virtiofsd, hybrid vsock) and its PID 1 announces itself on the serial console.""
 import json
 import re
 
+import pytest
+
 
 def test_guest_boots_to_vmm_task_ready(vm, guest_image):
     console = vm.console_text()
@@ -24,3 +26,16 @@ def test_manifest_describes_the_booted_image(guest_image):
     assert paths["/sbin/init"]["target"].endswith("/vmm-task")
     assert paths["/usr/lib/vmm-task/vmm-task"]["size"] > 0
     assert not [p for p in paths if re.search(r"(^|/)(_ssl|_hashlib|grpc)", p)]
+
+
+def test_rebuilding_from_the_same_inputs_gives_the_same_initrd(guest_image, tmp_path):
+    from initrd import agent, guest_image as builder
+    from kernel import build as kernel_build
+
+    manifest = json.loads(guest_image.manifest.read_text())
+    if agent.cache_key() != manifest["agent"]["cache_key"]:
+        pytest.skip("the agent's sources changed since build/guest was made: run make guest-image")
+    rebuilt = builder.build(tmp_path, manifest["runtime"], manifest["debug"],
+                            manifest["initrd"]["compression"], kernel_build.default_cache())
+    assert rebuilt["initrd"]["sha256"] == manifest["initrd"]["sha256"]
+    assert (tmp_path / "initrd.img").read_bytes() == guest_image.initrd.read_bytes()
