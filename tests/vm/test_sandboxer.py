@@ -242,7 +242,9 @@ def test_vmm_killed(env):
     assert mountpoints_under(env.work) == []
 
 
-def test_daemon_restart_recovers_pods(env):
+def test_daemon_restart_reports_lost_pods_and_cleans_them_up(env):
+    """Pods die with the daemon today (see docs/containerd.md, Faults): the restarted daemon
+    must still know them, report them stopped, and leave nothing behind on Shutdown."""
     started, tasks, b = _long_running_pod(env, "survivor")
     env.daemon.stop()
     env.daemon.start()
