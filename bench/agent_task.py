@@ -57,7 +57,7 @@ def busybox_bundle(path: Path, args: list[str], own_pid_namespace: bool = True) 
     return path
 
 
-MEMORY_KEYS = ("Pss", "Pss_Anon", "RssAnon", "RssFile")
+MEMORY_KEYS = ("Pss", "Pss_Anon", "RssAnon", "RssFile", "RssShmem", "VmRSS")
 
 
 def smaps_rollup(text: str) -> dict[str, float]:
@@ -223,20 +223,25 @@ class VmTarget(Target):
         return f"{self.GUEST_SHARE}/{name}"
 
     async def memory(self):
+        return await self.probe("cat /proc/1/smaps_rollup 2>/dev/null || cat /proc/1/status",
+                                smaps_rollup)
+
+    async def probe(self, script: str, parse):
+        """parse(output) of `script` run by a busybox container in the guest's PID namespace
+        (so /proc/1 is the agent), once parse finds something in it."""
         self._probes += 1
         name = f"probe{self._probes}"
-        script = "cat /proc/1/smaps_rollup 2>/dev/null || cat /proc/1/status"
         bundle = self.bundle(name, ["sh", "-c", script], own_pid_namespace=False)
         await self.client.call(TASK, "Create", pb.CreateTaskRequest(
             id=name, bundle=bundle, stdout=f"{bundle}/out"), pb.CreateTaskResponse, timeout=60)
         await self.client.call(TASK, "Start", pb.StartRequest(id=name), pb.StartResponse)
         await remove(self.client, name)
         for _ in range(50):  # the shared directory may show the write a moment later
-            values = smaps_rollup((self.share / name / "out").read_text())
+            values = parse((self.share / name / "out").read_text())
             if values:
                 return values
             await asyncio.sleep(0.1)
-        raise RuntimeError(f"probe {name} wrote no memory figures")
+        raise RuntimeError(f"probe {name}: nothing found in the output of {script!r}")
 
     async def _crun_run(self, i: int, bundle: str) -> float:
         from vmm_common.protos.kuasar import sandbox_pb2

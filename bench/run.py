@@ -1,0 +1,156 @@
+"""`make bench`: every benchmark, one report: build/bench/report.json and build/bench/report.md.
+
+    python -m bench.run [--runs N] [--quick] [--only GROUP ...] [--out DIR]
+
+Groups (the report's top-level keys, and the benchmark behind each):
+  image      sizes from build/guest/manifest.json
+  boot       bench.boot: QEMU spawn -> ready line, our image vs the busybox floor, interleaved
+  agent      bench.agent_task --vm: the agent's memory as PID 1, idle and with 10 containers
+  guest      bench.guest_mem: MemTotal - MemAvailable in the guest at idle, ours vs the floor
+  rpc        bench.check_rtt: Check round trips over hybrid vsock to a booted guest
+  sandboxer  bench.sandboxer: the daemon's Pss with 1/5/10 pods, and the pod and io keys
+Each measured key is {"median", "min", "max", "n"} over the runs (docs/benchmarks.md). A
+benchmark that fails is recorded under "errors" and its keys under "missing"; the exit status
+is then 1.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from bench import agent_task, boot, check_rtt, guest_mem, report, sandboxer
+from host_sandboxer.config import DEFAULT_IMAGE_DIR, load_config
+from host_sandboxer.vmm.accel import resolve_accel
+
+REPO = Path(__file__).resolve().parents[1]
+GROUPS = ("image", "boot", "agent", "guest", "rpc", "sandboxer")
+
+
+def image(runs: int) -> tuple[dict, dict]:
+    manifest = json.loads((DEFAULT_IMAGE_DIR / "manifest.json").read_text())
+    return {}, {"image.initrd_bytes": manifest["initrd"]["size"],
+                "image.kernel_bytes": manifest["kernel"]["size"],
+                "image.agent_bytes": manifest["agent"]["dist_size"],
+                "image.initrd_compression": manifest["initrd"]["compression"]}
+
+
+def boot_times(runs: int) -> tuple[dict, dict]:
+    args = argparse.Namespace(runs=runs, machine="q35", sharefs="virtiofs",
+                              compression=json.loads((DEFAULT_IMAGE_DIR / "manifest.json")
+                                                     .read_text())["initrd"]["compression"])
+    result = asyncio.run(boot.run(args))
+    ours, floor = result["agent"]["samples_s"], result["floor"]["samples_s"]
+    return {"boot.ready_s": ours, "boot.floor_s": floor,
+            "boot.ratio": [a / f for a, f in zip(ours, floor)]}, {}
+
+
+def _kb(values: dict, *keys: str) -> tuple[float, str]:
+    """The first of `keys` present in a bench.agent_task memory dict (MiB), in kB."""
+    key = next(k for k in keys if k in values)
+    return values[key] * 1024, key
+
+
+def agent_memory(runs: int) -> tuple[dict, dict]:
+    samples = {"agent.anon_idle_kb": [], "agent.anon_10_containers_kb": [], "agent.pss_idle_kb": []}
+    sources = set()
+    for _ in range(runs):
+        memory = asyncio.run(agent_task.run_vm(1, 10))["memory_mib"]
+        for key, values, names in (
+                ("agent.anon_idle_kb", memory["idle"], ("Pss_Anon", "RssAnon")),
+                ("agent.anon_10_containers_kb", memory["with_10_containers"], ("Pss_Anon", "RssAnon")),
+                ("agent.pss_idle_kb", memory["idle"], ("Pss", "VmRSS"))):
+            kb, source = _kb(values, *names)
+            samples[key].append(kb)
+            sources.add(source)
+    # Without smaps in the guest kernel the figures come from /proc/1/status: RssAnon equals
+    # Pss_Anon for PID 1 (no other process maps its anonymous pages), VmRSS bounds Pss above.
+    return samples, {"agent.source": sorted(sources)}
+
+
+def guest_memory(runs: int) -> tuple[dict, dict]:
+    result = asyncio.run(guest_mem.run(runs, settle_s=2.0))
+    return {"guest.mem_used_kb": result["used_kb"]["agent"],
+            "guest.mem_used_floor_kb": result["used_kb"]["floor"]}, {"guest.memory_mib": result["memory_mib"]}
+
+
+def rpc(runs: int) -> tuple[dict, dict]:
+    results = [asyncio.run(check_rtt.run(calls=300)) for _ in range(runs)]
+    return {"rpc.check_p50_ms": [r["p50_ms"] for r in results],
+            "rpc.check_p99_ms": [r["p99_ms"] for r in results]}, {"rpc.calls_per_run": 300}
+
+
+def daemon(runs: int) -> tuple[dict, dict]:
+    results = sandboxer.run(runs, stdout_mib=100)["runs"]
+    samples = {f"sandboxer.pss_kb.{n}": [r["pss_kb"][n] for r in results] for n in ("1", "5", "10")}
+    samples["pod.start_s_single"] = [r["single_s"] for r in results]
+    samples["pod.start_s_parallel_5"] = [r["parallel_5_s"] for r in results]
+    samples["io.stdout_mb_s"] = [r["stdout"]["mb_s"] for r in results]
+    failed = [r["stdout"] for r in results if not r["stdout"]["integrity"]]
+    exact = {"io.stdout_integrity": not failed, "io.stdout_bytes": results[0]["stdout"]["bytes"]}
+    if failed:
+        exact["io.stdout_failures"] = failed
+    return samples, exact
+
+
+BENCHES = {"image": image, "boot": boot_times, "agent": agent_memory, "guest": guest_memory,
+           "rpc": rpc, "sandboxer": daemon}
+
+
+def machine(args, argv: list[str]) -> dict:
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cores": os.cpu_count(), "accel": resolve_accel(load_config(None).vm.accel).accel,
+            "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+            "host_kernel": platform.release(), "runs": args.runs,
+            "command": " ".join(["python -m bench.run", *argv])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=None, help="runs per benchmark (default 3)")
+    parser.add_argument("--quick", action="store_true", help="one run each: a smoke test")
+    parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), metavar="GROUP")
+    parser.add_argument("--out", type=Path, default=REPO / "build" / "bench")
+    args = parser.parse_args(argv)
+    args.runs = args.runs or (1 if args.quick else 3)
+    if os.geteuid() != 0:
+        print("bench.run: the benchmarks mount and run containers: root needed", file=sys.stderr)
+        return 1
+    meta = machine(args, argv)
+    samples, exact, errors = {}, {}, {}
+    for group in args.only:
+        began = time.monotonic()
+        print(f"bench: {group} ...", file=sys.stderr, flush=True)
+        try:
+            got_samples, got_exact = BENCHES[group](args.runs)
+        except Exception as exc:  # noqa: BLE001 - one failed benchmark must not hide the others
+            errors[group] = f"{type(exc).__name__}: {exc}"
+            print(f"bench: {group} failed: {errors[group]}", file=sys.stderr, flush=True)
+            continue
+        samples.update(got_samples)
+        exact.update(got_exact)
+        meta.setdefault("seconds", {})[group] = round(time.monotonic() - began, 1)
+    meta["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result = report.build(samples, exact, meta, errors)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "report.md").write_text(report.markdown(result))
+    print(report.markdown(result))
+    wanted = [k for k in result["missing"] if k.split(".")[0] in _groups_keys(args.only)]
+    return 1 if errors or wanted else 0
+
+
+def _groups_keys(groups: list[str]) -> set[str]:
+    """Top-level report keys the chosen benchmarks produce."""
+    return {key for g in groups for key in ({"sandboxer": ("sandboxer", "pod", "io")}.get(g, (g,)))}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

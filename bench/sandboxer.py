@@ -1,0 +1,145 @@
+"""The daemon as containerd's CRI drives it (scripts/demo.py's client): pod start times, the
+daemon's own memory with 1/5/10 pods, and container stdout through the whole stack.
+
+    python -m bench.sandboxer [--runs 1] [--stdout-mib 100]
+
+Per run, against one vmm-sandboxer process (real QEMU, TCG here):
+  1. one pod: Controller.Create+Start timed (`single_s`); the daemon's Pss with it; removed;
+  2. five pods started at once from five threads: wall time until all five are ready
+     (`parallel_5_s`); Pss with 5; five more at once; Pss with 10 pods;
+  3. in one of them, a container `cat`s a random file of --stdout-mib MiB from its rootfs to a
+     stdout FIFO that this process reads: sha256 and size compared with the file; the rate is the
+     size over (that container's Create..Delete) minus (the same for a container that prints
+     nothing), i.e. the transfer alone (the rootfs read over virtiofs included);
+  4. every pod removed.
+Pss is the daemon process's own (/proc/PID/smaps_rollup): QEMU and virtiofsd are separate
+processes and not in it. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from host_sandboxer.taskproxy.mounts import unmount_all_under
+from scripts import demo
+
+BOOT_TIMEOUT_S = 300.0  # five TCG guests booting at once on a loaded 2-core host
+MiB = 1 << 20
+
+
+def pss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no Pss in /proc/{pid}/smaps_rollup")
+
+
+class Bench:
+    """One daemon on a private socket and state dir, a CRI-like client, a busybox lower layer."""
+
+    def __init__(self):
+        self.work = Path(tempfile.mkdtemp(prefix="bsb-"))  # short: unix socket paths
+        self.daemon = demo.Daemon(self.work)
+        text = self.daemon.config.read_text()
+        self.daemon.config.write_text(text.replace("boot_timeout_s = 60.0",
+                                                   f"boot_timeout_s = {BOOT_TIMEOUT_S}"))
+        self.daemon.start()
+        self.cri = demo.Cri(self.daemon.socket)
+        self.lower = demo.busybox_tree()
+        self.started: dict[str, object] = {}
+
+    def start_pods(self, ids: list[str]) -> float:
+        """Start the pods at once (one thread each); seconds until the last is ready."""
+        begin = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
+            responses = pool.map(lambda sid: self.cri.run_pod(sid, timeout=BOOT_TIMEOUT_S), ids)
+            self.started.update(zip(ids, responses))
+        return time.perf_counter() - begin
+
+    def remove_pods(self, ids: list[str]) -> None:
+        for sid in ids:
+            self.cri.remove_pod(sid)
+            del self.started[sid]
+
+    def pss_kb(self) -> int:
+        return pss_kb(self.daemon.proc.pid)
+
+    def container(self, sid: str, cid: str, args: list[str], payload: int = 0):
+        """Run one container in pod `sid`; (seconds Create..Delete, stdout, stderr, status,
+        sha256 of the random `payload` bytes put at /payload in its rootfs)."""
+        bundle = demo.Bundle(self.work / "bundles", cid,
+                             demo.cri_spec(args, cid, self.started[sid].pid), self.lower)
+        digest = hashlib.sha256()
+        with open(bundle.path / "upper" / "payload", "wb") as f:
+            for _ in range(payload // MiB):
+                chunk = os.urandom(MiB)
+                digest.update(chunk)
+                f.write(chunk)
+        tasks = demo.Cri.task_client(self.started[sid].address)
+        begin = time.perf_counter()
+        out, err, status = demo.run_container(tasks, bundle, timeout=600)
+        elapsed = time.perf_counter() - begin
+        shutil.rmtree(bundle.path, ignore_errors=True)
+        return elapsed, out, err, status, digest.hexdigest()
+
+    def stdout_transfer(self, sid: str, run: int, mib: int) -> dict:
+        empty_s, *_ = self.container(sid, f"empty{run}", ["true"])
+        full_s, out, err, status, sha = self.container(sid, f"cat{run}", ["cat", "/payload"],
+                                                        mib * MiB)
+        intact = status == 0 and len(out) == mib * MiB and hashlib.sha256(out).hexdigest() == sha
+        return {"bytes": mib * MiB, "received_bytes": len(out), "exit_status": status,
+                "stderr": err.decode(errors="replace")[-500:], "integrity": intact,
+                "seconds": round(full_s - empty_s, 3),
+                "mb_s": round(len(out) / 1e6 / max(full_s - empty_s, 1e-3), 2)}
+
+    def close(self) -> None:
+        for sid in list(self.started):
+            try:
+                self.cri.remove_pod(sid)
+            except Exception:  # noqa: BLE001 - best effort on the way out of a failed run
+                pass
+        self.daemon.stop()
+        unmount_all_under(self.work)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def run_once(bench: Bench, run: int, stdout_mib: int) -> dict:
+    single = bench.start_pods([f"s{run}"])
+    pss = {"1": bench.pss_kb()}
+    bench.remove_pods([f"s{run}"])
+    first, second = [f"a{run}-{i}" for i in range(5)], [f"b{run}-{i}" for i in range(5)]
+    parallel = bench.start_pods(first)
+    pss["5"] = bench.pss_kb()
+    bench.start_pods(second)
+    pss["10"] = bench.pss_kb()
+    stdout = bench.stdout_transfer(first[0], run, stdout_mib)
+    bench.remove_pods(first + second)
+    return {"single_s": round(single, 3), "parallel_5_s": round(parallel, 3), "pss_kb": pss,
+            "stdout": stdout}
+
+
+def run(runs: int, stdout_mib: int) -> dict:
+    bench = Bench()
+    try:
+        return {"runs": [run_once(bench, i, stdout_mib) for i in range(runs)]}
+    finally:
+        bench.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--stdout-mib", type=int, default=100)
+    args = parser.parse_args()
+    print(json.dumps(run(args.runs, args.stdout_mib)))
+
+
+if __name__ == "__main__":
+    main()
