@@ -64,6 +64,9 @@ class GuestBundle:
                 mounts.bind(exposure.host_source, self.root / exposure.shared_path,
                             recursive="rbind" in exposure.options, readonly=readonly)
             self._write_config(rewritten.spec)
+            # Everything the host mounts for this container is in place: now the guest may write
+            # in the bundle (the agent adjusts config.json), through a writable mount of its own.
+            mounts.bind(str(self.host_dir), self.host_dir, recursive=True)
         except mounts.MountError as exc:
             self.cleanup()
             raise HostError(grpc.StatusCode.FAILED_PRECONDITION,

@@ -93,10 +93,11 @@ def make_shared_mountpoint(path: Path) -> None:
 def export_readonly(source: Path, target: Path) -> None:
     """Show `source` at `target` read-only, including mounts made below `source` later.
 
-    The guest sees `target` (the shared directory). It must not write the bundles the host
-    prepares, or race the host by putting a symlink where the host is about to mount: so it
-    gets a read-only view (a recursive bind, slave of `source`, read-only at the top). Mounts
-    made later under `source` keep their own flags there: a rootfs overlay stays writable."""
+    The guest sees `target` (the shared directory). It must not write where the host is still
+    preparing a bundle, or race the host by putting a symlink where the host is about to mount:
+    so it gets a read-only view (a recursive bind, slave of `source`, read-only at the top).
+    Mounts made later under `source` keep their own flags there: a rootfs overlay, or a bundle
+    the host has finished and bound writable, stays writable."""
     if is_mountpoint(target):
         return
     _call_mount(str(source), str(target), None, MS_BIND | MS_REC, None)

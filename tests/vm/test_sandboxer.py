@@ -252,6 +252,9 @@ def test_daemon_restart_reports_lost_pods_and_cleans_them_up(env):
     assert status.state == "SANDBOX_NOTREADY"
     wait = env.cri.controller.Wait(sb.ControllerWaitRequest(sandbox_id="survivor"), metadata=NS, timeout=10)
     assert wait.exit_status == 255
+    exits = [events.TaskExit.FromString(e.value) for _, t, e in env.events.topics({"/tasks/exit"})
+             if t == "/tasks/exit"]
+    assert any(x.container_id == b.id and x.exit_status == 255 for x in exits)
     env.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="survivor"), metadata=NS, timeout=60)
     assert not (env.daemon.state / "survivor").exists()
     assert mountpoints_under(env.work) == []
