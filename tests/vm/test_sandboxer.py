@@ -153,6 +153,13 @@ def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env, guest_image):
     assert cat_out.result() == payload
     state = tasks.State(task.StateRequest(id="c2"), metadata=NS, timeout=10)
     assert state.bundle == str(b2.path)  # host paths back, not the guest's
+    # plain forwarding: Pids, Stats, Pause/Resume
+    assert state.pid in [p.pid for p in tasks.Pids(task.PidsRequest(id="c2"), metadata=NS, timeout=10).processes]
+    assert tasks.Stats(task.StatsRequest(id="c2"), metadata=NS, timeout=10).stats.type_url
+    tasks.Pause(task.PauseRequest(id="c2"), metadata=NS, timeout=10)
+    assert tasks.State(task.StateRequest(id="c2"), metadata=NS, timeout=10).status == 4  # PAUSED
+    tasks.Resume(task.ResumeRequest(id="c2"), metadata=NS, timeout=10)
+    assert tasks.State(task.StateRequest(id="c2"), metadata=NS, timeout=10).status == 2  # RUNNING
     tasks.Kill(task.KillRequest(id="c2", signal=signal.SIGKILL, all=True), metadata=NS, timeout=10)
     assert tasks.Wait(task.WaitRequest(id="c2"), metadata=NS, timeout=60).exit_status == 137
     tasks.Delete(task.DeleteRequest(id="c2"), metadata=NS, timeout=60)
