@@ -25,6 +25,10 @@ class Process:
         self.exited_at = 0              # ns since the epoch; 0 while not exited
         self._exited = asyncio.get_running_loop().create_future()
         self._watcher: Optional[asyncio.Task] = None
+        # closed while a Start is in flight: its exit is reported after the start was (a
+        # process may exit before `crun start` itself returns)
+        self.exit_gate = asyncio.Event()
+        self.exit_gate.set()
 
     @property
     def name(self) -> str:
@@ -43,6 +47,7 @@ class Process:
             log.warning("%s: pid %d vanished before it could be watched", self.name, self.pid)
             status = None
         await self.io.drain()
+        await self.exit_gate.wait()
         self.set_exited(status.code if status else 255, status.exited_at if status else 0)
         on_exit(self)
 

@@ -128,21 +128,28 @@ class ContainerTable:
         container.init.started(pid, self._reaper, lambda p: self._exited(container, p))
         return container
 
-    async def start(self, cid: str, exec_id: str) -> Process:
+    async def start(self, cid: str, exec_id: str,
+                    on_started: Callable[[Process], None]) -> Process:
+        """Start the init or an exec; `on_started(process)` runs before its exit can be reported
+        (the TaskStart event must precede TaskExit)."""
         container = self.get(cid)
         async with container.lock:
             process = container.process(exec_id)
             if process.status != CREATED:
                 raise failed_precondition(f"{process.name} is {process.status}: cannot start it")
-            if not exec_id:
-                await self.runtime.start(cid)
-                if process.status == CREATED:
-                    process.status = RUNNING
-                return process
-            if container.init.status not in (RUNNING, PAUSED):
+            if exec_id and container.init.status not in (RUNNING, PAUSED):
                 raise failed_precondition(
                     f"container {cid} is {container.init.status}: cannot start exec {exec_id}")
-            await self._start_exec(container, process)
+            process.exit_gate.clear()
+            try:
+                if exec_id:
+                    await self._start_exec(container, process)
+                else:
+                    await self.runtime.start(cid)
+                    process.status = RUNNING
+                on_started(process)
+            finally:
+                process.exit_gate.set()
             return process
 
     async def _start_exec(self, container: Container, process: Process) -> None:

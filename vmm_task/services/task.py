@@ -91,12 +91,15 @@ class TaskService:
         return pb.CreateTaskResponse(pid=pid)
 
     async def start(self, req: pb.StartRequest) -> pb.StartResponse:
-        process = await self.table.start(req.id, req.exec_id)
-        if req.exec_id:
-            self._publish("/tasks/exec-started", events.TaskExecStarted(
-                container_id=req.id, exec_id=req.exec_id, pid=process.pid))
-        else:
-            self._publish("/tasks/start", events.TaskStart(container_id=req.id, pid=process.pid))
+        def started(process) -> None:
+            if req.exec_id:
+                self._publish("/tasks/exec-started", events.TaskExecStarted(
+                    container_id=req.id, exec_id=req.exec_id, pid=process.pid))
+            else:
+                self._publish("/tasks/start", events.TaskStart(container_id=req.id,
+                                                               pid=process.pid))
+
+        process = await self.table.start(req.id, req.exec_id, started)
         return pb.StartResponse(pid=process.pid)
 
     async def delete(self, req: pb.DeleteRequest) -> pb.DeleteResponse:
