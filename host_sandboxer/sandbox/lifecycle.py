@@ -47,7 +47,8 @@ async def start(pod: Pod, config) -> None:
     """Boot the pod's VM, check and set up the agent, serve the task address."""
     if len(os.fsencode(pod.task_socket)) > UNIX_PATH_MAX:
         raise HostError(grpc.StatusCode.FAILED_PRECONDITION,
-                        f"task socket path {pod.task_socket} is too long for a unix socket; use a shorter --dir")
+                        f"task socket path {pod.task_socket} is too long for a unix socket; "
+                        "use a shorter --dir")
     began = time.monotonic()
     for directory in (pod.mounts_dir, pod.shared_dir):
         directory.mkdir(mode=0o700, exist_ok=True)
@@ -114,7 +115,8 @@ async def _set_up_agent(pod: Pod) -> None:
     request = sandbox_pb2.SetupSandboxRequest()
     request.config.CopyFrom(pod.options)
     await pod.agent.call(SANDBOX_SERVICE, "SetupSandbox", request, empty_pb2.Empty, timeout=SETUP_TIMEOUT_S)
-    pod.boot_info.update(check_s=f"{checked - began:.3f}", setup_sandbox_s=f"{time.monotonic() - checked:.3f}")
+    pod.boot_info.update(check_s=f"{checked - began:.3f}",
+                         setup_sandbox_s=f"{time.monotonic() - checked:.3f}")
 
 
 async def _serve_task_address(pod: Pod) -> None:
@@ -185,7 +187,8 @@ async def _stop_containers(pod: Pod, timeout: float) -> None:
         await asyncio.wait_for(asyncio.gather(*waits), timeout)
     except asyncio.TimeoutError:
         for cid in ids:
-            await call("Kill", task_v2.KillRequest(id=cid, signal=signal.SIGKILL, all=True), empty_pb2.Empty, 5)
+            await call("Kill", task_v2.KillRequest(id=cid, signal=signal.SIGKILL, all=True),
+                       empty_pb2.Empty, 5)
 
 
 async def stop(pod: Pod, timeout_s: float) -> None:

@@ -32,7 +32,8 @@ def read_host_spec(host_bundle: str) -> dict:
     except FileNotFoundError:
         raise HostError(grpc.StatusCode.NOT_FOUND, f"bundle {host_bundle}: no config.json") from None
     except (OSError, ValueError) as exc:
-        raise HostError(grpc.StatusCode.INVALID_ARGUMENT, f"bundle {host_bundle}: bad config.json: {exc}") from None
+        raise HostError(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"bundle {host_bundle}: bad config.json: {exc}") from None
 
 
 class GuestBundle:
@@ -47,9 +48,11 @@ class GuestBundle:
         try:
             rewritten = rewrite_spec(spec, self.container_id, pod_namespaces)
         except SpecError as exc:
-            raise HostError(grpc.StatusCode.INVALID_ARGUMENT, f"container {self.container_id}: {exc}") from None
+            raise HostError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"container {self.container_id}: {exc}") from None
         if self.host_dir.exists():
-            raise HostError(grpc.StatusCode.ALREADY_EXISTS, f"container {self.container_id} already has a bundle")
+            raise HostError(grpc.StatusCode.ALREADY_EXISTS,
+                            f"container {self.container_id} already has a bundle")
         self.host_dir.mkdir(mode=0o700)
         try:
             self._mount_rootfs(host_bundle, spec, rootfs_mounts)

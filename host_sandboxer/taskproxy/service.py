@@ -97,7 +97,8 @@ class TaskProxy(v3_grpc.TaskServicer):
     async def _create(self, request):
         cid = check_id("container", request.id)
         if cid in self.pod.containers:
-            raise HostError(grpc.StatusCode.ALREADY_EXISTS, f"container {cid} already exists in pod {self.pod.id}")
+            raise HostError(grpc.StatusCode.ALREADY_EXISTS,
+                            f"container {cid} already exists in pod {self.pod.id}")
         bundle = GuestBundle(self.pod.mounts_dir, cid)
         bundle.prepare(request.bundle, request.rootfs, self.pod.pod_namespaces())
         stdio = ProcessStdio(request.stdin, request.stdout, request.stderr, self.pod.ports,
@@ -124,7 +125,8 @@ class TaskProxy(v3_grpc.TaskServicer):
         container = self.pod.container(request.id)
         check_id("exec", request.exec_id)
         if request.exec_id in container.processes:
-            raise HostError(grpc.StatusCode.ALREADY_EXISTS, f"exec {request.exec_id} already exists in {request.id}")
+            raise HostError(grpc.StatusCode.ALREADY_EXISTS,
+                            f"exec {request.exec_id} already exists in {request.id}")
         stdio = ProcessStdio(request.stdin, request.stdout, request.stderr, self.pod.ports,
                              request.terminal)
         guest_request = v3.ExecProcessRequest()
@@ -209,7 +211,8 @@ class TaskProxy(v3_grpc.TaskServicer):
     async def _delete(self, request):
         container = self.pod.container(request.id)
         if self.pod.vm_exited.done():  # the VM took the process with it: only the host side is left
-            reply = v3.DeleteResponse(exit_status=UNKNOWN_EXIT_STATUS, exited_at=timestamp(self.pod.exited_at_ns))
+            reply = v3.DeleteResponse(exit_status=UNKNOWN_EXIT_STATUS,
+                                      exited_at=timestamp(self.pod.exited_at_ns))
         else:
             reply = await self._guest("Delete", request, v3.DeleteResponse)
         if request.exec_id:
@@ -238,4 +241,5 @@ class TaskProxy(v3_grpc.TaskServicer):
 
 def vm_death_exit(pod) -> v3.WaitResponse:
     """The Wait answer for a process whose VM is gone: status 255 at the VM's death."""
-    return v3.WaitResponse(exit_status=UNKNOWN_EXIT_STATUS, exited_at=timestamp(pod.exited_at_ns or time.time_ns()))
+    return v3.WaitResponse(exit_status=UNKNOWN_EXIT_STATUS,
+                           exited_at=timestamp(pod.exited_at_ns or time.time_ns()))

@@ -81,7 +81,8 @@ def test_bad_requests_get_clear_codes(controller):
         got, details = code(lambda: call(request(sandbox_id="ghost"), timeout=10))
         assert got == grpc.StatusCode.NOT_FOUND and "ghost" in details
     truncated = any_pb2.Any(type_url="type.googleapis.com/runtime.v1.PodSandboxConfig", value=b"\x12\x09abc")
-    got, details = code(lambda: ctl.Create(sb.ControllerCreateRequest(sandbox_id="p2", options=truncated), timeout=10))
+    bad_options = sb.ControllerCreateRequest(sandbox_id="p2", options=truncated)
+    got, details = code(lambda: ctl.Create(bad_options, timeout=10))
     assert got == grpc.StatusCode.INVALID_ARGUMENT and "PodSandboxConfig" in details
 
 

@@ -165,16 +165,19 @@ def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env, guest_image):
     tasks.Delete(task.DeleteRequest(id="c2"), metadata=NS, timeout=60)
 
     # bad requests get clear codes
-    ctl = env.cri.controller
-    assert code_of(lambda: ctl.Start(sb.ControllerStartRequest(sandbox_id="nope"), timeout=10)) == grpc.StatusCode.NOT_FOUND
-    assert code_of(lambda: ctl.Create(sb.ControllerCreateRequest(sandbox_id="pod1"), timeout=10)) == grpc.StatusCode.ALREADY_EXISTS
-    assert code_of(lambda: ctl.Create(sb.ControllerCreateRequest(sandbox_id="../x"), timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
+    ctl, codes = env.cri.controller, grpc.StatusCode
+    assert code_of(lambda: ctl.Start(sb.ControllerStartRequest(sandbox_id="nope"), timeout=10)) == codes.NOT_FOUND
+    assert code_of(lambda: ctl.Create(sb.ControllerCreateRequest(sandbox_id="pod1"), timeout=10)) \
+        == codes.ALREADY_EXISTS
+    assert code_of(lambda: ctl.Create(sb.ControllerCreateRequest(sandbox_id="../x"), timeout=10)) \
+        == codes.INVALID_ARGUMENT
     missing = task.CreateTaskRequest(id="c3", bundle=str(env.work / "no-such-bundle"))
     assert code_of(lambda: tasks.Create(missing, timeout=10)) == grpc.StatusCode.NOT_FOUND
     assert code_of(lambda: tasks.State(task.StateRequest(id="ghost"), timeout=10)) == grpc.StatusCode.NOT_FOUND
     b3 = env.bundle("c3", ["true"], started.pid)
     spec3 = json.loads((b3.path / "config.json").read_text())
-    spec3["mounts"].append({"destination": "/data", "type": "bind", "source": "/no/such/volume", "options": ["rbind"]})
+    spec3["mounts"].append({"destination": "/data", "type": "bind", "source": "/no/such/volume",
+                            "options": ["rbind"]})
     (b3.path / "config.json").write_text(json.dumps(spec3))
     with pytest.raises(grpc.RpcError) as missing_volume:
         tasks.Create(task.CreateTaskRequest(id="c3", bundle=str(b3.path), rootfs=b3.rootfs), timeout=30)
