@@ -280,3 +280,19 @@ def test_rootfs_and_binds_over_9p(env):
     assert out == (b"c9\n/bin/busybox\n", b"", 0)
     env.cri.remove_pod("ninep")
     assert mountpoints_under(env.work) == []
+
+
+def test_start_failure_carries_the_console_tail(env):
+    """A guest that cannot run its agent: Start fails in bounded time quoting the console."""
+    env.daemon.stop()
+    env.daemon.config.write_text(env.daemon.config.read_text().replace(
+        "[vm]\n", '[vm]\nkernel_params = "rdinit=/no-such-init"\n', 1))
+    env.daemon.start()
+    ctl = env.cri.controller
+    ctl.Create(sb.ControllerCreateRequest(sandbox_id="broken"), metadata=NS, timeout=10)
+    with pytest.raises(grpc.RpcError) as failure:
+        ctl.Start(sb.ControllerStartRequest(sandbox_id="broken"), metadata=NS, timeout=90)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "console tail" in failure.value.details() and "Kernel panic" in failure.value.details()
+    ctl.Shutdown(sb.ControllerShutdownRequest(sandbox_id="broken"), metadata=NS, timeout=30)
+    assert mountpoints_under(env.work) == []
