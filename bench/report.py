@@ -77,7 +77,7 @@ def build(samples: dict[str, list[float]], exact: dict, machine: dict,
 def _unit(key: str) -> str:
     leaf = key.split(".")
     name = leaf[-2] if leaf[-1].isdigit() else leaf[-1]
-    return next((unit for suffix, unit in UNITS if name.endswith(suffix)), "")
+    return next((unit for suffix, unit in UNITS if name.endswith(suffix) or f"{suffix}_" in name), "")
 
 
 def _cells(value) -> list[str]:

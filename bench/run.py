@@ -54,7 +54,7 @@ def boot_times(runs: int) -> tuple[dict, dict]:
 def _kb(values: dict, *keys: str) -> tuple[float, str]:
     """The first of `keys` present in a bench.agent_task memory dict (MiB), in kB."""
     key = next(k for k in keys if k in values)
-    return values[key] * 1024, key
+    return round(values[key] * 1024), key
 
 
 def agent_memory(runs: int) -> tuple[dict, dict]:

@@ -54,6 +54,7 @@ def test_markdown_rows_units_and_anchors():
     assert "| `sandboxer.pss_kb.10` | 2 | 1 | 3 | 3 | kB |" in table
     assert "| `io.stdout_mb_s` | 2 | 1 | 3 | 3 | MB/s |" in table
     assert "| `io.stdout_integrity` | true |" in table
+    assert "| `pod.start_s_parallel_5` | 2 | 1 | 3 | 3 | s |" in table
     assert "| `image.kernel_bytes` | 5000000 |" in table
     assert "load average at start [6.5, 6.0, 5.0]" in table
     for what, figure, source in report.ANCHORS:
