@@ -22,6 +22,10 @@ from host_sandboxer.vmm.console import ConsoleLog
 
 log = logging.getLogger(__name__)
 
+# The QMP events kept: how a guest went away. Not RTC_CHANGE and the like, which a guest can
+# emit without end (with -no-reboot these few end QEMU, so the record stays small).
+WATCHED_EVENTS = ("SHUTDOWN", "POWERDOWN", "RESET", "GUEST_PANICKED")
+
 
 class QemuError(RuntimeError):
     """QEMU failed to start, or died; the message says how and quotes the console tail."""
@@ -34,12 +38,12 @@ class Qemu:
         self.output = run_dir / "qemu.log"
         self.console = ConsoleLog(run_dir / "console.log", spec.console_socket)
         self.qmp = QMPClient(spec.name)
-        self.events: list[dict] = []  # QMP events as received: {"event", "data", "timestamp"}
+        # qemu.qmp's default listener queues and keeps every event it accepts for the VM's life.
+        self.qmp.events.names = set(WATCHED_EVENTS)
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.started_at = 0.0  # time.monotonic() just before the spawn
         self.proc: asyncio.subprocess.Process | None = None
         self._exit_watch: asyncio.Task | None = None
-        self._event_log: asyncio.Task | None = None
 
     async def start(self, timeout_s: float = 10.0) -> None:
         """Spawn QEMU and return once it has connected to QMP; raise QemuError otherwise."""
@@ -64,7 +68,11 @@ class Qemu:
             message = self.failure("QEMU failed to start")
             await self.close()
             raise QemuError(message)
-        self._event_log = asyncio.create_task(self._record_events())
+
+    @property
+    def events(self) -> tuple[dict, ...]:
+        """The WATCHED_EVENTS QEMU has sent, in order: {"event", "data", "timestamp"}."""
+        return self.qmp.events.history
 
     @property
     def running(self) -> bool:
@@ -114,9 +122,8 @@ class Qemu:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.exited), grace_s)
             await process.stop(self.proc, grace_s)
-        if self._event_log is not None:
-            self._event_log.cancel()
-        await asyncio.gather(*filter(None, (self._event_log, self._exit_watch)), return_exceptions=True)
+        if self._exit_watch is not None:
+            await self._exit_watch
         with contextlib.suppress(Exception):
             await self.qmp.disconnect()
         self.spec.qmp_socket.unlink(missing_ok=True)
@@ -126,8 +133,3 @@ class Qemu:
         status = await self.proc.wait()
         log.info("%s: QEMU %s", self.spec.name, process.describe_exit(status))
         self.exited.set_result(status)
-
-    async def _record_events(self) -> None:
-        async for event in self.qmp.events:
-            self.events.append(dict(event))
-            log.debug("%s: QMP event %s", self.spec.name, event)
