@@ -72,7 +72,8 @@ class TaskService:
 
     async def create(self, req: pb.CreateTaskRequest) -> pb.CreateTaskResponse:
         if req.checkpoint or req.parent_checkpoint:
-            raise TaskError("UNIMPLEMENTED", "restoring a task from a checkpoint is not supported")
+            raise TaskError("UNIMPLEMENTED", f"create of {req.id}: restoring from a checkpoint is "
+                                             "not supported")
         from vmm_task.container.mounts import Mount
 
         mounts = []
