@@ -5,6 +5,10 @@ unknown sections and keys, wrong types and values outside a `Literal`, naming th
 key and the problem.  Relative paths in a file are relative to that file's directory; the
 defaults point at the image `make guest-image` writes (`build/guest/` in the repository).
 To add a section, add a dataclass and a field of that type to `Config`.
+
+Kuasar's names are accepted too: a `[hypervisor]` table (`path`, `kernel_path`, `initrd_path`,
+`kernel_params`, `vcpus`, `memory_in_mb`, `share_fs`, `vsock`, `accel`, `machine`) is folded
+into the sections above before checking, so a Kuasar-style file works as it is.
 """
 from __future__ import annotations
 
@@ -94,7 +98,47 @@ def load_config(path: Path | str | None) -> Config:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return _build(Config, data, str(path), "", path.resolve().parent)
+    return _build(Config, _fold_kuasar_names(data, str(path)), str(path), "", path.resolve().parent)
+
+
+# Kuasar's `[hypervisor]` key -> (our section, our key).
+KUASAR_HYPERVISOR_KEYS = {
+    "path": ("vm", "qemu"),
+    "kernel_path": ("vm", "kernel"),
+    "initrd_path": ("vm", "initrd"),
+    "kernel_params": ("vm", "kernel_params"),
+    "vcpus": ("vm", "cpus"),
+    "memory_in_mb": ("vm", "memory_mib"),
+    "accel": ("vm", "accel"),
+    "machine": ("vm", "machine"),
+    "share_fs": ("sharefs", "type"),
+    "vsock": ("vsock", "transport"),
+}
+
+
+def _fold_kuasar_names(data: dict, file: str) -> dict:
+    """Move a Kuasar-style `[hypervisor]` table's keys into our sections (a key given both ways
+    is an error, so the file cannot mean two things)."""
+    hypervisor = data.get("hypervisor")
+    if hypervisor is None:
+        return data
+    if not isinstance(hypervisor, dict):
+        raise ConfigError(f"{file}: hypervisor must be a table")
+    unknown = sorted(set(hypervisor) - set(KUASAR_HYPERVISOR_KEYS))
+    if unknown:
+        raise ConfigError(f"{file}: unknown key(s) in [hypervisor]: {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(KUASAR_HYPERVISOR_KEYS))}")
+    folded = {key: dict(value) if isinstance(value, dict) else value
+              for key, value in data.items() if key != "hypervisor"}
+    for key, value in hypervisor.items():
+        section, name = KUASAR_HYPERVISOR_KEYS[key]
+        table = folded.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{file}: {section} must be a table")
+        if name in table:
+            raise ConfigError(f"{file}: hypervisor.{key} and {section}.{name} both set the same thing")
+        table[name] = value
+    return folded
 
 
 def _build(cls, table: dict, file: str, prefix: str, base: Path):

@@ -1,4 +1,5 @@
 """Config file parsing: defaults, overrides, path resolution, and errors that name the key."""
+import re
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,35 @@ def test_errors_name_the_file_and_key(tmp_path, text, message):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config: No such file"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_kuasar_hypervisor_names_map_onto_our_sections(tmp_path):
+    cfg = load_config(write(tmp_path, """
+        [hypervisor]
+        path = "/usr/bin/qemu-system-x86_64"
+        kernel_path = "k/vmlinux"
+        initrd_path = "/var/lib/kuasar/initrd.img"
+        kernel_params = "quiet"
+        vcpus = 2
+        memory_in_mb = 1024
+        share_fs = "9p"
+        vsock = "hybrid"
+        accel = "tcg"
+        [containerd]
+        address = "/run/containerd/containerd.sock"
+    """))
+    assert cfg.vm.qemu == "/usr/bin/qemu-system-x86_64"
+    assert cfg.vm.kernel == tmp_path / "k" / "vmlinux"
+    assert cfg.vm.initrd == Path("/var/lib/kuasar/initrd.img")
+    assert (cfg.vm.kernel_params, cfg.vm.cpus, cfg.vm.memory_mib, cfg.vm.accel) == ("quiet", 2, 1024, "tcg")
+    assert (cfg.sharefs.type, cfg.vsock.transport) == ("9p", "hybrid")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[hypervisor]\nvcpus = 2\n[vm]\ncpus = 4\n', "hypervisor.vcpus and vm.cpus both set"),
+    ('[hypervisor]\nhugepages = true\n', "unknown key(s) in [hypervisor]: hugepages"),
+    ('[hypervisor]\nshare_fs = "nfs"\n', "sharefs.type = 'nfs': must be one of"),
+])
+def test_kuasar_names_are_checked_like_ours(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, text))
