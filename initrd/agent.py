@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from initrd import elf
+
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_PACKAGES = ("vmm_task", "vmm_common")
 ENTRY = REPO / "vmm_task" / "__main__.py"
@@ -25,10 +27,11 @@ BINARY_NAME = "vmm-task"
 NOFOLLOW = ("grpc", "grpc_tools", "host_sandboxer", "qemu", "ssl", "_ssl", "_hashlib", "sqlite3",
             "_sqlite3", "pytest", "_pytest", "unittest", "doctest", "pydoc", "tkinter",
             "setuptools", "pkg_resources", "pip", "distutils", "lib2to3", "idlelib", "ensurepip",
-            "xmlrpc", "http", "urllib.request", "email", "nuitka",
-            # CJK codecs (~1 MB of extension modules) that only encodings.<cjk> would load
-            "_multibytecodec", "_codecs_cn", "_codecs_hk", "_codecs_iso2022", "_codecs_jp",
-            "_codecs_kr", "_codecs_tw")
+            "xmlrpc", "http", "urllib.request", "email", "nuitka")
+# CJK codecs (~1 MB): Nuitka ships them with the encodings package whatever --nofollow says;
+# only encodings.<cjk codec> would load them, so they are deleted from the dist.
+UNSHIPPED_EXTENSIONS = ("_multibytecodec", "_codecs_cn", "_codecs_hk", "_codecs_iso2022",
+                        "_codecs_jp", "_codecs_kr", "_codecs_tw")
 # Nuitka carries most of the standard library as bytecode whether imported or not; these parts
 # nothing in the agent imports (tests/unit/test_initrd_agent_imports.py checks it) stay out.
 UNUSED_STDLIB = ("_pyio", "tarfile", "zipfile", "html", "pickletools", "imaplib", "configparser",
@@ -86,7 +89,8 @@ def _versions() -> str:
 
 def cache_key() -> str:
     h = hashlib.sha256(_versions().encode() + b"\0" + " ".join(OPTIONS).encode())
-    h.update(Path(__file__).read_bytes() + PACKAGE_CONFIG.read_bytes())
+    for build_input in (Path(__file__), Path(elf.__file__), PACKAGE_CONFIG):  # how it is built
+        h.update(build_input.read_bytes())
     for package in SOURCE_PACKAGES:
         for path in sorted((REPO / package).rglob("*.py")):
             h.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
@@ -132,6 +136,11 @@ def _build(out: Path, progress) -> None:
         tail = log_path.read_text().splitlines()[-30:]
         raise RuntimeError("Nuitka build failed:\n" + "\n".join(tail))
     (staging / "__main__.dist").rename(staging / "dist")
+    for name in UNSHIPPED_EXTENSIONS:
+        (staging / "dist" / f"{name}.so").unlink(missing_ok=True)
+    for path in sorted((staging / "dist").rglob("*")):
+        if path.is_file() and not path.is_symlink() and elf.is_elf(path):
+            elf.drop_unused_dependencies(path)
     modules = _module_list(staging / "__main__.build", staging / "dist")
     (staging / "modules.txt").write_text("\n".join(modules) + "\n")
     shutil.rmtree(staging / "__main__.build")

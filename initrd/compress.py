@@ -12,10 +12,10 @@ COMMANDS = {
     "gzip": ["gzip", "-9", "-n", "-c"],                       # -n: no name/mtime in the header
     "xz": ["xz", "-9", "--check=crc32", "-T1", "-c"],         # the kernel's xz wants crc32
     "zstd": ["zstd", "-19", "-T1", "-q", "-c"],
-    "lz4": ["lz4", "-l", "-9", "-q", "-c"],                   # -l: the legacy frame the kernel reads
+    "lz4": ["lz4", "-l", "-12", "-q", "-c"],                  # -l: the legacy frame the kernel reads
     "none": ["cat"],
 }
-DEFAULT = "zstd"
+DEFAULT = "lz4"
 
 
 def _command(method: str) -> list[str]:

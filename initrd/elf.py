@@ -42,3 +42,20 @@ def closure(binaries: list[Path], provided: set[str] = frozenset()) -> set[str]:
         if is_elf(binary):
             needed |= {lib for lib in shared_libraries(binary) if Path(lib).name not in provided}
     return needed
+
+
+def unused_dependencies(binary: Path) -> list[str]:
+    """Paths of the libraries `binary` lists as NEEDED but takes no symbol from (`ldd -u -r`)."""
+    result = subprocess.run(["ldd", "-u", "-r", str(binary)], capture_output=True, text=True)
+    return [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("/")]
+
+
+def drop_unused_dependencies(binary: Path) -> list[str]:
+    """Remove the NEEDED entries `unused_dependencies` finds, so the image need not carry those
+    libraries (protobuf's upb extension names libstdc++, 2 MB, and uses none of it)."""
+    dropped = []
+    for lib in unused_dependencies(binary):
+        soname = Path(lib).name
+        subprocess.run(["patchelf", "--remove-needed", soname, str(binary)], check=True)
+        dropped.append(soname)
+    return dropped
