@@ -11,7 +11,7 @@ RUNTIME ?= crun
 DEBUG ?= 0
 export RUNTIME DEBUG
 
-.PHONY: setup protos guest-image floor-image test test-unit test-agent test-vm demo bench clean
+.PHONY: setup protos guest-image floor-image test test-unit test-agent test-vm demo bench stress clean
 
 setup:
 	@bash scripts/setup.sh
@@ -45,6 +45,10 @@ demo: setup guest-image
 
 bench: setup guest-image
 	@$(PY) -m bench.run
+
+# The reliability soak at full length (make test runs it short): docs/benchmarks.md.
+stress: setup guest-image
+	SOAK_CYCLES=200 SOAK_CONTAINER_CYCLES=200 $(PY) -m pytest -q -ra -s tests/vm/test_soak.py
 
 clean:
 	rm -rf build vmm_common/protos/*/ vmm_common/protos/.stamp
