@@ -124,6 +124,7 @@ def harness(guest_image):
     h.close()
 
 
+@pytest.mark.timeout(300 + 60 * SOAK_CYCLES)  # a guest boot a cycle; pyproject's default is 600 s
 def test_pod_cycles_do_not_grow_the_daemon(harness):
     for i in range(WARM_UP):
         harness.cycle(f"warm{i}")
@@ -149,6 +150,7 @@ def agent_figures(harness, started, n):
             "anon_kb": int(figures["RssAnon"].split()[0])}
 
 
+@pytest.mark.timeout(300 + 20 * SOAK_CONTAINER_CYCLES)
 def test_container_cycles_do_not_grow_the_agent(harness):
     started = harness.cri.run_pod("agent-soak", timeout=180)
     for i in range(WARM_UP):
