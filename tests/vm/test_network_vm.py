@@ -9,7 +9,6 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import grpc
@@ -136,18 +135,16 @@ def test_multiqueue_nic_with_two_vcpus_answers_the_peer(vm_config, vm_loop, tmp_
 
 
 def test_daemon_killed_then_shutdown_restores_the_namespace_from_the_record(daemon):
-    """SIGKILL the daemon with a networked pod running: QEMU dies with it (and so the tap), the
-    redirect on the pod's veth stays; the restarted daemon's Shutdown removes it."""
+    """SIGKILL the daemon with a networked pod running: the redirect on the pod's veth and the
+    record stay; the restarted daemon's Shutdown gives the links back (whether the VMM died
+    with the daemon, taking its tap along, or was adopted by the new daemon)."""
     with NetnsPair() as pair:
         before = pair.snapshot(pair.pod)
         NetPod(daemon, pair, "crashnet")
         daemon.daemon.proc.kill()
         daemon.daemon.proc.wait(10)
-        deadline = time.monotonic() + 30
-        while "tap0_vmm" in {link["ifname"] for link in pair.links(pair.pod)}:
-            assert time.monotonic() < deadline, "the tap outlived QEMU"
-            time.sleep(0.2)
         assert ("eth0", "ingress") in pair.snapshot(pair.pod)["qdiscs"]
+        assert (daemon.daemon.state / "crashnet" / "network.json").exists()
         daemon.daemon.start()
         daemon.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="crashnet"),
                                        metadata=demo.NAMESPACE, timeout=60)
