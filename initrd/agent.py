@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 SOURCE_PACKAGES = ("vmm_task", "vmm_common")
 ENTRY = REPO / "vmm_task" / "__main__.py"
 BINARY_NAME = "vmm-task"
+KEEP_BUILDS = 6  # agent builds kept in the cache (~20 MB each)
 # Never in the guest: host-only packages, TLS, test and packaging machinery.
 NOFOLLOW = ("grpc", "grpc_tools", "host_sandboxer", "qemu", "ssl", "_ssl", "_hashlib", "sqlite3",
             "_sqlite3", "pytest", "_pytest", "unittest", "doctest", "pydoc", "tkinter",
@@ -115,8 +116,18 @@ def ensure_agent(cache: Path, progress=print) -> Agent:
         cached = (out / "dist").is_dir()
         if not cached:
             _build(out, progress)
+            _prune(root, keep=KEEP_BUILDS)
     modules = (out / "modules.txt").read_text().split()
     return Agent(out / "dist", BINARY_NAME, modules, cached, out.name)
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Delete all but the `keep` newest builds (and any stale .partial: builds hold the lock)."""
+    dirs = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    partial = [d for d in dirs if d.name.endswith(".partial")]
+    complete = [d for d in dirs if d not in partial]
+    for old in partial + complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _build(out: Path, progress) -> None:
