@@ -45,7 +45,7 @@ class TapNic:
 class VmSpec:
     kernel: Path
     initrd: Path
-    console_socket: Path  # QEMU connects to these two; we listen first, so there is no race
+    console_socket: Path  # QEMU listens on these two, so a restarted daemon connects again
     qmp_socket: Path
     vsock_args: tuple[str, ...] = ()  # from the vsock transport's qemu_args()
     share: ShareDevice | None = None
@@ -77,10 +77,13 @@ def build_argv(spec: VmSpec) -> list[str]:
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
         "-append", " ".join(kernel_params(spec)),
-        "-chardev", f"socket,id=console,path={_opt(spec.console_socket)}",
+        # QEMU serves console and QMP (one client each, replaced when it goes): the daemon
+        # connects, and a restarted daemon connects again. -S: the guest runs once the daemon
+        # reads the console (QMP `cont`), so no boot line is lost.
+        "-chardev", f"socket,id=console,path={_opt(spec.console_socket)},server=on,wait=off",
         "-serial", "chardev:console",
-        "-chardev", f"socket,id=qmp,path={_opt(spec.qmp_socket)}",
-        "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"socket,id=qmp,path={_opt(spec.qmp_socket)},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control", "-S",
         # Entropy from the host: without it the guest's CRNG is not ready when /init starts
         # and the agent's interpreter cannot seed its hash randomisation.
         "-object", "rng-random,id=rng,filename=/dev/urandom",

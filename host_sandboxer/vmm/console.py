@@ -1,7 +1,8 @@
 """The guest's serial console: read from QEMU over a unix socket into a size-capped log file.
 
-QEMU connects to a socket we listen on (rather than writing a file itself) because the guest
-is untrusted: a guest printing without end must not fill the host's disk.  The log rotates at
+We connect to a socket QEMU serves (rather than QEMU writing a file itself) because the guest
+is untrusted: a guest printing without end must not fill the host's disk. QEMU drops what the
+guest prints while no one is connected, so a restarted daemon connects again and appends.  The log rotates at
 `limit` bytes (`console.log` -> `console.log.1`), so at most twice that is kept.  Each complete
 line is time-stamped on arrival, which gives the boot timeline and lets callers wait for a
 marker such as "vmm-task ready" without polling; the last lines are kept for error messages.
@@ -38,14 +39,13 @@ class ConsoleLog:
         self._lines: collections.deque[ConsoleLine] = collections.deque(maxlen=TAIL_LINES)
         self._partial = bytearray()
         self._waiters: list[tuple[str, asyncio.Future[ConsoleLine]]] = []
-        self._server: asyncio.AbstractServer | None = None
         self._reader_task: asyncio.Task | None = None
         self._file = self._open_log()
 
-    async def listen(self) -> None:
-        """Listen on `socket_path`; QEMU (started afterwards) connects as a client."""
-        self._server = await asyncio.start_unix_server(self._on_connect, path=str(self.socket_path))
-        os.chmod(self.socket_path, 0o600)
+    async def connect(self) -> None:
+        """Connect to QEMU's console socket and read it until QEMU goes away."""
+        reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+        self._reader_task = asyncio.create_task(self._read(reader, writer))
 
     def line_containing(self, needle: str) -> asyncio.Future[ConsoleLine]:
         """A future for the first line containing `needle` (lines already kept count too)."""
@@ -65,8 +65,6 @@ class ConsoleLog:
         return "\n".join(texts)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
         if self._reader_task is not None:
             self._reader_task.cancel()
             await asyncio.gather(self._reader_task, return_exceptions=True)
@@ -75,12 +73,7 @@ class ConsoleLog:
         for _, fut in self._waiters:
             fut.cancel()
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._reader_task is not None:  # only QEMU's one connection is ours
-            writer.close()
-            return
-        self._reader_task = asyncio.current_task()
-        self._server.close()  # no second peer can connect
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while chunk := await reader.read(65536):
                 self._take(chunk)

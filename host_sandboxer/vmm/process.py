@@ -1,39 +1,108 @@
-"""Helper processes of a VM (QEMU, virtiofsd): spawned to die with us, stopped in steps.
+"""Helper processes of a VM (QEMU, virtiofsd, the hybrid vsock backend): spawned, adopted after
+a daemon restart, stopped in steps.
 
-A helper gets SIGKILL when the thread that spawned it exits (PR_SET_PDEATHSIG), so a crashed
-daemon or test run leaves no QEMU behind on a shared machine; it runs in its own session so a
-terminal's Ctrl-C reaches only us, and we decide how to stop it.  Its stdout and stderr go to
-a file whose tail is quoted when it fails.
+No Python runs between fork and exec (no preexec function): in the daemon gRPC's threads are
+busy, and a forked copy of them crashed children (14 of 60 spawns). A helper runs in its own
+session (a terminal's Ctrl-C reaches only us; we decide how to stop it). A pod's helpers outlive
+the daemon, so a restarted daemon finds them running; throwaway VMs (`vmm-sandboxer check`,
+tests) ask `die_with_us`: util-linux's setpriv sets PR_SET_PDEATHSIG and execs the helper, so
+a crashed run leaves no QEMU behind. Its stdout and stderr go to a file whose tail is quoted
+when it fails.
+
+A helper started by an earlier daemon is not our child: `adopt()` watches it through a pidfd
+(its exit status is then unknown) after checking its start time, so a recycled pid is never
+mistaken for it.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
+import errno
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Sequence
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
+DIE_WITH_US = ("setpriv", "--pdeathsig", "KILL", "--")
+UNKNOWN_STATUS = 255  # the exit status of an adopted helper: only its parent (init) learns it
 
 
-def _die_with_parent() -> None:
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-async def spawn(argv: list[str], output: Path, pass_fds: Sequence[int] = ()) -> asyncio.subprocess.Process:
+async def spawn(argv: list[str], output: Path, pass_fds: Sequence[int] = (),
+                die_with_us: bool = False) -> asyncio.subprocess.Process:
     """Start argv with stdin from /dev/null and stdout+stderr appended to `output`; the fds in
-    `pass_fds` are inherited at the same numbers (every other fd is closed)."""
+    `pass_fds` are inherited at the same numbers (every other fd is closed). A missing binary
+    is OSError here, as without the setpriv wrapper."""
     with open(output, "ab") as out:
         os.fchmod(out.fileno(), 0o600)
+        if die_with_us and shutil.which(argv[0]) is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
         return await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent, pass_fds=tuple(pass_fds))
+            *(DIE_WITH_US if die_with_us else ()), *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True, pass_fds=tuple(pass_fds))
 
 
-async def stop(proc: asyncio.subprocess.Process, grace_s: float = 3.0) -> int:
+def start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def identity(proc) -> dict:
+    """What a state file keeps of a helper to adopt it later."""
+    return {"pid": proc.pid, "start_time": start_time(proc.pid)}
+
+
+class AdoptedProcess:
+    """A helper left running by an earlier daemon: the face of asyncio.subprocess.Process that
+    `stop()` and the watchers use (pid, returncode, wait, terminate, kill)."""
+
+    def __init__(self, pid: int, pidfd: int):
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd = pidfd
+        self._exited = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().add_reader(pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self.returncode = UNKNOWN_STATUS
+        self._exited.set_result(UNKNOWN_STATUS)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            signal.pidfd_send_signal(self._pidfd, sig)  # never a recycled pid: the fd pins ours
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def adopt(record: dict | None) -> AdoptedProcess | None:
+    """The helper an `identity()` record names, if that very process still runs; else None."""
+    if not record or not record.get("pid"):
+        return None
+    try:
+        pidfd = os.pidfd_open(record["pid"])
+    except OSError:
+        return None
+    # Compared after the pidfd pins the process: a pid reused before this point is seen here.
+    if start_time(record["pid"]) != record.get("start_time"):
+        os.close(pidfd)
+        return None
+    return AdoptedProcess(record["pid"], pidfd)
+
+
+async def stop(proc, grace_s: float = 3.0) -> int:
     """SIGTERM, then SIGKILL after `grace_s`; returns the exit status (negative: signal)."""
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):

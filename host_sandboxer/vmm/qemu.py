@@ -1,9 +1,11 @@
 """One QEMU process: launched from a VmSpec, controlled over QMP (qemu.qmp), watched until it exits.
 
-We listen on the QMP and console sockets before QEMU starts and QEMU connects to them, so there
-is no polling for a socket to appear.  `exited` resolves with QEMU's exit status the moment the
-process ends, for whatever reason; `failure()` turns that into a message with the exit, the
-last SHUTDOWN event, QEMU's own output and the console tail.
+QEMU serves the QMP and console sockets and starts paused (-S): we connect to both once QMP's
+socket appears, then let the guest run, so no console line is lost.  A restarted daemon
+`attach()`es to a QEMU left running the same way (QEMU takes the new clients).
+`exited` resolves with QEMU's exit status the moment the process ends, for whatever reason;
+`failure()` turns that into a message with the exit, the last SHUTDOWN event, QEMU's own
+output and the console tail.
 """
 from __future__ import annotations
 
@@ -45,29 +47,46 @@ class Qemu:
         self.proc: asyncio.subprocess.Process | None = None
         self._exit_watch: asyncio.Task | None = None
 
-    async def start(self, timeout_s: float = 10.0) -> None:
-        """Spawn QEMU and return once it has connected to QMP; raise QemuError otherwise."""
-        await self.console.listen()
-        await self.qmp.start_server(str(self.spec.qmp_socket))
-        os.chmod(self.spec.qmp_socket, 0o600)
+    async def start(self, timeout_s: float = 10.0, die_with_us: bool = True) -> None:
+        """Spawn QEMU and return once the guest runs with QMP and the console connected; raise
+        QemuError otherwise. `die_with_us=False`: QEMU outlives this process (a daemon's pod)."""
         self.started_at = time.monotonic()
         try:
-            self.proc = await process.spawn(self.argv, self.output, pass_fds(self.spec))
+            self.proc = await process.spawn(self.argv, self.output, pass_fds(self.spec), die_with_us)
         except OSError as e:
             await self.close()
             raise QemuError(f"cannot run {self.argv[0]}: {e.strerror}") from None
+        await self._connect("QEMU failed to start", timeout_s, run=True)
+
+    async def attach(self, proc, timeout_s: float = 10.0) -> None:
+        """Take over a QEMU left running by an earlier daemon (`proc` from process.adopt())."""
+        self.proc = proc
+        await self._connect("cannot reconnect to QEMU", timeout_s, run=False)
+
+    async def _connect(self, what: str, timeout_s: float, run: bool) -> None:
         self._exit_watch = asyncio.create_task(self._watch_exit())
-        accept = asyncio.create_task(self.qmp.accept())
-        await asyncio.wait({accept, self.exited}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        if not accept.done() or accept.exception() is not None:
-            accept.cancel()
-            await asyncio.gather(accept, return_exceptions=True)
-            if not self.exited.done():
+        connect = asyncio.create_task(self._connect_sockets(run))
+        await asyncio.wait({connect, self.exited}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if not connect.done() or connect.exception() is not None:
+            connect.cancel()
+            error = (await asyncio.gather(connect, return_exceptions=True))[0]
+            if not self.exited.done():  # QEMU runs but did not answer: its exit is not the story
+                if isinstance(error, Exception):
+                    what += f" ({type(error).__name__}: {error})"
                 await process.stop(self.proc, grace_s=1.0)
             await self._exit_watch
-            message = self.failure("QEMU failed to start")
+            message = self.failure(what)
             await self.close()
             raise QemuError(message)
+
+    async def _connect_sockets(self, run: bool) -> None:
+        # QEMU creates its listening sockets before it runs anything, in a few ms.
+        while not self.spec.qmp_socket.exists():
+            await asyncio.sleep(0.005)
+        await self.qmp.connect(str(self.spec.qmp_socket))
+        await self.console.connect()
+        if run:
+            await self.qmp.execute("cont")
 
     @property
     def events(self) -> tuple[dict, ...]:
@@ -130,6 +149,6 @@ class Qemu:
         await self.console.close()
 
     async def _watch_exit(self) -> None:
-        status = await self.proc.wait()
+        status = await self.proc.wait()  # an adopted QEMU: process.UNKNOWN_STATUS
         log.info("%s: QEMU %s", self.spec.name, process.describe_exit(status))
         self.exited.set_result(status)

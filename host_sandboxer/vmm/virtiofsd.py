@@ -30,14 +30,15 @@ class Virtiofsd:
         self.output = output
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, timeout_s: float = 5.0) -> None:
-        """Spawn virtiofsd and return once its socket exists; raise VirtiofsdError if it fails."""
+    async def start(self, timeout_s: float = 5.0, die_with_us: bool = True) -> None:
+        """Spawn virtiofsd and return once its socket exists; raise VirtiofsdError if it fails.
+        `die_with_us=False`: it outlives this process (a daemon's pod; see process.py)."""
         if not self.binary.is_file():
             raise VirtiofsdError(f"virtiofsd not found at {self.binary}")
         if not self.source.is_dir():
             raise VirtiofsdError(f"shared directory {self.source} is not a directory")
         self.socket_path.unlink(missing_ok=True)
-        self.proc = await process.spawn(self.argv, self.output)
+        self.proc = await process.spawn(self.argv, self.output, die_with_us=die_with_us)
         deadline = time.monotonic() + timeout_s
         while not self.socket_path.exists():
             if self.proc.returncode is not None or time.monotonic() > deadline:

@@ -5,6 +5,11 @@ the shared-directory server (virtiofsd; 9p needs none), then QEMU, and waits for
 "vmm-task ready" console line.  Any failure tears down what was started and raises `VmError`
 whose `stage` says what failed and whose message ends with the console tail.  All sockets and
 logs live in `run_dir` (0700).
+
+A `detached` VM (the daemon's pods) outlives the process that started it: QEMU and virtiofsd
+are not tied to our life, hybrid vsock is served by a backend process of its own, and
+`record()` says what `GuestVm.attach()` needs to take the running VM over after a restart.
+Otherwise every helper dies with us (`vmm-sandboxer check`, tests).
 """
 from __future__ import annotations
 
@@ -18,10 +23,12 @@ from pathlib import Path
 from typing import Sequence
 
 from host_sandboxer.config import Config
+from host_sandboxer.vmm import process
 from host_sandboxer.vmm.accel import HostFacts, resolve_accel
 from host_sandboxer.vmm.cmdline import NinePShare, TapNic, VirtiofsShare, VmSpec
 from host_sandboxer.vmm.qemu import Qemu, QemuError
 from host_sandboxer.vmm.virtiofsd import Virtiofsd, VirtiofsdError
+from host_sandboxer.vmm.vsock_backend import BackendVsock
 
 READY_LINE = "vmm-task ready"
 KERNEL_INIT_LINE = "Run /init as init process"
@@ -60,8 +67,9 @@ class BootTimeline:
 class GuestVm:
     def __init__(self, config: Config, run_dir: Path, *, name: str = "vmm-task",
                  share_dir: Path | None = None, kernel_params: Sequence[str] = (),
-                 nics: Sequence[TapNic] = ()):
+                 nics: Sequence[TapNic] = (), detached: bool = False):
         self.config = config
+        self.detached = detached
         self.run_dir = run_dir
         self.name = name
         self.share_dir = share_dir
@@ -100,6 +108,27 @@ class GuestVm:
         reader, writer = await self.open_connection(port)
         return ttrpc.Client(reader, writer)
 
+    @classmethod
+    async def attach(cls, config: Config, run_dir: Path, record: dict, *, name: str,
+                     share_dir: Path | None = None) -> "GuestVm":
+        """The detached VM `record` (from `record()`) describes, taken over: QMP and console
+        reconnected, vsock reached again. Raises VmError if it is gone or its vsock or shared
+        directory server is; whatever of it still ran is then stopped."""
+        vm = cls(config, run_dir, name=name, share_dir=share_dir, detached=True)
+        try:
+            await vm._attach(record)
+        except BaseException:
+            await vm.close()
+            raise
+        return vm
+
+    def record(self) -> dict:
+        """Who the VM's processes are (pid + start time), for `attach()`."""
+        return {"qemu": process.identity(self.qemu.proc),
+                "virtiofsd": process.identity(self.virtiofsd.proc) if self.virtiofsd else None,
+                "vsock": self.transport.record() if hasattr(self.transport, "record")
+                else {"kind": "kernel", "cid": self.transport.guest_cid}}
+
     async def close(self) -> None:
         """Stop QEMU, then virtiofsd and the transport; safe to call more than once."""
         if self.qemu is not None:
@@ -126,39 +155,79 @@ class GuestVm:
         except Exception as e:
             raise VmError("transport", f"vsock transport {self.config.vsock.transport}: {e}") from e
         share = await self._start_sharefs()
-        self.qemu = Qemu(VmSpec(
+        self.qemu = Qemu(self._spec(share), self.run_dir)
+        try:
+            await self.qemu.start(die_with_us=not self.detached)
+        except QemuError as e:
+            raise VmError("qemu", str(e)) from None
+        return await self._wait_ready()
+
+    def _spec(self, share) -> VmSpec:
+        vm = self.config.vm
+        return VmSpec(
             qemu=vm.qemu, machine=vm.machine, accel=self.accel.accel, cpus=vm.cpus, memory_mib=vm.memory_mib,
             tsc_khz=self.host.tsc_khz,
             kernel=vm.kernel, initrd=vm.initrd, name=self.name,
             console_socket=self._socket_path("console.sock"), qmp_socket=self._socket_path("qmp.sock"),
             vsock_args=tuple(self.transport.qemu_args()), share=share, nics=self.nics,
-            kernel_params=self._agent_params() + self.kernel_params), self.run_dir)
+            kernel_params=self._agent_params() + self.kernel_params)
+
+    async def _attach(self, record: dict) -> None:
+        from host_sandboxer.vsock import KernelVsock
+        vsock = record.get("vsock") or {}
+        if vsock.get("kind") == "kernel":
+            self.transport = KernelVsock(vsock["cid"])
+            vsock_alive = True
+        else:
+            self.transport = BackendVsock(self.run_dir)
+            vsock_alive = self.transport.adopt(vsock)
+        share = self._share_device()
+        if isinstance(share, VirtiofsShare):
+            self.virtiofsd = self._virtiofsd(share.socket_path)
+            self.virtiofsd.proc = process.adopt(record.get("virtiofsd"))
+        self.qemu = Qemu(self._spec(share), self.run_dir)
+        proc = process.adopt(record.get("qemu"))
+        if proc is None:
+            raise VmError("qemu", f"QEMU (pid {(record.get('qemu') or {}).get('pid')}) is gone")
         try:
-            await self.qemu.start()
+            await self.qemu.attach(proc)
         except QemuError as e:
             raise VmError("qemu", str(e)) from None
-        return await self._wait_ready()
+        if not vsock_alive:
+            raise VmError("transport", self.qemu.failure("its vsock backend is gone: the VM is unreachable"))
+        if self.virtiofsd is not None and self.virtiofsd.proc is None:
+            raise VmError("sharefs", self.qemu.failure("its virtiofsd is gone: the shared directory is lost"))
 
     def _make_transport(self):
         from host_sandboxer import vsock
         try:
-            return vsock.create_transport(self.config.vsock.transport, str(self.run_dir))
+            kind = vsock.choose_kind(self.config.vsock.transport)
+            if self.detached and kind == "hybrid":
+                return BackendVsock(self.run_dir)
+            return vsock.create_transport(kind, str(self.run_dir))
         except (ValueError, RuntimeError) as e:
             raise VmError("transport", str(e)) from None
 
-    async def _start_sharefs(self):
+    def _share_device(self):
         if self.share_dir is None:
             return None
         if self.config.sharefs.type == "9p":
             return NinePShare(self.share_dir)
-        sock = self._socket_path("virtiofsd.sock")
-        self.virtiofsd = Virtiofsd(self.config.sharefs.virtiofsd, self.share_dir, sock,
-                                   self.run_dir / "virtiofsd.log", cache=self.config.sharefs.cache)
-        try:
-            await self.virtiofsd.start()
-        except VirtiofsdError as e:
-            raise VmError("sharefs", str(e)) from None
-        return VirtiofsShare(sock)
+        return VirtiofsShare(self._socket_path("virtiofsd.sock"))
+
+    def _virtiofsd(self, socket_path: Path) -> Virtiofsd:
+        return Virtiofsd(self.config.sharefs.virtiofsd, self.share_dir, socket_path,
+                         self.run_dir / "virtiofsd.log", cache=self.config.sharefs.cache)
+
+    async def _start_sharefs(self):
+        share = self._share_device()
+        if isinstance(share, VirtiofsShare):
+            self.virtiofsd = self._virtiofsd(share.socket_path)
+            try:
+                await self.virtiofsd.start(die_with_us=not self.detached)
+            except VirtiofsdError as e:
+                raise VmError("sharefs", str(e)) from None
+        return share
 
     def _agent_params(self) -> tuple[str, ...]:
         agent = self.config.agent

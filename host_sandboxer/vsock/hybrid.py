@@ -5,7 +5,8 @@ bytes; the socket just closes if the guest refuses or its driver is not up yet.
 guest -> host: a guest connect to host port P is bridged to the unix socket `<uds_path>_<P>`
 when something listens there, else the guest gets RST.
 
-The backend runs on the caller's event loop (one loop serves every VM; see docs/vsock.md).
+The backend runs on the caller's event loop (one loop serves every VM; see docs/vsock.md); the
+daemon runs it in a process of its own per VM (`serve.py`) so VMs keep vsock across its restarts.
 """
 
 import asyncio
@@ -54,8 +55,7 @@ class HybridVsock:
         loop.add_reader(clients.fileno(), self._accept_client, clients)
 
     def qemu_args(self, chardev_id: str = "vsock0") -> list:
-        return ["-chardev", f"socket,id={chardev_id},path={self.vhost_socket}",
-                "-device", f"vhost-user-vsock-pci,chardev={chardev_id}"]
+        return qemu_args(self.vhost_socket, chardev_id)
 
     async def open_connection(self, port: int):
         """(reader, writer) of a stream to guest `port`; ConnectionRefusedError if nobody answers.
@@ -152,6 +152,12 @@ class HybridVsock:
             sock.close()
             return None
         return sock
+
+
+def qemu_args(vhost_socket: str, chardev_id: str = "vsock0") -> list:
+    """QEMU's arguments for a vhost-user-vsock device served on `vhost_socket`."""
+    return ["-chardev", f"socket,id={chardev_id},path={vhost_socket}",
+            "-device", f"vhost-user-vsock-pci,chardev={chardev_id}"]
 
 
 async def _read_connect(sock: socket.socket) -> int:

@@ -35,10 +35,11 @@ def test_q35_tcg_defaults():
     assert option(argv, "-kernel") == ["/img/kernel"]
     assert option(argv, "-initrd") == ["/img/initrd.img"]
     assert option(argv, "-append") == ["console=ttyS0 panic=-1"]
-    assert "socket,id=console,path=/run/vm/console.sock" in option(argv, "-chardev")
+    assert "socket,id=console,path=/run/vm/console.sock,server=on,wait=off" in option(argv, "-chardev")
     assert option(argv, "-serial") == ["chardev:console"]
-    assert "socket,id=qmp,path=/run/vm/qmp.sock" in option(argv, "-chardev")
+    assert "socket,id=qmp,path=/run/vm/qmp.sock,server=on,wait=off" in option(argv, "-chardev")
     assert option(argv, "-mon") == ["chardev=qmp,mode=control"]
+    assert "-S" in argv  # the daemon lets the guest run once it reads the console
     assert "rng-random,id=rng,filename=/dev/urandom" in option(argv, "-object")
     assert option(argv, "-device") == ["virtio-rng-pci,rng=rng"]
 
@@ -89,4 +90,4 @@ def test_kernel_vsock_and_9p():
 def test_commas_in_paths_are_escaped(path):
     argv = build_argv(spec(share=NinePShare(Path(path)), console_socket=Path("/x,y.sock")))
     assert option(argv, "-fsdev") == ["local,id=fs,path=/run/a,,b/fs.sock,security_model=none"]
-    assert "socket,id=console,path=/x,,y.sock" in option(argv, "-chardev")
+    assert "socket,id=console,path=/x,,y.sock,server=on,wait=off" in option(argv, "-chardev")
