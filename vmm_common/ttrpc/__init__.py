@@ -31,8 +31,8 @@ Handlers get a CallContext (service, method, metadata {key: [values]}, deadline 
 request's timeout_nano, enforced by cancelling the handler -> DEADLINE_EXCEEDED).
 RpcError(code, message) raised in a handler is the call's status; any other exception
 is INTERNAL with its text. Neither affects the connection or the server.
+Client and ClientStream are imported on first access (`ttrpc.Client`), not with the package.
 """
-from .client import Client, ClientStream
 from .context import CallContext
 from .errors import Code, ProtocolError, RpcError
 from .methods import Method, bidi_stream, client_stream, server_stream, unary
@@ -43,3 +43,12 @@ __all__ = [
     "CallContext", "Client", "ClientStream", "Code", "Method", "ProtocolError", "RpcError",
     "Server", "ServerStream", "bidi_stream", "client_stream", "server_stream", "unary",
 ]
+
+
+def __getattr__(name: str):
+    """The client loads on first use: the guest agent only serves, and every module it imports
+    costs boot time under emulation."""
+    if name in ("Client", "ClientStream"):
+        from . import client
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
