@@ -56,6 +56,8 @@ def parse_args(args: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     if os.getpid() == 1:
+        import gc
+        gc.disable()  # no collections during the start-up imports; server.serve turns it back on
         from vmm_task.init import pid1
         pid1.run(T_MAIN)  # never returns
     try:

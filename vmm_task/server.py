@@ -84,12 +84,23 @@ async def serve(ctx, listener: socket.socket, t_main: float) -> None:
     ctx.reaper.start()
     try:
         ttrpc_server = build_server(ctx)
+        _settle_gc()
         print(ready_line(t_main), flush=True)
         await ttrpc_server.serve(listener)
     finally:
         for cleanup in reversed(ctx.cleanups):
             cleanup()
         ctx.reaper.stop()
+
+
+def _settle_gc() -> None:
+    """Everything allocated so far (modules, classes, descriptors) lives as long as the agent:
+    gc.freeze() keeps it out of every later collection, then collection resumes (PID 1 turned it
+    off for the start-up imports, where its dozens of runs found next to nothing to free)."""
+    import gc
+
+    gc.freeze()
+    gc.enable()
 
 
 def ready_line(t_main: float) -> str:
