@@ -64,8 +64,19 @@ def summary(timelines: list) -> dict:
         "spread_s": round(max(host) - min(host), 3),
         "stdev_s": round(statistics.stdev(host), 3) if len(host) > 1 else 0.0,
         "kernel_ran_init_uptime_median_s": _median([t.kernel_init_guest_s for t in timelines]),
+        "ready_uptime_median_s": _median([t.agent_ready_guest_s for t in timelines]),
+        # CPU QEMU burnt until ready: what TCG emulation cost, least blurred by other load.
+        "qemu_cpu_median_s": _median([t.qemu_cpu_s for t in timelines]),
+        # From the agent's own ready line: /init to its __main__, and __main__ to ready.
+        "agent_start_median_s": _median([_span(t, "started", "main") for t in timelines]),
+        "agent_init_median_s": _median([_span(t, "main", "ready") for t in timelines]),
         "samples_s": [round(h, 3) for h in host],
     }
+
+
+def _span(timeline, start: str, end: str) -> float | None:
+    reported = timeline.agent_reported
+    return reported[end] - reported[start] if start in reported and end in reported else None
 
 
 def bench_config(args):
@@ -121,6 +132,8 @@ async def run(args) -> dict:
         "agent": agent,
         "floor": floor_,
         "ratio_median": round(agent["median_s"] / floor_["median_s"], 3),
+        "ratio_ready_uptime": _ratio(agent["ready_uptime_median_s"], floor_["ready_uptime_median_s"]),
+        "ratio_qemu_cpu": _ratio(agent["qemu_cpu_median_s"], floor_["qemu_cpu_median_s"]),
         "sizes_bytes": {
             "kernel": manifest["kernel"]["size"],
             "initrd": manifest["initrd"]["size"],
@@ -130,6 +143,10 @@ async def run(args) -> dict:
             "agent_dist": manifest["agent"]["dist_size"],
         },
     }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
 
 
 def main() -> None:

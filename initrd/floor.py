@@ -19,8 +19,11 @@ from kernel import build as kernel_build
 # are booted and timed by exactly the same code.
 READY_LINE = "vmm-task ready (floor: static busybox /init)"
 BUSYBOX = "/bin/busybox"
+# It reports its uptime as `ready=` the way the agent does, so both are compared on the guest clock.
 INIT = f"""#!/usr/bin/busybox sh
-echo "{READY_LINE}"
+/usr/bin/busybox mount -t proc proc /proc
+read uptime idle < /proc/uptime
+echo "{READY_LINE} ready=${{uptime}}s"
 exec /usr/bin/busybox sleep 2147483647
 """
 
@@ -29,6 +32,7 @@ def floor_tree() -> Tree:
     tree = Tree()
     tree.copy_host_path(BUSYBOX, "usr/bin/busybox")
     tree.file("init", INIT.encode(), 0o755)
+    tree.directory("proc", 0o555)
     tree.chardev("dev/console", 5, 1, 0o600)
     tree.chardev("dev/null", 1, 3, 0o666)
     return tree
