@@ -2,22 +2,18 @@
 
 `serve()` recovers the pods recorded in the state dir, listens on the Controller socket
 (0600), publishes events to containerd when an address is configured, and runs until
-SIGTERM/SIGINT. Leaving does not stop pods: containerd may restart its runtime at any time.
+SIGTERM/SIGINT. Leaving does not stop pods: containerd may restart its runtime at any time, and
+their VMs run on (QEMU, virtiofsd and the vsock backend are not tied to the daemon's life); a
+new daemon on the same STATE_DIR takes them over.
 """
 
+import asyncio
+import logging
 import os
+import signal
+from pathlib import Path
 
-# gRPC's fork handlers crash a child forked while gRPC threads are busy (QEMU and virtiofsd are
-# spawned with a preexec_fn: measured 14 of 60 spawns killed by SIGSEGV/SIGABRT). The daemon
-# never uses gRPC in a forked child, so they are turned off before grpc is imported.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-
-import asyncio  # noqa: E402
-import logging  # noqa: E402
-import signal  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import grpc  # noqa: E402
+import grpc
 
 from host_sandboxer.controller import Controller
 from host_sandboxer.events import EventPublisher
@@ -36,7 +32,7 @@ async def serve(listen: Path, state_dir: Path, config) -> None:
     publisher = EventPublisher(config.containerd.address or None)
     publisher.start()
     sandboxes = Sandboxes(StateDir(state_dir), config, publisher)
-    sandboxes.recover()
+    await sandboxes.recover()
     server = grpc.aio.server()
     sandbox_pb2_grpc.add_ControllerServicer_to_server(Controller(sandboxes), server)
     listen.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Start, stop and shut down one pod: the VM, the agent setup, the task address, the watchers."""
+"""Start, stop and shut down one pod: the VM, the agent setup, the task address, the watchers;
+and `recover()` a pod a previous daemon left running (its VM outlives the daemon)."""
 
 import asyncio
 import contextlib
@@ -15,7 +16,7 @@ from host_sandboxer.events import check_guest_event
 from host_sandboxer.network import NetworkError
 from host_sandboxer.network import pod as pod_network
 from host_sandboxer.sandbox.agent import AgentLink
-from host_sandboxer.sandbox.pod import Pod
+from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, Pod
 from host_sandboxer.taskproxy import mounts
 from host_sandboxer.taskproxy.errors import HostError
 from host_sandboxer.taskproxy.service import TaskProxy
@@ -33,6 +34,7 @@ TASK_SERVICE = "containerd.task.v2.Task"
 CHECK_TIMEOUT_S = 10.0
 SETUP_TIMEOUT_S = 10.0
 DEFAULT_STOP_TIMEOUT_S = 10.0
+VMM_EXIT_GRACE_S = 2.0  # a VMM that dies takes its vsock backend along: which ends first varies
 UNIX_PATH_MAX = 107
 
 
@@ -60,7 +62,7 @@ async def start(pod: Pod, config) -> None:
     except NetworkError as exc:
         raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc}") from None
     vm = GuestVm(sized, pod.dir, name=f"vmm-{pod.id}", share_dir=pod.shared_dir,
-                 nics=attachment.nics if attachment else ())
+                 nics=attachment.nics if attachment else (), detached=True)
     try:
         timeline = await vm.start()
     except VmError as exc:
@@ -74,6 +76,7 @@ async def start(pod: Pod, config) -> None:
     booted = time.monotonic()
     pod.vm = vm
     pod.vmm_pid = vm.qemu.proc.pid
+    pod.vm_record = vm.record()
     pod.agent = AgentLink(vm.open_connection, pod.id)
     try:
         await _set_up_agent(pod)
@@ -99,18 +102,57 @@ async def start(pod: Pod, config) -> None:
                          sharefs=config.sharefs.type)
     pod.state = "ready"
     pod.save()
+    _watch(pod)
+
+
+async def recover(pod: Pod, config) -> None:
+    """Take over a pod that was ready when the previous daemon ended: reconnect to its VM (QMP,
+    console, vsock), check the agent, serve the task address again and re-arm the watchers.
+    A pod whose VM is gone or unreachable is marked exited (its containers' exits published)
+    and whatever of it still ran is stopped; its task address still answers State/Delete from
+    the host side, and Shutdown cleans up the rest."""
+    try:
+        vm = await GuestVm.attach(_pod_config(config, pod), pod.dir, pod.vm_record or {},
+                                  name=f"vmm-{pod.id}", share_dir=pod.shared_dir)
+    except VmError as exc:
+        pod.mark_exited(UNKNOWN_EXIT_STATUS, f"VM lost while the daemon was down ({exc.stage}): {exc}")
+        await _serve_task_address(pod)  # containerd's State/Delete of its containers still work
+        return
+    pod.vm = vm
+    pod.agent = AgentLink(vm.open_connection, pod.id)
+    try:
+        await _check_agent(pod)
+        await _serve_task_address(pod)
+    except BaseException as exc:
+        what = exc.message if isinstance(exc, HostError) else f"{type(exc).__name__}: {exc}"
+        pod.mark_exited(UNKNOWN_EXIT_STATUS, vm.qemu.failure(f"pod {pod.id}: not recovered: {what}"))
+        await _close_vm(pod)
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        if pod.task_server is None:
+            await _serve_task_address(pod)
+        return
+    pod.boot_info["recovered_at_ns"] = str(time.time_ns())
+    _watch(pod)
+
+
+def _watch(pod: Pod) -> None:
     pod.watchers = [asyncio.create_task(_watch_vm(pod), name=f"watch-{pod.id}"),
                     asyncio.create_task(_pump_events(pod), name=f"events-{pod.id}")]
 
 
-async def _set_up_agent(pod: Pod) -> None:
-    began = time.monotonic()
+async def _check_agent(pod: Pod) -> None:
     try:
         await asyncio.wait_for(pod.agent.call(SANDBOX_SERVICE, "Check", sandbox_pb2.CheckRequest(),
                                               empty_pb2.Empty, timeout=CHECK_TIMEOUT_S), CHECK_TIMEOUT_S)
     except asyncio.TimeoutError:
         raise HostError(grpc.StatusCode.UNAVAILABLE,
                         f"agent did not answer Check within {CHECK_TIMEOUT_S:g} s") from None
+
+
+async def _set_up_agent(pod: Pod) -> None:
+    began = time.monotonic()
+    await _check_agent(pod)
     checked = time.monotonic()
     request = sandbox_pb2.SetupSandboxRequest()
     request.config.CopyFrom(pod.options)
@@ -130,11 +172,23 @@ async def _serve_task_address(pod: Pod) -> None:
 
 
 async def _watch_vm(pod: Pod) -> None:
-    status = await asyncio.shield(pod.vm.exited)
-    exit_status = 128 - status if status < 0 else status
-    if not pod.stopping:
-        pod.mark_exited(exit_status, pod.vm.qemu.failure("the VMM died"))
-        await _close_vm(pod)
+    """The VMM's exit, or the loss of its vsock link (the hybrid backend process ended: the VM
+    can never be reached again, so it is stopped), ends the pod."""
+    vm = pod.vm
+    watched = {vm.exited} | ({vm.transport.dead} if vm.transport.dead is not None else set())
+    await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+    if not vm.exited.done():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(vm.exited), VMM_EXIT_GRACE_S)
+    if pod.stopping:
+        return
+    if vm.exited.done():
+        status = vm.exited.result()
+        pod.mark_exited(128 - status if status < 0 else status, vm.qemu.failure("the VMM died"))
+    else:
+        pod.mark_exited(UNKNOWN_EXIT_STATUS, vm.qemu.failure(
+            f"the VM's vsock link is gone ({vm.transport.dead.result()}); VM stopped"))
+    await _close_vm(pod)
 
 
 async def _pump_events(pod: Pod) -> None:
@@ -213,7 +267,6 @@ async def shutdown(pod: Pod) -> None:
         await pod.remove_container(cid)
     if pod.task_server is not None:
         await pod.task_server.stop(1.0)
-    _kill_stray_vmm(pod)
     await _unplug(pod)
     mounts.unmount_all_under(pod.dir)
     left = mounts.mountpoints_under(pod.dir)
@@ -221,17 +274,3 @@ async def shutdown(pod: Pod) -> None:
         raise HostError(grpc.StatusCode.INTERNAL, f"pod {pod.id}: cannot unmount {', '.join(left)}")
     pod.state_dir.remove_sandbox_dir(pod.id)
 
-
-def _kill_stray_vmm(pod: Pod) -> None:
-    """A VMM left from before a daemon restart (recognised by its -name) is killed."""
-    if not pod.vmm_pid or pod.vm is not None:
-        return
-    try:
-        with open(f"/proc/{pod.vmm_pid}/cmdline", "rb") as f:
-            cmdline = f.read().split(b"\0")
-    except OSError:
-        return
-    if f"vmm-{pod.id}".encode() in cmdline:
-        log.warning("pod %s: killing VMM %d left from a previous daemon", pod.id, pod.vmm_pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pod.vmm_pid, signal.SIGKILL)

@@ -4,11 +4,13 @@ import logging
 
 import grpc
 
+from host_sandboxer.sandbox import lifecycle
 from host_sandboxer.sandbox.ids import InvalidID, check_id
-from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, Pod
+from host_sandboxer.sandbox.pod import Pod
 from host_sandboxer.sandbox.podconfig import PodConfigError, parse_pod_config
 from host_sandboxer.sandbox.statedir import StateDir
 from host_sandboxer.taskproxy.errors import HostError
+from host_sandboxer.vmm import process
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +58,14 @@ class Sandboxes:
     def forget(self, sandbox_id: str) -> None:
         self.pods.pop(sandbox_id, None)
 
-    def recover(self) -> None:
+    async def recover(self) -> None:
         """Load every pod recorded in the state dir.
 
-        A pod that was ready before the restart cannot be re-attached: its VMM dies with the
-        daemon that spawned it (the launcher sets PR_SET_PDEATHSIG) and the hybrid vsock
-        backend lived in the old process. It is recovered as stopped (exit 255): Wait and
-        Status report it, exit events of its containers are published, Shutdown cleans up.
+        A pod that was ready is taken over with its running VM (lifecycle.recover: QMP, console
+        and vsock reconnect); if its VM died meanwhile it is recovered as stopped (exit 255):
+        Wait and Status report it, exit events of its containers are published, Shutdown cleans
+        up. A pod still being created when the daemon died may have left a VM starting: its
+        processes are killed, and containerd may Start it again.
         """
         for sandbox_id, record in self.state_dir.load_all().items():
             try:
@@ -72,8 +75,11 @@ class Sandboxes:
                 continue
             self.pods[sandbox_id] = pod
             if pod.state == "ready":
-                pod.mark_exited(UNKNOWN_EXIT_STATUS,
-                                "VM lost with the previous daemon process; recovered as stopped")
+                await lifecycle.recover(pod, self.config)
+            elif pod.state == "created":
+                for pid in process.kill_strays(pod.dir):
+                    log.warning("sandbox %s: killed process %d left by a Start the daemon did not finish",
+                                sandbox_id, pid)
             elif pod.state == "stopped":
                 pod.vm_exited.set_result(pod.exit_status)
             log.info("sandbox %s recovered (%s)", sandbox_id, pod.state)

@@ -65,6 +65,7 @@ class Pod:
         self.exit_status = 0
         self.vmm_pid = 0
         self.vm = None           # host_sandboxer.vmm.vm.GuestVm while it runs
+        self.vm_record: dict | None = None  # GuestVm.record(): its processes, for a restarted daemon
         self.agent = None        # AgentLink
         self.task_server = None  # grpc.aio.Server for the task address
         self.boot_info: dict[str, str] = {}
@@ -83,6 +84,7 @@ class Pod:
             "id": self.id, "namespace": self.namespace, "state": self.state,
             "created_at_ns": self.created_at_ns, "exited_at_ns": self.exited_at_ns,
             "exit_status": self.exit_status, "vmm_pid": self.vmm_pid, "netns_path": self.netns_path,
+            "vm": self.vm_record,
             "options": {"type_url": self.options.type_url,
                         "value": base64.b64encode(self.options.value).decode()},
             "next_port": self.ports.next,
@@ -103,9 +105,11 @@ class Pod:
         pod.exit_status = record["exit_status"]
         pod.vmm_pid = record["vmm_pid"]
         pod.netns_path = record.get("netns_path", "")
+        pod.vm_record = record.get("vm")
         pod.ports = PortAllocator(record["next_port"])
         for cid, host_bundle in record["containers"].items():
             pod.containers[cid] = Container(host_bundle, GuestBundle(pod.mounts_dir, cid))
+            pod.known_container_ids.add(cid)
         return pod
 
     # -- what the task proxy uses -------------------------------------------------------------

@@ -102,6 +102,27 @@ def adopt(record: dict | None) -> AdoptedProcess | None:
     return AdoptedProcess(record["pid"], pidfd)
 
 
+def kill_strays(directory: Path) -> list[int]:
+    """SIGKILL every process whose command line names a path inside `directory` (a VM's helpers
+    all do: their sockets live there) and return their pids. For helpers no record names: a
+    daemon that died while starting a VM."""
+    marker = os.fsencode(directory) + b"/"
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(marker in arg for arg in args):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+    return killed
+
+
 async def stop(proc, grace_s: float = 3.0) -> int:
     """SIGTERM, then SIGKILL after `grace_s`; returns the exit status (negative: signal)."""
     if proc.returncode is None:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # The QMP events kept: how a guest went away. Not RTC_CHANGE and the like, which a guest can
 # emit without end (with -no-reboot these few end QEMU, so the record stays small).
 WATCHED_EVENTS = ("SHUTDOWN", "POWERDOWN", "RESET", "GUEST_PANICKED")
+EXIT_GRACE_S = 1.0
 
 
 class QemuError(RuntimeError):
@@ -70,6 +71,8 @@ class Qemu:
         if not connect.done() or connect.exception() is not None:
             connect.cancel()
             error = (await asyncio.gather(connect, return_exceptions=True))[0]
+            if isinstance(error, Exception):  # e.g. QMP saw EOF: QEMU may be exiting, its status a moment away
+                await asyncio.wait({self.exited}, timeout=EXIT_GRACE_S)
             if not self.exited.done():  # QEMU runs but did not answer: its exit is not the story
                 if isinstance(error, Exception):
                     what += f" ({type(error).__name__}: {error})"

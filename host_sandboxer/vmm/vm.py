@@ -177,6 +177,7 @@ class GuestVm:
         vsock = record.get("vsock") or {}
         if vsock.get("kind") == "kernel":
             self.transport = KernelVsock(vsock["cid"])
+            await self.transport.start()
             vsock_alive = True
         else:
             self.transport = BackendVsock(self.run_dir)

@@ -14,6 +14,6 @@ def test_netns_path_is_recorded_and_recovered(tmp_path):
         Sandboxes(state, None, None).create("p1", "k8s.io", any_pb2.Any(), "/var/run/netns/cni-1")
         Sandboxes(state, None, None).create("hostnet", "k8s.io", any_pb2.Any())
         recovered = Sandboxes(state, None, None)
-        recovered.recover()
+        await recovered.recover()
         return {pid: pod.netns_path for pid, pod in recovered.pods.items()}
     assert asyncio.run(scenario()) == {"p1": "/var/run/netns/cni-1", "hostnet": ""}

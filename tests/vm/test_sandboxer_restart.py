@@ -1,0 +1,133 @@
+"""vmm-sandboxer restarts (kill -9) with pods running: the new daemon takes them over from
+STATE_DIR with the very same VM (QMP, console and vsock reconnect), and cleans up what died.
+
+Real daemon, real QEMU (TCG), virtiofsd and hybrid vsock backend processes; containerd's
+Events service is the stand-in from test_sandboxer.py.
+"""
+
+import json
+import os
+import signal
+import time
+
+from test_sandboxer import NS, _long_running_pod, demo, env  # noqa: F401  (env: the fixture)
+
+from host_sandboxer.taskproxy.mounts import mountpoints_under
+from vmm_common.protos.containerd.events import task_pb2 as events
+from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
+from vmm_common.protos.containerd.task.v3 import shim_pb2 as task
+
+RUNNING, STOPPED = 2, 3
+
+
+def _helpers(env, sid) -> dict[str, int]:
+    """The pod's QEMU, virtiofsd and vsock backend pids, from its state file."""
+    record = json.loads((env.daemon.state / sid / "state.json").read_text())["vm"]
+    return {name: record[name]["pid"] for name in ("qemu", "virtiofsd", "vsock")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _gone(pids, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(_alive(p) for p in pids)
+
+
+def _exit_statuses(env, container_id: str, timeout: float = 20.0) -> list[int]:
+    """Exit statuses published for the init process of `container_id` until the first one
+    arrives (or the timeout)."""
+    deadline, found = time.monotonic() + timeout, []
+    while not found and time.monotonic() < deadline:
+        exits = [events.TaskExit.FromString(e.value) for _, t, e in env.events.topics({"/tasks/exit"}, 1.0)
+                 if t == "/tasks/exit"]
+        found = [x.exit_status for x in exits if x.container_id == x.id == container_id]
+    return found
+
+
+def _crash_daemon(env) -> None:
+    env.daemon.proc.kill()
+    env.daemon.proc.wait()
+
+
+def _exec(tasks, bundle, exec_id, args) -> tuple[bytes, int]:
+    out = bundle.fifo(f"{exec_id}-out")
+    reader = demo.FifoReader(out)
+    request = task.ExecProcessRequest(id=bundle.id, exec_id=exec_id, stdout=out)
+    request.spec.type_url = demo.PROCESS_SPEC_TYPE
+    request.spec.value = json.dumps({"args": args, "cwd": "/", "env": ["PATH=/bin"],
+                                     "user": {"uid": 0, "gid": 0}}).encode()
+    tasks.Exec(request, metadata=NS, timeout=60)
+    tasks.Start(task.StartRequest(id=bundle.id, exec_id=exec_id), metadata=NS, timeout=60)
+    status = tasks.Wait(task.WaitRequest(id=bundle.id, exec_id=exec_id), metadata=NS, timeout=60).exit_status
+    tasks.Delete(task.DeleteRequest(id=bundle.id, exec_id=exec_id), metadata=NS, timeout=60)
+    return reader.result(), status
+
+
+def test_daemon_killed_running_pod_is_taken_over(env):
+    started, tasks, b = _long_running_pod(env, "survivor")
+    helpers = _helpers(env, "survivor")
+    _crash_daemon(env)
+    assert all(_alive(p) for p in helpers.values()), "the pod's processes outlive the daemon"
+    env.daemon.start()
+
+    status = env.status("survivor", verbose=True)
+    assert (status.state, status.pid) == ("SANDBOX_READY", started.pid)
+    assert "recovered_at_ns" in status.info
+    tasks = demo.Cri.task_client(started.address)  # the task address is served again
+    assert tasks.State(task.StateRequest(id=b.id), metadata=NS, timeout=10).status == RUNNING
+    assert _exec(tasks, b, "after", ["sh", "-c", "echo exec-after-restart"]) == (b"exec-after-restart\n", 0)
+    # a new container: the shared directory (virtiofsd) and stdio relays work as before
+    fresh = env.bundle("fresh", ["cat", "/etc/hostname"], started.pid)
+    assert demo.run_container(tasks, fresh) == (b"fresh\n", b"", 0)
+    tasks.Kill(task.KillRequest(id=b.id, signal=signal.SIGKILL, all=True), metadata=NS, timeout=10)
+    assert tasks.Wait(task.WaitRequest(id=b.id), metadata=NS, timeout=60).exit_status == 137
+    tasks.Delete(task.DeleteRequest(id=b.id), metadata=NS, timeout=60)
+    assert _exit_statuses(env, b.id) == [137], "the guest's events are pumped again"
+
+    env.cri.remove_pod("survivor")
+    assert _gone(helpers.values()), f"left running: {helpers}"
+    assert not (env.daemon.state / "survivor").exists()
+    assert mountpoints_under(env.work) == []
+
+
+def test_vmm_died_while_the_daemon_was_down(env):
+    started, tasks, b = _long_running_pod(env, "lost")
+    helpers = _helpers(env, "lost")
+    _crash_daemon(env)
+    os.kill(started.pid, signal.SIGKILL)
+    assert _gone([started.pid])
+    env.daemon.start()
+
+    assert env.status("lost").state == "SANDBOX_NOTREADY"
+    wait = env.cri.controller.Wait(sb.ControllerWaitRequest(sandbox_id="lost"), metadata=NS, timeout=10)
+    assert wait.exit_status == 255
+    assert _exit_statuses(env, b.id) == [255]
+    tasks = demo.Cri.task_client(started.address)
+    assert tasks.State(task.StateRequest(id=b.id), metadata=NS, timeout=10).status == STOPPED
+    assert tasks.Delete(task.DeleteRequest(id=b.id), metadata=NS, timeout=10).exit_status == 255
+    env.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="lost"), metadata=NS, timeout=60)
+    assert _gone(helpers.values()), f"left running: {helpers}"
+    assert not (env.daemon.state / "lost").exists()
+    assert mountpoints_under(env.work) == []
+
+
+def test_vsock_backend_death_ends_the_pod(env):
+    """The backend process is supervised: without it the VM is unreachable for good."""
+    started, tasks, b = _long_running_pod(env, "cutoff")
+    helpers = _helpers(env, "cutoff")
+    os.kill(helpers["vsock"], signal.SIGKILL)
+    wait = env.cri.controller.Wait(sb.ControllerWaitRequest(sandbox_id="cutoff"), metadata=NS, timeout=30)
+    assert wait.exit_status == 255
+    assert env.status("cutoff").state == "SANDBOX_NOTREADY"
+    assert tasks.Wait(task.WaitRequest(id=b.id), metadata=NS, timeout=10).exit_status == 255
+    assert _gone(helpers.values()), "the unreachable VM is stopped"
+    env.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="cutoff"), metadata=NS, timeout=60)
+    assert mountpoints_under(env.work) == []
