@@ -31,6 +31,8 @@ from host_sandboxer.vmm.accel import resolve_accel
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("image", "boot", "agent", "guest", "rpc", "sandboxer")
+RPC_CALLS = 300
+STDOUT_MIB = 100
 
 
 def image(runs: int) -> tuple[dict, dict]:
@@ -81,13 +83,13 @@ def guest_memory(runs: int) -> tuple[dict, dict]:
 
 
 def rpc(runs: int) -> tuple[dict, dict]:
-    results = [asyncio.run(check_rtt.run(calls=300)) for _ in range(runs)]
+    results = [asyncio.run(check_rtt.run(calls=RPC_CALLS)) for _ in range(runs)]
     return {"rpc.check_p50_ms": [r["p50_ms"] for r in results],
-            "rpc.check_p99_ms": [r["p99_ms"] for r in results]}, {"rpc.calls_per_run": 300}
+            "rpc.check_p99_ms": [r["p99_ms"] for r in results]}, {"rpc.calls_per_run": RPC_CALLS}
 
 
 def daemon(runs: int) -> tuple[dict, dict]:
-    results = sandboxer.run(runs, stdout_mib=100)["runs"]
+    results = sandboxer.run(runs, stdout_mib=STDOUT_MIB)["runs"]
     samples = {f"sandboxer.pss_kb.{n}": [r["pss_kb"][n] for r in results] for n in ("1", "5", "10")}
     samples["pod.start_s_single"] = [r["single_s"] for r in results]
     samples["pod.start_s_parallel_5"] = [r["parallel_5_s"] for r in results]
