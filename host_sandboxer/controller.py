@@ -58,7 +58,7 @@ class Controller(api_grpc.ControllerServicer):
         pod = self.sandboxes.get(request.sandbox_id)
         async with pod.lock:
             if pod.state == "created":
-                await lifecycle.start(pod, self.sandboxes.config)
+                await lifecycle.start(pod, self.sandboxes.config, self.sandboxes.vsock_backend)
                 log.info("sandbox %s started: VMM pid %d", pod.id, pod.vmm_pid)
             elif pod.state != "ready":
                 raise HostError(grpc.StatusCode.FAILED_PRECONDITION,

@@ -45,8 +45,9 @@ def _pod_config(config, pod: Pod):
     return dataclasses.replace(config, vm=vm)
 
 
-async def start(pod: Pod, config) -> None:
-    """Boot the pod's VM, check and set up the agent, serve the task address."""
+async def start(pod: Pod, config, vsock_backend) -> None:
+    """Boot the pod's VM (detached: it outlives the daemon; hybrid vsock through the daemon's
+    `vsock_backend` process), check and set up the agent, serve the task address."""
     if len(os.fsencode(pod.task_socket)) > UNIX_PATH_MAX:
         raise HostError(grpc.StatusCode.FAILED_PRECONDITION,
                         f"task socket path {pod.task_socket} is too long for a unix socket; "
@@ -62,7 +63,7 @@ async def start(pod: Pod, config) -> None:
     except NetworkError as exc:
         raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc}") from None
     vm = GuestVm(sized, pod.dir, name=f"vmm-{pod.id}", share_dir=pod.shared_dir,
-                 nics=attachment.nics if attachment else (), detached=True)
+                 nics=attachment.nics if attachment else (), vsock_backend=vsock_backend)
     try:
         timeline = await vm.start()
     except VmError as exc:
@@ -105,7 +106,7 @@ async def start(pod: Pod, config) -> None:
     _watch(pod)
 
 
-async def recover(pod: Pod, config) -> None:
+async def recover(pod: Pod, config, vsock_backend) -> None:
     """Take over a pod that was ready when the previous daemon ended: reconnect to its VM (QMP,
     console, vsock), check the agent, serve the task address again and re-arm the watchers.
     A pod whose VM is gone or unreachable is marked exited (its containers' exits published)
@@ -113,7 +114,8 @@ async def recover(pod: Pod, config) -> None:
     the host side, and Shutdown cleans up the rest."""
     try:
         vm = await GuestVm.attach(_pod_config(config, pod), pod.dir, pod.vm_record or {},
-                                  name=f"vmm-{pod.id}", share_dir=pod.shared_dir)
+                                  name=f"vmm-{pod.id}", share_dir=pod.shared_dir,
+                                  vsock_backend=vsock_backend)
     except VmError as exc:
         pod.mark_exited(UNKNOWN_EXIT_STATUS, f"VM lost while the daemon was down ({exc.stage}): {exc}")
         await _serve_task_address(pod)  # containerd's State/Delete of its containers still work

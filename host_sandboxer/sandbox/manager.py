@@ -11,6 +11,7 @@ from host_sandboxer.sandbox.podconfig import PodConfigError, parse_pod_config
 from host_sandboxer.sandbox.statedir import StateDir
 from host_sandboxer.taskproxy.errors import HostError
 from host_sandboxer.vmm import process
+from host_sandboxer.vmm.vsock_backend import VsockBackend
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class Sandboxes:
         self.config = config
         self.publisher = publisher
         self.pods: dict[str, Pod] = {}
+        self.vsock_backend = VsockBackend(state_dir.root)  # every pod's hybrid vsock, in one process
 
     def get(self, sandbox_id: str) -> Pod:
         try:
@@ -75,7 +77,7 @@ class Sandboxes:
                 continue
             self.pods[sandbox_id] = pod
             if pod.state == "ready":
-                await lifecycle.recover(pod, self.config)
+                await lifecycle.recover(pod, self.config, self.vsock_backend)
             elif pod.state == "created":
                 for pid in process.kill_strays(pod.dir):
                     log.warning("sandbox %s: killed process %d left by a Start the daemon did not finish",

@@ -6,10 +6,10 @@ the shared-directory server (virtiofsd; 9p needs none), then QEMU, and waits for
 whose `stage` says what failed and whose message ends with the console tail.  All sockets and
 logs live in `run_dir` (0700).
 
-A `detached` VM (the daemon's pods) outlives the process that started it: QEMU and virtiofsd
-are not tied to our life, hybrid vsock is served by a backend process of its own, and
-`record()` says what `GuestVm.attach()` needs to take the running VM over after a restart.
-Otherwise every helper dies with us (`vmm-sandboxer check`, tests).
+A VM given the daemon's `vsock_backend` (the daemon's pods) is detached: it outlives the
+process that started it. QEMU and virtiofsd are not tied to our life, hybrid vsock is served by
+the backend process, and `record()` says what `GuestVm.attach()` needs to take the running VM
+over after a restart. Otherwise every helper dies with us (`vmm-sandboxer check`, tests).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from host_sandboxer.vmm.accel import HostFacts, resolve_accel
 from host_sandboxer.vmm.cmdline import NinePShare, TapNic, VirtiofsShare, VmSpec
 from host_sandboxer.vmm.qemu import Qemu, QemuError
 from host_sandboxer.vmm.virtiofsd import Virtiofsd, VirtiofsdError
-from host_sandboxer.vmm.vsock_backend import BackendVsock
+from host_sandboxer.vmm.vsock_backend import BackendVsock, VsockBackend, VsockBackendError
 
 READY_LINE = "vmm-task ready"
 KERNEL_INIT_LINE = "Run /init as init process"
@@ -67,9 +67,10 @@ class BootTimeline:
 class GuestVm:
     def __init__(self, config: Config, run_dir: Path, *, name: str = "vmm-task",
                  share_dir: Path | None = None, kernel_params: Sequence[str] = (),
-                 nics: Sequence[TapNic] = (), detached: bool = False):
+                 nics: Sequence[TapNic] = (), vsock_backend: VsockBackend | None = None):
         self.config = config
-        self.detached = detached
+        self.vsock_backend = vsock_backend
+        self.detached = vsock_backend is not None
         self.run_dir = run_dir
         self.name = name
         self.share_dir = share_dir
@@ -110,11 +111,11 @@ class GuestVm:
 
     @classmethod
     async def attach(cls, config: Config, run_dir: Path, record: dict, *, name: str,
-                     share_dir: Path | None = None) -> "GuestVm":
+                     vsock_backend: VsockBackend, share_dir: Path | None = None) -> "GuestVm":
         """The detached VM `record` (from `record()`) describes, taken over: QMP and console
         reconnected, vsock reached again. Raises VmError if it is gone or its vsock or shared
         directory server is; whatever of it still ran is then stopped."""
-        vm = cls(config, run_dir, name=name, share_dir=share_dir, detached=True)
+        vm = cls(config, run_dir, name=name, share_dir=share_dir, vsock_backend=vsock_backend)
         try:
             await vm._attach(record)
         except BaseException:
@@ -180,8 +181,11 @@ class GuestVm:
             await self.transport.start()
             vsock_alive = True
         else:
-            self.transport = BackendVsock(self.run_dir)
-            vsock_alive = self.transport.adopt(vsock)
+            self.transport = BackendVsock(self.vsock_backend, self.run_dir)
+            try:
+                vsock_alive = await self.transport.adopt()
+            except (OSError, ValueError, VsockBackendError, asyncio.TimeoutError) as e:
+                raise VmError("transport", f"cannot reach the vsock backend: {e}") from None
         share = self._share_device()
         if isinstance(share, VirtiofsShare):
             self.virtiofsd = self._virtiofsd(share.socket_path)
@@ -204,7 +208,7 @@ class GuestVm:
         try:
             kind = vsock.choose_kind(self.config.vsock.transport)
             if self.detached and kind == "hybrid":
-                return BackendVsock(self.run_dir)
+                return BackendVsock(self.vsock_backend, self.run_dir)
             return vsock.create_transport(kind, str(self.run_dir))
         except (ValueError, RuntimeError) as e:
             raise VmError("transport", str(e)) from None

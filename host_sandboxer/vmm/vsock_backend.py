@@ -1,60 +1,171 @@
-"""Hybrid vsock through a backend process (host_sandboxer/vsock/serve.py): the daemon's transport.
+"""Hybrid vsock through the daemon's backend process (host_sandboxer/vsock/serve.py).
 
-Same face as the in-process transports (host_sandboxer/vsock/__init__.py), plus `record()` and
-`adopt()`: the backend outlives the daemon with its VM, and a restarted daemon takes it over.
-The daemon reaches the guest as any hybrid-vsock client does (`CONNECT <port>\\n` on
-`vsock.sock`, `OK <n>\\n` back). The backend exits when the link is gone (its QEMU left, or a
-malformed ring reset the device); `dead` resolves then, and the VM's vsock cannot come back.
+`VsockBackend` is the daemon's one backend process: started on the first VM, adopted by a
+restarted daemon (its pid and start time are in `<state dir>/vsock-backend.json`), supervised
+(if it dies, every VM it served has lost its vsock for good: their `dead` futures resolve),
+stopped when its last VM goes. `BackendVsock` is one VM's transport through it, with the face
+of the in-process transports (host_sandboxer/vsock/__init__.py): the daemon reaches the guest
+as any hybrid-vsock client does (`CONNECT <port>\\n` on `vsock.sock`, `OK <n>\\n` back).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
 import sys
 from pathlib import Path
 
 from host_sandboxer.vmm import process
 from host_sandboxer.vsock.hybrid import qemu_args
 
+log = logging.getLogger(__name__)
+
 START_TIMEOUT_S = 10.0
 HANDSHAKE_TIMEOUT_S = 5.0
+
+
+class VsockBackendError(RuntimeError):
+    pass
+
+
+class VsockBackend:
+    def __init__(self, state_dir: Path):
+        self.control = state_dir / "vsock-backend.sock"
+        self.record_path = state_dir / "vsock-backend.json"
+        self.output = state_dir / "vsock-backend.log"
+        self.proc = None
+        self.vms: dict[str, BackendVsock] = {}
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+
+    async def add(self, vm: "BackendVsock") -> None:
+        async with self._lock:
+            await self._ensure_running()
+            answer = await self._request(f"ADD {vm.vm_dir}")
+            if answer != "OK":
+                raise VsockBackendError(f"vsock backend: {answer}")
+            self.vms[str(vm.vm_dir)] = vm
+
+    async def adopt(self, vm: "BackendVsock") -> bool:
+        """Whether the backend (left by an earlier daemon) still serves `vm`; if so it is ours."""
+        async with self._lock:
+            if self.proc is None:
+                self.proc = process.adopt(self._read_record())
+                if self.proc is None:
+                    return False
+                await self._supervise()
+            served = (await self._request("LIST"))[len("OK "):].split("\t")
+            if str(vm.vm_dir) not in served:
+                return False
+            self.vms[str(vm.vm_dir)] = vm
+            return True
+
+    async def remove(self, vm: "BackendVsock") -> None:
+        """Stop serving `vm`; the process ends with its last VM."""
+        async with self._lock:
+            self.vms.pop(str(vm.vm_dir), None)  # may be gone already: a DEAD notice when QEMU quit
+            if not self._alive():
+                return
+            left = int((await self._request(f"REMOVE {vm.vm_dir}")).split()[1])
+            if left == 0 and not self.vms:
+                await process.stop(self.proc)
+                self.record_path.unlink(missing_ok=True)
+
+    def _alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def _read_record(self) -> dict | None:
+        try:
+            return json.loads(self.record_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    async def _ensure_running(self) -> None:
+        if self._alive():
+            return
+        self.proc = process.adopt(self._read_record())
+        if self.proc is None:
+            self.control.unlink(missing_ok=True)
+            argv = [sys.executable, "-m", "host_sandboxer.vsock.serve", str(self.control)]
+            self.proc = await process.spawn(argv, self.output)
+            self.record_path.write_text(json.dumps(process.identity(self.proc)))
+            self.record_path.chmod(0o600)
+        await self._supervise()
+
+    async def _supervise(self) -> None:
+        """Watch the process's exit and its DEAD notices."""
+        proc = self.proc
+        deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(self.control))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if proc.returncode is not None or asyncio.get_running_loop().time() > deadline:
+                    raise VsockBackendError(
+                        f"vsock backend did not start: {process.output_tail(self.output)}") from None
+                await asyncio.sleep(0.005)
+        writer.write(b"WATCH\n")
+        self._spawn_task(self._read_notices(reader, writer))
+        self._spawn_task(self._watch_exit(proc))
+
+    def _spawn_task(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read_notices(self, reader, writer) -> None:
+        try:
+            while line := await reader.readline():
+                vm_dir, _, reason = line.decode(errors="replace").rstrip("\n")[len("DEAD "):].partition("\t")
+                vm = self.vms.pop(vm_dir, None)
+                if vm is not None:
+                    vm.lost(f"the vsock backend dropped the VM's link: {reason}")
+        finally:
+            writer.close()
+
+    async def _watch_exit(self, proc) -> None:
+        status = await proc.wait()
+        if self.vms:
+            log.error("the vsock backend %s with %d VM(s) served", process.describe_exit(status), len(self.vms))
+        vms, self.vms = self.vms, {}
+        for vm in vms.values():
+            vm.lost(f"the vsock backend {process.describe_exit(status)}: {process.output_tail(self.output, 3)}")
+
+    async def _request(self, line: str) -> str:
+        reader, writer = await asyncio.open_unix_connection(str(self.control))
+        try:
+            writer.write(line.encode() + b"\n")
+            return (await asyncio.wait_for(reader.readline(), START_TIMEOUT_S)).decode().rstrip("\n")
+        finally:
+            writer.close()
 
 
 class BackendVsock:
     kind = "hybrid"
     needs_shared_memory = True
 
-    def __init__(self, vm_dir: Path):
+    def __init__(self, backend: VsockBackend, vm_dir: Path):
+        self.backend = backend
+        self.vm_dir = vm_dir
         self.vhost_socket = vm_dir / "vhost-vsock.sock"
         self.uds_path = vm_dir / "vsock.sock"
-        self.output = vm_dir / "vsock-backend.log"
-        self.proc = None
         self.dead: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
-    async def start(self, die_with_us: bool = False) -> None:
-        """Spawn the backend; return once it listens on both sockets (before QEMU starts)."""
-        for path in (self.vhost_socket, self.uds_path):
-            path.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "host_sandboxer.vsock.serve", str(self.vhost_socket), str(self.uds_path)]
-        self.proc = await process.spawn(argv, self.output, die_with_us=die_with_us)
-        self._watch()
-        deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
-        while not self.uds_path.exists():  # bound after the vhost-user socket listens
-            if self.dead.done() or asyncio.get_running_loop().time() > deadline:
-                await self.close()
-                raise RuntimeError(f"vsock backend did not start: {process.output_tail(self.output)}")
-            await asyncio.sleep(0.005)
+    async def start(self) -> None:
+        """The backend serves this VM's sockets from now on (before QEMU starts)."""
+        await self.backend.add(self)
 
-    def adopt(self, record: dict | None) -> bool:
-        """Take over the backend an earlier daemon started; False if it is gone."""
-        self.proc = process.adopt(record)
-        if self.proc is None:
-            self.dead.set_result("the vsock backend process is gone")
-            return False
-        self._watch()
-        return True
+    async def adopt(self) -> bool:
+        """Take the VM's link over from an earlier daemon; False if it is gone."""
+        if await self.backend.adopt(self):
+            return True
+        self.lost("the vsock backend no longer serves the VM")
+        return False
 
     def record(self) -> dict:
-        return {"kind": self.kind, **process.identity(self.proc)}
+        return {"kind": self.kind}
 
     def qemu_args(self) -> list:
         return qemu_args(str(self.vhost_socket))
@@ -73,18 +184,11 @@ class BackendVsock:
             raise ConnectionRefusedError(f"vsock port {port}: refused (nothing listening, or the guest is not up)")
         return reader, writer
 
-    async def close(self) -> None:
-        """Stop the backend (it also ends by itself when QEMU goes) and remove its sockets."""
-        if self.proc is not None:
-            await process.stop(self.proc)
-        for path in (self.vhost_socket, self.uds_path):
-            path.unlink(missing_ok=True)
+    def lost(self, reason: str) -> None:
         if not self.dead.done():
-            self.dead.set_result("backend closed")
+            self.dead.set_result(reason)
 
-    def _watch(self) -> None:
-        def ended(task: asyncio.Task) -> None:
-            if not self.dead.done() and not task.cancelled():
-                self.dead.set_result(f"the vsock backend {process.describe_exit(task.result())}: "
-                                     f"{process.output_tail(self.output, 3)}")
-        asyncio.ensure_future(self.proc.wait()).add_done_callback(ended)
+    async def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError, IndexError, asyncio.TimeoutError):
+            await self.backend.remove(self)
+        self.lost("backend closed")

@@ -1,51 +1,129 @@
-"""One VM's hybrid vsock backend as a process of its own, so the VM's vsock outlives the daemon.
+"""The hybrid vsock backends of all of a daemon's VMs, in one process of their own, so that
+VMs keep their vsock when the daemon restarts.
 
 QEMU 7.2 cannot reconnect a vhost-user-vsock device (HYBRID-VSOCK-NOTES.md): a backend living
-in the daemon's event loop would take every pod's vsock with it when the daemon restarts. Run
-as `python -m host_sandboxer.vsock.serve VHOST_SOCKET UDS_PATH`, it serves QEMU on
-VHOST_SOCKET and hybrid-vsock clients on UDS_PATH (the daemon is one: it sends `CONNECT <port>`
-like any other, so a restarted daemon simply connects again). It exits when the link is gone
-(QEMU disconnected, or a malformed ring reset the device) or on SIGTERM, removing its sockets.
-The daemon starts and supervises it (host_sandboxer/vmm/vsock_backend.py).
+in the daemon's event loop would take every pod's vsock with it. One process serves every VM
+(a Python process costs ~14 MB PSS; one per VM would cost that per pod). The daemon reaches a
+guest as any hybrid-vsock client does (`CONNECT <port>` on `<vm_dir>/vsock.sock`), so a
+restarted daemon simply connects again.
+
+    python -m host_sandboxer.vsock.serve CONTROL_SOCKET
+
+Control socket (created 0600), one request line and one answer line per connection:
+    ADD <vm_dir>     serve <vm_dir>/vhost-vsock.sock (QEMU) and <vm_dir>/vsock.sock -> OK | ERR <why>
+    REMOVE <vm_dir>  stop serving it, remove its sockets                           -> OK <VMs left>
+    LIST             the VMs served                                   -> OK <vm_dir>\\t<vm_dir>...
+    WATCH            stays open: one `DEAD <vm_dir>\\t<reason>` line per VM whose link is gone
+A VM's link is gone when QEMU disconnects or a malformed ring reset its device; it is dropped
+then. SIGTERM ends the process (every VM's vsock with it). The daemon's side:
+host_sandboxer/vmm/vsock_backend.py.
 """
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
 
-from .hybrid import DEFAULT_GUEST_CID, HybridVsock
+from .hybrid import HybridVsock
 
 log = logging.getLogger("host_sandboxer.vsock.serve")
 
+MAX_REQUEST = 4096
 
-async def serve(vhost_socket: str, uds_path: str, guest_cid: int) -> str:
-    """Serve until the link is gone or SIGTERM/SIGINT; returns why it ended."""
-    vsock = HybridVsock(vhost_socket, uds_path, guest_cid)
+
+class Backends:
+    def __init__(self):
+        self.vms: dict[str, HybridVsock] = {}
+        self.watchers: set[asyncio.StreamWriter] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = (await reader.readline())[:MAX_REQUEST].decode(errors="replace").rstrip("\n")
+            command, _, vm_dir = line.partition(" ")
+            if command == "WATCH":
+                self.watchers.add(writer)
+                await reader.read()  # until the daemon goes
+                return
+            writer.write((await self._answer(command, vm_dir) + "\n").encode())
+            await writer.drain()
+        except (ConnectionError, ValueError) as e:
+            log.info("control connection: %s", e)
+        finally:
+            self.watchers.discard(writer)
+            writer.close()
+
+    async def _answer(self, command: str, vm_dir: str) -> str:
+        if command == "LIST":
+            return "OK " + "\t".join(self.vms)
+        if not os.path.isabs(vm_dir) or any(c in vm_dir for c in "\t\n\0"):
+            return f"ERR bad VM directory {vm_dir!r}"
+        if command == "ADD":
+            return await self._add(vm_dir)
+        if command == "REMOVE":
+            vsock = self.vms.pop(vm_dir, None)
+            if vsock is not None:
+                await vsock.close()
+            return f"OK {len(self.vms)}"
+        return f"ERR unknown request {command!r}"
+
+    async def _add(self, vm_dir: str) -> str:
+        if vm_dir in self.vms:
+            return f"ERR {vm_dir} is served already"
+        vsock = HybridVsock(os.path.join(vm_dir, "vhost-vsock.sock"), os.path.join(vm_dir, "vsock.sock"))
+        try:
+            await vsock.start()
+        except OSError as e:
+            await vsock.close()
+            return f"ERR {e}"
+        self.vms[vm_dir] = vsock
+        vsock.dead.add_done_callback(lambda fut: asyncio.ensure_future(self._gone(vm_dir, vsock, fut.result())))
+        return "OK"
+
+    async def _gone(self, vm_dir: str, vsock: HybridVsock, reason: str) -> None:
+        if self.vms.get(vm_dir) is not vsock:
+            return  # REMOVEd: the daemon asked for it
+        del self.vms[vm_dir]
+        await vsock.close()
+        log.info("%s: link gone: %s", vm_dir, reason)
+        for watcher in list(self.watchers):
+            watcher.write(f"DEAD {vm_dir}\t{reason}\n".encode(errors="replace"))
+
+    async def close(self) -> None:
+        for vsock in self.vms.values():
+            await vsock.close()
+        self.vms.clear()
+
+
+async def serve(control_socket: str) -> None:
+    """Serve until SIGTERM/SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await vsock.start()
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({vsock.dead, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    reason = vsock.dead.result() if vsock.dead.done() else "stopped by a signal"
-    await vsock.close()
-    return reason
+    backends = Backends()
+    old_umask = os.umask(0o177)  # the control socket is 0600 from the start
+    try:
+        server = await asyncio.start_unix_server(backends.handle, path=control_socket)
+    finally:
+        os.umask(old_umask)
+    await stop.wait()
+    server.close()
+    await backends.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(control_socket)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m host_sandboxer.vsock.serve", description=__doc__.split("\n")[0])
-    parser.add_argument("vhost_socket", help="the vhost-user socket QEMU connects to")
-    parser.add_argument("uds_path", help="the hybrid vsock socket clients connect to (CONNECT <port>)")
-    parser.add_argument("--cid", type=int, default=DEFAULT_GUEST_CID, help="the guest's CID")
+    parser = argparse.ArgumentParser(prog="python -m host_sandboxer.vsock.serve",
+                                     description="hybrid vsock backends of a daemon's VMs")
+    parser.add_argument("control_socket", help="the unix socket the daemon sends requests to")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s vsock-backend: %(message)s")
-    reason = asyncio.run(serve(args.vhost_socket, args.uds_path, args.cid))
-    log.info("%s: %s", args.uds_path, reason)
+    asyncio.run(serve(args.control_socket))
     return 0
 
 

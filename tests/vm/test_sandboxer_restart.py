@@ -21,9 +21,10 @@ RUNNING, STOPPED = 2, 3
 
 
 def _helpers(env, sid) -> dict[str, int]:
-    """The pod's QEMU, virtiofsd and vsock backend pids, from its state file."""
+    """The pod's QEMU and virtiofsd pids, from its state file, and the daemon's vsock backend's."""
     record = json.loads((env.daemon.state / sid / "state.json").read_text())["vm"]
-    return {name: record[name]["pid"] for name in ("qemu", "virtiofsd", "vsock")}
+    backend = json.loads((env.daemon.state / "vsock-backend.json").read_text())
+    return {"qemu": record["qemu"]["pid"], "virtiofsd": record["virtiofsd"]["pid"], "vsock": backend["pid"]}
 
 
 def _alive(pid: int) -> bool:
@@ -120,7 +121,8 @@ def test_vmm_died_while_the_daemon_was_down(env):
 
 
 def test_vsock_backend_death_ends_the_pod(env):
-    """The backend process is supervised: without it the VM is unreachable for good."""
+    """The backend process is supervised: without it the VM is unreachable for good. (It
+    serves every pod of the daemon: all of them would end alike.)"""
     started, tasks, b = _long_running_pod(env, "cutoff")
     helpers = _helpers(env, "cutoff")
     os.kill(helpers["vsock"], signal.SIGKILL)
