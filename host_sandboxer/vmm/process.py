@@ -146,6 +146,13 @@ def describe_exit(status: int) -> str:
     return f"exited with status {status}"
 
 
+def describe_end(proc) -> str:
+    """How a finished helper ended, in words; an adopted one's status is not ours to know."""
+    if isinstance(proc, AdoptedProcess):
+        return "ended (exit status unknown: it was started by an earlier daemon)"
+    return describe_exit(proc.returncode)
+
+
 def output_tail(output: Path, lines: int = 10) -> str:
     """The last lines a helper wrote (empty if it wrote nothing)."""
     try:

@@ -125,7 +125,7 @@ class Qemu:
         """`what` plus how QEMU ended, its last SHUTDOWN event, its output and the console tail."""
         parts = [what]
         if self.exited.done():
-            parts[0] += f": QEMU {process.describe_exit(self.exited.result())}"
+            parts[0] += f": QEMU {process.describe_end(self.proc)}"
         shutdowns = [e for e in self.events if e["event"] == "SHUTDOWN"]
         if shutdowns:
             data = shutdowns[-1].get("data", {})
@@ -153,5 +153,5 @@ class Qemu:
 
     async def _watch_exit(self) -> None:
         status = await self.proc.wait()  # an adopted QEMU: process.UNKNOWN_STATUS
-        log.info("%s: QEMU %s", self.spec.name, process.describe_exit(status))
+        log.info("%s: QEMU %s", self.spec.name, process.describe_end(self.proc))
         self.exited.set_result(status)

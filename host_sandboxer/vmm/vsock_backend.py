@@ -126,12 +126,12 @@ class VsockBackend:
             writer.close()
 
     async def _watch_exit(self, proc) -> None:
-        status = await proc.wait()
+        await proc.wait()
         if self.vms:
-            log.error("the vsock backend %s with %d VM(s) served", process.describe_exit(status), len(self.vms))
+            log.error("the vsock backend %s with %d VM(s) served", process.describe_end(proc), len(self.vms))
         vms, self.vms = self.vms, {}
         for vm in vms.values():
-            vm.lost(f"the vsock backend {process.describe_exit(status)}: {process.output_tail(self.output, 3)}")
+            vm.lost(f"the vsock backend {process.describe_end(proc)}: {process.output_tail(self.output, 3)}")
 
     async def _request(self, line: str) -> str:
         reader, writer = await asyncio.open_unix_connection(str(self.control))

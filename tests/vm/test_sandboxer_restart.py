@@ -72,8 +72,9 @@ def _exec(tasks, bundle, exec_id, args) -> tuple[bytes, int]:
     return reader.result(), status
 
 
-def test_daemon_killed_running_pod_is_taken_over(env):
+def test_daemon_killed_running_pods_are_taken_over(env):
     started, tasks, b = _long_running_pod(env, "survivor")
+    _long_running_pod(env, "bystander")  # the vsock backend serves both
     helpers = _helpers(env, "survivor")
     _crash_daemon(env)
     assert all(_alive(p) for p in helpers.values()), "the pod's processes outlive the daemon"
@@ -94,8 +95,12 @@ def test_daemon_killed_running_pod_is_taken_over(env):
     assert _exit_statuses(env, b.id) == [137], "the guest's events are pumped again"
 
     env.cri.remove_pod("survivor")
-    assert _gone(helpers.values()), f"left running: {helpers}"
+    assert _gone([helpers["qemu"], helpers["virtiofsd"]]), f"left running: {helpers}"
     assert not (env.daemon.state / "survivor").exists()
+    assert env.status("bystander").state == "SANDBOX_READY" and _alive(helpers["vsock"])
+    env.cri.remove_pod("bystander")
+    assert _gone([helpers["vsock"]]), "the backend ends with the last VM"
+    assert sorted(p.name for p in env.daemon.state.iterdir()) == ["vsock-backend.log"]
     assert mountpoints_under(env.work) == []
 
 

@@ -1,0 +1,76 @@
+"""The daemon's vsock backend process (vsock/serve.py driven by vmm/vsock_backend.py), real
+process, no QEMU: QEMU's side is exercised by tests/vm/test_sandboxer_restart.py."""
+import asyncio
+import json
+import os
+import signal
+
+import pytest
+
+from host_sandboxer.vmm import process
+from host_sandboxer.vmm.vsock_backend import BackendVsock, VsockBackend
+
+
+def _vm_dirs(tmp_path, *names):
+    dirs = []
+    for name in names:
+        (tmp_path / name).mkdir()
+        dirs.append(tmp_path / name)
+    return dirs
+
+
+def test_one_process_serves_every_vm_and_ends_with_the_last(tmp_path):
+    async def scenario():
+        backend = VsockBackend(tmp_path)
+        one, two = (BackendVsock(backend, d) for d in _vm_dirs(tmp_path, "a", "b"))
+        await one.start()
+        await two.start()
+        pid = json.loads((tmp_path / "vsock-backend.json").read_text())["pid"]
+        assert pid == backend.proc.pid
+        assert all(os.path.exists(p) for vm in (one, two) for p in (vm.vhost_socket, vm.uds_path))
+        assert oct((tmp_path / "vsock-backend.sock").stat().st_mode & 0o777) == "0o600"
+        with pytest.raises(ConnectionRefusedError):  # no guest behind it: CONNECT is refused
+            await one.open_connection(1024)
+        await one.close()
+        assert backend.proc.returncode is None and not one.vhost_socket.exists()
+        await two.close()
+        assert backend.proc.returncode is not None
+        assert not (tmp_path / "vsock-backend.json").exists() and not (tmp_path / "vsock-backend.sock").exists()
+    asyncio.run(scenario())
+
+
+def test_a_restarted_daemon_adopts_the_process_and_its_vms(tmp_path):
+    async def first_daemon():
+        vm = BackendVsock(VsockBackend(tmp_path), tmp_path / "a")
+        await vm.start()
+        return vm.backend.proc.pid  # the daemon "dies" here, leaving the backend running
+
+    async def second_daemon():
+        backend = VsockBackend(tmp_path)
+        known, unknown = BackendVsock(backend, tmp_path / "a"), BackendVsock(backend, tmp_path / "b")
+        assert await known.adopt()
+        assert not await unknown.adopt() and unknown.dead.done()
+        os.kill(backend.proc.pid, signal.SIGKILL)  # supervised: its VMs lose their link
+        reason = await asyncio.wait_for(known.dead, 5)
+        return reason, backend
+
+    _vm_dirs(tmp_path, "a", "b")
+    pid = asyncio.run(first_daemon())
+    try:
+        reason, backend = asyncio.run(second_daemon())
+        assert reason.startswith("the vsock backend ended (exit status unknown")
+    finally:
+        if process.start_time(pid) is not None:
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_bad_requests_are_refused(tmp_path):
+    async def scenario():
+        backend = VsockBackend(tmp_path)
+        vm = BackendVsock(backend, _vm_dirs(tmp_path, "a")[0])
+        await vm.start()
+        answers = [await backend._request(line) for line in ("ADD relative/dir", f"ADD {vm.vm_dir}", "FROB /x")]
+        await vm.close()
+        return answers
+    assert asyncio.run(scenario()) == ["ERR bad VM directory 'relative/dir'",
+                                       f"ERR {tmp_path / 'a'} is served already", "ERR unknown request 'FROB'"]
