@@ -12,7 +12,6 @@ import os
 import queue
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from pathlib import Path
