@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf import empty_pb2
 
 from host_sandboxer.network.messages import interfaces_request, routes_request
-from host_sandboxer.network.plumbing import Attachment, attach, detach
+
+if TYPE_CHECKING:
+    from host_sandboxer.network.plumbing import Attachment
 
 log = logging.getLogger(__name__)
 RECORD = "network.json"
@@ -24,6 +27,8 @@ async def plug(pod_dir: Path, netns_path: str, vcpus: int) -> Attachment | None:
     pod (no namespace). NetworkError, with nothing left behind, if it cannot be done."""
     if not netns_path:
         return None
+    # pyroute2 (~10 MB of the daemon's PSS) is imported only by pods that have a netns.
+    from host_sandboxer.network.plumbing import attach
     return await attach(netns_path, max(1, vcpus), pod_dir / RECORD)
 
 
@@ -41,4 +46,8 @@ async def configure_guest(call, attachment: Attachment, timeout: float = GUEST_T
 
 async def unplug(pod_dir: Path) -> None:
     """Remove whatever plug made (idempotent; nothing recorded, nothing to do)."""
-    await detach(pod_dir / RECORD)
+    record = pod_dir / RECORD
+    if not record.exists():  # a host-network pod: no need to load pyroute2
+        return
+    from host_sandboxer.network.plumbing import detach
+    await detach(record)
