@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from qemu.qmp import QMPClient
+from qemu.qmp.protocol import ConnectError
 
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.cmdline import VmSpec, build_argv, pass_fds
@@ -83,10 +84,16 @@ class Qemu:
             raise QemuError(message)
 
     async def _connect_sockets(self, run: bool) -> None:
-        # QEMU creates its listening sockets before it runs anything, in a few ms.
-        while not self.spec.qmp_socket.exists():
+        # QEMU creates its listening sockets before it runs anything, in a few ms; between
+        # bind (the file appears) and listen a connect is refused. The caller bounds the wait.
+        while True:
+            try:
+                await self.qmp.connect(str(self.spec.qmp_socket))
+                break
+            except ConnectError as e:
+                if not isinstance(e.exc, (FileNotFoundError, ConnectionRefusedError)):
+                    raise
             await asyncio.sleep(0.005)
-        await self.qmp.connect(str(self.spec.qmp_socket))
         await self.console.connect()
         if run:
             await self.qmp.execute("cont")

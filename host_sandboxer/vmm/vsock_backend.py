@@ -68,9 +68,10 @@ class VsockBackend:
             if not self._alive():
                 return
             left = int((await self._request(f"REMOVE {vm.vm_dir}")).split()[1])
-            if left == 0 and not self.vms:
+            if left == 0 and not self.vms:  # a clean end: its log (link losses) told the daemon already
                 await process.stop(self.proc)
-                self.record_path.unlink(missing_ok=True)
+                for path in (self.record_path, self.output):
+                    path.unlink(missing_ok=True)
 
     def _alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
