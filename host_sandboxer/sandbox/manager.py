@@ -6,7 +6,7 @@ import grpc
 
 from host_sandboxer.sandbox import lifecycle
 from host_sandboxer.sandbox.ids import InvalidID, check_id
-from host_sandboxer.sandbox.pod import Pod
+from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, Pod
 from host_sandboxer.sandbox.podconfig import PodConfigError, parse_pod_config
 from host_sandboxer.sandbox.statedir import StateDir
 from host_sandboxer.taskproxy.errors import HostError
@@ -77,7 +77,11 @@ class Sandboxes:
                 continue
             self.pods[sandbox_id] = pod
             if pod.state == "ready":
-                await lifecycle.recover(pod, self.config, self.vsock_backend)
+                try:
+                    await lifecycle.recover(pod, self.config, self.vsock_backend)
+                except Exception as exc:  # one pod's surprise must not keep the daemon down
+                    log.exception("sandbox %s: recovery failed", sandbox_id)
+                    pod.mark_exited(UNKNOWN_EXIT_STATUS, f"recovery failed: {type(exc).__name__}: {exc}")
             elif pod.state == "created":
                 for pid in process.kill_strays(pod.dir):
                     log.warning("sandbox %s: killed process %d left by a Start the daemon did not finish",
