@@ -136,8 +136,12 @@ def test_adopt_checks_the_start_time_and_watches_the_exit(tmp_path):
 
 def test_kill_strays_kills_what_names_the_directory_and_nothing_else(tmp_path):
     pod_dir, other = tmp_path / "pod", tmp_path / "pod2"
-    stray = subprocess.Popen(["sh", "-c", "sleep 60", "sh", f"{pod_dir}/vsock.sock"])
-    bystander = subprocess.Popen(["sh", "-c", "sleep 60", "sh", f"{other}/vsock.sock"])
+    def sleeper(path):  # a process that never forks: no child briefly carries its command line
+        return subprocess.Popen([sys.executable, "-c", "import sys, time; print(flush=True); time.sleep(60)", path],
+                                stdout=subprocess.PIPE)
+    stray, bystander = sleeper(f"{pod_dir}/vsock.sock"), sleeper(f"{other}/vsock.sock")
+    for proc in (stray, bystander):
+        proc.stdout.readline()  # running
     try:
         assert process.kill_strays(pod_dir) == [stray.pid]
         assert stray.wait(5) == -signal.SIGKILL
