@@ -67,7 +67,8 @@ class Sandboxes:
         and vsock reconnect); if its VM died meanwhile it is recovered as stopped (exit 255):
         Wait and Status report it, exit events of its containers are published, Shutdown cleans
         up. A pod still being created when the daemon died may have left a VM starting: its
-        processes are killed, and containerd may Start it again.
+        processes are killed, and containerd may Start it again. A vsock backend left serving
+        none of the recovered pods is stopped.
         """
         for sandbox_id, record in self.state_dir.load_all().items():
             try:
@@ -89,3 +90,4 @@ class Sandboxes:
             elif pod.state == "stopped":
                 pod.vm_exited.set_result(pod.exit_status)
             log.info("sandbox %s recovered (%s)", sandbox_id, pod.state)
+        await self.vsock_backend.stop_if_idle()

@@ -68,10 +68,23 @@ class VsockBackend:
             if not self._alive():
                 return
             left = int((await self._request(f"REMOVE {vm.vm_dir}")).split()[1])
-            if left == 0 and not self.vms:  # a clean end: its log (link losses) told the daemon already
-                await process.stop(self.proc)
-                for path in (self.record_path, self.output):
-                    path.unlink(missing_ok=True)
+            if left == 0 and not self.vms:
+                await self._stop()
+
+    async def stop_if_idle(self) -> None:
+        """After recovery: a backend left serving no VM the daemon knows is stopped."""
+        async with self._lock:
+            if self.vms:
+                return
+            self.proc = self.proc or process.adopt(self._read_record())
+            if self.proc is not None:
+                await self._stop()
+
+    async def _stop(self) -> None:
+        """A clean end: its log (link losses) told the daemon already."""
+        await process.stop(self.proc)
+        for path in (self.record_path, self.output, self.control):
+            path.unlink(missing_ok=True)
 
     def _alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None

@@ -11,6 +11,7 @@ restarted daemon simply connects again.
 
 Control socket (created 0600), one request line and one answer line per connection:
     ADD <vm_dir>     serve <vm_dir>/vhost-vsock.sock (QEMU) and <vm_dir>/vsock.sock -> OK | ERR <why>
+                     (anew, if it was served already)
     REMOVE <vm_dir>  stop serving it, remove its sockets                           -> OK <VMs left>
     LIST             the VMs served                                   -> OK <vm_dir>\\t<vm_dir>...
     WATCH            stays open: one `DEAD <vm_dir>\\t<reason>` line per VM whose link is gone
@@ -70,8 +71,9 @@ class Backends:
         return f"ERR unknown request {command!r}"
 
     async def _add(self, vm_dir: str) -> str:
-        if vm_dir in self.vms:
-            return f"ERR {vm_dir} is served already"
+        old = self.vms.pop(vm_dir, None)
+        if old is not None:  # a VM the daemon never finished starting: a new QEMU comes instead
+            await old.close()
         vsock = HybridVsock(os.path.join(vm_dir, "vhost-vsock.sock"), os.path.join(vm_dir, "vsock.sock"))
         try:
             await vsock.start()

@@ -69,8 +69,35 @@ def test_bad_requests_are_refused(tmp_path):
         backend = VsockBackend(tmp_path)
         vm = BackendVsock(backend, _vm_dirs(tmp_path, "a")[0])
         await vm.start()
-        answers = [await backend._request(line) for line in ("ADD relative/dir", f"ADD {vm.vm_dir}", "FROB /x")]
+        answers = [await backend._request(line) for line in ("ADD relative/dir", "FROB /x")]
         await vm.close()
         return answers
-    assert asyncio.run(scenario()) == ["ERR bad VM directory 'relative/dir'",
-                                       f"ERR {tmp_path / 'a'} is served already", "ERR unknown request 'FROB'"]
+    assert asyncio.run(scenario()) == ["ERR bad VM directory 'relative/dir'", "ERR unknown request 'FROB'"]
+
+
+def test_a_backend_no_recovered_pod_uses_is_stopped(tmp_path):
+    """A daemon died inside a Start (the VM added, never recorded): the next one stops the
+    backend it finds serving nothing it knows; a VM added anew after that is served afresh."""
+    async def first_daemon():
+        vm = BackendVsock(VsockBackend(tmp_path), tmp_path / "a")
+        await vm.start()
+        return vm.backend.proc.pid
+
+    async def second_daemon(pid):
+        backend = VsockBackend(tmp_path)
+        await backend.stop_if_idle()
+        stopped = process.start_time(pid) is None
+        vm = BackendVsock(backend, tmp_path / "a")
+        await vm.start()
+        await vm.start()  # ADD again (a Start retried): served anew, not refused
+        await vm.close()
+        return stopped, backend.proc.returncode is not None
+
+    _vm_dirs(tmp_path, "a")
+    pid = asyncio.run(first_daemon())
+    try:
+        assert asyncio.run(second_daemon(pid)) == (True, True)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    finally:
+        if process.start_time(pid) is not None:
+            os.kill(pid, signal.SIGKILL)

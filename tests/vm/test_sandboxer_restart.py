@@ -5,10 +5,14 @@ Real daemon, real QEMU (TCG), virtiofsd and hybrid vsock backend processes; cont
 Events service is the stand-in from test_sandboxer.py.
 """
 
+import concurrent.futures
 import json
 import os
 import signal
 import time
+
+import grpc
+import pytest
 
 from test_sandboxer import NS, _long_running_pod, demo, env  # noqa: F401  (env: the fixture)
 
@@ -138,3 +142,39 @@ def test_vsock_backend_death_ends_the_pod(env):
     assert _gone(helpers.values()), "the unreachable VM is stopped"
     env.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="cutoff"), metadata=NS, timeout=60)
     assert mountpoints_under(env.work) == []
+
+
+def _processes_naming(directory) -> list[int]:
+    marker = f"{directory}/".encode()
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            pass
+    return pids
+
+
+def test_daemon_killed_inside_start_leaves_nothing_running(env):
+    """The pod is still `created` on disk but its QEMU was spawned: the next daemon kills what
+    names the pod's directory (and the idle vsock backend); Start then works."""
+    pod_dir = env.daemon.state / "halfway"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        start = pool.submit(env.cri.run_pod, "halfway")
+        deadline = time.monotonic() + 30
+        while not _processes_naming(pod_dir) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _processes_naming(pod_dir), "QEMU or virtiofsd was spawned"
+        _crash_daemon(env)
+        with pytest.raises(grpc.RpcError):
+            start.result()
+    env.daemon.start()
+    assert _gone(_processes_naming(pod_dir))
+    assert not (env.daemon.state / "vsock-backend.json").exists()
+    assert env.status("halfway").state == "SANDBOX_NOTREADY"
+    env.cri.controller.Start(sb.ControllerStartRequest(sandbox_id="halfway"), metadata=NS, timeout=120)
+    assert env.status("halfway").state == "SANDBOX_READY"
+    env.cri.remove_pod("halfway")
+    assert _processes_naming(pod_dir) == [] and list(env.daemon.state.iterdir()) == []
