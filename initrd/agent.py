@@ -51,6 +51,9 @@ PACKAGE_CONFIG = Path(__file__).resolve().parent / "nuitka-agent.yml"
 OPTIONS = [
     "--standalone",
     "--python-flag=no_site",
+    # Nothing in the agent, protobuf or pyroute2 reads a docstring at run time (pyroute2 copies
+    # __doc__ around but takes None): -0.7 MB of idle Pss_Anon, -1 MB of binary.
+    "--python-flag=no_docstrings",
     "--static-libpython=yes",
     "--lto=no",
     # PID 1 starts before /proc exists, where Nuitka looks for its own path by default: take it
