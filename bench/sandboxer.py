@@ -12,8 +12,9 @@ Per run, against one vmm-sandboxer process (real QEMU, TCG here):
      size over (that container's Create..Delete) minus (the same for a container that prints
      nothing), i.e. the transfer alone (the rootfs read over virtiofs included);
   4. every pod removed.
-Pss is the daemon process's own (/proc/PID/smaps_rollup): QEMU and virtiofsd are separate
-processes and not in it. Prints one JSON object.
+Pss (/proc/PID/smaps_rollup) of the daemon process alone, and with its helper processes (the
+hybrid vsock backend, which runs apart from the daemon so VMs outlive a daemon restart); QEMU and
+virtiofsd are not counted. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -39,6 +40,23 @@ def pss_kb(pid: int) -> int:
         if line.startswith("Pss:"):
             return int(line.split()[1])
     raise RuntimeError(f"no Pss in /proc/{pid}/smaps_rollup")
+
+
+def helpers_of(pid: int) -> list[int]:
+    """The daemon's child processes other than VMMs and virtiofsd (the hybrid vsock backend
+    process): host memory of the sandboxer that a per-pod figure must count."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+            exe = os.path.basename(os.readlink(f"/proc/{entry}/exe"))
+        except OSError:
+            continue
+        if f"\nPPid:\t{pid}\n" in status and not exe.startswith(("qemu-system", "virtiofsd")):
+            found.append(int(entry))
+    return found
 
 
 class Bench:
@@ -68,8 +86,10 @@ class Bench:
             self.cri.remove_pod(sid)
             del self.started[sid]
 
-    def pss_kb(self) -> int:
-        return pss_kb(self.daemon.proc.pid)
+    def pss_kb(self) -> dict:
+        """{"daemon": its own Pss, "with_helpers": plus its helper processes'}."""
+        own = pss_kb(self.daemon.proc.pid)
+        return {"daemon": own, "with_helpers": own + sum(pss_kb(p) for p in helpers_of(self.daemon.proc.pid))}
 
     def container(self, sid: str, cid: str, args: list[str], payload: int = 0):
         """Run one container in pod `sid`; (seconds Create..Delete, stdout, stderr, status,
