@@ -89,15 +89,16 @@ METHODS = {
 
 
 @contextlib.asynccontextmanager
-async def serving():
-    """A Server with the test service on a fresh unix socket; yields its path."""
+async def serving(server: ttrpc.Server | None = None):
+    """`server` (by default one with the test service) on a fresh unix socket; yields its path."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "ttrpc.sock")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(path)
         sock.listen()
-        server = ttrpc.Server()
-        server.register(SERVICE, METHODS)
+        if server is None:
+            server = ttrpc.Server()
+            server.register(SERVICE, METHODS)
         task = asyncio.create_task(server.serve(sock))
         try:
             yield path

@@ -5,6 +5,7 @@ connection; a failing handler ends only its call, as a status.
 """
 import asyncio
 import logging
+from collections.abc import Callable
 
 from google.protobuf.message import DecodeError, Message
 
@@ -33,8 +34,8 @@ class _Call:
 
 
 class ServerConnection:
-    def __init__(self, services: dict[str, dict[str, Method]], channel: Channel, peer: str):
-        self._services = services
+    def __init__(self, lookup: Callable[[str, str], Method], channel: Channel, peer: str):
+        self._lookup = lookup  # Server.lookup: the Method of (service, method) or RpcError
         self._channel = channel
         self._peer = peer
         self._calls: dict[int, _Call] = {}
@@ -83,12 +84,10 @@ class ServerConnection:
             return
         self._last_stream_id = sid
         name = f"{request.service}/{request.method}"
-        if request.service not in self._services:
-            await self._reply_status(sid, Code.UNIMPLEMENTED, f"unknown service {request.service}")
-            return
-        method = self._services[request.service].get(request.method)
-        if method is None:
-            await self._reply_status(sid, Code.UNIMPLEMENTED, f"unknown method {name}")
+        try:
+            method = self._lookup(request.service, request.method)
+        except RpcError as e:
+            await self._reply_status(sid, e.code, e.message)
             return
         if len(self._calls) >= MAX_IN_FLIGHT:
             await self._reply_status(sid, Code.RESOURCE_EXHAUSTED,

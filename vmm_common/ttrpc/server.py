@@ -2,9 +2,11 @@
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
 from .channel import Channel
 from .connection import ServerConnection
+from .errors import Code, RpcError
 from .methods import Method
 
 log = logging.getLogger("vmm_common.ttrpc")
@@ -15,15 +17,44 @@ ACCEPT_RETRY_S = 0.1  # after EMFILE and the like: back off, keep serving
 class Server:
     def __init__(self):
         self._services: dict[str, dict[str, Method]] = {}
+        self._lazy: dict[str, Callable[[], dict[str, Method]]] = {}
 
     def register(self, service: str, methods: dict[str, Method]) -> None:
         """Add `service` ("grpc.SandboxService") with its {"Method": unary(...), ...}."""
-        if service in self._services:
+        self._check_new(service)
+        self._services[service] = _checked(service, methods)
+
+    def register_lazy(self, service: str, load: Callable[[], dict[str, Method]]) -> None:
+        """Add `service` whose methods `load()` returns on its first request, so that what they
+        import (protos, handlers) costs nothing until a client needs them. A `load` that fails
+        answers that request INTERNAL, naming the service, and is tried again on the next."""
+        self._check_new(service)
+        self._lazy[service] = load
+
+    def lookup(self, service: str, method: str) -> Method:
+        """The handler of `service/method`, loading a lazy service; RpcError if there is none."""
+        if service in self._lazy:
+            self._load(service)
+        methods = self._services.get(service)
+        if methods is None:
+            raise RpcError(Code.UNIMPLEMENTED, f"unknown service {service}")
+        found = methods.get(method)
+        if found is None:
+            raise RpcError(Code.UNIMPLEMENTED, f"unknown method {service}/{method}")
+        return found
+
+    def _load(self, service: str) -> None:
+        try:
+            methods = _checked(service, self._lazy[service]())
+        except Exception as e:  # a broken service must cost its calls, never the server
+            log.exception("ttrpc: loading service %s failed", service)
+            raise RpcError(Code.INTERNAL, f"service {service} failed to load: {e}") from None
+        self._services[service] = methods
+        del self._lazy[service]
+
+    def _check_new(self, service: str) -> None:
+        if service in self._services or service in self._lazy:
             raise ValueError(f"service {service} is already registered")
-        for name, method in methods.items():
-            if not isinstance(method, Method):
-                raise TypeError(f"{service}/{name}: use ttrpc.unary() or a *_stream() helper")
-        self._services[service] = dict(methods)
 
     async def serve(self, sock: socket.socket) -> None:
         """Accept on `sock` (AF_UNIX or AF_VSOCK, listening) until cancelled."""
@@ -59,7 +90,14 @@ class Server:
     async def serve_connection(self, reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter, peer: str = "peer") -> None:
         """Serve one already-open byte stream (e.g. a hybrid-vsock connection) until it ends."""
-        await ServerConnection(self._services, Channel(reader, writer), peer).run()
+        await ServerConnection(self.lookup, Channel(reader, writer), peer).run()
+
+
+def _checked(service: str, methods: dict[str, Method]) -> dict[str, Method]:
+    for name, method in methods.items():
+        if not isinstance(method, Method):
+            raise TypeError(f"{service}/{name}: use ttrpc.unary() or a *_stream() helper")
+    return dict(methods)
 
 
 def _peer_name(conn: socket.socket) -> str:

@@ -1,13 +1,24 @@
-"""The agent's ttrpc services, one module per service, each with `register(server, ctx)`.
+"""The agent's ttrpc services, one module per service.
 
 Listed explicitly (not discovered at run time) so the Nuitka build sees every module it must
-compile; a new service adds its module to `_service_modules`.
+compile. A module of `_service_modules` has `register(server, ctx)`; one of `_LAZY_SERVICES` has
+`methods(ctx)`, called on the service's first request: the Task service's protos (shim, task
+events, runc oci, types) and container code load on the first Task call, not before ready.
 """
 
 
 def _service_modules():
-    from vmm_task.services import health, sandbox, task
-    return (sandbox, health, task)
+    from vmm_task.services import health, sandbox
+    return (sandbox, health)
+
+
+def _task_module():
+    from vmm_task.services import task
+    return task
+
+
+# service name -> its module's importer (the name is here so registering imports nothing)
+_LAZY_SERVICES = {"containerd.task.v2.Task": _task_module}
 
 
 def register_all(server, ctx) -> None:
@@ -16,6 +27,9 @@ def register_all(server, ctx) -> None:
     recorder = _Recorder(server, ctx.services)
     for module in _service_modules():
         module.register(recorder, ctx)
+    for service, load_module in _LAZY_SERVICES.items():
+        server.register_lazy(service, lambda load_module=load_module: load_module().methods(ctx))
+        ctx.services.append(service)
 
 
 class _Recorder:

@@ -20,7 +20,6 @@ from vmm_task.container.process import CREATED, PAUSED, RUNNING, STOPPED
 
 log = logging.getLogger(__name__)
 
-SERVICE = "containerd.task.v2.Task"
 _STATUS = {CREATED: types.CREATED, RUNNING: types.RUNNING, PAUSED: types.PAUSED,
            STOPPED: types.STOPPED}
 
@@ -219,7 +218,8 @@ _RUN_TO_COMPLETION = {"Create", "Start", "Delete", "Exec", "Kill", "Pause", "Res
                       "CloseIO"}
 
 
-def register(server, ctx) -> TaskService:
+def methods(ctx) -> dict:
+    """The service's methods for Server.register_lazy (see vmm_task.services)."""
     import asyncio
 
     from vmm_common import ttrpc
@@ -243,9 +243,8 @@ def register(server, ctx) -> TaskService:
                 log.debug("%s %s: %.1f ms", name, request.id, (time.monotonic() - started) * 1000)
         return handler
 
-    server.register(SERVICE, {name: ttrpc.unary(request_type, guarded(name, method))
-                              for name, (request_type, method) in _METHODS.items()})
-    return service
+    return {name: ttrpc.unary(request_type, guarded(name, method))
+            for name, (request_type, method) in _METHODS.items()}
 
 
 def _retrieve(task) -> None:
