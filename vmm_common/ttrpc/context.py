@@ -1,7 +1,6 @@
 """What a handler knows about its call: names, metadata, deadline."""
 import asyncio
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
 from vmm_common.protos.ttrpc.request_pb2 import KeyValue
 
@@ -24,13 +23,20 @@ def decode_metadata(pairs: Iterable[KeyValue]) -> dict[str, list[str]]:
     return metadata
 
 
-@dataclass
 class CallContext:
-    service: str
-    method: str
-    metadata: dict[str, list[str]] = field(default_factory=dict)
-    # Event-loop time (loop.time()) by which the caller wants an answer; None: no limit.
-    deadline: float | None = None
+    """A plain class, not a dataclass: @dataclass compiles source at import, slow in the guest."""
+    __slots__ = ("service", "method", "metadata", "deadline")
+
+    def __init__(self, service: str, method: str, metadata: dict[str, list[str]] | None = None,
+                 deadline: float | None = None):
+        self.service = service
+        self.method = method
+        self.metadata = {} if metadata is None else metadata
+        # Event-loop time (loop.time()) by which the caller wants an answer; None: no limit.
+        self.deadline = deadline
+
+    def __repr__(self) -> str:
+        return f"CallContext({self.service}/{self.method}, deadline={self.deadline})"
 
     def get(self, key: str) -> str | None:
         """First metadata value for `key` (e.g. "containerd-namespace")."""

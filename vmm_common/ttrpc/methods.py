@@ -6,17 +6,20 @@
     bidi_stream(Req, h)    async h(stream, ctx) -> None            (recv and send freely)
 """
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
 
-@dataclass(frozen=True)
 class Method:
-    request_type: type[Message]
-    handler: Callable
-    streaming_client: bool = False
-    streaming_server: bool = False
+    """A plain class, not a dataclass: @dataclass compiles source at import, slow in the guest."""
+    __slots__ = ("request_type", "handler", "streaming_client", "streaming_server")
+
+    def __init__(self, request_type: type[Message], handler: Callable,
+                 streaming_client: bool = False, streaming_server: bool = False):
+        self.request_type = request_type
+        self.handler = handler
+        self.streaming_client = streaming_client
+        self.streaming_server = streaming_server
 
     @property
     def streaming(self) -> bool:
