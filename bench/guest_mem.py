@@ -60,7 +60,8 @@ def build_floor_meminfo(settle_s: float, method: str) -> Path:
     tree = floor.floor_tree()
     del tree.entries["init"]
     tree.file("init", floor_meminfo_init(settle_s), 0o755)
-    tree.directory("proc")
+    if "proc" not in tree:  # the floor may have its own mount point already
+        tree.directory("proc")
     raw = io.BytesIO()
     cpio.write_newc(tree.entries.values(), raw)
     FLOOR_MEM_DIR.mkdir(parents=True, exist_ok=True)
