@@ -34,7 +34,7 @@ TASK_SERVICE = "containerd.task.v2.Task"
 CHECK_TIMEOUT_S = 10.0
 SETUP_TIMEOUT_S = 10.0
 DEFAULT_STOP_TIMEOUT_S = 10.0
-VMM_EXIT_GRACE_S = 2.0  # a VMM that dies takes its vsock backend along: which ends first varies
+VMM_EXIT_GRACE_S = 2.0  # a VMM that dies takes its vsock link and virtiofsd along: which ends first varies
 UNIX_PATH_MAX = 107
 
 
@@ -174,22 +174,32 @@ async def _serve_task_address(pod: Pod) -> None:
 
 
 async def _watch_vm(pod: Pod) -> None:
-    """The VMM's exit, or the loss of its vsock link (the hybrid backend process ended: the VM
-    can never be reached again, so it is stopped), ends the pod."""
+    """The VMM's exit ends the pod; so does the loss of what the running VM cannot do without,
+    after which it is stopped: its vsock link (the hybrid backend process ended: the VM can never
+    be reached again) or its virtiofsd (the containers' rootfs is gone; QEMU 7.2 cannot reconnect
+    a vhost-user-fs device either)."""
     vm = pod.vm
-    watched = {vm.exited} | ({vm.transport.dead} if vm.transport.dead is not None else set())
-    await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-    if not vm.exited.done():
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(vm.exited), VMM_EXIT_GRACE_S)
+    losses = {vm.transport.dead: "the VM's vsock link is gone"} if vm.transport.dead is not None else {}
+    if vm.virtiofsd is not None and vm.virtiofsd.proc is not None:
+        losses[asyncio.ensure_future(vm.virtiofsd.ended())] = \
+            "the VM's virtiofsd ended, its shared directory (the containers' rootfs) is lost"
+    try:
+        await asyncio.wait({vm.exited, *losses}, return_when=asyncio.FIRST_COMPLETED)
+        if not vm.exited.done():  # a VMM that dies takes its helpers along: wait to blame it
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(vm.exited), VMM_EXIT_GRACE_S)
+    finally:
+        for loss in losses:
+            if loss is not vm.transport.dead:
+                loss.cancel()
     if pod.stopping:
         return
     if vm.exited.done():
         status = vm.exited.result()
         pod.mark_exited(128 - status if status < 0 else status, vm.qemu.failure("the VMM died"))
     else:
-        pod.mark_exited(UNKNOWN_EXIT_STATUS, vm.qemu.failure(
-            f"the VM's vsock link is gone ({vm.transport.dead.result()}); VM stopped"))
+        what, why = next((what, loss.result()) for loss, what in losses.items() if loss.done())
+        pod.mark_exited(UNKNOWN_EXIT_STATUS, vm.qemu.failure(f"{what} ({why}); VM stopped"))
     await _close_vm(pod)
 
 

@@ -63,6 +63,7 @@ class Pod:
         self.created_at_ns = time.time_ns()
         self.exited_at_ns = 0
         self.exit_status = 0
+        self.exit_reason = ""    # why the pod ended, in words (Status verbose `exit_reason`)
         self.vmm_pid = 0
         self.vm = None           # host_sandboxer.vmm.vm.GuestVm while it runs
         self.vm_record: dict | None = None  # GuestVm.record(): its processes, for a restarted daemon
@@ -83,7 +84,8 @@ class Pod:
         return {
             "id": self.id, "namespace": self.namespace, "state": self.state,
             "created_at_ns": self.created_at_ns, "exited_at_ns": self.exited_at_ns,
-            "exit_status": self.exit_status, "vmm_pid": self.vmm_pid, "netns_path": self.netns_path,
+            "exit_status": self.exit_status, "exit_reason": self.exit_reason, "vmm_pid": self.vmm_pid,
+            "netns_path": self.netns_path,
             "vm": self.vm_record,
             "options": {"type_url": self.options.type_url,
                         "value": base64.b64encode(self.options.value).decode()},
@@ -103,6 +105,7 @@ class Pod:
         pod.created_at_ns = record["created_at_ns"]
         pod.exited_at_ns = record["exited_at_ns"]
         pod.exit_status = record["exit_status"]
+        pod.exit_reason = record.get("exit_reason", "")
         pod.vmm_pid = record["vmm_pid"]
         pod.netns_path = record.get("netns_path", "")
         pod.vm_record = record.get("vm")
@@ -158,6 +161,7 @@ class Pod:
             return
         self.state = "stopped"
         self.exit_status = status
+        self.exit_reason = reason
         self.exited_at_ns = time.time_ns()
         self.vm_exited.set_result(status)
         if not self.stopping:

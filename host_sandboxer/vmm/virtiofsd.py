@@ -48,6 +48,12 @@ class Virtiofsd:
                 raise VirtiofsdError(f"virtiofsd {why}: {process.output_tail(self.output)}")
             await asyncio.sleep(0.005)
 
+    async def ended(self) -> str:
+        """Wait for virtiofsd to end (spawned or adopted alike); how it ended, in words. While
+        the VM runs this is a fault: the guest's shared directory (the containers' rootfs) is gone."""
+        await self.proc.wait()
+        return process.describe_end(self.proc)
+
     async def stop(self) -> None:
         if self.proc is not None:
             await process.stop(self.proc)

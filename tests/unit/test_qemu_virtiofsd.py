@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from host_sandboxer.config import SharefsConfig
+from host_sandboxer.vmm import process
 from host_sandboxer.vmm.virtiofsd import PID_DIR, Virtiofsd, VirtiofsdError
 
 VIRTIOFSD = SharefsConfig().virtiofsd
@@ -48,3 +49,30 @@ def test_virtiofsd_refusing_its_options_is_reported(tmp_path):
     with pytest.raises(VirtiofsdError, match=r"virtiofsd exited with status \d+: .*no-such-option"):
         asyncio.run(fsd.start())
     assert not fsd.socket_path.exists()
+
+
+@pytest.mark.skipif(not VIRTIOFSD.is_file(), reason=f"{VIRTIOFSD} absent")
+def test_ended_says_how_it_ended_spawned_or_adopted(tmp_path):
+    """What the daemon's VM watch awaits: a killed virtiofsd, whether ours or adopted (pidfd)."""
+    (tmp_path / "share").mkdir()
+
+    async def scenario():
+        ours = daemon(tmp_path)
+        await ours.start()
+        ended = asyncio.ensure_future(ours.ended())
+        await asyncio.sleep(0.1)
+        assert not ended.done()
+        ours.proc.kill()
+        assert await asyncio.wait_for(ended, 5) == "killed by SIGKILL"
+        await ours.stop()
+
+        theirs = daemon(tmp_path)
+        await theirs.start()
+        adopted = daemon(tmp_path)
+        adopted.proc = process.adopt(process.identity(theirs.proc))
+        ended = asyncio.ensure_future(adopted.ended())
+        theirs.proc.kill()
+        assert "exit status unknown" in await asyncio.wait_for(ended, 5)
+        await theirs.stop()
+
+    asyncio.run(scenario())
