@@ -84,9 +84,10 @@ class EventPublisher:
     def publish(self, namespace: str, topic: str, event_any) -> None:
         """Queue an event (never blocks); the oldest is dropped when the queue is full."""
         if self._queue.full():
-            self._queue.get_nowait()
+            old_namespace, old_topic, old_event = self._queue.get_nowait()
             self.dropped += 1
-            log.warning("event queue full: dropped the oldest event")
+            log.warning("event queue full: dropped the oldest event, %s (ns %s, %s)",
+                        old_topic, old_namespace, old_event.type_url)
         self._queue.put_nowait((namespace, topic, event_any))
 
     async def _run(self) -> None:

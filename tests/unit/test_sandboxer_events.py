@@ -73,3 +73,16 @@ def test_guest_events_only_about_its_own_containers_pass():
     assert "not containerd.events.TaskStart" in check_guest_event("/tasks/start", mine, {"c1"})
     garbage = any_pb2.Any(type_url="containerd.events.TaskExit", value=b"\xff\xff\xff")
     assert "undecodable" in check_guest_event("/tasks/exit", garbage, {"c1"})
+
+
+def test_full_publisher_queue_logs_the_event_it_drops(caplog):
+    async def scenario():
+        publisher = EventPublisher(None, max_queued=1)  # not started: nothing drains the queue
+        publisher.publish("k8s.io", "/tasks/start", pack(task_pb2.TaskStart(container_id="a")))
+        publisher.publish("k8s.io", "/tasks/exit", pack(task_pb2.TaskExit(container_id="a")))
+        return publisher.dropped
+
+    with caplog.at_level("WARNING"):
+        assert asyncio.run(scenario()) == 1
+    assert "dropped the oldest event, /tasks/start (ns k8s.io, containerd.events.TaskStart)" \
+        in caplog.text

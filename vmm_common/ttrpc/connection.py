@@ -122,6 +122,7 @@ class ServerConnection:
         timeout = request.timeout_nano / 1e9 if request.timeout_nano else None
         if timeout is not None:
             ctx.deadline = asyncio.get_running_loop().time() + timeout
+        delivered = False
         try:
             try:
                 async with asyncio.timeout(timeout) as deadline:
@@ -144,11 +145,14 @@ class ServerConnection:
         else:
             if method.streaming_server:
                 flags = fr.FLAG_REMOTE_CLOSED | (0 if payload else fr.FLAG_NO_DATA)
-                await self._send(sid, fr.DATA, flags, payload)
+                delivered = await self._send(sid, fr.DATA, flags, payload)
             else:
-                await self._reply(sid, Response(status=Status(code=Code.OK), payload=payload))
+                delivered = await self._reply(sid, Response(status=Status(code=Code.OK),
+                                                            payload=payload))
         finally:
             self._calls.pop(sid, None)
+            if not delivered:
+                _run_undelivered(ctx)
 
     async def _invoke(self, sid: int, call: _Call, request: Request, ctx: CallContext):
         method = call.method
@@ -182,11 +186,22 @@ class ServerConnection:
     async def _reply_status(self, sid: int, code: Code, message: str) -> None:
         await self._reply(sid, Response(status=Status(code=code, message=message)))
 
-    async def _reply(self, sid: int, response: Response) -> None:
-        await self._send(sid, fr.RESPONSE, 0, response.SerializeToString())
+    async def _reply(self, sid: int, response: Response) -> bool:
+        return await self._send(sid, fr.RESPONSE, 0, response.SerializeToString())
 
-    async def _send(self, sid: int, msg_type: int, flags: int, data: bytes) -> None:
+    async def _send(self, sid: int, msg_type: int, flags: int, data: bytes) -> bool:
+        """Whether the frame was written (False: the peer is gone)."""
         try:
             await self._channel.send(sid, msg_type, flags, data)
         except OSError as e:
             log.debug("ttrpc: %s: cannot answer stream %d: %s", self._peer, sid, e)
+            return False
+        return True
+
+
+def _run_undelivered(ctx: CallContext) -> None:
+    for callback in ctx.undelivered:
+        try:
+            callback()
+        except Exception:  # one bad callback must not skip the others or end the connection
+            log.exception("ttrpc: %s/%s: undelivered callback failed", ctx.service, ctx.method)

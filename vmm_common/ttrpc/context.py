@@ -1,6 +1,6 @@
 """What a handler knows about its call: names, metadata, deadline."""
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from vmm_common.protos.ttrpc.request_pb2 import KeyValue
 
@@ -25,7 +25,7 @@ def decode_metadata(pairs: Iterable[KeyValue]) -> dict[str, list[str]]:
 
 class CallContext:
     """A plain class, not a dataclass: @dataclass compiles source at import, slow in the guest."""
-    __slots__ = ("service", "method", "metadata", "deadline")
+    __slots__ = ("service", "method", "metadata", "deadline", "undelivered")
 
     def __init__(self, service: str, method: str, metadata: dict[str, list[str]] | None = None,
                  deadline: float | None = None):
@@ -34,6 +34,10 @@ class CallContext:
         self.metadata = {} if metadata is None else metadata
         # Event-loop time (loop.time()) by which the caller wants an answer; None: no limit.
         self.deadline = deadline
+        # Callbacks run if the handler's answer never reaches the client (the call was
+        # cancelled, timed out or the connection broke): a handler that consumed something
+        # (GetEvents took an event) registers one to give it back.
+        self.undelivered: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return f"CallContext({self.service}/{self.method}, deadline={self.deadline})"

@@ -138,9 +138,12 @@ class SandboxService:
 
     # -- events --------------------------------------------------------------------------------
 
-    async def get_events(self, _request, _call) -> events_pb2.Envelope:
-        """The oldest queued task event, waiting for one (the host calls this in a loop)."""
+    async def get_events(self, _request, call) -> events_pb2.Envelope:
+        """The oldest queued task event, waiting for one (the host calls this in a loop).
+
+        If the answer never reaches the host, the event goes back to the head of the queue."""
         event = await self.ctx.events.next()
+        call.undelivered.append(lambda: self.ctx.events.put_back(event))
         envelope = events_pb2.Envelope(namespace=EVENTS_NAMESPACE, topic=event.topic)
         envelope.timestamp.FromNanoseconds(event.timestamp_ns)
         envelope.event.type_url = event.message.DESCRIPTOR.full_name
