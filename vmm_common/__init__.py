@@ -1,4 +1,4 @@
-"""Code shared by the guest agent and the host daemon: ttrpc and the generated protos.
+"""Code shared by the guest agent and the host daemon: ttrpc, the generated protos, mount(2).
 
 Guest-safe: stdlib + protobuf only.
 """

@@ -5,27 +5,17 @@ work dirs, or a `bind`); the guest can only see the shared directory. So the hos
 those mounts in a host-only directory, a shared-propagation mount point, shown to the guest
 through a read-only slave bind (`export_readonly`): mounts made after virtiofsd started still
 reach virtiofsd's mount namespace, and the guest cannot write what the host prepares.
-mount(2) is called through libc: no helper process per container.
+mount(2) is called through libc (vmm_common.mount): no helper process per container.
 """
 
-import ctypes
 import errno
 import os
 from pathlib import Path
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
-MS_SHARED = 1 << 20
-MNT_DETACH = 0x2
+from vmm_common.mount import (
+    MNT_DETACH, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT, MS_SHARED,
+    MS_SLAVE, mount, umount,
+)
 
 _FLAG_OPTIONS = {
     "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
@@ -41,12 +31,10 @@ class MountError(OSError):
 
 
 def _call_mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-    rc = _libc.mount(source.encode(), str(target).encode(),
-                     fstype.encode() if fstype else None, ctypes.c_ulong(flags),
-                     data.encode() if data else None)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise MountError(err, f"mount {fstype or 'bind'} {source} on {target}: {os.strerror(err)}")
+    try:
+        mount(source, target, fstype, flags, data or None)
+    except OSError as exc:
+        raise MountError(exc.errno, exc.strerror) from None
 
 
 def split_options(options) -> tuple[int, str]:
@@ -138,7 +126,8 @@ def is_mountpoint(path: Path) -> bool:
 def unmount_all_under(path: Path) -> None:
     """Detach every mount at or below `path` (stacked mounts included)."""
     for point in mountpoints_under(path):
-        if _libc.umount2(point.encode(), MNT_DETACH) != 0:
-            err = ctypes.get_errno()
-            if err not in (errno.EINVAL, errno.ENOENT):
-                raise MountError(err, f"umount {point}: {os.strerror(err)}")
+        try:
+            umount(point, MNT_DETACH)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOENT):
+                raise MountError(exc.errno, exc.strerror) from None
