@@ -13,12 +13,6 @@ from vmm_common import ttrpc
 log = logging.getLogger(__name__)
 
 
-def _is_closed(client) -> bool:
-    """The ttrpc client ended its connection (it then fails every call with UNAVAILABLE);
-    the client records why in `_closed` and has no public flag for it yet."""
-    return client._closed is not None
-
-
 class AgentLink:
     def __init__(self, open_connection, pod_id: str):
         """`open_connection()` returns (reader, writer) to the agent's port."""
@@ -29,7 +23,7 @@ class AgentLink:
 
     async def _connected(self):
         async with self._lock:
-            if self._client is None or _is_closed(self._client):
+            if self._client is None or self._client.closed:
                 reader, writer = await self._open()
                 self._client = ttrpc.Client(reader, writer)
             return self._client
@@ -42,7 +36,7 @@ class AgentLink:
         try:
             return await client.call(service, method, request, response_type, timeout=timeout)
         except ttrpc.RpcError as exc:
-            if not _is_closed(client):
+            if not client.closed:
                 raise  # the agent's answer
             await self._drop(client)
             raise ConnectionError(f"pod {self._pod_id}: link to the agent lost during {method}: "

@@ -216,9 +216,11 @@ def test_server_hanging_up_fails_pending_calls():
 
     async def go():
         async with scripted_server(script) as path, client_of(path) as client:
+            assert not client.closed
             message = await expect_error(ttrpc.Code.UNAVAILABLE, client.call(
                 "s", "m", empty_pb2.Empty(), empty_pb2.Empty, timeout=5))
             assert "closed" in message
+            assert client.closed  # the daemon reopens its agent link on this flag
     run(go())
 
 

@@ -37,6 +37,11 @@ class Client:
         self._closed: RpcError | None = None
         self._reader = asyncio.create_task(self._read_loop(), name="ttrpc client reader")
 
+    @property
+    def closed(self) -> bool:
+        """The connection has ended: every call now fails with UNAVAILABLE (open a new client)."""
+        return self._closed is not None
+
     @classmethod
     async def connect_unix(cls, path: str) -> "Client":
         reader, writer = await asyncio.open_unix_connection(path)
