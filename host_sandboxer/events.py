@@ -4,10 +4,12 @@ Shims publish TaskCreate/TaskStart/TaskExit/... so containerd's event subscriber
 `ctr events`) see them. Events come from the guest (GetEvents) or from the host itself when a
 VM dies. They go through one bounded queue and one sender task: a slow or absent containerd
 never blocks a pod, and an event that cannot be delivered after a few tries is logged and
-dropped.
+dropped. A guest event delivered twice (GetEvents is at-least-once) is published once.
 """
 
 import asyncio
+import collections
+import hashlib
 import logging
 import os
 
@@ -63,6 +65,34 @@ def check_guest_event(topic: str, event, container_ids) -> str:
     if message.container_id not in container_ids:
         return f"{topic} for container {message.container_id!r}, which is not in this pod"
     return ""
+
+
+class RecentEvents:
+    """The identities of the last `size` events one pod's guest delivered, to drop a repeat.
+
+    GetEvents is at-least-once: an event whose answer the agent thinks was not delivered goes
+    back to the head of its queue, so after a broken link the host may get it again, soon after
+    the first time. An event's identity is its topic, the time the guest queued it (ns, stamped
+    once) and its payload (container, exec id, pid, status...): two real events never share all
+    three, a repeat always does. Only digests are kept (a guest's payloads may be large)."""
+
+    def __init__(self, size: int = 256):
+        self._size = size
+        self._order: collections.deque[tuple] = collections.deque()
+        self._seen: set[tuple] = set()
+
+    def first_time(self, envelope) -> bool:
+        """Whether `envelope` (a containerd.services.ttrpc.events.v1.Envelope) is new; it is
+        remembered either way."""
+        digest = hashlib.sha256(envelope.event.type_url.encode() + b"\0" + envelope.event.value).digest()
+        key = (envelope.topic, envelope.timestamp.seconds, envelope.timestamp.nanos, digest)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        self._order.append(key)
+        if len(self._order) > self._size:
+            self._seen.discard(self._order.popleft())
+        return True
 
 
 class EventPublisher:

@@ -12,7 +12,7 @@ import time
 import grpc
 from google.protobuf import empty_pb2
 
-from host_sandboxer.events import check_guest_event
+from host_sandboxer.events import RecentEvents, check_guest_event
 from host_sandboxer.network import NetworkError
 from host_sandboxer.network import pod as pod_network
 from host_sandboxer.sandbox.agent import AgentLink
@@ -204,7 +204,9 @@ async def _watch_vm(pod: Pod) -> None:
 
 
 async def _pump_events(pod: Pod) -> None:
-    """Carry the guest's task events (GetEvents blocks until one is queued) to containerd."""
+    """Carry the guest's task events (GetEvents blocks until one is queued) to containerd,
+    each once (a repeat after a broken link is dropped)."""
+    recent = RecentEvents()
     while not pod.vm_exited.done():
         try:
             envelope = await pod.agent.call(SANDBOX_SERVICE, "GetEvents", empty_pb2.Empty(),
@@ -218,6 +220,9 @@ async def _pump_events(pod: Pod) -> None:
         refused = check_guest_event(envelope.topic, envelope.event, pod.known_container_ids)
         if refused:
             log.warning("pod %s: guest event dropped: %s", pod.id, refused)
+            continue
+        if not recent.first_time(envelope):
+            log.info("pod %s: guest event %s delivered again: dropped", pod.id, envelope.topic)
             continue
         pod.publisher.publish(pod.namespace, envelope.topic, envelope.event)
 

@@ -9,9 +9,10 @@ import asyncio
 import grpc
 import pytest
 
-from host_sandboxer.events import EventPublisher, check_guest_event, pack
+from host_sandboxer.events import EventPublisher, RecentEvents, check_guest_event, pack
 from vmm_common.protos.containerd.events import task_pb2
 from vmm_common.protos.containerd.services.events.v1 import events_pb2_grpc
+from vmm_common.protos.containerd.services.ttrpc.events.v1 import events_pb2 as guest_events
 from google.protobuf import any_pb2, empty_pb2
 
 
@@ -86,3 +87,24 @@ def test_full_publisher_queue_logs_the_event_it_drops(caplog):
         assert asyncio.run(scenario()) == 1
     assert "dropped the oldest event, /tasks/start (ns k8s.io, containerd.events.TaskStart)" \
         in caplog.text
+
+
+def _envelope(topic: str, message, queued_ns: int):
+    envelope = guest_events.Envelope(topic=topic, event=pack(message))
+    envelope.timestamp.FromNanoseconds(queued_ns)
+    return envelope
+
+
+def test_a_guest_event_delivered_twice_is_published_once():
+    recent = RecentEvents(size=3)
+    exit_c1 = _envelope("/tasks/exit", task_pb2.TaskExit(container_id="c1", id="c1", pid=7, exit_status=3), 1000)
+    assert recent.first_time(exit_c1)
+    assert not recent.first_time(guest_events.Envelope.FromString(exit_c1.SerializeToString()))  # the repeat
+    # Not repeats: the same payload queued at another time (a second OOM), the same time with
+    # another payload or topic.
+    oom = task_pb2.TaskOOM(container_id="c1")
+    assert recent.first_time(_envelope("/tasks/oom", oom, 2000))
+    assert recent.first_time(_envelope("/tasks/oom", oom, 2001))
+    assert recent.first_time(_envelope("/tasks/exit", task_pb2.TaskExit(container_id="c2", id="c2"), 1000))
+    # The window is bounded: the oldest identity is forgotten.
+    assert recent.first_time(exit_c1)
