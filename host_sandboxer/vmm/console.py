@@ -2,8 +2,8 @@
 
 We connect to a socket QEMU serves (rather than QEMU writing a file itself) because the guest
 is untrusted: a guest printing without end must not fill the host's disk. QEMU drops what the
-guest prints while no one is connected, so a restarted daemon connects again and appends.  The log rotates at
-`limit` bytes (`console.log` -> `console.log.1`), so at most twice that is kept.  Each complete
+guest prints while no one is connected, so a restarted daemon connects again and appends.  The log is a
+`CappedLog`: it rotates at `limit` bytes (`console.log` -> `console.log.1`).  Each complete
 line is time-stamped on arrival, which gives the boot timeline and lets callers wait for a
 marker such as "vmm-task ready" without polling; the last lines are kept for error messages.
 """
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-CONSOLE_LOG_LIMIT = 1 << 20
+from host_sandboxer.vmm.capped_log import DEFAULT_LIMIT, CappedLog
+
 MAX_LINE = 4096  # a longer run without newline is cut into lines of this size
 TAIL_LINES = 200
 _PRINTK_TIME = re.compile(r"^\[\s*(\d+\.\d+)\]")
@@ -31,16 +31,15 @@ class ConsoleLine:
 
 
 class ConsoleLog:
-    def __init__(self, log_path: Path, socket_path: Path, limit: int = CONSOLE_LOG_LIMIT):
+    def __init__(self, log_path: Path, socket_path: Path, limit: int = DEFAULT_LIMIT):
         self.log_path = log_path
         self.socket_path = socket_path
-        self.limit = limit
         self.first_output: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._lines: collections.deque[ConsoleLine] = collections.deque(maxlen=TAIL_LINES)
         self._partial = bytearray()
         self._waiters: list[tuple[str, asyncio.Future[ConsoleLine]]] = []
         self._reader_task: asyncio.Task | None = None
-        self._file = self._open_log()
+        self._log = CappedLog(log_path, limit)
 
     async def connect(self) -> None:
         """Connect to QEMU's console socket and read it until QEMU goes away."""
@@ -68,7 +67,7 @@ class ConsoleLog:
         if self._reader_task is not None:
             self._reader_task.cancel()
             await asyncio.gather(self._reader_task, return_exceptions=True)
-        self._file.close()
+        self._log.close()
         self.socket_path.unlink(missing_ok=True)
         for _, fut in self._waiters:
             fut.cancel()
@@ -84,7 +83,7 @@ class ConsoleLog:
         now = time.monotonic()
         if not self.first_output.done():
             self.first_output.set_result(now)
-        self._write(chunk)
+        self._log.write(chunk)
         self._partial += chunk
         while True:
             end = self._partial.find(b"\n")
@@ -108,20 +107,3 @@ class ConsoleLog:
             else:
                 still.append((needle, fut))
         self._waiters = still
-
-    def _open_log(self):
-        file = open(self.log_path, "ab", buffering=0)
-        os.fchmod(file.fileno(), 0o600)
-        self._size = os.fstat(file.fileno()).st_size
-        return file
-
-    def _write(self, chunk: bytes) -> None:
-        while chunk:
-            if self._size >= self.limit:
-                self._file.close()
-                os.replace(self.log_path, self.log_path.with_name(self.log_path.name + ".1"))
-                self._file = self._open_log()
-            part = chunk[:self.limit - self._size]
-            self._file.write(part)
-            self._size += len(part)
-            chunk = chunk[len(part):]

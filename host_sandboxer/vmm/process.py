@@ -6,8 +6,8 @@ busy, and a forked copy of them crashed children (14 of 60 spawns). A helper run
 session (a terminal's Ctrl-C reaches only us; we decide how to stop it). A pod's helpers outlive
 the daemon, so a restarted daemon finds them running; throwaway VMs (`vmm-sandboxer check`,
 tests) ask `die_with_us`: util-linux's setpriv sets PR_SET_PDEATHSIG and execs the helper, so
-a crashed run leaves no QEMU behind. Its stdout and stderr go to a file whose tail is quoted
-when it fails.
+a crashed run leaves no QEMU behind. Its stdout and stderr go through a pipe into a capped log
+(helper_output.py) whose tail is quoted when it fails.
 
 A helper started by an earlier daemon is not our child: `adopt()` watches it through a pidfd
 (its exit status is then unknown) after checking its start time, so a recycled pid is never
@@ -24,22 +24,26 @@ import signal
 from pathlib import Path
 from typing import Sequence
 
+from host_sandboxer.vmm.helper_output import HelperOutput
+
 DIE_WITH_US = ("setpriv", "--pdeathsig", "KILL", "--")
 UNKNOWN_STATUS = 255  # the exit status of an adopted helper: only its parent (init) learns it
 
 
-async def spawn(argv: list[str], output: Path, pass_fds: Sequence[int] = (),
+async def spawn(argv: list[str], output: HelperOutput, pass_fds: Sequence[int] = (),
                 die_with_us: bool = False) -> asyncio.subprocess.Process:
-    """Start argv with stdin from /dev/null and stdout+stderr appended to `output`; the fds in
+    """Start argv with stdin from /dev/null and stdout+stderr into `output`; the fds in
     `pass_fds` are inherited at the same numbers (every other fd is closed). A missing binary
     is OSError here, as without the setpriv wrapper."""
-    with open(output, "ab") as out:
-        os.fchmod(out.fileno(), 0o600)
-        if die_with_us and shutil.which(argv[0]) is None:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
+    if die_with_us and shutil.which(argv[0]) is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
+    child_end = output.child_end()
+    try:
         return await asyncio.create_subprocess_exec(
-            *(DIE_WITH_US if die_with_us else ()), *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+            *(DIE_WITH_US if die_with_us else ()), *argv, stdin=asyncio.subprocess.DEVNULL, stdout=child_end,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True, pass_fds=tuple(pass_fds))
+    finally:
+        os.close(child_end)  # the child has it: EOF comes when the helper (and its children) end
 
 
 def start_time(pid: int) -> int | None:
@@ -87,8 +91,9 @@ class AdoptedProcess:
         self.send_signal(signal.SIGKILL)
 
 
-def adopt(record: dict | None) -> AdoptedProcess | None:
-    """The helper an `identity()` record names, if that very process still runs; else None."""
+def adopt(record: dict | None, output: HelperOutput | None = None) -> AdoptedProcess | None:
+    """The helper an `identity()` record names, if that very process still runs; else None.
+    `output`: read its stdout pipe again from now on."""
     if not record or not record.get("pid"):
         return None
     try:
@@ -99,6 +104,8 @@ def adopt(record: dict | None) -> AdoptedProcess | None:
     if start_time(record["pid"]) != record.get("start_time"):
         os.close(pidfd)
         return None
+    if output is not None:
+        output.reattach(record["pid"])
     return AdoptedProcess(record["pid"], pidfd)
 
 
@@ -151,14 +158,3 @@ def describe_end(proc) -> str:
     if isinstance(proc, AdoptedProcess):
         return "ended (exit status unknown: it was started by an earlier daemon)"
     return describe_exit(proc.returncode)
-
-
-def output_tail(output: Path, lines: int = 10) -> str:
-    """The last lines a helper wrote (empty if it wrote nothing)."""
-    try:
-        with open(output, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
-            data = f.read()
-    except OSError:
-        return ""
-    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])

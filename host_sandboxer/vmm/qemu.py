@@ -22,6 +22,7 @@ from qemu.qmp.protocol import ConnectError
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.cmdline import VmSpec, build_argv, pass_fds
 from host_sandboxer.vmm.console import ConsoleLog
+from host_sandboxer.vmm.helper_output import HelperOutput
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Qemu:
     def __init__(self, spec: VmSpec, run_dir: Path):
         self.spec = spec
         self.argv = build_argv(spec)
-        self.output = run_dir / "qemu.log"
+        self.output = HelperOutput(run_dir / "qemu.log")
         self.console = ConsoleLog(run_dir / "console.log", spec.console_socket)
         self.qmp = QMPClient(spec.name)
         # qemu.qmp's default listener queues and keeps every event it accepts for the VM's life.
@@ -63,6 +64,7 @@ class Qemu:
     async def attach(self, proc, timeout_s: float = 10.0) -> None:
         """Take over a QEMU left running by an earlier daemon (`proc` from process.adopt())."""
         self.proc = proc
+        self.output.reattach(proc.pid)
         await self._connect("cannot reconnect to QEMU", timeout_s, run=False)
 
     async def _connect(self, what: str, timeout_s: float, run: bool) -> None:
@@ -137,7 +139,7 @@ class Qemu:
         if shutdowns:
             data = shutdowns[-1].get("data", {})
             parts[0] += f" after SHUTDOWN (reason={data.get('reason')}, guest={data.get('guest')})"
-        qemu_output = process.output_tail(self.output)
+        qemu_output = self.output.tail()
         if qemu_output:
             parts.append("QEMU output:\n" + qemu_output)
         parts.append("console tail:\n" + (self.console.tail() or "(no console output)"))
@@ -157,6 +159,7 @@ class Qemu:
             await self.qmp.disconnect()
         self.spec.qmp_socket.unlink(missing_ok=True)
         await self.console.close()
+        self.output.close()
 
     async def _watch_exit(self) -> None:
         status = await self.proc.wait()  # an adopted QEMU: process.UNKNOWN_STATUS

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from host_sandboxer.vmm import process
+from host_sandboxer.vmm.helper_output import HelperOutput
 
 PID_DIR = Path("/run/virtiofsd")
 
@@ -27,7 +28,7 @@ class Virtiofsd:
         self.binary = binary
         self.source = source
         self.socket_path = socket_path
-        self.output = output
+        self.output = HelperOutput(output)
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, timeout_s: float = 5.0, die_with_us: bool = True) -> None:
@@ -45,8 +46,14 @@ class Virtiofsd:
                 why = process.describe_exit(self.proc.returncode) if self.proc.returncode is not None \
                     else f"no socket after {timeout_s:.0f} s"
                 await self.stop()
-                raise VirtiofsdError(f"virtiofsd {why}: {process.output_tail(self.output)}")
+                raise VirtiofsdError(f"virtiofsd {why}: {self.output.tail()}")
             await asyncio.sleep(0.005)
+
+    def adopt(self, record: dict | None) -> bool:
+        """Take over the virtiofsd an earlier daemon started (`record`: process.identity());
+        False if it is gone."""
+        self.proc = process.adopt(record, self.output)
+        return self.proc is not None
 
     async def ended(self) -> str:
         """Wait for virtiofsd to end (spawned or adopted alike); how it ended, in words. While
@@ -57,5 +64,6 @@ class Virtiofsd:
     async def stop(self) -> None:
         if self.proc is not None:
             await process.stop(self.proc)
+        self.output.close()
         self.socket_path.unlink(missing_ok=True)
         (PID_DIR / (str(self.socket_path).replace("/", ".") + ".pid")).unlink(missing_ok=True)

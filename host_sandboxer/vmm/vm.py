@@ -189,7 +189,7 @@ class GuestVm:
         share = self._share_device()
         if isinstance(share, VirtiofsShare):
             self.virtiofsd = self._virtiofsd(share.socket_path)
-            self.virtiofsd.proc = process.adopt(record.get("virtiofsd"))
+            self.virtiofsd.adopt(record.get("virtiofsd"))
         self.qemu = Qemu(self._spec(share), self.run_dir)
         proc = process.adopt(record.get("qemu"))
         if proc is None:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from host_sandboxer.vmm import process
+from host_sandboxer.vmm.helper_output import HelperOutput
 from host_sandboxer.vsock.hybrid import qemu_args
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class VsockBackend:
     def __init__(self, state_dir: Path):
         self.control = state_dir / "vsock-backend.sock"
         self.record_path = state_dir / "vsock-backend.json"
-        self.output = state_dir / "vsock-backend.log"
+        self.output = HelperOutput(state_dir / "vsock-backend.log")
         self.proc = None
         self.vms: dict[str, BackendVsock] = {}
         self._lock = asyncio.Lock()
@@ -51,7 +52,7 @@ class VsockBackend:
         """Whether the backend (left by an earlier daemon) still serves `vm`; if so it is ours."""
         async with self._lock:
             if self.proc is None:
-                self.proc = process.adopt(self._read_record())
+                self.proc = process.adopt(self._read_record(), self.output)
                 if self.proc is None:
                     return False
                 await self._supervise()
@@ -76,14 +77,15 @@ class VsockBackend:
         async with self._lock:
             if self.vms:
                 return
-            self.proc = self.proc or process.adopt(self._read_record())
+            self.proc = self.proc or process.adopt(self._read_record(), self.output)
             if self.proc is not None:
                 await self._stop()
 
     async def _stop(self) -> None:
         """A clean end: its log (link losses) told the daemon already."""
         await process.stop(self.proc)
-        for path in (self.record_path, self.output, self.control):
+        self.output.remove()
+        for path in (self.record_path, self.control):
             path.unlink(missing_ok=True)
 
     def _alive(self) -> bool:
@@ -98,7 +100,7 @@ class VsockBackend:
     async def _ensure_running(self) -> None:
         if self._alive():
             return
-        self.proc = process.adopt(self._read_record())
+        self.proc = process.adopt(self._read_record(), self.output)
         if self.proc is None:
             self.control.unlink(missing_ok=True)
             argv = [sys.executable, "-m", "host_sandboxer.vsock.serve", str(self.control)]
@@ -118,7 +120,7 @@ class VsockBackend:
             except (FileNotFoundError, ConnectionRefusedError):
                 if proc.returncode is not None or asyncio.get_running_loop().time() > deadline:
                     raise VsockBackendError(
-                        f"vsock backend did not start: {process.output_tail(self.output)}") from None
+                        f"vsock backend did not start: {self.output.tail()}") from None
                 await asyncio.sleep(0.005)
         writer.write(b"WATCH\n")
         self._spawn_task(self._read_notices(reader, writer))
@@ -145,7 +147,7 @@ class VsockBackend:
             log.error("the vsock backend %s with %d VM(s) served", process.describe_end(proc), len(self.vms))
         vms, self.vms = self.vms, {}
         for vm in vms.values():
-            vm.lost(f"the vsock backend {process.describe_end(proc)}: {process.output_tail(self.output, 3)}")
+            vm.lost(f"the vsock backend {process.describe_end(proc)}: {self.output.tail(3)}")
 
     async def _request(self, line: str) -> str:
         reader, writer = await asyncio.open_unix_connection(str(self.control))

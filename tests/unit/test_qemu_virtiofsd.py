@@ -69,7 +69,7 @@ def test_ended_says_how_it_ended_spawned_or_adopted(tmp_path):
         theirs = daemon(tmp_path)
         await theirs.start()
         adopted = daemon(tmp_path)
-        adopted.proc = process.adopt(process.identity(theirs.proc))
+        assert adopted.adopt(process.identity(theirs.proc))
         ended = asyncio.ensure_future(adopted.ended())
         theirs.proc.kill()
         assert "exit status unknown" in await asyncio.wait_for(ended, 5)
