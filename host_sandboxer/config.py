@@ -52,6 +52,9 @@ class SharefsConfig:
     type: Literal["virtiofs", "9p"] = "virtiofs"
     virtiofsd: Path = Path("/usr/lib/qemu/virtiofsd")
     cache: Literal["auto", "always", "none"] = "auto"
+    # How often the daemon asks each pod's guest whether the directory's server still answers
+    # (a hung virtiofsd makes the pod NOTREADY until it does); 0: never.
+    check_interval_s: float = 10.0
 
 
 @dataclass

@@ -102,7 +102,8 @@ class Controller(api_grpc.ControllerServicer):
             response.info.update(pod.boot_info)
             response.info.update(state=pod.state, containers=",".join(sorted(pod.containers)),
                                  exit_status=str(pod.exit_status) if pod.vm_exited.done() else "",
-                                 exit_reason=pod.exit_reason if pod.vm_exited.done() else "")
+                                 exit_reason=pod.exit_reason if pod.vm_exited.done() else "",
+                                 unhealthy=pod.unhealthy)
         return response
 
     @_guarded

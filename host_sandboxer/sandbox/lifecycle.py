@@ -16,6 +16,7 @@ from host_sandboxer.events import RecentEvents, check_guest_event
 from host_sandboxer.network import NetworkError
 from host_sandboxer.network import pod as pod_network
 from host_sandboxer.sandbox.agent import AgentLink
+from host_sandboxer.sandbox import sharefs_watch
 from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, Pod
 from host_sandboxer.taskproxy import mounts
 from host_sandboxer.taskproxy.errors import HostError
@@ -103,7 +104,7 @@ async def start(pod: Pod, config, vsock_backend) -> None:
                          sharefs=config.sharefs.type)
     pod.state = "ready"
     pod.save()
-    _watch(pod)
+    _watch(pod, config)
 
 
 async def recover(pod: Pod, config, vsock_backend) -> None:
@@ -135,12 +136,15 @@ async def recover(pod: Pod, config, vsock_backend) -> None:
             await _serve_task_address(pod)
         return
     pod.boot_info["recovered_at_ns"] = str(time.time_ns())
-    _watch(pod)
+    _watch(pod, config)
 
 
-def _watch(pod: Pod) -> None:
+def _watch(pod: Pod, config) -> None:
     pod.watchers = [asyncio.create_task(_watch_vm(pod), name=f"watch-{pod.id}"),
                     asyncio.create_task(_pump_events(pod), name=f"events-{pod.id}")]
+    if config.sharefs.check_interval_s > 0:
+        pod.watchers.append(asyncio.create_task(sharefs_watch.watch(pod, config.sharefs.check_interval_s),
+                                                name=f"sharefs-{pod.id}"))
 
 
 async def _check_agent(pod: Pod) -> None:

@@ -64,6 +64,7 @@ class Pod:
         self.exited_at_ns = 0
         self.exit_status = 0
         self.exit_reason = ""    # why the pod ended, in words (Status verbose `exit_reason`)
+        self.unhealthy = ""      # why the running pod is not healthy ("": it is): sharefs_watch.py
         self.vmm_pid = 0
         self.vm = None           # host_sandboxer.vmm.vm.GuestVm while it runs
         self.vm_record: dict | None = None  # GuestVm.record(): its processes, for a restarted daemon
@@ -75,7 +76,7 @@ class Pod:
         self.known_container_ids: set[str] = set()  # ever created here: their events may pass
         self.vm_exited: asyncio.Future = asyncio.get_running_loop().create_future()
         self.stopping = False
-        self.watchers: list[asyncio.Task] = []  # VM death watch, event pump
+        self.watchers: list[asyncio.Task] = []  # VM death watch, event pump, sharefs probe
         self.lock = asyncio.Lock()  # serialises Start/Stop/Shutdown of this pod
 
     # -- persistence --------------------------------------------------------------------------
@@ -178,4 +179,5 @@ class Pod:
                 self.publisher.publish(self.namespace, "/tasks/exit", pack(event))
 
     def status_state(self) -> str:
-        return READY if self.state == "ready" and not self.vm_exited.done() else NOT_READY
+        healthy = self.state == "ready" and not self.vm_exited.done() and not self.unhealthy
+        return READY if healthy else NOT_READY

@@ -109,6 +109,18 @@ def adopt(record: dict | None, output: HelperOutput | None = None) -> AdoptedPro
     return AdoptedProcess(record["pid"], pidfd)
 
 
+def stopped(pid: int) -> list[int]:
+    """`pid` and its descendants that are stopped (state T: SIGSTOP and the like)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(child) for child in f.read().split()]
+    except (OSError, IndexError, ValueError):
+        return []
+    return ([pid] if state in ("T", "t") else []) + [p for child in children for p in stopped(child)]
+
+
 def kill_strays(directory: Path) -> list[int]:
     """SIGKILL every process whose command line names a path inside `directory` (a VM's helpers
     all do: their sockets live there) and return their pids. For helpers no record names: a

@@ -111,6 +111,9 @@ def test_ready_line_check_health_and_clean_stop(start_agent):
     unknown = agent.call(HEALTH, "Check", health_pb.HealthCheckRequest(service="no.Such"),
                          health_pb.HealthCheckResponse)
     assert unknown.status == health_pb.HealthCheckResponse.SERVICE_UNKNOWN
+    sharefs = agent.call(HEALTH, "Check", health_pb.HealthCheckRequest(service="sharefs"),
+                         health_pb.HealthCheckResponse)  # its state dir answers statfs
+    assert (sharefs.status, sharefs.reason) == (health_pb.HealthCheckResponse.SERVING, "")
     state = status(agent)
     assert state.pid == agent.pid and state.rss_bytes > 1_000_000 and state.zombies == 0
     assert agent.stop() == 0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.helper_output import HelperOutput
@@ -154,3 +155,28 @@ def test_kill_strays_kills_what_names_the_directory_and_nothing_else(tmp_path):
         for proc in (stray, bystander):
             proc.kill()
             proc.wait()
+
+
+def _until(predicate, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return value
+
+
+def test_stopped_finds_a_stopped_process_and_its_stopped_children():
+    """What the shared-directory watch adds to its reason: virtiofsd forks into its sandbox."""
+    parent = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
+    try:
+        children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+        child = int(_until(lambda: children.read_text().split())[0])
+        assert process.stopped(parent.pid) == []
+        os.killpg(parent.pid, signal.SIGSTOP)
+        assert _until(lambda: len(process.stopped(parent.pid)) == 2)
+        assert process.stopped(parent.pid) == [parent.pid, child]
+        os.killpg(parent.pid, signal.SIGCONT)
+        assert _until(lambda: process.stopped(parent.pid) == [])
+        assert process.stopped(999_999_999) == []  # no such process
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()

@@ -1,5 +1,6 @@
 """vmmtask.v1.Health: is the agent serving, what is it, and how is it doing (for the host and
-for tests: the zombie and reaped counts show the reaper at work)."""
+for tests: the zombie and reaped counts show the reaper at work). Check("sharefs") asks whether
+the shared directory's server on the host still answers (the daemon's periodic probe)."""
 
 import os
 import sys
@@ -11,12 +12,24 @@ from vmm_common.protos.vmmtask.v1 import health_pb2 as pb
 from vmm_task import __version__, procfs
 
 SERVICE = "vmmtask.v1.Health"
+SHAREFS = "sharefs"  # Check's name for the shared directory's server (vmm_task/sharefs_probe.py)
+SHAREFS_TIMEOUT_S = 5.0
 
 
 def register(server, ctx) -> None:
     from vmm_common import ttrpc
 
+    sharefs = None
+
     async def check(request: pb.HealthCheckRequest, _call) -> pb.HealthCheckResponse:
+        nonlocal sharefs
+        if request.service == SHAREFS:
+            if sharefs is None:
+                from vmm_task.sharefs_probe import SharefsProbe
+                sharefs = SharefsProbe(ctx.state_dir)
+            reason = await sharefs.check(SHAREFS_TIMEOUT_S)
+            return pb.HealthCheckResponse(status=pb.HealthCheckResponse.NOT_SERVING if reason
+                                          else pb.HealthCheckResponse.SERVING, reason=reason)
         status = pb.HealthCheckResponse.SERVING
         if request.service and request.service not in ctx.services:
             status = pb.HealthCheckResponse.SERVICE_UNKNOWN
