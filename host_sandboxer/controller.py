@@ -11,7 +11,7 @@ import platform
 import grpc
 
 from host_sandboxer.events import namespace_of
-from host_sandboxer.sandbox import lifecycle
+from host_sandboxer.sandbox import lifecycle, resize
 from host_sandboxer.sandbox.metrics import vmm_metrics
 from host_sandboxer.sandbox.pod import timestamp
 from host_sandboxer.taskproxy.errors import HostError
@@ -128,7 +128,7 @@ class Controller(api_grpc.ControllerServicer):
 
     @_guarded
     async def Update(self, request, context):
-        """Accepted and acknowledged: the record's labels/extensions live in containerd; a
-        running VM's size does not change (no CPU/memory hotplug)."""
-        self.sandboxes.get(request.sandbox_id)
+        """The record (labels, spec, extensions) lives in containerd: accepted. A new size for
+        the VM is UNIMPLEMENTED (no vCPU/memory hotplug): sandbox/resize.py."""
+        resize.check_update(self.sandboxes.get(request.sandbox_id), request, self.sandboxes.config.vm)
         return api.ControllerUpdateResponse()

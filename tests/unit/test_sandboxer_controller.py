@@ -1,6 +1,7 @@
 """The daemon's Controller without booting a VM: the real vmm-sandboxer process on a private
 socket, driven by a gRPC client from the generated stubs (VM paths: tests/vm/test_sandboxer.py)."""
 
+import json
 import os
 import stat
 import subprocess
@@ -94,3 +95,33 @@ def test_start_without_an_image_fails_naming_it(controller):
     assert f"{work}/no-kernel" in details
     ctl.Shutdown(sb.ControllerShutdownRequest(sandbox_id="p1"), timeout=10)
     assert not (work / "state" / "p1").exists()
+
+
+def _resize(sandbox_id: str, resources, fields=("extensions",)) -> sb.ControllerUpdateRequest:
+    """An Update carrying CRI's "updated-resources" extension (io.containerd.cri.v1.UpdatedResources,
+    JSON as containerd's typeurl packs that Go type)."""
+    request = sb.ControllerUpdateRequest(sandbox_id=sandbox_id, fields=list(fields))
+    value = resources if isinstance(resources, bytes) \
+        else json.dumps({"Overhead": None, "Resources": resources}).encode()
+    request.sandbox.extensions["updated-resources"].CopyFrom(
+        any_pb2.Any(type_url="io.containerd.cri.v1.UpdatedResources", value=value))
+    return request
+
+
+def test_update_accepts_the_record_and_refuses_a_new_size(controller):
+    """Default VM: 1 vCPU, 512 MiB; a pod with no resources of its own gets just that."""
+    ctl, _ = controller
+    ctl.Create(sb.ControllerCreateRequest(sandbox_id="p1"), metadata=NS, timeout=10)
+    labels = sb.ControllerUpdateRequest(sandbox_id="p1", fields=["labels"])
+    labels.sandbox.labels["team"] = "a"
+    ctl.Update(labels, timeout=10)
+    ctl.Update(_resize("p1", {"cpu_period": 100000, "cpu_quota": 50000}), timeout=10)  # still 1 vCPU
+    ctl.Update(_resize("p1", {"memory_limit_in_bytes": 1 << 30}, fields=["labels"]), timeout=10)  # not asked
+    got, details = code(lambda: ctl.Update(_resize("p1", {"cpu_period": 100000, "cpu_quota": 200000,
+                                                          "memory_limit_in_bytes": 256 << 20}), timeout=10))
+    assert got == grpc.StatusCode.UNIMPLEMENTED
+    assert details == ("sandbox p1: resizing the VM (1 vCPUs, 512 MiB -> 2 vCPUs, 768 MiB) is not supported: "
+                       "no vCPU or memory hotplug; the pod keeps its size")
+    got, details = code(lambda: ctl.Update(_resize("p1", b"{not json"), timeout=10))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and "updated-resources" in details
+    assert code(lambda: ctl.Update(_resize("ghost", {}), timeout=10))[0] == grpc.StatusCode.NOT_FOUND
