@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import sys
 from pathlib import Path
 
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.helper_output import HelperOutput
+from host_sandboxer.vsock import serve
 from host_sandboxer.vsock.hybrid import qemu_args
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,7 @@ class VsockBackend:
         self.proc = process.adopt(self._read_record(), self.output)
         if self.proc is None:
             self.control.unlink(missing_ok=True)
-            argv = [sys.executable, "-m", "host_sandboxer.vsock.serve", str(self.control)]
-            self.proc = await process.spawn(argv, self.output)
+            self.proc = await process.spawn(serve.command(str(self.control)), self.output)
             self.record_path.write_text(json.dumps(process.identity(self.proc)))
             self.record_path.chmod(0o600)
         await self._supervise()

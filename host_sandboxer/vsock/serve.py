@@ -3,11 +3,11 @@ VMs keep their vsock when the daemon restarts.
 
 QEMU 7.2 cannot reconnect a vhost-user-vsock device (HYBRID-VSOCK-NOTES.md): a backend living
 in the daemon's event loop would take every pod's vsock with it. One process serves every VM
-(a Python process costs ~14 MB PSS; one per VM would cost that per pod). The daemon reaches a
+(this one costs ~10 MB PSS; one per VM would cost that per pod). The daemon reaches a
 guest as any hybrid-vsock client does (`CONNECT <port>` on `<vm_dir>/vsock.sock`), so a
 restarted daemon simply connects again.
 
-    python -m host_sandboxer.vsock.serve CONTROL_SOCKET
+    python -m host_sandboxer.vsock.serve CONTROL_SOCKET     (the daemon runs `command()`)
 
 Control socket (created 0600), one request line and one answer line per connection:
     ADD <vm_dir>     serve <vm_dir>/vhost-vsock.sock (QEMU) and <vm_dir>/vsock.sock -> OK | ERR <why>
@@ -20,7 +20,6 @@ then. SIGTERM ends the process (every VM's vsock with it). The daemon's side:
 host_sandboxer/vmm/vsock_backend.py.
 """
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -33,6 +32,19 @@ from .hybrid import HybridVsock
 log = logging.getLogger("host_sandboxer.vsock.serve")
 
 MAX_REQUEST = 4096
+USAGE = "usage: python -m host_sandboxer.vsock.serve CONTROL_SOCKET"
+
+# The process needs the stdlib and this package only: no site (-S: no site-packages, no .pth
+# hooks), and no ssl, which asyncio imports when it can but nothing here speaks TLS. Measured
+# idle, argparse gone too: 11.7 -> 10.0 MB PSS (docs/benchmarks.md, "Host memory").
+_BOOT = ("import sys; sys.modules['ssl'] = None; sys.path.insert(0, {root!r}); "
+         "from host_sandboxer.vsock.serve import main; sys.exit(main(sys.argv[1:]))")
+
+
+def command(control_socket: str) -> list[str]:
+    """The backend process's argv, lean (see _BOOT)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return [sys.executable, "-I", "-S", "-c", _BOOT.format(root=root), control_socket]
 
 
 class Backends:
@@ -119,13 +131,14 @@ async def serve(control_socket: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m host_sandboxer.vsock.serve",
-                                     description="hybrid vsock backends of a daemon's VMs")
-    parser.add_argument("control_socket", help="the unix socket the daemon sends requests to")
-    args = parser.parse_args(argv)
+    """One argument, the control socket (no argparse: ~0.3 MB of the process's heap)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(USAGE, file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s vsock-backend: %(message)s")
-    asyncio.run(serve(args.control_socket))
+    asyncio.run(serve(argv[0]))
     return 0
 
 

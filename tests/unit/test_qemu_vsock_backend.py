@@ -111,3 +111,18 @@ def test_a_backend_no_recovered_pod_uses_is_stopped(tmp_path):
     finally:
         if process.start_time(pid) is not None:
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_backend_process_runs_without_site_and_ssl(tmp_path):
+    """Its host memory: stdlib + host_sandboxer.vsock only (serve.command(): -S, ssl kept out)."""
+    async def scenario():
+        backend = VsockBackend(tmp_path)
+        vm = BackendVsock(backend, *_vm_dirs(tmp_path, "a"))
+        await vm.start()
+        pid = backend.proc.pid
+        facts = open(f"/proc/{pid}/cmdline").read().split("\0"), open(f"/proc/{pid}/maps").read()
+        await vm.close()
+        return facts
+    argv, maps = asyncio.run(scenario())
+    assert "-S" in argv and "/python3" in maps
+    assert "libssl" not in maps and "_ssl." not in maps  # asyncio would have loaded both
