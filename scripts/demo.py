@@ -190,8 +190,10 @@ class Cri:
         self.channel = grpc.insecure_channel(f"unix://{socket}")
         self.controller = sb_grpc.ControllerStub(self.channel)
 
-    def run_pod(self, sandbox_id: str, timeout: float = 120.0) -> sb.ControllerStartResponse:
-        self.controller.Create(sb.ControllerCreateRequest(sandbox_id=sandbox_id, options=pod_options(sandbox_id)),
+    def run_pod(self, sandbox_id: str, timeout: float = 120.0, netns_path: str = "") -> sb.ControllerStartResponse:
+        """Create + Start; `netns_path`: the pod's network namespace as the CNI made it (none: no NIC)."""
+        self.controller.Create(sb.ControllerCreateRequest(sandbox_id=sandbox_id, options=pod_options(sandbox_id),
+                                                          netns_path=netns_path),
                                metadata=NAMESPACE, timeout=10)
         return self.controller.Start(sb.ControllerStartRequest(sandbox_id=sandbox_id),
                                      metadata=NAMESPACE, timeout=timeout)

@@ -14,6 +14,9 @@ Usage from a test:
     def test_other(vm_factory):                   # extra kernel params, 9p, a given shared dir
         vm = vm_factory(kernel_params=["task.debug"], sharefs="9p", share_dir=my_dir)
 
+    def test_pods(harness):                       # the real daemon, pods through the CRI-like client
+        started = harness.cri.run_pod("pod1")
+
 VMs run on one asyncio loop in a background thread for the whole session, so the vsock backend
 and QEMU's sockets are served while the test thread blocks or asserts.  Every VM a test boots
 is torn down after it, whatever the outcome.  Tests skip only when the image is absent
@@ -163,6 +166,15 @@ def vm_factory(vm_config, vm_loop, tmp_path):
         vm.close()
     for run_dir in run_dirs:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def harness(guest_image):
+    """The real vmm-sandboxer on a private work dir (daemon_harness.Harness), closed after."""
+    from daemon_harness import Harness
+    h = Harness()
+    yield h
+    h.close()
 
 
 @pytest.fixture
