@@ -104,6 +104,8 @@ def markdown(report: dict) -> str:
     ]
     for key in REQUIRED_KEYS:
         lines.append("| " + " | ".join([f"`{key}`", *_cells(get_path(report, key)), _unit(key)]) + " |")
+    if source := get_path(report, "agent.source"):
+        lines += ["", f"`agent.*`: Pss_Anon and Pss from {source}."]
     lines += ["", "Published anchors:", "", "| what | figure | source |", "|---|---|---|"]
     lines += [f"| {what} | {figure} | {source} |" for what, figure, source in ANCHORS]
     if report.get("errors"):

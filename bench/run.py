@@ -53,27 +53,15 @@ def boot_times(runs: int) -> tuple[dict, dict]:
             "boot.ratio": [a / f for a, f in zip(ours, floor)]}, {}
 
 
-def _kb(values: dict, *keys: str) -> tuple[float, str]:
-    """The first of `keys` present in a bench.agent_task memory dict (MiB), in kB."""
-    key = next(k for k in keys if k in values)
-    return round(values[key] * 1024), key
-
-
 def agent_memory(runs: int) -> tuple[dict, dict]:
     samples = {"agent.anon_idle_kb": [], "agent.anon_10_containers_kb": [], "agent.pss_idle_kb": []}
-    sources = set()
     for _ in range(runs):
         memory = asyncio.run(agent_task.run_vm(1, 10))["memory_mib"]
-        for key, values, names in (
-                ("agent.anon_idle_kb", memory["idle"], ("Pss_Anon", "RssAnon")),
-                ("agent.anon_10_containers_kb", memory["with_10_containers"], ("Pss_Anon", "RssAnon")),
-                ("agent.pss_idle_kb", memory["idle"], ("Pss", "VmRSS"))):
-            kb, source = _kb(values, *names)
-            samples[key].append(kb)
-            sources.add(source)
-    # Without smaps in the guest kernel the figures come from /proc/1/status: RssAnon equals
-    # Pss_Anon for PID 1 (no other process maps its anonymous pages), VmRSS bounds Pss above.
-    return samples, {"agent.source": sorted(sources)}
+        for key, values, field in (("agent.anon_idle_kb", memory["idle"], "Pss_Anon"),
+                                   ("agent.anon_10_containers_kb", memory["with_10_containers"], "Pss_Anon"),
+                                   ("agent.pss_idle_kb", memory["idle"], "Pss")):
+            samples[key].append(round(values[field] * 1024))
+    return samples, {"agent.source": memory["source"]}
 
 
 def guest_memory(runs: int) -> tuple[dict, dict]:

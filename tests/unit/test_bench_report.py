@@ -11,7 +11,8 @@ def full_inputs():
     for key in ("image.initrd_bytes", "image.kernel_bytes", "image.agent_bytes"):
         del samples[key]
     exact = {"image.initrd_bytes": 9_000_000, "image.kernel_bytes": 5_000_000,
-             "image.agent_bytes": 20_000_000, "io.stdout_integrity": True}
+             "image.agent_bytes": 20_000_000, "io.stdout_integrity": True,
+             "agent.source": "/proc/1/smaps_rollup read by ExecVMProcess"}
     machine = {"date": "2026-11-24T04:00:00+00:00", "cores": 2, "accel": "tcg",
                "load_avg_start": [6.5, 6.0, 5.0], "runs": 3}
     return samples, exact, machine
@@ -57,6 +58,7 @@ def test_markdown_rows_units_and_anchors():
     assert "| `pod.start_s_parallel_5` | 2 | 1 | 3 | 3 | s |" in table
     assert "| `image.kernel_bytes` | 5000000 |" in table
     assert "load average at start [6.5, 6.0, 5.0]" in table
+    assert "`agent.*`: Pss_Anon and Pss from /proc/1/smaps_rollup read by ExecVMProcess." in table
     for what, figure, source in report.ANCHORS:
         assert f"| {what} | {figure} | {source} |" in table
     assert sum(line.startswith("| `") for line in table.splitlines()) == len(report.REQUIRED_KEYS)
