@@ -36,6 +36,8 @@ class VmConfig:
     # auto: kvm only when hardware virtualisation really works (vmm/accel.py), else tcg.
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     cpus: int = 1
+    # vCPUs a running pod may grow to through Controller.Update (CPU hotplug, q35); 0: none.
+    max_cpus: int = 0
     memory_mib: int = 512
     kernel: Path = DEFAULT_IMAGE_DIR / "kernel"
     initrd: Path = DEFAULT_IMAGE_DIR / "initrd.img"

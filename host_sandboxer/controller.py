@@ -128,7 +128,9 @@ class Controller(api_grpc.ControllerServicer):
 
     @_guarded
     async def Update(self, request, context):
-        """The record (labels, spec, extensions) lives in containerd: accepted. A new size for
-        the VM is UNIMPLEMENTED (no vCPU/memory hotplug): sandbox/resize.py."""
-        resize.check_update(self.sandboxes.get(request.sandbox_id), request, self.sandboxes.config.vm)
+        """The record (labels, spec, extensions) lives in containerd: accepted. New pod resources
+        resize the running VM where it can be done (more vCPUs): sandbox/resize.py."""
+        pod = self.sandboxes.get(request.sandbox_id)
+        async with pod.lock:
+            await resize.apply_update(pod, request, self.sandboxes.config.vm)
         return api.ControllerUpdateResponse()

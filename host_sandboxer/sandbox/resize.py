@@ -6,32 +6,62 @@ records a pod's new resources (UpdatePodSandboxResources, in-place pod resize) a
 extension "updated-resources" (Go type io.containerd.cri.v1.UpdatedResources, JSON
 `{"Overhead": {...}, "Resources": {"cpu_period", "cpu_quota", "memory_limit_in_bytes", ...}}`);
 upstream containerd 2.x stores it and does not pass it on, but a client's Update may carry it.
-The VM is sized from the pod's resources at Start (podconfig.py) and cannot be resized while
-it runs (no vCPU or memory hotplug yet: docs/containerd.md), so an update asking for another
-size is refused with UNIMPLEMENTED rather than acknowledged and ignored.
+The size it asks for is computed as at Start (podconfig.py). A running VM started with headroom
+(`vm.max_cpus`) grows by vCPU hotplug: QMP `device_add`, then the agent onlines the new vCPUs
+(vmm_task/init/cpu_hotplug.py) and the update returns once the guest reports them online.
+Anything else is refused with a status naming what cannot be done, never acknowledged and
+ignored: other memory (no memory hotplug yet), fewer vCPUs, more than the headroom, a pod not
+running.
 """
 
+import asyncio
 import json
 
 import grpc
+from google.protobuf import empty_pb2
 
 from host_sandboxer.sandbox.podconfig import PodConfig
 from host_sandboxer.taskproxy.errors import HostError
+from host_sandboxer.vmm.qemu import QemuError
+from vmm_common import ttrpc
+from vmm_common.protos.vmmtask.v1 import health_pb2
 
 UPDATED_RESOURCES = "updated-resources"
+HEALTH_SERVICE = "vmmtask.v1.Health"
+ONLINE_TIMEOUT_S = 20.0  # a hot-added vCPU's bring-up in a TCG guest under load
 
 
-def check_update(pod, request, vm_config) -> None:
-    """Raise HostError unless `request` (a ControllerUpdateRequest) leaves the VM's size as it is."""
+async def apply_update(pod, request, vm_config) -> None:
+    """Resize the pod's VM to what `request` (a ControllerUpdateRequest) asks, if it asks;
+    raise HostError for what cannot be done."""
     wanted = requested_size(request, vm_config)
     if wanted is None:
         return
-    current = current_size(pod, vm_config)
-    if wanted != current:
-        raise HostError(grpc.StatusCode.UNIMPLEMENTED,
-                        f"sandbox {pod.id}: resizing the VM ({current[0]} vCPUs, {current[1]} MiB -> "
-                        f"{wanted[0]} vCPUs, {wanted[1]} MiB) is not supported: no vCPU or memory "
-                        "hotplug; the pod keeps its size")
+    cpus, memory = wanted
+    # After a daemon restart boot_info is new: the memory is then what Start sized from the pod.
+    booted_memory = int(pod.boot_info.get("memory_mib") or pod.pod_config.memory_mib(vm_config.memory_mib))
+    if pod.state != "ready" or pod.vm_exited.done() or pod.vm is None:
+        if wanted == (pod.pod_config.vcpus(vm_config.cpus), booted_memory):
+            return  # what Start gives it anyway
+        raise HostError(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"sandbox {pod.id} is not running ({pod.state}): only a running VM is resized")
+    try:
+        current = await pod.vm.qemu.vcpus()
+    except QemuError as exc:
+        raise HostError(grpc.StatusCode.UNAVAILABLE, f"sandbox {pod.id}: {exc}") from None
+    if memory != booted_memory:
+        raise _unsupported(pod, f"memory {booted_memory} -> {memory} MiB (no memory hotplug)")
+    if cpus < current:
+        raise _unsupported(pod, f"{current} -> {cpus} vCPUs (vCPUs are not removed)")
+    if cpus == current:
+        return
+    try:
+        await pod.vm.qemu.add_vcpus(cpus - current)
+    except QemuError as exc:
+        raise HostError(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"sandbox {pod.id}: cannot grow from {current} to {cpus} vCPUs: {exc}") from None
+    await _until_online(pod, cpus)
+    pod.boot_info["vcpus"] = str(cpus)
 
 
 def requested_size(request, vm_config) -> tuple[int, int] | None:
@@ -53,8 +83,27 @@ def requested_size(request, vm_config) -> tuple[int, int] | None:
     return config.vcpus(vm_config.cpus), config.memory_mib(vm_config.memory_mib)
 
 
-def current_size(pod, vm_config) -> tuple[int, int]:
-    """(vCPUs, MiB) of the pod's VM: as booted, or as Start will boot it."""
-    if "vcpus" in pod.boot_info:
-        return int(pod.boot_info["vcpus"]), int(pod.boot_info["memory_mib"])
-    return pod.pod_config.vcpus(vm_config.cpus), pod.pod_config.memory_mib(vm_config.memory_mib)
+def _unsupported(pod, what: str) -> HostError:
+    return HostError(grpc.StatusCode.UNIMPLEMENTED,
+                     f"sandbox {pod.id}: cannot resize the running VM: {what}; the pod keeps its size")
+
+
+async def _until_online(pod, cpus: int) -> None:
+    """Wait (bounded) until the agent reports `cpus` vCPUs online."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ONLINE_TIMEOUT_S
+    online = 0
+    while loop.time() < deadline:
+        try:
+            status = await pod.agent_call(HEALTH_SERVICE, "Status", empty_pb2.Empty(),
+                                          health_pb2.StatusResponse, timeout=ONLINE_TIMEOUT_S)
+        except (ConnectionError, ttrpc.RpcError) as exc:
+            raise HostError(grpc.StatusCode.UNAVAILABLE,
+                            f"sandbox {pod.id}: {cpus} vCPUs added, but the agent did not report: {exc}") from None
+        online = status.online_cpus
+        if online >= cpus:
+            return
+        await asyncio.sleep(0.1)
+    raise HostError(grpc.StatusCode.UNAVAILABLE,
+                    f"sandbox {pod.id}: {cpus} vCPUs added, but the guest has {online} online after "
+                    f"{ONLINE_TIMEOUT_S:g} s")

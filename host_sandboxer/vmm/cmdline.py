@@ -55,6 +55,7 @@ class VmSpec:
     machine: Literal["q35", "microvm"] = "q35"
     accel: Literal["kvm", "tcg"] = "tcg"
     cpus: int = 1
+    max_cpus: int = 0  # vCPUs it may grow to by hotplug (`-smp N,maxcpus=M`); <= cpus: none
     memory_mib: int = 512
     tsc_khz: int | None = None  # the host's TSC rate; handed to a microvm guest under TCG
     name: str = "vmm-task"
@@ -67,7 +68,7 @@ def build_argv(spec: VmSpec) -> list[str]:
         "-name", spec.name,
         "-machine", _machine(spec),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-smp", str(spec.cpus),
+        "-smp", f"{spec.cpus},maxcpus={spec.max_cpus}" if spec.max_cpus > spec.cpus else str(spec.cpus),
         "-m", f"{spec.memory_mib}M",
         "-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on",
     ]

@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 from qemu.qmp.protocol import ConnectError
 
 from host_sandboxer.vmm import process
@@ -113,6 +113,29 @@ class Qemu:
         """The guest run state from QMP query-status ("running", "paused", "shutdown", ...)."""
         return (await self.qmp.execute("query-status"))["status"]
 
+    async def vcpus(self) -> int:
+        """How many vCPUs the VM has (booted and hot-added); QemuError if QMP fails."""
+        try:
+            return len(await self.qmp.execute("query-cpus-fast"))
+        except QMPError as e:
+            raise QemuError(f"QMP query-cpus-fast failed: {_qmp_error(e)}") from None
+
+    async def add_vcpus(self, count: int) -> None:
+        """Hot-add `count` vCPUs into free slots (`-smp N,maxcpus=M`), in slot order; the guest
+        still has to online them. QemuError if there are not enough free slots or QEMU refuses."""
+        try:
+            slots = await self.qmp.execute("query-hotpluggable-cpus")
+            free = sorted((slot for slot in slots if "qom-path" not in slot),
+                          key=lambda slot: tuple(sorted(slot["props"].items())))
+            if len(free) < count:
+                raise QemuError(f"{count} more vCPU(s) wanted, {len(free)} slot(s) free (vm.max_cpus)")
+            for slot in free[:count]:
+                props = slot["props"]
+                device_id = "vcpu-" + "-".join(str(props[key]) for key in sorted(props))
+                await self.qmp.execute("device_add", {"driver": slot["type"], "id": device_id, **props})
+        except QMPError as e:
+            raise QemuError(f"QEMU did not add the vCPUs: {_qmp_error(e)}") from None
+
     async def powerdown(self) -> None:
         """ACPI power button; the guest decides what to do with it."""
         await self.qmp.execute("system_powerdown")
@@ -165,3 +188,8 @@ class Qemu:
         status = await self.proc.wait()  # an adopted QEMU: process.UNKNOWN_STATUS
         log.info("%s: QEMU %s", self.spec.name, process.describe_end(self.proc))
         self.exited.set_result(status)
+
+
+def _qmp_error(error: QMPError) -> str:
+    """A QMP failure in words: QEMU's own description for a refused command."""
+    return error.error.desc if isinstance(error, ExecuteError) else f"{type(error).__name__}: {error}"

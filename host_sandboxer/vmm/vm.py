@@ -166,7 +166,8 @@ class GuestVm:
     def _spec(self, share) -> VmSpec:
         vm = self.config.vm
         return VmSpec(
-            qemu=vm.qemu, machine=vm.machine, accel=self.accel.accel, cpus=vm.cpus, memory_mib=vm.memory_mib,
+            qemu=vm.qemu, machine=vm.machine, accel=self.accel.accel, cpus=vm.cpus, max_cpus=vm.max_cpus,
+            memory_mib=vm.memory_mib,
             tsc_khz=self.host.tsc_khz,
             kernel=vm.kernel, initrd=vm.initrd, name=self.name,
             console_socket=self._socket_path("console.sock"), qmp_socket=self._socket_path("qmp.sock"),

@@ -52,6 +52,11 @@ def test_kvm_uses_host_cpu():
     assert option(argv, "-object")[0] == "memory-backend-memfd,id=mem,size=256M,share=on"
 
 
+def test_vcpu_headroom_for_hotplug():
+    assert option(build_argv(spec(cpus=1, max_cpus=4)), "-smp") == ["1,maxcpus=4"]
+    assert option(build_argv(spec(cpus=4, max_cpus=2)), "-smp") == ["4"]  # a pod's resources raised cpus
+
+
 def test_microvm_uses_mmio_devices():
     argv = build_argv(spec(machine="microvm", vsock_args=HYBRID_ARGS, share=VirtiofsShare(Path("/run/vm/fs.sock"))))
     assert option(argv, "-machine") == ["microvm,accel=tcg,memory-backend=mem"]

@@ -108,8 +108,9 @@ def _resize(sandbox_id: str, resources, fields=("extensions",)) -> sb.Controller
     return request
 
 
-def test_update_accepts_the_record_and_refuses_a_new_size(controller):
-    """Default VM: 1 vCPU, 512 MiB; a pod with no resources of its own gets just that."""
+def test_update_accepts_the_record_and_checks_a_new_size(controller):
+    """Default VM: 1 vCPU, 512 MiB; a pod with no resources of its own gets just that. Resizing a
+    running VM: tests/vm/test_sandboxer_resize.py."""
     ctl, _ = controller
     ctl.Create(sb.ControllerCreateRequest(sandbox_id="p1"), metadata=NS, timeout=10)
     labels = sb.ControllerUpdateRequest(sandbox_id="p1", fields=["labels"])
@@ -117,11 +118,9 @@ def test_update_accepts_the_record_and_refuses_a_new_size(controller):
     ctl.Update(labels, timeout=10)
     ctl.Update(_resize("p1", {"cpu_period": 100000, "cpu_quota": 50000}), timeout=10)  # still 1 vCPU
     ctl.Update(_resize("p1", {"memory_limit_in_bytes": 1 << 30}, fields=["labels"]), timeout=10)  # not asked
-    got, details = code(lambda: ctl.Update(_resize("p1", {"cpu_period": 100000, "cpu_quota": 200000,
-                                                          "memory_limit_in_bytes": 256 << 20}), timeout=10))
-    assert got == grpc.StatusCode.UNIMPLEMENTED
-    assert details == ("sandbox p1: resizing the VM (1 vCPUs, 512 MiB -> 2 vCPUs, 768 MiB) is not supported: "
-                       "no vCPU or memory hotplug; the pod keeps its size")
+    got, details = code(lambda: ctl.Update(_resize("p1", {"cpu_period": 100000, "cpu_quota": 200000}), timeout=10))
+    assert (got, details) == (grpc.StatusCode.FAILED_PRECONDITION,
+                              "sandbox p1 is not running (created): only a running VM is resized")
     got, details = code(lambda: ctl.Update(_resize("p1", b"{not json"), timeout=10))
     assert got == grpc.StatusCode.INVALID_ARGUMENT and "updated-resources" in details
     assert code(lambda: ctl.Update(_resize("ghost", {}), timeout=10))[0] == grpc.StatusCode.NOT_FOUND

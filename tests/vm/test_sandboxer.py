@@ -56,7 +56,8 @@ class Events(events_pb2_grpc.EventsServicer):
 
 
 class Env:
-    def __init__(self, work: Path, image, sharefs: str = "virtiofs"):
+    def __init__(self, work: Path, image, sharefs: str = "virtiofs", settings: dict[str, str] | None = None):
+        """`settings`: daemon config lines to add, by section (e.g. {"vm": "max_cpus = 2"})."""
         self.work = work
         self.events = Events()
         self.events_server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
@@ -65,7 +66,10 @@ class Env:
         self.events_server.add_insecure_port(f"unix://{sock}")
         self.events_server.start()
         self.daemon = demo.Daemon(work, image.kernel, image.initrd, containerd_address=str(sock))
-        self.daemon.config.write_text(self.daemon.config.read_text() + f'[sharefs]\ntype = "{sharefs}"\n')
+        config = self.daemon.config.read_text() + f'[sharefs]\ntype = "{sharefs}"\n'
+        for section, lines in (settings or {}).items():
+            config = config.replace(f"[{section}]\n", f"[{section}]\n{lines}\n", 1)
+        self.daemon.config.write_text(config)
         self.daemon.start()
         self.cri = demo.Cri(self.daemon.socket)
         self.lower = demo.busybox_tree()
@@ -80,8 +84,10 @@ class Env:
 
 @pytest.fixture
 def env(guest_image, request):
+    """Parametrize indirectly with the share fs type, or with Env's keyword arguments (a dict)."""
     work = Path(tempfile.mkdtemp(prefix="vsb-"))  # short: unix socket paths
-    e = Env(work, guest_image, getattr(request, "param", "virtiofs"))
+    param = getattr(request, "param", "virtiofs")
+    e = Env(work, guest_image, **(param if isinstance(param, dict) else {"sharefs": param}))
     yield e
     e.daemon.stop()
     # pods outlive the daemon: a test that failed before Shutdown must not leave its VMs running

@@ -6,37 +6,16 @@ Real daemon (shared-directory check every second), real QEMU (TCG), virtiofsd an
 """
 
 import os
-import shutil
 import signal
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
-from test_sandboxer import Env, _long_running_pod
+from test_sandboxer import _long_running_pod, env  # noqa: F401  (env: the fixture)
 from test_sandboxer_restart import _exec, _helpers
 
-from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
-from host_sandboxer.vmm import process
+from host_sandboxer.taskproxy.mounts import mountpoints_under
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")]
-
-
-@pytest.fixture
-def env(guest_image):
-    """test_sandboxer's environment, its daemon restarted with `[sharefs] check_interval_s = 1`."""
-    work = Path(tempfile.mkdtemp(prefix="vsh-"))
-    e = Env(work, guest_image)
-    e.daemon.stop()
-    config = e.daemon.config.read_text().replace('type = "virtiofs"\n', 'type = "virtiofs"\ncheck_interval_s = 1\n')
-    e.daemon.config.write_text(config)
-    e.daemon.start()
-    yield e
-    e.daemon.stop()
-    process.kill_strays(work)
-    e.events_server.stop(None)
-    unmount_all_under(work)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def _status_until(env, sid, state, timeout=40.0):
@@ -48,6 +27,7 @@ def _status_until(env, sid, state, timeout=40.0):
         time.sleep(0.5)
 
 
+@pytest.mark.parametrize("env", [{"settings": {"sharefs": "check_interval_s = 1"}}], indirect=True)
 def test_a_stopped_virtiofsd_makes_the_pod_notready_until_it_serves_again(env):
     started, tasks, b = _long_running_pod(env, "hung")
     fsd = _helpers(env, "hung")["virtiofsd"]

@@ -11,7 +11,7 @@ import socket
 import time
 
 from vmm_task.context import STATE_DIR
-from vmm_task.init import cmdline, console, loopback, mounts, signals
+from vmm_task.init import cmdline, console, cpu_hotplug, loopback, mounts, signals
 from vmm_task.init.power import power_off
 from vmm_task.logs import setup_logging
 
@@ -81,4 +81,8 @@ async def _serve(config: cmdline.TaskConfig, problems: list[str], t_main: float)
     ctx = AgentContext(reaper=Reaper(), events=EventQueue(), dev_mode=False, debug=config.debug,
                        runtime=server.find_runtime(config.runtime), manage_network=True,
                        boot_problems=problems, started_boottime=t_main)
+    try:
+        ctx.cleanups.append(cpu_hotplug.start(asyncio.get_running_loop()))
+    except OSError as e:
+        problems.append(f"hot-added vCPUs will not be onlined: {e}")
     await server.serve(ctx, listener, t_main)

@@ -10,6 +10,7 @@ from google.protobuf import empty_pb2
 
 from vmm_common.protos.vmmtask.v1 import health_pb2 as pb
 from vmm_task import __version__, procfs
+from vmm_task.init import cpu_hotplug
 
 SERVICE = "vmmtask.v1.Health"
 SHAREFS = "sharefs"  # Check's name for the shared directory's server (vmm_task/sharefs_probe.py)
@@ -47,7 +48,7 @@ def register(server, ctx) -> None:
             zombies=procfs.count_zombie_children(os.getpid()),
             reaped_total=ctx.reaper.reaped_total, pending_waits=ctx.reaper.pending,
             events_queued=len(ctx.events), events_dropped=ctx.events.dropped_total,
-            boot_problems=ctx.boot_problems, debug=ctx.debug)
+            boot_problems=ctx.boot_problems, debug=ctx.debug, online_cpus=cpu_hotplug.online_count())
 
     server.register(SERVICE, {
         "Check": ttrpc.unary(pb.HealthCheckRequest, check),
