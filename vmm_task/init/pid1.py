@@ -84,5 +84,5 @@ async def _serve(config: cmdline.TaskConfig, problems: list[str], t_main: float)
     try:
         ctx.cleanups.append(cpu_hotplug.start(asyncio.get_running_loop()))
     except OSError as e:
-        problems.append(f"hot-added vCPUs will not be onlined: {e}")
+        ctx.boot_problems.append(f"hot-added vCPUs will not be onlined: {e}")
     await server.serve(ctx, listener, t_main)
