@@ -11,6 +11,7 @@ import platform
 import grpc
 
 from host_sandboxer.events import namespace_of
+from host_sandboxer.heap import release_free_heap
 from host_sandboxer.sandbox import lifecycle, resize
 from host_sandboxer.sandbox.metrics import vmm_metrics
 from host_sandboxer.sandbox.pod import timestamp
@@ -59,6 +60,7 @@ class Controller(api_grpc.ControllerServicer):
         async with pod.lock:
             if pod.state == "created":
                 await lifecycle.start(pod, self.sandboxes.config, self.sandboxes.vsock_backend)
+                release_free_heap()
                 log.info("sandbox %s started: VMM pid %d", pod.id, pod.vmm_pid)
             elif pod.state != "ready":
                 raise HostError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -112,6 +114,7 @@ class Controller(api_grpc.ControllerServicer):
         async with pod.lock:
             await lifecycle.shutdown(pod)
             self.sandboxes.forget(pod.id)
+        release_free_heap()
         log.info("sandbox %s shut down", pod.id)
         return api.ControllerShutdownResponse()
 

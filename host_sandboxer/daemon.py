@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,18 @@ from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+def watch_children_with_pidfds() -> None:
+    """Python 3.11's default child watcher is a thread per child blocked in waitpid: two per
+    pod (QEMU, virtiofsd), each with its stack and malloc arena. A pidfd in the event loop
+    needs no thread (3.12 does this by itself)."""
+    if sys.version_info < (3, 12):
+        watcher = asyncio.PidfdChildWatcher()
+        watcher.attach_loop(asyncio.get_running_loop())
+        asyncio.set_child_watcher(watcher)
+
+
 async def serve(listen: Path, state_dir: Path, config) -> None:
+    watch_children_with_pidfds()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
