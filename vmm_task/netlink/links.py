@@ -27,7 +27,7 @@ def parse_prefix(address: str, mask: str) -> tuple[str, int, int]:
 
 async def update_interfaces(interfaces) -> None:
     """Apply each `grpc.Interface` in order; raises NetworkConfigError naming the interface."""
-    from pyroute2 import AsyncIPRoute
+    from pyroute2.iproute import AsyncIPRoute
 
     async with AsyncIPRoute() as ipr:
         for interface in interfaces:

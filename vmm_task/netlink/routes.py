@@ -13,7 +13,7 @@ IPV6 = 1            # grpc.IPFamily.v6
 async def update_routes(routes) -> None:
     """Delete our earlier routes of the main table, then add `routes` (each a grpc.Route), the
     ones without gateway first so gateways are reachable when their routes are added."""
-    from pyroute2 import AsyncIPRoute
+    from pyroute2.iproute import AsyncIPRoute
 
     ordered = sorted(routes, key=lambda r: bool(r.gateway))
     async with AsyncIPRoute() as ipr:
