@@ -6,7 +6,7 @@ bare path after `grpc+` (containerd 2.x dials it as a unix socket path as it is)
 """
 
 import logging
-import platform
+import os
 
 import grpc
 
@@ -72,7 +72,7 @@ class Controller(api_grpc.ControllerServicer):
     @_guarded
     async def Platform(self, request, context):
         self.sandboxes.get(request.sandbox_id)
-        machine = platform.machine()
+        machine = os.uname().machine
         return api.ControllerPlatformResponse(
             platform=platform_pb2.Platform(os="linux", architecture=_ARCH.get(machine, machine)))
 

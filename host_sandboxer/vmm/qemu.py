@@ -86,15 +86,18 @@ class Qemu:
             raise QemuError(message)
 
     async def _connect_sockets(self, run: bool) -> None:
-        # QEMU creates its listening sockets before it runs anything, in a few ms; between
-        # bind (the file appears) and listen a connect is refused. The caller bounds the wait.
+        # QEMU creates its listening sockets before it runs anything, in a few ms (~50-130 ms
+        # under TCG load); between bind (the file appears) and listen a connect is refused.
+        # qemu.qmp logs every failed connect as an ERROR: wait for the file before trying.
+        # The caller bounds the wait.
         while True:
-            try:
-                await self.qmp.connect(str(self.spec.qmp_socket))
-                break
-            except ConnectError as e:
-                if not isinstance(e.exc, (FileNotFoundError, ConnectionRefusedError)):
-                    raise
+            if self.spec.qmp_socket.exists():
+                try:
+                    await self.qmp.connect(str(self.spec.qmp_socket))
+                    break
+                except ConnectError as e:
+                    if not isinstance(e.exc, (FileNotFoundError, ConnectionRefusedError)):
+                        raise
             await asyncio.sleep(0.005)
         await self.console.connect()
         if run:
