@@ -7,35 +7,58 @@ Every transport has the same face, used by the QEMU launcher and the Task API fo
     await t.open_connection(port)   # -> (asyncio.StreamReader, asyncio.StreamWriter)
     t.dead                          # Future[str]: resolves with a reason when the link is gone
     await t.close()
+
+The transports (asyncio-based) load on first use: the backend process (serve.py) imports this
+package but runs without asyncio.
 """
 
 import os
 
-from . import kernel
-from .hybrid import HybridVsock
-from .kernel import CidAllocator, KernelVsock
-
 KINDS = ("auto", "hybrid", "kernel")
 
-_cids = CidAllocator()
+_cids = None
 
 
-def choose_kind(kind: str, kernel_usable=kernel.usable) -> str:
+def _kernel_usable() -> bool:
+    from .kernel import usable
+    return usable()
+
+
+def choose_kind(kind: str, kernel_usable=_kernel_usable) -> str:
     """`auto` is kernel vsock when /dev/vhost-vsock is usable, else hybrid."""
     if kind not in KINDS:
         raise ValueError(f"vsock transport {kind!r}: expected one of {', '.join(KINDS)}")
     if kind == "auto":
         return "kernel" if kernel_usable() else "hybrid"
     if kind == "kernel" and not kernel_usable():
-        raise RuntimeError(f"vsock transport 'kernel' needs a usable {kernel.VHOST_VSOCK_DEVICE}")
+        from .kernel import VHOST_VSOCK_DEVICE
+        raise RuntimeError(f"vsock transport 'kernel' needs a usable {VHOST_VSOCK_DEVICE}")
     return kind
 
 
-def create_transport(kind: str, vm_dir: str, kernel_usable=kernel.usable, cids: CidAllocator = _cids):
-    """A transport for one VM whose files live in `vm_dir` (keep it short: unix paths max 107 bytes)."""
+def create_transport(kind: str, vm_dir: str, kernel_usable=_kernel_usable, cids=None):
+    """A transport for one VM whose files live in `vm_dir` (keep it short: unix paths max 107 bytes).
+    `cids`: the kernel transport's CidAllocator (default: one for the process)."""
+    global _cids
     if choose_kind(kind, kernel_usable) == "kernel":
+        from .kernel import CidAllocator, KernelVsock
+        if cids is None:
+            if _cids is None:
+                _cids = CidAllocator()
+            cids = _cids
         return KernelVsock(cids.allocate(), release=cids.release)
+    from .hybrid import HybridVsock
     return HybridVsock(os.path.join(vm_dir, "vhost-vsock.sock"), os.path.join(vm_dir, "vsock.sock"))
+
+
+def __getattr__(name: str):
+    if name == "HybridVsock":
+        from .hybrid import HybridVsock
+        return HybridVsock
+    if name in ("KernelVsock", "CidAllocator"):
+        from . import kernel
+        return getattr(kernel, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["HybridVsock", "KernelVsock", "CidAllocator", "choose_kind", "create_transport", "KINDS"]

@@ -9,7 +9,6 @@ buffers, and no data is read from a host socket while any are waiting, so a stre
 reach the guest in the order they were produced.
 """
 
-import asyncio
 import collections
 import itertools
 import logging
@@ -49,13 +48,14 @@ def guarded(method):
 
 
 class VsockDevice:
-    def __init__(self, guest_cid: int, dial, loop: asyncio.AbstractEventLoop = None, on_fail=None):
+    def __init__(self, guest_cid: int, dial, loop, on_fail=None):
         """`dial(port) -> socket | None` opens the host end of a guest-initiated stream;
-        `on_fail(reason)` hears of every reset caused by a malformed ring."""
+        `loop`: asyncio's or reactor.Reactor (the callback methods only); `on_fail(reason)`
+        hears of every reset caused by a malformed ring."""
         self.guest_cid = guest_cid
         self.dial = dial
         self.on_fail = on_fail
-        self.loop = loop or asyncio.get_event_loop()
+        self.loop = loop
         self.rxq = self.txq = None
         self.conns = {}
         self.control = collections.deque()

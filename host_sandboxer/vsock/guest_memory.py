@@ -6,20 +6,15 @@ Guest memory is untrusted: every address and length that came from the guest goe
 
 import mmap
 import os
-from dataclasses import dataclass
+from collections import namedtuple
 
 
 class GuestMemoryError(Exception):
     """An address/length outside guest RAM (a malformed queue or a hostile guest)."""
 
 
-@dataclass
-class Region:
-    guest_phys_addr: int
-    size: int
-    userspace_addr: int
-    mapping: mmap.mmap
-    view: memoryview
+# One mapped region: guest_phys_addr, size, userspace_addr, mapping (mmap.mmap), view (memoryview).
+Region = namedtuple("Region", "guest_phys_addr size userspace_addr mapping view")
 
 
 class GuestMemory:

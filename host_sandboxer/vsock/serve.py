@@ -3,7 +3,7 @@ VMs keep their vsock when the daemon restarts.
 
 QEMU 7.2 cannot reconnect a vhost-user-vsock device (HYBRID-VSOCK-NOTES.md): a backend living
 in the daemon's event loop would take every pod's vsock with it. One process serves every VM
-(this one costs ~10 MB PSS; one per VM would cost that per pod). The daemon reaches a
+(this one costs ~7 MB PSS; one per VM would cost that per pod). The daemon reaches a
 guest as any hybrid-vsock client does (`CONNECT <port>` on `<vm_dir>/vsock.sock`), so a
 restarted daemon simply connects again.
 
@@ -20,24 +20,24 @@ then. SIGTERM ends the process (every VM's vsock with it). The daemon's side:
 host_sandboxer/vmm/vsock_backend.py.
 """
 
-import asyncio
-import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 
-from .hybrid import HybridVsock
+from .hybrid_sockets import HybridSockets
+from .reactor import Reactor
 
 log = logging.getLogger("host_sandboxer.vsock.serve")
 
 MAX_REQUEST = 4096
 USAGE = "usage: python -m host_sandboxer.vsock.serve CONTROL_SOCKET"
 
-# The process needs the stdlib and this package only: no site (-S: no site-packages, no .pth
-# hooks), and no ssl, which asyncio imports when it can but nothing here speaks TLS. Measured
-# idle, argparse gone too: 11.7 -> 10.0 MB PSS (docs/benchmarks.md, "Host memory").
-_BOOT = ("import sys; sys.modules['ssl'] = None; sys.path.insert(0, {root!r}); "
+# The process needs the stdlib and this package only: -S (no site-packages, no .pth hooks),
+# -I (no PYTHON* variables, no current directory on the path), its own loop (reactor.py, not
+# asyncio) and no dataclasses. Idle PSS 11.7 -> 6.3 MB (docs/benchmarks.md, "Host memory").
+_BOOT = ("import sys; sys.path.insert(0, {root!r}); "
          "from host_sandboxer.vsock.serve import main; sys.exit(main(sys.argv[1:]))")
 
 
@@ -48,86 +48,143 @@ def command(control_socket: str) -> list[str]:
 
 
 class Backends:
-    def __init__(self):
-        self.vms: dict[str, HybridVsock] = {}
-        self.watchers: set[asyncio.StreamWriter] = set()
+    """Every VM's HybridSockets and the daemon's control connections, on one Reactor.
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    Answers are a line (a LIST of a thousand VMs is ~60 kB): each is sent whole into the fresh
+    connection's socket buffer without waiting; a daemon that does not read loses its answer
+    (logged), it never stalls the loop that carries every VM's vsock."""
+
+    def __init__(self, loop: Reactor):
+        self.loop = loop
+        self.vms: dict[str, HybridSockets] = {}
+        self.watchers: set[socket.socket] = set()
+        self._requests: dict[socket.socket, bytes] = {}   # the request line so far
+
+    def accept(self, listener: socket.socket) -> None:
         try:
-            line = (await reader.readline())[:MAX_REQUEST].decode(errors="replace").rstrip("\n")
-            command, _, vm_dir = line.partition(" ")
-            if command == "WATCH":
-                self.watchers.add(writer)
-                await reader.read()  # until the daemon goes
-                return
-            writer.write((await self._answer(command, vm_dir) + "\n").encode())
-            await writer.drain()
-        except (ConnectionError, ValueError) as e:
-            log.info("control connection: %s", e)
-        finally:
-            self.watchers.discard(writer)
-            writer.close()
+            sock = listener.accept()[0]
+        except OSError as e:  # BlockingIOError: another wakeup took it; EMFILE & co: logged
+            if not isinstance(e, BlockingIOError):
+                log.error("control socket: accept failed: %s", e)
+            return
+        sock.setblocking(False)
+        self._requests[sock] = b""
+        self.loop.add_reader(sock.fileno(), self._on_request, sock)
 
-    async def _answer(self, command: str, vm_dir: str) -> str:
+    def _on_request(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(MAX_REQUEST)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            data = b""
+            log.info("control connection: %s", e)
+        line = self._requests[sock] + data
+        if data and b"\n" not in line and len(line) < MAX_REQUEST:
+            self._requests[sock] = line
+            return
+        del self._requests[sock]
+        self.loop.remove_reader(sock.fileno())
+        command, _, vm_dir = line.partition(b"\n")[0][:MAX_REQUEST].decode(errors="replace").partition(" ")
+        if command == "WATCH":
+            self.watchers.add(sock)
+            self.loop.add_reader(sock.fileno(), self._on_watcher_readable, sock)
+            return
+        try:
+            sock.sendall((self._answer(command, vm_dir) + "\n").encode())
+        except OSError as e:
+            log.info("control connection: answer to %s lost: %s", command, e)
+        sock.close()
+
+    def _on_watcher_readable(self, sock: socket.socket) -> None:
+        """A WATCH connection stays until the daemon goes (EOF)."""
+        try:
+            if sock.recv(MAX_REQUEST):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._drop_watcher(sock)
+
+    def _drop_watcher(self, sock: socket.socket) -> None:
+        self.loop.remove_reader(sock.fileno())
+        self.watchers.discard(sock)
+        sock.close()
+
+    def _answer(self, command: str, vm_dir: str) -> str:
         if command == "LIST":
             return "OK " + "\t".join(self.vms)
         if not os.path.isabs(vm_dir) or any(c in vm_dir for c in "\t\n\0"):
             return f"ERR bad VM directory {vm_dir!r}"
         if command == "ADD":
-            return await self._add(vm_dir)
+            return self._add(vm_dir)
         if command == "REMOVE":
-            vsock = self.vms.pop(vm_dir, None)
-            if vsock is not None:
-                await vsock.close()
+            sockets = self.vms.pop(vm_dir, None)
+            if sockets is not None:
+                sockets.close()
             return f"OK {len(self.vms)}"
         return f"ERR unknown request {command!r}"
 
-    async def _add(self, vm_dir: str) -> str:
+    def _add(self, vm_dir: str) -> str:
         old = self.vms.pop(vm_dir, None)
         if old is not None:  # a VM the daemon never finished starting: a new QEMU comes instead
-            await old.close()
-        vsock = HybridVsock(os.path.join(vm_dir, "vhost-vsock.sock"), os.path.join(vm_dir, "vsock.sock"))
+            old.close()
+        sockets = HybridSockets(self.loop, os.path.join(vm_dir, "vhost-vsock.sock"),
+                                os.path.join(vm_dir, "vsock.sock"),
+                                on_dead=lambda reason: self.loop.call_soon(self._gone, vm_dir, sockets, reason))
         try:
-            await vsock.start()
+            sockets.start()
         except OSError as e:
-            await vsock.close()
+            sockets.close()
             return f"ERR {e}"
-        self.vms[vm_dir] = vsock
-        vsock.dead.add_done_callback(lambda fut: asyncio.ensure_future(self._gone(vm_dir, vsock, fut.result())))
+        self.vms[vm_dir] = sockets
         return "OK"
 
-    async def _gone(self, vm_dir: str, vsock: HybridVsock, reason: str) -> None:
-        if self.vms.get(vm_dir) is not vsock:
-            return  # REMOVEd: the daemon asked for it
+    def _gone(self, vm_dir: str, sockets: HybridSockets, reason: str) -> None:
+        if self.vms.get(vm_dir) is not sockets:
+            return  # REMOVEd (or replaced): the daemon asked for it
         del self.vms[vm_dir]
-        await vsock.close()
+        sockets.close()
         log.info("%s: link gone: %s", vm_dir, reason)
         for watcher in list(self.watchers):
-            watcher.write(f"DEAD {vm_dir}\t{reason}\n".encode(errors="replace"))
+            try:
+                watcher.sendall(f"DEAD {vm_dir}\t{reason}\n".encode(errors="replace"))
+            except OSError as e:
+                log.error("WATCH connection dropped, DEAD %s not told: %s", vm_dir, e)
+                self._drop_watcher(watcher)
 
-    async def close(self) -> None:
-        for vsock in self.vms.values():
-            await vsock.close()
+    def close(self) -> None:
+        for sockets in self.vms.values():
+            sockets.close()
         self.vms.clear()
 
 
-async def serve(control_socket: str) -> None:
+def serve(control_socket: str) -> None:
     """Serve until SIGTERM/SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
+    loop = Reactor()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    backends = Backends()
+        loop.add_signal_handler(sig, loop.stop)
+    backends = Backends(loop)
+    if os.path.exists(control_socket):
+        os.unlink(control_socket)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # the control socket is 0600 from the start
     try:
-        server = await asyncio.start_unix_server(backends.handle, path=control_socket)
+        listener.bind(control_socket)
     finally:
         os.umask(old_umask)
-    await stop.wait()
-    server.close()
-    await backends.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(control_socket)
+    listener.listen(64)
+    listener.setblocking(False)
+    loop.add_reader(listener.fileno(), backends.accept, listener)
+    try:
+        loop.run()
+    finally:
+        listener.close()
+        backends.close()
+        if os.path.exists(control_socket):
+            os.unlink(control_socket)
+        loop.close()
 
 
 def main(argv=None) -> int:
@@ -138,7 +195,7 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s vsock-backend: %(message)s")
-    asyncio.run(serve(argv[0]))
+    serve(argv[0])
     return 0
 
 

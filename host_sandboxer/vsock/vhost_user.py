@@ -8,7 +8,7 @@ import array
 import os
 import socket
 import struct
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 # Requests (front-end -> back-end) this backend knows.
 GET_FEATURES = 1
@@ -64,12 +64,14 @@ class ProtocolError(Exception):
     """The front-end sent something that is not vhost-user: the session must end."""
 
 
-@dataclass
 class Message:
-    request: int
-    flags: int
-    payload: bytes
-    fds: list = field(default_factory=list)
+    # A plain class, not a dataclass: the backend process (serve.py) would import dataclasses
+    # and with it inspect/ast/dis (~1 MB) for this and MemoryRegionEntry alone.
+    __slots__ = ("request", "flags", "payload", "fds")
+
+    def __init__(self, request: int, flags: int, payload: bytes, fds: list | None = None):
+        self.request, self.flags, self.payload = request, flags, payload
+        self.fds = fds if fds is not None else []
 
     @property
     def need_reply(self) -> bool:
@@ -83,12 +85,7 @@ class Message:
         return layout.unpack_from(self.payload)
 
 
-@dataclass
-class MemoryRegionEntry:
-    guest_phys_addr: int
-    memory_size: int
-    userspace_addr: int
-    mmap_offset: int
+MemoryRegionEntry = namedtuple("MemoryRegionEntry", "guest_phys_addr memory_size userspace_addr mmap_offset")
 
 
 def encode(request: int, payload: bytes = b"", flags: int = FLAG_VERSION) -> bytes:

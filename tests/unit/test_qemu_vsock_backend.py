@@ -113,8 +113,8 @@ def test_a_backend_no_recovered_pod_uses_is_stopped(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
-def test_the_backend_process_runs_without_site_and_ssl(tmp_path):
-    """Its host memory: stdlib + host_sandboxer.vsock only (serve.command(): -S, ssl kept out)."""
+def test_the_backend_process_runs_without_site_asyncio_and_ssl(tmp_path):
+    """Its host memory: stdlib + host_sandboxer.vsock only (serve.command(): -S, reactor.py)."""
     async def scenario():
         backend = VsockBackend(tmp_path)
         vm = BackendVsock(backend, *_vm_dirs(tmp_path, "a"))
@@ -125,4 +125,4 @@ def test_the_backend_process_runs_without_site_and_ssl(tmp_path):
         return facts
     argv, maps = asyncio.run(scenario())
     assert "-S" in argv and "/python3" in maps
-    assert "libssl" not in maps and "_ssl." not in maps  # asyncio would have loaded both
+    assert "_asyncio." not in maps and "libssl" not in maps and "_ssl." not in maps  # asyncio loads all 3
