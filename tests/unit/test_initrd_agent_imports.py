@@ -46,11 +46,12 @@ print(*sorted(sys.modules))
 """
 
 # Loaded on first use, never before ready: pyroute2 (first network call), the container code and
-# the Task service's protos (first Task call), protobuf's pure-Python backend (never: upb runs).
+# the Task service's protos (first Task call), protobuf's pure-Python backend (never: upb runs),
+# ast (inspect's source-code helpers).
 NOT_AT_START_UP = ("pyroute2", "vmm_task.netlink.links", "vmm_task.netlink.routes",
                    "vmm_task.container", "vmm_task.services.task", "vmm_task.pod.setup",
                    "vmm_common.protos.containerd.task", "google.protobuf.internal.python_message",
-                   "json", "pathlib", "dataclasses", "ipaddress")
+                   "json", "pathlib", "dataclasses", "ipaddress", "ast")
 
 
 @functools.cache
@@ -102,4 +103,21 @@ def test_every_guest_source_change_still_applies():
                 assert old in source, f"{module}: {old!r} no longer in its source"
             assert antibloat.apply(source, [change]) != source, f"{module}: changes nothing"
 
+
+GUEST_INSPECT = """
+import marshal, sys
+from initrd import antibloat
+antibloat.install(marshal.loads(sys.stdin.buffer.read()))
+import inspect
+print("ast" in sys.modules)
+print(inspect.signature(divmod))  # a text signature: parsed with ast
+print(inspect.getsource(antibloat.apply).splitlines()[0])
+print(inspect.getsource(inspect.BlockFinder).splitlines()[0])  # a class: found by an ast visitor
+"""
+
+
+def test_the_guest_inspect_loads_ast_on_first_use_and_still_reads_source():
+    assert _run(GUEST_INSPECT).splitlines() == [
+        "False", "(x, y, /)", "def apply(source: str, changes: list[dict]) -> str:",
+        "class BlockFinder:"]
 
