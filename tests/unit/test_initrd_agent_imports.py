@@ -47,11 +47,12 @@ print(*sorted(sys.modules))
 
 # Loaded on first use, never before ready: pyroute2 (first network call), the container code and
 # the Task service's protos (first Task call), protobuf's pure-Python backend (never: upb runs),
-# ast (inspect's source-code helpers).
+# ast (inspect's source-code helpers), datetime and calendar (protobuf's datetime conversions).
 NOT_AT_START_UP = ("pyroute2", "vmm_task.netlink.links", "vmm_task.netlink.routes",
                    "vmm_task.container", "vmm_task.services.task", "vmm_task.pod.setup",
                    "vmm_common.protos.containerd.task", "google.protobuf.internal.python_message",
-                   "json", "pathlib", "dataclasses", "ipaddress", "ast")
+                   "json", "pathlib", "dataclasses", "ipaddress", "ast",
+                   "datetime", "calendar")
 
 
 @functools.cache
@@ -121,3 +122,23 @@ def test_the_guest_inspect_loads_ast_on_first_use_and_still_reads_source():
         "False", "(x, y, /)", "def apply(source: str, changes: list[dict]) -> str:",
         "class BlockFinder:"]
 
+
+GUEST_TIMESTAMPS = """
+import marshal, sys
+from initrd import antibloat
+antibloat.install(marshal.loads(sys.stdin.buffer.read()))
+from google.protobuf import duration_pb2, timestamp_pb2
+print("datetime" in sys.modules, "calendar" in sys.modules)
+import datetime
+stamp = timestamp_pb2.Timestamp()
+stamp.FromDatetime(datetime.datetime(2026, 11, 24, 7, 0, 1, 250000))
+print(stamp.seconds, stamp.nanos, stamp.ToDatetime().isoformat())
+print(stamp.ToDatetime(tzinfo=datetime.timezone.utc).isoformat())
+print(duration_pb2.Duration(seconds=90).ToTimedelta())
+"""
+
+
+def test_the_guest_protobuf_loads_datetime_on_first_conversion_and_still_converts():
+    assert _run(GUEST_TIMESTAMPS).splitlines() == [
+        "False False", "1795503601 250000000 2026-11-24T07:00:01.250000",
+        "2026-11-24T07:00:01.250000+00:00", "0:01:30"]
