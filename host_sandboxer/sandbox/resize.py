@@ -53,14 +53,13 @@ async def apply_update(pod, request, vm_config) -> None:
         raise _unsupported(pod, f"memory {booted_memory} -> {memory} MiB (no memory hotplug)")
     if cpus < current:
         raise _unsupported(pod, f"{current} -> {cpus} vCPUs (vCPUs are not removed)")
-    if cpus == current:
-        return
-    try:
-        await pod.vm.qemu.add_vcpus(cpus - current)
-    except QemuError as exc:
-        raise HostError(grpc.StatusCode.FAILED_PRECONDITION,
-                        f"sandbox {pod.id}: cannot grow from {current} to {cpus} vCPUs: {exc}") from None
-    await _until_online(pod, cpus)
+    if cpus > current:
+        try:
+            await pod.vm.qemu.add_vcpus(cpus - current)
+        except QemuError as exc:
+            raise HostError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"sandbox {pod.id}: cannot grow from {current} to {cpus} vCPUs: {exc}") from None
+    await _until_online(pod, cpus)  # also when a retry finds them added: done once they are online
     pod.boot_info["vcpus"] = str(cpus)
 
 
