@@ -58,7 +58,7 @@ class AgentContext:
         self.run_dir = run_dir
         self.runtime = runtime
         self.manage_network = manage_network
-        self.boot_problems = boot_problems or []
+        self.boot_problems = [] if boot_problems is None else boot_problems
         self.started_boottime = started_boottime
         self.services: list[str] = []
         self.cleanups: list = []
