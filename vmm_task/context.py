@@ -1,7 +1,5 @@
 """State shared by every service of one agent (one `AgentContext` per process)."""
 
-from typing import Optional
-
 from vmm_task.events import EventQueue
 from vmm_task.reaper import Reaper
 
@@ -25,10 +23,10 @@ class SandboxState:
     def reset(self) -> None:
         """Back to "no pod set up" (SetupSandbox failed and may be tried again)."""
         self.hostname = ""
-        self.namespaces: dict[str, Optional[str]] = {"ipc": None, "uts": None, "pid": None}
-        self.hosts_path: Optional[str] = None
-        self.resolv_path: Optional[str] = None
-        self.holder_pid: Optional[int] = None
+        self.namespaces: dict[str, str | None] = {"ipc": None, "uts": None, "pid": None}
+        self.hosts_path: str | None = None
+        self.resolv_path: str | None = None
+        self.holder_pid: int | None = None
         self.ready = False
 
 
@@ -47,7 +45,7 @@ class AgentContext:
 
     def __init__(self, *, reaper: Reaper, events: EventQueue, dev_mode: bool, debug: bool = False,
                  state_dir: str = STATE_DIR, run_dir: str = "/run", runtime: str = "crun",
-                 manage_network: bool = False, boot_problems: Optional[list[str]] = None,
+                 manage_network: bool = False, boot_problems: list[str] | None = None,
                  started_boottime: float = 0.0):
         self.reaper = reaper
         self.events = events

@@ -17,8 +17,8 @@ import fcntl
 import os
 import signal
 import time
-from collections import OrderedDict
-from typing import Mapping, NamedTuple, Optional, Sequence
+from collections import OrderedDict, namedtuple
+from collections.abc import Mapping, Sequence
 
 # Dispositions a child must not inherit from us: PID 1 ignores terminal/termination signals and
 # CPython ignores SIGPIPE/SIGXFSZ; exec keeps SIG_IGN, so reset them explicitly.
@@ -28,10 +28,9 @@ _CHILD_DEFAULT_SIGNALS = (
 )
 
 
-class ExitStatus(NamedTuple):
-    """`code`: exit code, or 128 + signal number; `exited_at`: time.time_ns() when reaped."""
-    code: int
-    exited_at: int
+# `code`: exit code, or 128 + signal number; `exited_at`: time.time_ns() when reaped.
+# (collections' namedtuple: the guest agent does not import typing before ready)
+ExitStatus = namedtuple("ExitStatus", "code exited_at")
 
 
 def _exit_code(wait_status: int) -> int:
@@ -50,7 +49,7 @@ class ChildProcess:
         self._exit = exit_future
 
     @property
-    def status(self) -> Optional[ExitStatus]:
+    def status(self) -> ExitStatus | None:
         """The exit status once reaped, else None."""
         return self._exit.result() if self._exit.done() else None
 
@@ -63,7 +62,7 @@ class Reaper:
     """Reaps every child of this process; see the module docstring."""
 
     def __init__(self, keep_exits: int = 4096, keep_seconds: float = 600.0):
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._children: dict[int, asyncio.Future] = {}   # spawned by us, not yet reaped
         self._waiters: dict[int, list[asyncio.Future]] = {}  # wait_pid callers
         self._early: "OrderedDict[int, tuple[ExitStatus, float]]" = OrderedDict()
@@ -88,11 +87,11 @@ class Reaper:
         self,
         argv: Sequence[str],
         *,
-        stdin: Optional[int] = None,
-        stdout: Optional[int] = None,
-        stderr: Optional[int] = None,
-        fds: Optional[Mapping[int, int]] = None,
-        env: Optional[Mapping[str, str]] = None,
+        stdin: int | None = None,
+        stdout: int | None = None,
+        stderr: int | None = None,
+        fds: Mapping[int, int] | None = None,
+        env: Mapping[str, str] | None = None,
         setsid: bool = False,
     ) -> ChildProcess:
         """Start `argv` (PATH lookup when argv[0] has no '/').

@@ -5,7 +5,7 @@ message type (u8), flags (u8) — followed by `length` bytes of data (at most 4 
 """
 import asyncio
 import struct
-from typing import NamedTuple
+from collections import namedtuple
 
 from .errors import ProtocolError
 
@@ -26,11 +26,8 @@ FLAG_REMOTE_OPEN = 0x02
 FLAG_NO_DATA = 0x04
 
 
-class Frame(NamedTuple):
-    stream_id: int
-    type: int
-    flags: int
-    data: bytes
+# collections' namedtuple, not typing's: the guest agent does not import typing before ready
+Frame = namedtuple("Frame", "stream_id type flags data")
 
 
 def encode(stream_id: int, msg_type: int, flags: int, data: bytes = b"") -> bytes:
