@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
-from qemu.qmp.protocol import ConnectError
 
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.cmdline import VmSpec, build_argv, pass_fds
@@ -86,19 +86,7 @@ class Qemu:
             raise QemuError(message)
 
     async def _connect_sockets(self, run: bool) -> None:
-        # QEMU creates its listening sockets before it runs anything, in a few ms (~50-130 ms
-        # under TCG load); between bind (the file appears) and listen a connect is refused.
-        # qemu.qmp logs every failed connect as an ERROR: wait for the file before trying.
-        # The caller bounds the wait.
-        while True:
-            if self.spec.qmp_socket.exists():
-                try:
-                    await self.qmp.connect(str(self.spec.qmp_socket))
-                    break
-                except ConnectError as e:
-                    if not isinstance(e.exc, (FileNotFoundError, ConnectionRefusedError)):
-                        raise
-            await asyncio.sleep(0.005)
+        await self.qmp.connect(await _connected_unix_socket(self.spec.qmp_socket))
         await self.console.connect()
         if run:
             await self.qmp.execute("cont")
@@ -196,3 +184,23 @@ class Qemu:
 def _qmp_error(error: QMPError) -> str:
     """A QMP failure in words: QEMU's own description for a refused command."""
     return error.error.desc if isinstance(error, ExecuteError) else f"{type(error).__name__}: {error}"
+
+
+async def _connected_unix_socket(path: Path) -> socket.socket:
+    """A socket connected to QEMU's listening socket `path`, tried until QEMU listens: it makes
+    its sockets in its first ms (~50-130 ms under TCG load), and between bind and listen a
+    connect is refused. These tries are ours, not qemu.qmp's, which logs each failed connect as
+    an ERROR; what fails once connected (the QMP handshake) is a real error, and it logs that.
+    The caller bounds the wait."""
+    loop = asyncio.get_running_loop()
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, os.fspath(path))
+            return sock
+        except BaseException as e:
+            sock.close()
+            if not isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
+                raise
+        await asyncio.sleep(0.005)
