@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from host_sandboxer.taskproxy.mounts import unmount_all_under
 from vmm_common import ttrpc
 from vmm_common.protos.containerd.events import task_pb2 as events_pb
 from vmm_common.protos.containerd.services.ttrpc.events.v1 import events_pb2 as envelope_pb
@@ -325,6 +326,8 @@ class Agent:
                 self.process.kill()
                 self.process.wait()
         self._log_file.close()
+        # an agent killed (or dead) ran no cleanups: its pod namespace binds stay mounted
+        unmount_all_under(self.run_dir)
         # containers a failed test left behind: their runtime state lives in our run dir
         root = self.run_dir / "oci"
         if root.is_dir():

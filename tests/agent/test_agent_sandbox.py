@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import empty_pb2
 
+from host_sandboxer.taskproxy.mounts import unmount_all_under
 from vmm_common import ttrpc
 from vmm_common.protos.kuasar import sandbox_pb2 as pb
 from vmm_common.protos.vmmtask.v1 import health_pb2 as health_pb
@@ -81,6 +82,7 @@ def start_agent(tmp_path):
             except subprocess.TimeoutExpired:
                 agent.process.kill()
                 agent.process.wait()
+        unmount_all_under(agent.run_dir)  # an agent killed ran no cleanups
 
 
 def pod_config(**config) -> pb.SetupSandboxRequest:

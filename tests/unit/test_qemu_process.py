@@ -27,8 +27,7 @@ BUSY_GRPC_SPAWNS = textwrap.dedent("""
         async def Publish(self, request, context):
             return empty_pb2.Empty()
 
-    async def main(spawns):
-        work = Path(tempfile.mkdtemp())
+    async def main(work, spawns):
         server = grpc.aio.server()
         events_pb2_grpc.add_EventsServicer_to_server(Events(), server)
         server.add_insecure_port(f"unix://{work}/s.sock")
@@ -52,7 +51,8 @@ BUSY_GRPC_SPAWNS = textwrap.dedent("""
         await server.stop(None)
         print(" ".join(map(str, statuses)))
 
-    asyncio.run(main(int(sys.argv[1])))
+    with tempfile.TemporaryDirectory() as work:
+        asyncio.run(main(Path(work), int(sys.argv[1])))
 """)
 
 

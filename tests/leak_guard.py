@@ -1,0 +1,124 @@
+"""What one pytest run leaves behind: its processes, mounts, network namespaces and temp files.
+
+Engineers run the suite side by side on one machine, so "ours" is never guessed from a name.
+The run puts a token in its environment (RUN_VARIABLE) that every process it starts inherits
+(agent, daemon, QEMU, virtiofsd, the vsock backend, crun, a pod's pause process); containers
+run with their spec's environment instead, so a container is ours when its cgroup
+(`/vmm-task-test/<cid>`, tests/agent) names a bundle in the run's basetemp. Mounts are ours at
+or below the run's directories (pytest's basetemp and the run's own temp dir, where every
+tempfile.mkdtemp of the run lands); network namespaces when their name carries the token
+(bench/netpair.py puts it there); files when left in the run's temp dir.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
+
+RUN_VARIABLE = "VMM_TASK_TEST_RUN"
+CONTAINER_CGROUP = "/vmm-task-test/"  # tests/agent/conftest.py oci_spec's cgroupsPath
+NETNS_DIR = Path("/run/netns")
+# virtiofsd's sandboxed child ends on its parent's death signal, a container after its init:
+# what is still there after this is left behind, not on its way out.
+GRACE_S = 15.0
+
+
+def mark_run() -> str:
+    """Give this process (and so every process it starts) the run's token."""
+    os.environ[RUN_VARIABLE] = uuid.uuid4().hex[:8]
+    return os.environ[RUN_VARIABLE]
+
+
+@dataclass
+class Leftovers:
+    processes: dict[int, str] = field(default_factory=dict)  # pid -> command line
+    mounts: list[str] = field(default_factory=list)  # deepest first
+    netns: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.processes or self.mounts or self.netns or self.files)
+
+    def report(self) -> str:
+        lines = [f"  process {pid}: {cmdline}" for pid, cmdline in sorted(self.processes.items())]
+        lines += [f"  mount {point}" for point in self.mounts]
+        lines += [f"  network namespace {name}" for name in self.netns]
+        lines += [f"  file {path}" for path in self.files]
+        return "\n".join(lines)
+
+
+class RunGuard:
+    """Finds what this run left (`leftovers()`) and takes it away (`clear()`)."""
+
+    def __init__(self, token: str, basetemp: Path, tmp_dir: Path):
+        self.token = token
+        self.basetemp = basetemp
+        self.tmp_dir = tmp_dir
+
+    def leftovers(self, grace_s: float = GRACE_S) -> Leftovers:
+        """What is left, given `grace_s` to go away if anything is."""
+        deadline = time.monotonic() + grace_s
+        while (found := self._scan()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return found
+
+    def clear(self, found: Leftovers) -> None:
+        """SIGKILL the processes, detach the mounts, delete the namespaces and files, so that
+        one test's leak is reported once and does not pile onto the next."""
+        for pid in found.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for root in (self.basetemp, self.tmp_dir):
+            unmount_all_under(root)
+        for name in found.netns:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        for path in map(Path, found.files):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    def _scan(self) -> Leftovers:
+        return Leftovers(
+            processes=self._processes(),
+            mounts=mountpoints_under(self.basetemp) + mountpoints_under(self.tmp_dir),
+            netns=sorted(name for name in _listdir(NETNS_DIR) if f"-{self.token}-" in name),
+            files=sorted(str(self.tmp_dir / name) for name in _listdir(self.tmp_dir)))
+
+    def _processes(self) -> dict[int, str]:
+        marker = f"{RUN_VARIABLE}={self.token}".encode()
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+                cgroups = Path(f"/proc/{entry}/cgroup").read_text()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:  # gone meanwhile
+                continue
+            if marker in environ or self._our_container(cgroups):
+                found[int(entry)] = cmdline.replace(b"\0", b" ").decode(errors="replace")[:300]
+        return found
+
+    def _our_container(self, cgroups: str) -> bool:
+        for line in cgroups.splitlines():
+            _, _, path = line.partition(CONTAINER_CGROUP)
+            if path:
+                return any(self.basetemp.glob(f"*/bundles/{path.split('/')[0]}"))
+        return False
+
+
+def _listdir(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
