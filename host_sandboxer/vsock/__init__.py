@@ -51,6 +51,13 @@ def create_transport(kind: str, vm_dir: str, kernel_usable=_kernel_usable, cids=
     return HybridVsock(os.path.join(vm_dir, "vhost-vsock.sock"), os.path.join(vm_dir, "vsock.sock"))
 
 
+def qemu_args(vhost_socket: str, chardev_id: str = "vsock0") -> list:
+    """QEMU's arguments for a vhost-user-vsock device served on `vhost_socket` (hybrid vsock,
+    in-process or through the backend process)."""
+    return ["-chardev", f"socket,id={chardev_id},path={vhost_socket}",
+            "-device", f"vhost-user-vsock-pci,chardev={chardev_id}"]
+
+
 def __getattr__(name: str):
     if name == "HybridVsock":
         from .hybrid import HybridVsock
@@ -61,4 +68,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["HybridVsock", "KernelVsock", "CidAllocator", "choose_kind", "create_transport", "KINDS"]
+__all__ = ["HybridVsock", "KernelVsock", "CidAllocator", "choose_kind", "create_transport", "qemu_args", "KINDS"]

@@ -9,6 +9,7 @@ their vsock across daemon restarts.
 import asyncio
 import socket
 
+from . import qemu_args
 from .hybrid_sockets import DEFAULT_GUEST_CID, HybridSockets
 
 
@@ -70,9 +71,3 @@ class HybridVsock:
     def _died(self, reason: str) -> None:
         if self.dead is not None and not self.dead.done():
             self.dead.set_result(reason)
-
-
-def qemu_args(vhost_socket: str, chardev_id: str = "vsock0") -> list:
-    """QEMU's arguments for a vhost-user-vsock device served on `vhost_socket`."""
-    return ["-chardev", f"socket,id={chardev_id},path={vhost_socket}",
-            "-device", f"vhost-user-vsock-pci,chardev={chardev_id}"]

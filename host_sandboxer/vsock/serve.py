@@ -7,7 +7,10 @@ in the daemon's event loop would take every pod's vsock with it. One process ser
 guest as any hybrid-vsock client does (`CONNECT <port>` on `<vm_dir>/vsock.sock`), so a
 restarted daemon simply connects again.
 
-    python -m host_sandboxer.vsock.serve CONTROL_SOCKET     (the daemon runs `command()`)
+    python -m host_sandboxer.vsock.serve CONTROL_SOCKET
+
+The daemon starts it lean (vmm/vsock_backend.py, `backend_command()`): `python -I -S`, on
+reactor.py, importing the stdlib and host_sandboxer.vsock only.
 
 Control socket (created 0600), one request line and one answer line per connection:
     ADD <vm_dir>     serve <vm_dir>/vhost-vsock.sock (QEMU) and <vm_dir>/vsock.sock -> OK | ERR <why>
@@ -33,19 +36,6 @@ log = logging.getLogger("host_sandboxer.vsock.serve")
 
 MAX_REQUEST = 4096
 USAGE = "usage: python -m host_sandboxer.vsock.serve CONTROL_SOCKET"
-
-# The process needs the stdlib and this package only: -S (no site-packages, no .pth hooks),
-# -I (no PYTHON* variables, no current directory on the path), its own loop (reactor.py, not
-# asyncio) and no dataclasses. Idle PSS 11.7 -> 6.3 MB (docs/benchmarks.md, "Host memory").
-_BOOT = ("import sys; sys.path.insert(0, {root!r}); "
-         "from host_sandboxer.vsock.serve import main; sys.exit(main(sys.argv[1:]))")
-
-
-def command(control_socket: str) -> list[str]:
-    """The backend process's argv, lean (see _BOOT)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return [sys.executable, "-I", "-S", "-c", _BOOT.format(root=root), control_socket]
-
 
 class Backends:
     """Every VM's HybridSockets and the daemon's control connections, on one Reactor.
