@@ -16,6 +16,7 @@ REQUIRED_KEYS = (
     "guest.mem_used_kb", "guest.mem_used_floor_kb",
     "sandboxer.pss_kb.1", "sandboxer.pss_kb.5", "sandboxer.pss_kb.10",
     "sandboxer.daemon_pss_kb.1", "sandboxer.daemon_pss_kb.5", "sandboxer.daemon_pss_kb.10",
+    "sandboxer.daemon_anon_kb.1", "sandboxer.daemon_anon_kb.5", "sandboxer.daemon_anon_kb.10",
     "pod.start_s_single", "pod.start_s_parallel_5",
     "rpc.check_p50_ms", "rpc.check_p99_ms",
     "io.stdout_mb_s", "io.stdout_integrity",

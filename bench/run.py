@@ -79,7 +79,8 @@ def rpc(runs: int) -> tuple[dict, dict]:
 def daemon(runs: int) -> tuple[dict, dict]:
     results = sandboxer.run(runs, stdout_mib=STDOUT_MIB)["runs"]
     samples = {f"sandboxer.{key}.{n}": [r["pss_kb"][n][part] for r in results]
-               for key, part in (("pss_kb", "with_helpers"), ("daemon_pss_kb", "daemon"))
+               for key, part in (("pss_kb", "with_helpers"), ("daemon_pss_kb", "daemon"),
+                                 ("daemon_anon_kb", "daemon_anon"))
                for n in ("1", "5", "10")}
     samples["pod.start_s_single"] = [r["single_s"] for r in results]
     samples["pod.start_s_parallel_5"] = [r["parallel_5_s"] for r in results]

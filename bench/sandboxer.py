@@ -14,7 +14,7 @@ Per run, against one vmm-sandboxer process (real QEMU, TCG here):
   4. every pod removed.
 Pss (/proc/PID/smaps_rollup) of the daemon process alone, and with its helper processes (the
 hybrid vsock backend, which runs apart from the daemon so VMs outlive a daemon restart); QEMU and
-virtiofsd are not counted. Prints one JSON object.
+virtiofsd are not counted; and the daemon's Pss_Anon. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ BOOT_TIMEOUT_S = 300.0  # five TCG guests booting at once on a loaded 2-core hos
 MiB = 1 << 20
 
 
-def pss_kb(pid: int) -> int:
+def pss_kb(pid: int, field: str = "Pss") -> int:
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise RuntimeError(f"no Pss in /proc/{pid}/smaps_rollup")
+    raise RuntimeError(f"no {field} in /proc/{pid}/smaps_rollup")
 
 
 def helpers_of(pid: int) -> list[int]:
@@ -87,9 +87,12 @@ class Bench:
             del self.started[sid]
 
     def pss_kb(self) -> dict:
-        """{"daemon": its own Pss, "with_helpers": plus its helper processes'}."""
-        own = pss_kb(self.daemon.proc.pid)
-        return {"daemon": own, "with_helpers": own + sum(pss_kb(p) for p in helpers_of(self.daemon.proc.pid))}
+        """{"daemon": its own Pss, "with_helpers": plus its helper processes', "daemon_anon": its
+        own Pss_Anon (the part that does not move with how many other processes share its files)}."""
+        pid = self.daemon.proc.pid
+        own = pss_kb(pid)
+        return {"daemon": own, "with_helpers": own + sum(pss_kb(p) for p in helpers_of(pid)),
+                "daemon_anon": pss_kb(pid, "Pss_Anon")}
 
     def container(self, sid: str, cid: str, args: list[str], payload: int = 0):
         """Run one container in pod `sid`; (seconds Create..Delete, stdout, stderr, status,
