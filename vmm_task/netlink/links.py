@@ -2,6 +2,7 @@
 
 import socket
 
+from vmm_task.netlink import open_iproute
 from vmm_task.netlink.errors import NetworkConfigError
 
 IFF_NOARP = 0x80
@@ -27,9 +28,8 @@ def parse_prefix(address: str, mask: str) -> tuple[str, int, int]:
 
 async def update_interfaces(interfaces) -> None:
     """Apply each `grpc.Interface` in order; raises NetworkConfigError naming the interface."""
-    from pyroute2.iproute import AsyncIPRoute
 
-    async with AsyncIPRoute() as ipr:
+    async with open_iproute() as ipr:
         for interface in interfaces:
             try:
                 await _update_one(ipr, interface)

@@ -2,6 +2,7 @@
 
 import socket
 
+from vmm_task.netlink import open_iproute
 from vmm_task.netlink.errors import NetworkConfigError
 
 RT_TABLE_MAIN = 254
@@ -13,10 +14,9 @@ IPV6 = 1            # grpc.IPFamily.v6
 async def update_routes(routes) -> None:
     """Delete our earlier routes of the main table, then add `routes` (each a grpc.Route), the
     ones without gateway first so gateways are reachable when their routes are added."""
-    from pyroute2.iproute import AsyncIPRoute
 
     ordered = sorted(routes, key=lambda r: bool(r.gateway))
-    async with AsyncIPRoute() as ipr:
+    async with open_iproute() as ipr:
         await _remove_our_routes(ipr)
         for route in ordered:
             request = await _request(ipr, route)
