@@ -1,8 +1,10 @@
 """The run's leak guard (tests/leak_guard.py) finds what its own run left and nothing of a run
 beside it, then takes it away. Real processes, a real bind mount, cgroup and network namespace."""
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -15,6 +17,14 @@ from vmm_common.mount import MS_BIND, mount
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts, cgroups and netns need root")
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+def running(pid: int) -> bool:
+    """Alive, not a zombie its new parent has yet to reap."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def sleeper(env: dict) -> subprocess.Popen:
@@ -79,3 +89,51 @@ def test_a_container_is_ours_when_its_cgroup_names_a_bundle_of_the_run(guard):
         for cid in (ours, foreign):
             if (cgroups / cid).exists():
                 (cgroups / cid).rmdir()
+
+
+LEAKY_MODULE = """
+import os, subprocess, sys, tempfile, time
+
+def test_leaves_a_process_and_a_temp_dir():
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    tempfile.mkdtemp(prefix="left-")
+
+def test_killed_meanwhile():
+    open(os.environ["TEARDOWN_MARK"], "a").write("sleeping\\n")
+    time.sleep(60)  # SIGTERM arrives here
+"""
+TEARDOWN_MARK = """
+import os, pytest
+
+@pytest.fixture(autouse=True)
+def mark_teardown():
+    yield
+    open(os.environ["TEARDOWN_MARK"], "a").write("torn down\\n")
+"""
+
+
+def test_a_run_that_leaks_fails_listing_it_and_sigterm_still_tears_down(tmp_path):
+    """The real conftest in a pytest of its own: the leak is an error naming the process and
+    the temp dir, both gone afterwards; a SIGTERM mid-test ends the run with teardowns done."""
+    tests = Path(__file__).resolve().parents[1]
+    for name in ("conftest.py", "leak_guard.py"):
+        (tmp_path / name).write_text((tests / name).read_text())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "conftest.py").write_text(TEARDOWN_MARK)
+    (tmp_path / "sub" / "test_leaky.py").write_text(LEAKY_MODULE)
+    mark = tmp_path / "teardowns"
+    env = dict(os.environ, PYTHONPATH=str(tests.parent), TEARDOWN_MARK=str(mark), LEAK_GUARD_GRACE_S="1")
+    run = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            "--basetemp", str(tmp_path / "base"), "sub"], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not (mark.exists() and "sleeping" in mark.read_text()):
+        assert run.poll() is None, run.stdout.read()
+        time.sleep(0.1)
+    run.send_signal(signal.SIGTERM)
+    output = run.communicate(timeout=60)[0]
+    assert run.returncode != 0
+    assert "test_leaky left behind (now removed):" in output, output
+    leaked = [line.split()[1].rstrip(":") for line in output.splitlines() if "time.sleep(60)" in line]
+    assert len(leaked) == 1 and not running(int(leaked[0]))
+    assert "/left-" in output and "KeyboardInterrupt" in output
+    assert mark.read_text().count("torn down") == 2  # the killed test's teardown ran too
