@@ -61,9 +61,12 @@ def test_create_status_shutdown_of_a_pod_never_started(controller):
     platform = ctl.Platform(sb.ControllerPlatformRequest(sandbox_id="p1"), timeout=10).platform
     assert platform.os == "linux" and platform.architecture
     ctl.Update(sb.ControllerUpdateRequest(sandbox_id="p1"), timeout=10)
+    # Stop before Shutdown, as the CRI does: a Wait answered before or after the Stop sees exit 0
+    # (after a Shutdown the pod is gone, so a Wait that arrived late would be NOT_FOUND).
     wait = ctl.Wait.future(sb.ControllerWaitRequest(sandbox_id="p1"), timeout=10)
-    ctl.Shutdown(sb.ControllerShutdownRequest(sandbox_id="p1"), timeout=10)
+    ctl.Stop(sb.ControllerStopRequest(sandbox_id="p1"), timeout=10)
     assert wait.result().exit_status == 0
+    ctl.Shutdown(sb.ControllerShutdownRequest(sandbox_id="p1"), timeout=10)
     assert not (work / "state" / "p1").exists()
 
 
