@@ -119,6 +119,7 @@ async def recover(pod: Pod, config, vsock_backend) -> None:
                                   vsock_backend=vsock_backend)
     except VmError as exc:
         pod.mark_exited(UNKNOWN_EXIT_STATUS, f"VM lost while the daemon was down ({exc.stage}): {exc}")
+        await pod.release_stdio()
         await _serve_task_address(pod)  # containerd's State/Delete of its containers still work
         return
     pod.vm = vm
@@ -130,12 +131,14 @@ async def recover(pod: Pod, config, vsock_backend) -> None:
         what = exc.message if isinstance(exc, HostError) else f"{type(exc).__name__}: {exc}"
         pod.mark_exited(UNKNOWN_EXIT_STATUS, vm.qemu.failure(f"pod {pod.id}: not recovered: {what}"))
         await _close_vm(pod)
+        await pod.release_stdio()
         if isinstance(exc, asyncio.CancelledError):
             raise
         if pod.task_server is None:
             await _serve_task_address(pod)
         return
     pod.boot_info["recovered_at_ns"] = str(time.time_ns())
+    pod.resume_stdio()
     _watch(pod, config)
 
 

@@ -54,6 +54,7 @@ class Pod:
         self.mounts_dir = self.dir / "mounts"  # host-only: containers' bundles and mounts
         self.shared_dir = self.dir / "shared"  # what the guest mounts: a read-only view of mounts/
         self.task_socket = self.dir / "task.sock"
+        self.stdio_dir = self.dir / "stdio"  # how far each stdio stream got (taskproxy/delivered.py)
         self.namespace = namespace
         self.pod_config = pod_config
         self.options = options
@@ -91,7 +92,9 @@ class Pod:
             "options": {"type_url": self.options.type_url,
                         "value": base64.b64encode(self.options.value).decode()},
             "next_port": self.ports.next,
-            "containers": {cid: c.host_bundle for cid, c in self.containers.items()},
+            "containers": {cid: {"bundle": c.host_bundle,
+                                 "processes": {exec_id: stdio.record() for exec_id, stdio in c.processes.items()}}
+                           for cid, c in self.containers.items()},
         }
 
     def save(self) -> None:
@@ -111,8 +114,12 @@ class Pod:
         pod.netns_path = record.get("netns_path", "")
         pod.vm_record = record.get("vm")
         pod.ports = PortAllocator(record["next_port"])
-        for cid, host_bundle in record["containers"].items():
-            pod.containers[cid] = Container(host_bundle, GuestBundle(pod.mounts_dir, cid))
+        for cid, saved in record["containers"].items():
+            if isinstance(saved, str):  # written before stdio was recorded: {cid: host bundle}
+                saved = {"bundle": saved, "processes": {}}
+            processes = {exec_id: ProcessStdio.from_record(stdio, pod.stdio_dir)
+                         for exec_id, stdio in saved["processes"].items()}
+            pod.containers[cid] = Container(saved["bundle"], GuestBundle(pod.mounts_dir, cid), processes)
             pod.known_container_ids.add(cid)
         return pod
 
@@ -144,6 +151,28 @@ class Pod:
                                                   {"": stdio})
         self.known_container_ids.add(container_id)
         self.save()
+
+    def add_process(self, container: Container, exec_id: str, stdio: ProcessStdio) -> None:
+        container.processes[exec_id] = stdio
+        self.save()
+
+    async def remove_process(self, container: Container, exec_id: str) -> None:
+        stdio = container.processes.pop(exec_id, None)
+        if stdio is not None:
+            await stdio.close()
+            self.save()
+
+    def resume_stdio(self) -> None:
+        """A restarted daemon: relay again every process's stdio, from where each stream got."""
+        for container in self.containers.values():
+            for stdio in container.processes.values():
+                stdio.start(self.transport)
+
+    async def release_stdio(self) -> None:
+        """The VM is gone while no daemon relayed its stdio: end every stream for containerd."""
+        for container in self.containers.values():
+            for stdio in container.processes.values():
+                await stdio.release_keepers()
 
     async def remove_container(self, container_id: str) -> None:
         container = self.containers.pop(container_id, None)

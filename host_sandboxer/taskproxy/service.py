@@ -101,8 +101,8 @@ class TaskProxy(v3_grpc.TaskServicer):
                             f"container {cid} already exists in pod {self.pod.id}")
         bundle = GuestBundle(self.pod.mounts_dir, cid)
         bundle.prepare(request.bundle, request.rootfs, self.pod.pod_namespaces())
-        stdio = ProcessStdio(request.stdin, request.stdout, request.stderr, self.pod.ports,
-                             request.terminal)
+        stdio = ProcessStdio.create(request.stdin, request.stdout, request.stderr, self.pod.ports,
+                                    self.pod.stdio_dir, request.terminal)
         self.pod.add_container(cid, request.bundle, stdio)
         guest_request = v3.CreateTaskRequest()
         guest_request.CopyFrom(request)
@@ -127,17 +127,17 @@ class TaskProxy(v3_grpc.TaskServicer):
         if request.exec_id in container.processes:
             raise HostError(grpc.StatusCode.ALREADY_EXISTS,
                             f"exec {request.exec_id} already exists in {request.id}")
-        stdio = ProcessStdio(request.stdin, request.stdout, request.stderr, self.pod.ports,
-                             request.terminal)
+        stdio = ProcessStdio.create(request.stdin, request.stdout, request.stderr, self.pod.ports,
+                                    self.pod.stdio_dir, request.terminal)
         guest_request = v3.ExecProcessRequest()
         guest_request.CopyFrom(request)
         for name, path in stdio.guest_paths().items():
             setattr(guest_request, name, path)
-        container.processes[request.exec_id] = stdio
+        self.pod.add_process(container, request.exec_id, stdio)
         try:
             reply = await self._guest("Exec", guest_request, empty_pb2.Empty)
         except BaseException:
-            container.processes.pop(request.exec_id, None)
+            await self.pod.remove_process(container, request.exec_id)
             raise
         stdio.start(self.pod.transport)
         return reply
@@ -216,9 +216,7 @@ class TaskProxy(v3_grpc.TaskServicer):
         else:
             reply = await self._guest("Delete", request, v3.DeleteResponse)
         if request.exec_id:
-            stdio = container.processes.pop(request.exec_id, None)
-            if stdio is not None:
-                await stdio.close()
+            await self.pod.remove_process(container, request.exec_id)
         else:
             await self.pod.remove_container(request.id)
         return reply

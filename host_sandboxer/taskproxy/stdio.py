@@ -1,9 +1,14 @@
 """Relays between containerd's stdio FIFOs on the host and a process's streams in the guest.
 
-Convention (Kuasar's): the host tells the guest `vsock://<port>` for each stream it wants;
-the agent listens on that vsock port and the host connects through the pod's transport
-(`open_connection(port)`), one connection per stream. stdin: FIFO → guest, then a half-close
-(the guest closes the process's stdin); stdout/stderr: guest → FIFO until the guest closes.
+The host tells the guest `vsock://<port>?ack` for each stream it wants (Kuasar's convention plus
+the acknowledged protocol of vmm_common.stdio_ack); the agent listens on that port for the life
+of the process and the host connects through the pod's transport (`open_connection(port)`).
+Output: guest → FIFO with plain writes, the delivered offset recorded after each one
+(delivered.py) and acknowledged to the guest, which resends the rest to a restarted daemon.
+Stdin: FIFO → guest in frames, a frame of length 0 for containerd's EOF. While a stream runs a
+keeper process holds its FIFO open (fifo_keeper.py), so containerd sees no EOF while the daemon
+is down. What a process's relays are (FIFOs, ports) is in the pod's record: `record()` /
+`from_record()`.
 """
 
 import asyncio
@@ -11,11 +16,21 @@ import concurrent.futures
 import errno
 import logging
 import os
+from pathlib import Path
+
+from host_sandboxer.taskproxy import fifo_keeper
+from host_sandboxer.taskproxy.delivered import DeliveredMark
+from host_sandboxer.vmm import process
+from vmm_common.fdio import read_chunk, write_some
+from vmm_common.stdio_ack import ACK_EVERY, ACK_SUFFIX, OFFSET, frame
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024
 CONNECT_RETRY_S = 0.02
+CONNECT_TIMEOUT_S = 10.0
+RECONNECT_DELAY_S = 0.2  # after a lost connection: a guest resetting every one cannot spin us
+STREAMS = ("stdin", "stdout", "stderr")
 # Threads that wait for containerd to open stdin FIFOs (an open blocks): their own pool, so a
 # FIFO nobody opens never starves the loop's default executor.
 _STDIN_OPENS = concurrent.futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="stdin-open")
@@ -37,34 +52,27 @@ class PortAllocator:
 
 
 def guest_uri(port: int) -> str:
-    return f"vsock://{port}"
+    return f"vsock://{port}{ACK_SUFFIX}"
 
 
-async def _fifo_reader(path: str) -> asyncio.StreamReader:
+async def _open_fifo_reader(path: str) -> int:
     """stdin: wait (in a thread: FIFO opens block) until containerd opens its writing end.
     Reading before that would see EOF, which is what a closed writer looks like too."""
     loop = asyncio.get_running_loop()
     fd = await loop.run_in_executor(_STDIN_OPENS, os.open, path, os.O_RDONLY | os.O_CLOEXEC)
-    reader = asyncio.StreamReader(limit=CHUNK)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                 os.fdopen(fd, "rb", buffering=0))
-    return reader
+    os.set_blocking(fd, False)
+    return fd
 
 
-async def _fifo_writer(path: str) -> asyncio.StreamWriter:
+async def _open_fifo_writer(path: str) -> int:
     """stdout/stderr: open once containerd reads the FIFO (ENXIO until then), without a thread."""
-    loop = asyncio.get_running_loop()
     while True:
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            break
+            return os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             if exc.errno != errno.ENXIO:
                 raise
             await asyncio.sleep(CONNECT_RETRY_S)
-    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
-                                                        os.fdopen(fd, "wb", buffering=0))
-    return asyncio.StreamWriter(transport, protocol, None, loop)
 
 
 def _release_blocked_open(path: str, flags: int) -> None:
@@ -75,9 +83,10 @@ def _release_blocked_open(path: str, flags: int) -> None:
         pass
 
 
-async def _connect(transport, port: int, deadline: float):
+async def _connect(transport, port: int):
     """Connect to the guest's listener on `port`, retrying while it is not yet listening."""
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONNECT_TIMEOUT_S
     while True:
         try:
             return await transport.open_connection(port)
@@ -87,57 +96,174 @@ async def _connect(transport, port: int, deadline: float):
             await asyncio.sleep(CONNECT_RETRY_S)
 
 
-class ProcessStdio:
-    """The relays of one process (init or exec). Holds ports and tasks; `close()` ends them."""
+async def _until_closed(reader: asyncio.StreamReader) -> None:
+    """Wait for the guest to close, discarding (bounded reads) whatever it sends meanwhile."""
+    while await reader.read(CHUNK):
+        pass
 
-    def __init__(self, stdin: str, stdout: str, stderr: str, ports: PortAllocator, terminal: bool = False):
-        # With a terminal, stdout carries everything: the agent ignores a stderr stream.
-        self.fifos = {"stdin": stdin, "stdout": stdout, "stderr": "" if terminal else stderr}
-        self.ports = {name: ports.take() for name, path in self.fifos.items() if path}
+
+class FifoSink:
+    """containerd's output FIFO, written with plain non-blocking writes so that what the mark
+    counts as delivered is in the FIFO. Once containerd closed its reader the rest is dropped
+    (and counted as delivered: the container must not block on it)."""
+
+    def __init__(self, path: str, fd: int):
+        self.path, self.fd = path, fd
+
+    async def write(self, data: bytes, mark: DeliveredMark) -> None:
+        view = memoryview(data)
+        while view:
+            if self.fd < 0:
+                mark.advance(len(view))
+                return
+            try:
+                written = await write_some(self.fd, view)
+            except BrokenPipeError:
+                log.info("stdio %s: containerd closed the reader; dropping the rest", self.path)
+                self.close()
+                continue
+            mark.advance(written)
+            view = view[written:]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+async def _deliver_output(reader, writer, sink: FifoSink, mark: DeliveredMark) -> None:
+    """One connection: the guest resends from `mark.offset`; each write is recorded, then acked."""
+    writer.write(OFFSET.pack(mark.offset))
+    acked = mark.offset
+    while data := await reader.read(CHUNK):
+        await sink.write(data, mark)
+        if mark.offset - acked >= ACK_EVERY:
+            writer.write(OFFSET.pack(mark.offset))
+            acked = mark.offset
+            await writer.drain()
+    # the guest half-closed after its last byte: acknowledge all, and the stream is done
+    writer.write(OFFSET.pack(mark.offset))
+    await writer.drain()
+
+
+async def _send_stdin(source: int, reader, writer) -> None:
+    """One connection: FIFO bytes in frames until containerd's EOF, then the end frame."""
+    while data := await read_chunk(source, CHUNK):
+        writer.write(frame(data))
+        await writer.drain()
+    writer.write(frame(b""))
+    await writer.drain()
+    await _until_closed(reader)  # the guest closes once it closed the process's stdin
+
+
+class ProcessStdio:
+    """The relays of one process (init or exec). Holds ports and tasks; `close()` ends them.
+    `marks_dir` (the pod's `stdio/`) keeps one DeliveredMark per stream, by port."""
+
+    def __init__(self, fifos: dict[str, str], ports: dict[str, int], marks_dir: Path):
+        self.fifos = fifos
+        self.ports = ports
+        self._marks = {name: DeliveredMark(marks_dir / str(port)) for name, port in ports.items()}
+        self._keepers: dict = {}  # by stream: the process holding its FIFO open
         self._tasks: dict[str, asyncio.Task] = {}
+
+    @classmethod
+    def create(cls, stdin: str, stdout: str, stderr: str, ports: PortAllocator, marks_dir: Path,
+               terminal: bool = False) -> "ProcessStdio":
+        # With a terminal, stdout carries everything: the agent ignores a stderr stream.
+        fifos = {"stdin": stdin, "stdout": stdout, "stderr": "" if terminal else stderr}
+        return cls(fifos, {name: ports.take() for name, path in fifos.items() if path}, marks_dir)
+
+    def record(self) -> dict:
+        return {"fifos": self.fifos, "ports": self.ports}
+
+    @classmethod
+    def from_record(cls, record: dict, marks_dir: Path) -> "ProcessStdio":
+        fifos = {name: str(record["fifos"][name]) for name in STREAMS}
+        return cls(fifos, {name: int(port) for name, port in record["ports"].items()
+                           if name in STREAMS}, marks_dir)
 
     def guest_paths(self) -> dict[str, str]:
         """The stdin/stdout/stderr strings the guest receives in place of the FIFO paths."""
         return {name: guest_uri(self.ports[name]) if name in self.ports else ""
                 for name in self.fifos}
 
-    def start(self, transport, connect_timeout: float = 10.0) -> None:
-        """Begin relaying; connections are retried until the guest listens (after Create/Exec)."""
-        deadline = asyncio.get_running_loop().time() + connect_timeout
+    def start(self, transport) -> None:
+        """Begin (or, in a restarted daemon, resume) relaying; connections are retried until the
+        guest listens (after Create/Exec), and made again when one is lost."""
         for name, port in self.ports.items():
-            relay = self._stdin_relay if name == "stdin" else self._output_relay
-            self._tasks[name] = asyncio.create_task(
-                relay(self.fifos[name], transport, port, deadline), name=f"stdio-{name}-{port}")
+            self._tasks[name] = asyncio.create_task(self._stream(name, transport, port),
+                                                    name=f"stdio-{name}-{port}")
 
-    async def _stdin_relay(self, fifo: str, transport, port: int, deadline: float) -> None:
-        reader, writer = await _connect(transport, port, deadline)
+    async def _stream(self, name: str, transport, port: int) -> None:
+        """One stream's relay. Once it finished or failed its keeper goes, so containerd sees EOF
+        (containerd waits for that before it deletes the process); a relay cancelled because the
+        daemon leaves keeps it, for the next daemon."""
         try:
-            source = await _fifo_reader(fifo)
-            while data := await source.read(CHUNK):
-                writer.write(data)
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-            await writer.drain()
-            # Keep the connection until the guest closes it so the half-close is delivered.
-            await reader.read()
-        finally:
-            writer.close()
+            if not self._marks[name].finished:
+                relay = self._stdin_relay if name == "stdin" else self._output_relay
+                await relay(name, transport, port)
+        except Exception:
+            await self._release(name)
+            raise
+        await self._release(name)
 
-    async def _output_relay(self, fifo: str, transport, port: int, deadline: float) -> None:
-        reader, writer = await _connect(transport, port, deadline)
-        sink = None
+    async def _output_relay(self, name: str, transport, port: int) -> None:
+        mark = self._marks[name]
+        sink = FifoSink(self.fifos[name], await _open_fifo_writer(self.fifos[name]))
         try:
-            sink = await _fifo_writer(fifo)
-            while data := await reader.read(CHUNK):
-                sink.write(data)
-                await sink.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            log.info("stdio %s: containerd closed the reader; dropping the rest", fifo)
+            await self._keep(name, sink.fd)
+            await self._reconnecting(name, transport, port,
+                                     lambda reader, writer: _deliver_output(reader, writer, sink, mark))
         finally:
-            if sink is not None:
-                sink.close()
-            writer.close()
+            sink.close()
+
+    async def _stdin_relay(self, name: str, transport, port: int) -> None:
+        source = await _open_fifo_reader(self.fifos[name])
+        try:
+            await self._keep(name, source)
+            await self._reconnecting(name, transport, port,
+                                     lambda reader, writer: _send_stdin(source, reader, writer))
+        finally:
+            os.close(source)
+
+    async def _keep(self, name: str, fd: int) -> None:
+        """Make sure a keeper holds the stream's FIFO: the one a previous daemon left, or a new one."""
+        mark = self._marks[name]
+        keeper = process.adopt(mark.keeper)
+        if keeper is None:
+            try:
+                keeper = await fifo_keeper.spawn(fd, mark.path)
+            except OSError as exc:
+                log.warning("stdio %s: no keeper (%s): a daemon restart would end this stream "
+                            "for containerd", self.fifos[name], exc)
+                return
+            mark.set_keeper(process.identity(keeper))
+        self._keepers[name] = keeper
+
+    async def _release(self, name: str) -> None:
+        mark = self._marks[name]
+        keeper = self._keepers.pop(name, None) or process.adopt(mark.keeper)
+        if keeper is not None:
+            await fifo_keeper.stop(keeper)
+        if mark.keeper is not None:
+            mark.set_keeper(None)
+
+    async def _reconnecting(self, name: str, transport, port: int, relay) -> None:
+        """Run `relay` on a guest connection until it completes; a lost connection is made
+        again (the guest resumes output; stdin bytes in flight on it are lost)."""
+        while True:
+            reader, writer = await _connect(transport, port)
+            try:
+                await relay(reader, writer)
+                self._marks[name].finish()
+                return
+            except ConnectionError as exc:
+                log.warning("stdio %s: connection to guest port %d lost (%s); reconnecting",
+                            self.fifos[name], port, exc)
+            finally:
+                writer.close()
+            await asyncio.sleep(RECONNECT_DELAY_S)
 
     async def stdin_done(self, timeout: float) -> None:
         """Wait until stdin's FIFO reached EOF and was forwarded (before CloseIO goes on)."""
@@ -153,7 +279,8 @@ class ProcessStdio:
             await asyncio.wait(tasks, timeout=timeout)
 
     async def close(self) -> None:
-        """Stop every relay, unblocking FIFO opens still waiting for containerd."""
+        """Stop every relay (unblocking FIFO opens still waiting for containerd) and keeper; the
+        process is deleted, so its marks go too."""
         for name, task in self._tasks.items():
             if not task.done():
                 if name == "stdin":
@@ -165,5 +292,13 @@ class ProcessStdio:
             except asyncio.CancelledError:
                 pass
             except Exception as exc:  # noqa: BLE001 - a failed relay is logged, not raised
-                if not (isinstance(exc, OSError) and exc.errno == errno.EPIPE):
-                    log.warning("stdio %s relay for %s ended: %s", name, self.fifos[name], exc)
+                log.warning("stdio %s relay for %s ended: %s", name, self.fifos[name], exc)
+        await self.release_keepers()
+        for mark in self._marks.values():
+            mark.remove()
+
+    async def release_keepers(self) -> None:
+        """No stream of this process will be relayed again (its VM is gone): stop the keepers,
+        so containerd sees EOF (it waits for that before it deletes the process)."""
+        for name in self._marks:
+            await self._release(name)

@@ -1,11 +1,12 @@
 """Stdio through the agent: 100 MB of stdout through a FIFO arriving intact and in order before
 Wait answers, a stdin round trip ended by the writer's EOF and by CloseIO, and a terminal with
-ResizePty."""
+ResizePty, and the acknowledged stream form resuming on a new connection."""
 import asyncio
 import hashlib
 import os
 
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as pb
+from vmm_common.stdio_ack import OFFSET, frame
 
 LINES = 13_000_000  # `seq 1 LINES` is ~100 MB, every line distinct: a lost or moved byte shows
 
@@ -169,3 +170,49 @@ def test_exec_with_a_terminal(agent, bundles):
     assert early.code.name == "FAILED_PRECONDITION"
     lines = [line for line in out.read_text().replace("\r", "").splitlines() if line]
     assert lines[0].startswith("/dev/pts/") and lines[-1] == "11 99"
+
+
+def test_acknowledged_streams_resume_on_a_new_connection(agent, bundles):
+    """`unix://PATH?ack` (dev mode's stand-in for `vsock://PORT?ack`): the host's first
+    connection ends mid-stream, having delivered only part of what it got; the next names that
+    offset and gets the rest, without a gap; stdin stays open across the two and ends on the
+    empty frame. The container reads a line, then writes a counter, then echoes its stdin."""
+    lines = 300_000
+    bundle = bundles.make(["sh", "-c", f"read first; seq 1 {lines}; echo got:$first; cat"])
+    out_path, in_path = bundle.file("out.sock"), bundle.file("in.sock")
+    expected = "".join(f"{i}\n" for i in range(1, lines + 1)).encode() + b"got:one\ntwo\n"
+
+    async def connect(path, offset=None):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        if offset is not None:
+            writer.write(OFFSET.pack(offset))
+        return reader, writer
+
+    async def body(t):
+        await t.create(bundle, stdin=f"unix://{in_path}?ack", stdout=f"unix://{out_path}?ack")
+        await t.start(bundle.id)
+        _, stdin = await connect(in_path)
+        stdin.write(frame(b"one\n"))
+        reader, writer = await connect(out_path, 0)
+        first = await reader.readexactly(500_000)
+        writer.write(OFFSET.pack(300_000))  # the host delivered this much, then died
+        await writer.drain()
+        writer.close()
+        stdin.close()
+        reader, writer = await connect(out_path, 300_000)
+        _, stdin = await connect(in_path)
+        stdin.write(frame(b"two\n") + frame(b""))
+        rest = b""
+        while not rest.endswith(b"two\n"):
+            rest += await asyncio.wait_for(reader.read(1 << 20), 30)
+        assert await asyncio.wait_for(reader.read(), 30) == b"", "half-closed after the last byte"
+        writer.write(OFFSET.pack(300_000 + len(rest)))
+        assert await t.wait(bundle.id) == 0
+        writer.close()
+        stdin.close()
+        await t.delete(bundle.id)
+        return first, rest
+
+    first, rest = agent.run(body)
+    assert first[:300_000] + rest == expected
+    assert rest[:200_000] == first[300_000:], "what was not acknowledged is sent again"

@@ -1,8 +1,9 @@
-"""Stdio relays between real FIFOs and a guest-like listener.
+"""Stdio relays between real FIFOs and the agent's own stream pumps.
 
-The guest's vsock listener is stood in for by unix sockets named after the port (the real
-vsock path is exercised by tests/vm/test_sandboxer*.py); everything else is real: FIFOs opened
-the way containerd opens them, the relay tasks, EOF and half-close propagation.
+The guest's vsock listeners are stood in for by the agent's `unix://PATH?ack` listeners, one per
+port (the real vsock path is exercised by tests/vm/test_sandboxer*.py); everything else is real:
+FIFOs opened the way containerd opens them, the relay tasks, the agent's resumable pumps, EOF,
+the delivered marks a restarted daemon resumes from and the keepers holding FIFOs meanwhile.
 """
 
 import asyncio
@@ -10,11 +11,15 @@ import os
 
 import pytest
 
+from host_sandboxer.taskproxy.delivered import DeliveredMark
 from host_sandboxer.taskproxy.stdio import PortAllocator, ProcessStdio
+from vmm_common.fdio import write_all
+from vmm_task.container.endpoints import parse_endpoint
+from vmm_task.container.resumable import ResumableOutput, pump_stdin
 
 
 class UnixPortTransport:
-    """open_connection(port) to `<dir>/<port>`: the guest listener's stand-in."""
+    """open_connection(port) to `<dir>/<port>`: where the guest's stand-ins listen."""
 
     def __init__(self, directory):
         self.directory = directory
@@ -23,51 +28,123 @@ class UnixPortTransport:
         return await asyncio.open_unix_connection(os.path.join(self.directory, str(port)))
 
 
-async def read_fifo(path):
-    loop = asyncio.get_running_loop()
-    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+class Guest:
+    """The agent's side of streams: its listeners and pumps, with pipes for the process."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.tasks = []
+
+    def _endpoint(self, port):
+        return parse_endpoint("stream", f"unix://{self.directory}/{port}?ack")
+
+    def output(self, port, data: bytes) -> ResumableOutput:
+        endpoint = self._endpoint(port)
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        pump = ResumableOutput(f"port {port}")
+
+        async def process():
+            await write_all(write_end, data)
+            os.close(write_end)
+
+        async def run():
+            try:
+                await pump.run(read_end, endpoint.accept)
+            finally:
+                endpoint.close()
+                os.close(read_end)
+
+        self.tasks += [asyncio.create_task(process()), asyncio.create_task(run())]
+        return pump
+
+    def stdin(self, port) -> asyncio.Task:
+        """Resolves to every byte the process's stdin got, once it was closed."""
+        endpoint = self._endpoint(port)
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+        async def run():
+            try:
+                await pump_stdin(endpoint.accept, write_end)
+            finally:
+                endpoint.close()
+                os.close(write_end)
+            data = await asyncio.to_thread(_read_all, read_end)
+            os.close(read_end)
+            return data
+
+        return asyncio.create_task(run())
+
+    def close(self):
+        for task in self.tasks:
+            task.cancel()
+
+
+def _keeper_of(mark_path):
+    mark = DeliveredMark(mark_path)
+    mark.close()
+    return mark.keeper and mark.keeper["pid"]
+
+
+def _running(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _read_all(fd):
+    os.set_blocking(fd, True)
     chunks = []
-    while data := await loop.run_in_executor(None, os.read, fd, 65536):
+    while data := os.read(fd, 65536):
         chunks.append(data)
-    os.close(fd)
     return b"".join(chunks)
 
 
-def test_ports_are_unique_and_resume_from_saved_next():
+async def read_fifo(path):
+    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+    try:
+        return await asyncio.to_thread(_read_all, fd)
+    finally:
+        os.close(fd)
+
+
+def test_ports_are_unique_and_resume_from_saved_next(tmp_path):
     ports = PortAllocator()
-    io = ProcessStdio("", "/x/out", "/x/err", ports)
-    assert io.guest_paths() == {"stdin": "", "stdout": "vsock://2048", "stderr": "vsock://2049"}
+    io = ProcessStdio.create("", "/x/out", "/x/err", ports, tmp_path)
+    assert io.guest_paths() == {"stdin": "", "stdout": "vsock://2048?ack", "stderr": "vsock://2049?ack"}
     assert PortAllocator(ports.next).take() == 2050
+    again = ProcessStdio.from_record(io.record(), tmp_path)
+    assert (again.fifos, again.ports) == (io.fifos, io.ports)
 
 
-@pytest.mark.timeout(20)
+def test_a_delivered_mark_reads_back_what_was_recorded(tmp_path):
+    mark = DeliveredMark(tmp_path / "stdio" / "2048")
+    mark.advance(1000)
+    mark.advance(24)
+    again = DeliveredMark(tmp_path / "stdio" / "2048")  # a restarted daemon
+    assert (again.offset, again.finished) == (1024, False)
+    again.finish()
+    assert DeliveredMark(tmp_path / "stdio" / "2048").finished
+    (tmp_path / "stdio" / "2049").write_bytes(b"short")
+    assert DeliveredMark(tmp_path / "stdio" / "2049").offset == 0  # unusable: from the start
+    again.remove()
+    assert not (tmp_path / "stdio" / "2048").exists()
+
+
+@pytest.mark.timeout(30)
 def test_stdout_stdin_round_trip_with_eof(tmp_path):
     async def scenario():
         fifos = {n: str(tmp_path / n) for n in ("stdin", "stdout", "stderr")}
         for path in fifos.values():
             os.mkfifo(path)
-        io = ProcessStdio(fifos["stdin"], fifos["stdout"], fifos["stderr"], PortAllocator())
-        payload = os.urandom(300_000)
-        got_stdin = asyncio.get_running_loop().create_future()
-
-        async def guest_stdin(reader, writer):
-            got_stdin.set_result(await reader.read())  # until the host's half-close
-            writer.close()
-
-        async def guest_output(data):
-            async def handler(reader, writer):
-                writer.write(data)
-                await writer.drain()
-                writer.close()
-            return handler
-
-        servers = [
-            await asyncio.start_unix_server(guest_stdin, str(tmp_path / str(io.ports["stdin"]))),
-            await asyncio.start_unix_server(await guest_output(payload),
-                                            str(tmp_path / str(io.ports["stdout"]))),
-            await asyncio.start_unix_server(await guest_output(b"err\n"),
-                                            str(tmp_path / str(io.ports["stderr"]))),
-        ]
+        io = ProcessStdio.create(fifos["stdin"], fifos["stdout"], fifos["stderr"], PortAllocator(),
+                                 tmp_path / "marks")
+        payload = os.urandom(5 << 20)  # more than the agent's window: acks must flow
+        guest = Guest(tmp_path)
+        got_stdin = guest.stdin(io.ports["stdin"])
+        guest.output(io.ports["stdout"], payload)
+        guest.output(io.ports["stderr"], b"err\n")
         io.start(UnixPortTransport(str(tmp_path)))
         out_task = asyncio.create_task(read_fifo(fifos["stdout"]))
         err_task = asyncio.create_task(read_fifo(fifos["stderr"]))
@@ -75,13 +152,47 @@ def test_stdout_stdin_round_trip_with_eof(tmp_path):
         os.write(stdin_fd, b"hello guest")
         os.close(stdin_fd)
         await io.stdin_done(5)
-        await io.outputs_done(5)
-        assert await got_stdin == b"hello guest"
+        await io.outputs_done(10)
+        assert await asyncio.wait_for(got_stdin, 5) == b"hello guest"
         assert await out_task == payload
         assert await err_task == b"err\n"
         await io.close()
-        for s in servers:
-            s.close()
+        guest.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_restarted_daemon_resumes_output_without_a_gap(tmp_path):
+    async def scenario():
+        out = str(tmp_path / "out")
+        os.mkfifo(out)
+        payload = os.urandom(8 << 20)
+        first = ProcessStdio.create("", out, "", PortAllocator(), tmp_path / "marks")
+        guest = Guest(tmp_path)
+        pump = guest.output(first.ports["stdout"], payload)
+        first.start(UnixPortTransport(str(tmp_path)))
+        reader = await asyncio.to_thread(os.open, out, os.O_RDONLY)  # containerd reads to EOF
+        got = bytearray()
+        while len(got) < 3 << 20:
+            got += await asyncio.to_thread(os.read, reader, 65536)
+        for task in first._tasks.values():  # the daemon dies: no close(); marks and keeper stay
+            task.cancel()
+        await asyncio.sleep(0.1)
+        assert pump.retained.acked < len(payload)
+        mark = tmp_path / "marks" / str(first.ports["stdout"])
+        keeper = _keeper_of(mark)
+        assert _running(keeper), "a keeper holds the FIFO open while no daemon does"
+        second = ProcessStdio.from_record(first.record(), tmp_path / "marks")
+        second.start(UnixPortTransport(str(tmp_path)))
+        got += await asyncio.wait_for(asyncio.to_thread(_read_all, reader), 20)  # EOF: keeper gone
+        os.close(reader)
+        assert len(got) == len(payload) and bytes(got) == payload
+        assert pump.retained.acked == len(payload)
+        await second.outputs_done(5)  # the relay ends after its keeper: containerd's EOF came first
+        assert _keeper_of(mark) is None and not _running(keeper), "stopped: the stream is finished"
+        await second.close()
+        guest.close()
 
     asyncio.run(scenario())
 
@@ -89,18 +200,17 @@ def test_stdout_stdin_round_trip_with_eof(tmp_path):
 @pytest.mark.timeout(20)
 def test_close_unblocks_fifos_nobody_opened(tmp_path):
     async def scenario():
-        out = str(tmp_path / "out")
+        out, stdin = str(tmp_path / "out"), str(tmp_path / "in")
         os.mkfifo(out)
-        io = ProcessStdio("", out, "", PortAllocator())
-
-        async def silent(reader, writer):
-            await reader.read()
-
-        server = await asyncio.start_unix_server(silent, str(tmp_path / str(io.ports["stdout"])))
+        os.mkfifo(stdin)
+        io = ProcessStdio.create(stdin, out, "", PortAllocator(), tmp_path / "marks")
+        guest = Guest(tmp_path)
+        guest.output(io.ports["stdout"], b"never read")
         io.start(UnixPortTransport(str(tmp_path)))
         await asyncio.sleep(0.2)
         await asyncio.wait_for(io.close(), 5)
-        server.close()
+        assert list((tmp_path / "marks").iterdir()) == []
+        guest.close()
 
     asyncio.run(scenario())
 
@@ -108,27 +218,22 @@ def test_close_unblocks_fifos_nobody_opened(tmp_path):
 @pytest.mark.timeout(30)
 def test_fifos_nobody_opens_yet_do_not_hold_up_other_relays(tmp_path):
     async def scenario():
-        async def talk(reader, writer):
-            writer.write(b"out")
-            await writer.drain()
-            writer.close()
-
         ports = PortAllocator()
+        guest = Guest(tmp_path)
         idle = []
         for i in range(12):  # more than the default executor's threads on a small machine
             os.mkfifo(tmp_path / f"idle{i}")
             os.mkfifo(tmp_path / f"in{i}")
-            idle.append(ProcessStdio(str(tmp_path / f"in{i}"), str(tmp_path / f"idle{i}"), "", ports))
+            idle.append(ProcessStdio.create(str(tmp_path / f"in{i}"), str(tmp_path / f"idle{i}"), "",
+                                            ports, tmp_path / "marks"))
         os.mkfifo(tmp_path / "live")
-        live = ProcessStdio("", str(tmp_path / "live"), "", ports)
-        servers = [await asyncio.start_unix_server(talk, str(tmp_path / str(port)))
-                   for io in idle + [live] for port in io.ports.values()]
+        live = ProcessStdio.create("", str(tmp_path / "live"), "", ports, tmp_path / "marks")
         for io in idle + [live]:
+            guest.output(io.ports["stdout"], b"out")
             io.start(UnixPortTransport(str(tmp_path)))
         assert await asyncio.wait_for(read_fifo(str(tmp_path / "live")), 10) == b"out"
         for io in idle + [live]:
             await asyncio.wait_for(io.close(), 5)
-        for server in servers:
-            server.close()
+        guest.close()
 
     asyncio.run(scenario())

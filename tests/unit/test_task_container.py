@@ -71,10 +71,20 @@ def test_stdio_addresses():
     for uri in ("/run/x/stdout", "fifo:///run/x/stdout", "file:///run/x/stdout"):
         endpoint = parse_endpoint("stdout", uri)
         assert isinstance(endpoint, PathEndpoint) and endpoint.path == "/run/x/stdout"
-    for bad in ("relative/path", "vsock://", "vsock://1:x", "vsock://0", "vsock://2:4294967296"):
+    for bad in ("relative/path", "vsock://", "vsock://1:x", "vsock://0", "vsock://2:4294967296",
+                "vsock://5?acked", "vsock://5?", "vsock://?ack", "unix://relative?ack", "unix://"):
         with pytest.raises(TaskError) as caught:
             parse_endpoint("stderr", bad)
         assert caught.value.code == "INVALID_ARGUMENT" and "stderr" in str(caught.value)
+
+
+def test_unix_stdio_listeners_plain_and_acknowledged(tmp_path):
+    plain = parse_endpoint("stdout", f"unix://{tmp_path}/plain")
+    acked = parse_endpoint("stdout", f"unix://{tmp_path}/acked?ack")
+    assert (plain.acked, acked.acked) == (False, True)
+    for endpoint in (plain, acked):
+        endpoint.close()
+    assert list(tmp_path.iterdir()) == [], "a closed listener leaves no socket file"
 
 
 def _write(directory, files: dict[str, str]):

@@ -8,7 +8,9 @@ import socket
 import struct
 import termios
 
-from .fdcopy import set_nonblocking, wait_readable
+from vmm_common.fdio import wait_readable
+
+from .fdcopy import set_nonblocking
 
 
 class ConsoleSocket:

@@ -1,16 +1,10 @@
-"""Byte pumps between non-blocking file descriptors on the event loop.
+"""Byte pumps between non-blocking file descriptors on the event loop (reads: vmm_common.fdio)."""
 
-A read always waits for readability first: a FIFO opened O_RDONLY|O_NONBLOCK before any writer
-reads as EOF, but epoll reports it neither readable nor hung up until a writer has come and gone,
-so waiting first is what makes "EOF" mean the writer really closed.
-"""
-
-import asyncio
-import errno
 import os
 import time
 
-CHUNK = 1 << 20
+from vmm_common.fdio import CHUNK, read_chunk, write_all
+
 F_SETPIPE_SZ = 1031
 
 
@@ -28,34 +22,6 @@ def widen_pipe(fd: int, size: int = CHUNK) -> None:
         pass
 
 
-async def _ready(fd: int, add, remove) -> None:
-    future = asyncio.get_running_loop().create_future()
-    add(fd, lambda: future.done() or future.set_result(None))
-    try:
-        await future
-    finally:
-        remove(fd)
-
-
-async def wait_readable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    await _ready(fd, loop.add_reader, loop.remove_reader)
-
-
-async def read_chunk(fd: int) -> bytes:
-    """The next bytes of `fd`, b"" at EOF (a pty master reports EIO once its slave is closed)."""
-    await wait_readable(fd)
-    while True:
-        try:
-            return os.read(fd, CHUNK)
-        except BlockingIOError:
-            await wait_readable(fd)
-        except OSError as e:
-            if e.errno == errno.EIO:
-                return b""
-            raise
-
-
 def read_available(fd: int) -> bytes:
     """Whatever `fd` holds right now without waiting (b"" when nothing or EOF)."""
     parts = []
@@ -68,19 +34,6 @@ def read_available(fd: int) -> bytes:
             break
         parts.append(data)
     return b"".join(parts)
-
-
-async def write_all(fd: int, data: bytes) -> None:
-    """Write every byte; raises OSError (e.g. BrokenPipeError) when the reader is gone."""
-    loop = asyncio.get_running_loop()
-    view = memoryview(data)
-    while view:
-        try:
-            written = os.write(fd, view)
-        except BlockingIOError:
-            await _ready(fd, loop.add_writer, loop.remove_writer)
-            continue
-        view = view[written:]
 
 
 class Pump:

@@ -3,9 +3,11 @@
 Without a terminal each requested stream is a pipe: the runtime hands the child ends to the
 process, the agent pumps the other ends to/from the endpoints (endpoints.py). With a terminal the
 runtime passes the pty master over the console socket; stdout carries the terminal's output and
-stdin feeds it. `drain()` is awaited before an exit is reported, so a Wait caller has every byte
-(the runc shim does the same); it stops waiting only when a stream stays silent for `idle`
-seconds without EOF (a daemonised child still holding the pipe).
+stdin feeds it. An endpoint in the acknowledged form (`?ack`) is pumped by resumable.py instead:
+its host may reconnect (a restarted daemon) and resume where it was. `drain()` is awaited before
+an exit is reported, so a Wait caller has every byte (the runc shim does the same); it stops
+waiting only when a stream stays silent for `idle` seconds without EOF (a daemonised child still
+holding the pipe).
 """
 
 import asyncio
@@ -14,10 +16,13 @@ import os
 import time
 from typing import Optional
 
+from vmm_common.fdio import read_chunk, wait_readable, write_all
+
 from . import console as consolemod
-from .endpoints import Endpoint, parse_endpoint
+from . import resumable
+from .endpoints import Endpoint, ListenerEndpoint, parse_endpoint
 from .errors import TaskError
-from .fdcopy import Pump, read_available, read_chunk, set_nonblocking, wait_readable, widen_pipe, write_all
+from .fdcopy import Pump, read_available, set_nonblocking, widen_pipe
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ class ProcessIO:
         self.master: Optional[int] = None
         self._child_fds: list[Optional[int]] = [None, None, None]
         self._our_fds: list[Optional[int]] = [None, None, None]
-        self._outputs: list[tuple[Pump, asyncio.Task]] = []
+        self._outputs: list[tuple[Pump | resumable.ResumableOutput, asyncio.Task]] = []
         self._stdin_task: Optional[asyncio.Task] = None
         self._stdin_close = asyncio.get_running_loop().create_future()
 
@@ -80,16 +85,25 @@ class ProcessIO:
                 os.close(self._our_fds[0])
                 self._our_fds[0] = None
         stdin = self._endpoints[0]
-        if stdin is not None and self._our_fds[0] is not None:
+        if stdin is not None and self._our_fds[0] is not None and stdin.acked:
+            self._stdin_task = asyncio.ensure_future(self._pump_stdin_acked(stdin))
+        elif stdin is not None and self._our_fds[0] is not None:
             # a FIFO is opened before the RPC returns, as the runc shim does: the client may
             # open its writing end (O_NONBLOCK) as soon as Create/Start answered
             src = None if stdin.reader_waits else await stdin.open_reader()
             self._stdin_task = asyncio.ensure_future(self._pump_stdin(stdin, src))
         for index in (1, 2):
             endpoint, src = self._endpoints[index], self._our_fds[index]
-            if endpoint is not None and src is not None:
-                pump = Pump(("stdout", "stderr")[index - 1])
-                self._outputs.append((pump, asyncio.ensure_future(self._pump_out(pump, endpoint, index))))
+            if endpoint is None or src is None:
+                continue
+            name = ("stdout", "stderr")[index - 1]
+            if endpoint.acked:
+                pump = resumable.ResumableOutput(name)
+                task = asyncio.ensure_future(self._pump_out_acked(pump, endpoint, index))
+            else:
+                pump = Pump(name)
+                task = asyncio.ensure_future(self._pump_out(pump, endpoint, index))
+            self._outputs.append((pump, task))
 
     # -- while it runs --------------------------------------------------------------------------
 
@@ -109,6 +123,30 @@ class ProcessIO:
             if dst >= 0:
                 os.close(dst)
             self._close_ours(index)
+
+    async def _pump_out_acked(self, pump: resumable.ResumableOutput, endpoint: ListenerEndpoint,
+                              index: int) -> None:
+        try:
+            await pump.run(self._our_fds[index], endpoint.accept)
+        except OSError as e:
+            log.warning("%s %s: %s", pump.name, endpoint.uri, e)
+        finally:
+            endpoint.close()
+            self._close_ours(index)
+
+    async def _pump_stdin_acked(self, endpoint: ListenerEndpoint) -> None:
+        """Host frames -> process until the end-of-stdin frame, or CloseIO, which closes stdin at
+        once: the daemon first sends the end-of-stdin frame and waits for the guest to take it."""
+        pumping = asyncio.ensure_future(resumable.pump_stdin(endpoint.accept, self._our_fds[0]))
+        try:
+            await asyncio.wait({pumping, self._stdin_close}, return_when=asyncio.FIRST_COMPLETED)
+            if pumping.done() and pumping.exception() is not None:
+                log.warning("stdin %s: %s", endpoint.uri, pumping.exception())
+        finally:
+            pumping.cancel()
+            if self.terminal and self.master is not None:
+                _write_quietly(self._our_fds[0], EOT)
+            self._close_ours(0)
 
     async def _pump_stdin(self, endpoint: Endpoint, src: Optional[int]) -> None:
         """Endpoint -> process until EOF or CloseIO; CloseIO first forwards what is readable."""
