@@ -144,6 +144,7 @@ class ProcessIO:
                 log.warning("stdin %s: %s", endpoint.uri, pumping.exception())
         finally:
             pumping.cancel()
+            endpoint.close()  # a host connecting again is refused: this stdin is over
             if self.terminal and self.master is not None:
                 _write_quietly(self._our_fds[0], EOT)
             self._close_ours(0)
