@@ -9,6 +9,7 @@ directory finds it. A restarted daemon adopts it (its identity is in the mark); 
 once the stream is finished (containerd then sees EOF) or the process is deleted.
 """
 
+import asyncio
 from pathlib import Path
 
 from host_sandboxer.vmm import process
@@ -17,10 +18,12 @@ _ARGV = ["bash", "-c", 'exec -a "$0" sleep infinity']
 STOP_GRACE_S = 1.0
 
 
-async def spawn(fd: int, mark_path: Path):
-    """A keeper holding `fd` (at the same number); what it may print goes to `keepers.log`."""
-    return await process.spawn([*_ARGV, f"vmm-stdio-keeper {mark_path}"],
-                               mark_path.parent / "keepers.log", pass_fds=[fd])
+async def spawn(fd: int, mark_path: Path) -> asyncio.subprocess.Process:
+    """A keeper holding `fd` (at the same number). It prints nothing: no output is kept."""
+    return await asyncio.create_subprocess_exec(
+        *_ARGV, f"vmm-stdio-keeper {mark_path}", stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True, pass_fds=(fd,))
 
 
 async def stop(keeper) -> None:
