@@ -13,9 +13,16 @@ import pytest
 
 from host_sandboxer.taskproxy.delivered import DeliveredMark
 from host_sandboxer.taskproxy.stdio import PortAllocator, ProcessStdio
+from host_sandboxer.vmm.process import kill_strays
 from vmm_common.fdio import write_all
 from vmm_task.container.endpoints import parse_endpoint
 from vmm_task.container.resumable import ResumableOutput, pump_stdin
+
+
+@pytest.fixture(autouse=True)
+def no_keeper_left(tmp_path):
+    yield
+    kill_strays(tmp_path)  # a test that failed before close() must not leave keepers running
 
 
 class UnixPortTransport:
