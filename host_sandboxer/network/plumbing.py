@@ -16,13 +16,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from host_sandboxer.network import redirect, tap
 from host_sandboxer.network.errors import NamespaceGone, NetworkError
 from host_sandboxer.network.inspect import PodNetwork, read_network
 from host_sandboxer.network.netns import in_netns
+from host_sandboxer.network.pyroute import IPRoute, NetlinkError
 from host_sandboxer.vmm.cmdline import TapNic
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ kernel; u32 is).
 """
 from __future__ import annotations
 
-from pyroute2.netlink.exceptions import NetlinkError
+from host_sandboxer.network.pyroute import NetlinkError
 
 INGRESS = 0xFFFF0000  # "ffff:"
 ETH_P_ALL = 0x0003
