@@ -141,9 +141,11 @@ async def _deliver_output(reader, writer, sink: FifoSink, mark: DeliveredMark) -
             writer.write(OFFSET.pack(mark.offset))
             acked = mark.offset
             await writer.drain()
-    # the guest half-closed after its last byte: acknowledge all, and the stream is done
-    writer.write(OFFSET.pack(mark.offset))
-    await writer.drain()
+    # the guest half-closed after its last byte: acknowledge all, and the stream is done. If the
+    # last ack above already did, the guest may have closed: a second one would fail and reconnect.
+    if mark.offset != acked:
+        writer.write(OFFSET.pack(mark.offset))
+        await writer.drain()
 
 
 async def _send_stdin(source: int, reader, writer) -> None:

@@ -12,9 +12,10 @@ import os
 import pytest
 
 from host_sandboxer.taskproxy.delivered import DeliveredMark
-from host_sandboxer.taskproxy.stdio import PortAllocator, ProcessStdio
+from host_sandboxer.taskproxy.stdio import FifoSink, PortAllocator, ProcessStdio, _deliver_output
 from host_sandboxer.vmm.process import kill_strays
 from vmm_common.fdio import write_all
+from vmm_common.stdio_ack import ACK_EVERY, OFFSET
 from vmm_task.container.endpoints import parse_endpoint
 from vmm_task.container.resumable import ResumableOutput, pump_stdin
 
@@ -165,6 +166,39 @@ def test_stdout_stdin_round_trip_with_eof(tmp_path):
         assert await err_task == b"err\n"
         await io.close()
         guest.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(30)
+def test_a_guest_that_closes_once_all_is_acknowledged_ends_the_stream(tmp_path):
+    """The ack that covers the last byte may come before the guest's EOF is read: the guest then
+    closes at once, and the relay must end well, not fail on a final ack to a closed socket."""
+    async def scenario():
+        payload = os.urandom(ACK_EVERY)
+
+        async def guest(reader, writer):  # a scripted guest: exactly the protocol, no slack
+            assert OFFSET.unpack(await reader.readexactly(OFFSET.size))[0] == 0
+            writer.write(payload)
+            assert OFFSET.unpack(await reader.readexactly(OFFSET.size))[0] == len(payload)
+            writer.close()
+
+        server = await asyncio.start_unix_server(guest, str(tmp_path / "guest"))
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(write_end, False)
+        received = asyncio.create_task(asyncio.to_thread(_read_all, read_end))
+        mark = DeliveredMark(tmp_path / "stdio" / "2048")
+        sink = FifoSink("pipe", write_end)
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "guest"))
+        try:
+            await _deliver_output(reader, writer, sink, mark)
+        finally:
+            writer.close()
+            sink.close()
+            server.close()
+        assert await received == payload
+        assert mark.offset == len(payload)
+        os.close(read_end)
 
     asyncio.run(scenario())
 
