@@ -25,6 +25,10 @@ from vmm_common.stdio_ack import FRAME, MAX_FRAME, OFFSET, WINDOW, ProtocolError
 log = logging.getLogger(__name__)
 
 _READ = 64 * 1024  # socket reads: acks and frame headers are small, frames at most MAX_FRAME
+# Output is read from the process once a connected host has all but this much of it: a read per
+# small write of the process (a wakeup and syscalls each, dear under TCG) would otherwise race
+# the sending; the widened pipe (1 MiB) holds the process's output meanwhile.
+READ_AHEAD = 256 * 1024
 STDIN_GRACE_S = 2.0  # a new stdin connection waits this long for the previous one's last frames
 
 
@@ -139,6 +143,7 @@ class ResumableOutput:
         self.eof = False
         self.progress = time.monotonic()
         self._changed = asyncio.Event()
+        self._sessions = 0  # host connections being served (a newer one may start before the old ends)
 
     def _moved(self) -> None:
         self.progress = time.monotonic()
@@ -158,8 +163,8 @@ class ResumableOutput:
 
     async def _read(self, src: int) -> None:
         while True:
-            while self.retained.room() <= 0:  # back-pressure: the process blocks, nothing drops
-                await self._wait_change()
+            while self.retained.room() <= 0 or self._ahead():  # back-pressure: the process
+                await self._wait_change()                       # blocks, nothing drops
             try:
                 data = await read_chunk(src, self.retained.room())
             except OSError as exc:
@@ -172,6 +177,9 @@ class ResumableOutput:
             self.retained.append(data)
             self._moved()
 
+    def _ahead(self) -> bool:
+        return self._sessions > 0 and self.retained.end - self.retained.sent >= READ_AHEAD
+
     def _complete(self) -> bool:
         return self.eof and self.retained.acked == self.retained.end
 
@@ -180,8 +188,11 @@ class ResumableOutput:
         connection ended first (the host may come back) or broke the protocol."""
         acks = SocketReader(sock)
         tasks = []
+        served = False
         try:
             self.retained.resume(await acks.read_offset())
+            self._sessions += 1
+            served = True
             self._moved()
             position = [self.retained.acked]  # where this connection's sending is
             tasks = [asyncio.ensure_future(self._receive_acks(acks, position)),
@@ -193,6 +204,9 @@ class ResumableOutput:
         except (EOFError, OSError) as exc:
             log.info("%s: the host's connection ended (%s); waiting for the next", self.name, exc)
         finally:
+            if served:
+                self._sessions -= 1
+                self._moved()
             for task in tasks:
                 task.cancel()
             sock.close()
