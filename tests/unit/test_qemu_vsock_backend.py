@@ -1,6 +1,7 @@
 """The daemon's vsock backend process (vsock/serve.py driven by vmm/vsock_backend.py), real
 process, no QEMU: QEMU's side is exercised by tests/vm/test_sandboxer_restart.py."""
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,23 @@ def _vm_dirs(tmp_path, *names):
         (tmp_path / name).mkdir()
         dirs.append(tmp_path / name)
     return dirs
+
+
+@contextlib.contextmanager
+def _backend_left_by_a_dead_daemon(tmp_path):
+    """A first daemon starts VM `a` (its backend process) and "dies", leaving the backend running;
+    yields its pid for the next daemon, and kills it at the end if the test did not."""
+    async def first_daemon():
+        vm = BackendVsock(VsockBackend(tmp_path), tmp_path / "a")
+        await vm.start()
+        return vm.backend.proc.pid
+
+    pid = asyncio.run(first_daemon())
+    try:
+        yield pid
+    finally:
+        if process.start_time(pid) is not None:
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_one_process_serves_every_vm_and_ends_with_the_last(tmp_path):
@@ -40,11 +58,6 @@ def test_one_process_serves_every_vm_and_ends_with_the_last(tmp_path):
 
 
 def test_a_restarted_daemon_adopts_the_process_and_its_vms(tmp_path):
-    async def first_daemon():
-        vm = BackendVsock(VsockBackend(tmp_path), tmp_path / "a")
-        await vm.start()
-        return vm.backend.proc.pid  # the daemon "dies" here, leaving the backend running
-
     async def second_daemon():
         backend = VsockBackend(tmp_path)
         known, unknown = BackendVsock(backend, tmp_path / "a"), BackendVsock(backend, tmp_path / "b")
@@ -55,13 +68,9 @@ def test_a_restarted_daemon_adopts_the_process_and_its_vms(tmp_path):
         return reason, backend
 
     _vm_dirs(tmp_path, "a", "b")
-    pid = asyncio.run(first_daemon())
-    try:
+    with _backend_left_by_a_dead_daemon(tmp_path):
         reason, backend = asyncio.run(second_daemon())
         assert reason.startswith("the vsock backend ended (exit status unknown")
-    finally:
-        if process.start_time(pid) is not None:
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_bad_requests_are_refused(tmp_path):
@@ -88,11 +97,6 @@ def _ended(pid: int) -> bool:
 def test_a_backend_no_recovered_pod_uses_is_stopped(tmp_path):
     """A daemon died inside a Start (the VM added, never recorded): the next one stops the
     backend it finds serving nothing it knows; a VM added anew after that is served afresh."""
-    async def first_daemon():
-        vm = BackendVsock(VsockBackend(tmp_path), tmp_path / "a")
-        await vm.start()
-        return vm.backend.proc.pid
-
     async def second_daemon(pid):
         backend = VsockBackend(tmp_path)
         await backend.stop_if_idle()
@@ -104,13 +108,9 @@ def test_a_backend_no_recovered_pod_uses_is_stopped(tmp_path):
         return stopped, backend.proc.returncode is not None
 
     _vm_dirs(tmp_path, "a")
-    pid = asyncio.run(first_daemon())
-    try:
+    with _backend_left_by_a_dead_daemon(tmp_path) as pid:
         assert asyncio.run(second_daemon(pid)) == (True, True)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
-    finally:
-        if process.start_time(pid) is not None:
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_the_backend_process_runs_without_site_asyncio_and_ssl(tmp_path):
