@@ -16,7 +16,8 @@ import grpc
 
 from host_sandboxer.taskproxy import mounts
 from host_sandboxer.taskproxy.errors import HostError
-from host_sandboxer.taskproxy.spec_rewrite import ROOTFS_DIR, SpecError, drop_missing_pod_files, rewrite_spec
+from host_sandboxer.taskproxy.spec_rewrite import (ROOTFS_DIR, SpecError, drop_missing_pod_files,
+                                                   reopen_submounts, rewrite_spec)
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,10 @@ class GuestBundle:
                                 f"container {self.container_id}: bind source(s) missing: "
                                 + ", ".join(e.host_source for e in unresolved))
             for exposure in (e for e in rewritten.exposures if e not in missing):
-                mounts.mount_one("bind", exposure.host_source, self.root / exposure.shared_path,
-                                 exposure.options)
+                target = self.root / exposure.shared_path
+                mounts.mount_one("bind", exposure.host_source, target, exposure.options)
+                if mounts.access_of(exposure.options) == mounts.READ_ONLY:
+                    reopen_submounts(rewritten.spec, exposure, mounts.submounts_of(target))
             self._write_config(rewritten.spec)
             # Everything the host mounts for this container is in place: now the guest may write
             # in the bundle (the agent adjusts config.json), through a writable mount of its own.

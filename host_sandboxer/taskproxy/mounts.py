@@ -158,6 +158,13 @@ def mountpoints_under(path: Path) -> list[str]:
     return sorted(points, key=lambda p: p.count("/"), reverse=True)
 
 
+def submounts_of(path: Path) -> list[str]:
+    """The mount points below the mount at `path`, relative to it, parents first."""
+    base = os.path.realpath(path)
+    return sorted({os.path.relpath(p, base) for p in mountpoints_under(path) if p != base},
+                  key=lambda p: (p.count("/"), p))
+
+
 def is_mountpoint(path: Path) -> bool:
     return os.path.realpath(path) in mountpoints_under(path)
 

@@ -179,6 +179,20 @@ def test_read_only_volumes_are_read_only_in_every_view(pod, namespace_made):
     assert (host / "vol-rro" / "sub" / "file").read_text() == "submount data"
 
 
+def test_the_guest_spec_gives_a_ro_volumes_submount_a_writable_bind(pod):
+    """In the guest a volume is one mount: the submount of the `ro` one gets its own bind there
+    (the host's copy of it decides, as on runc); the `rro` one's stays under the `rro`."""
+    bundle = prepare(pod, [(destination, source, ["rbind", "rprivate", mode]) for destination, source, mode in VOLUMES])
+    try:
+        spec = json.loads((bundle.host_dir / "config.json").read_text())
+    finally:
+        bundle.cleanup()
+    guest = f"/run/kuasar/state/{CID}/mounts"
+    assert [(m["destination"], m["source"], m["options"][-1]) for m in spec["mounts"]] == [
+        ("/ro", f"{guest}/0", "ro"), ("/ro/sub", f"{guest}/0/sub", "rw"), ("/rro", f"{guest}/1", "rro"),
+        ("/rw", f"{guest}/2", "rw"), ("/etc/hosts", f"{guest}/3", "ro")]
+
+
 def test_deleting_the_container_leaves_the_hosts_own_mounts(pod):
     """The bundle's copies of a volume are unmounted on Delete; the host's submounts of the
     volume (its mount a shared one) stay: a copy that stayed a peer would take them along."""
