@@ -3,6 +3,7 @@
 import mmap
 import os
 import struct
+import tracemalloc
 
 import pytest
 
@@ -74,6 +75,23 @@ def test_vsock_header_is_44_bytes_and_may_span_descriptors():
         read_header([memoryview(blob[:43])])
     with pytest.raises(ValueError):
         write_header([memoryview(bytearray(40))], fields)
+
+
+def test_a_header_split_over_descriptors_copies_only_its_44_bytes():
+    """A guest's short first descriptor over huge ones: reading the header must not copy the
+    chain (it did: 17 descriptors of 64 MiB cost the backend 2.1 GiB)."""
+    fields = (3, 2, 1024, 1 << 30, 0, 1, 5, 0, 262144, 0)
+    blob = HEADER.pack(*fields)
+    huge = memoryview(bytearray(8 << 20))
+    huge[:34] = blob[10:]
+    views = [memoryview(blob[:10])] + [huge] * 8          # what 64 MiB of descriptors look like
+    tracemalloc.start()
+    try:
+        assert read_header(views) == fields
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4096, f"reading a header allocated {peak} bytes"
 
 
 def test_slice_views_skips_header_and_limits():
