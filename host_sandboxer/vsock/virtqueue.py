@@ -2,8 +2,10 @@
 
 The guest writes the descriptor table and the available ring; every index, address, length
 and flag read from them is checked here, and any violation raises VirtqueueError (the device
-then resets itself). Descriptor chains come back as lists of memoryviews into guest RAM, so
-data moves between guest memory and host sockets without extra copies.
+then resets itself). A chain holds at most the queue size of descriptors, an indirect table's
+included (virtio 1.2 §2.7.5.3.1), so walking one costs a bounded amount whatever the guest
+wrote. Descriptor chains come back as lists of memoryviews into guest RAM, so data moves
+between guest memory and host sockets without extra copies.
 """
 
 import os
@@ -31,13 +33,17 @@ class VirtqueueError(Exception):
 
 
 class Chain:
-    """One descriptor chain: `readable` (driver->device) then `writable` (device->driver) views."""
+    """One descriptor chain: `readable` (driver->device) then `writable` (device->driver) views,
+    one per descriptor."""
     __slots__ = ("head", "readable", "writable")
 
     def __init__(self, head: int, readable: list, writable: list):
         self.head = head
         self.readable = readable
         self.writable = writable
+
+    def descriptors(self) -> int:
+        return len(self.readable) + len(self.writable)
 
 
 class Virtqueue:
@@ -145,23 +151,31 @@ class Virtqueue:
         self.last_avail = (self.last_avail - 1) & 0xFFFF
 
     def _walk(self, head: int) -> Chain:
-        memory = self._memory
-        table, base, size = self._desc, self._desc_off, self.num
+        """The chain from `head`: direct descriptors, maybe ending in one indirect table. Its
+        data descriptors, those of the table included, number at most the queue size (the
+        descriptor that points at the table carries no data and is not counted); more is a
+        loop or an overlong chain."""
+        memory, limit = self._memory, self.num
+        table, base, size = self._desc, self._desc_off, limit
         readable, writable = [], []
         i, seen, indirect = head, 0, False
         while True:
-            seen += 1
-            if seen > size:
-                raise VirtqueueError(f"queue {self.index}: chain from {head} loops or exceeds {size}")
             addr, length, flags, nxt = DESC.unpack_from(table, base + 16 * i)
             if flags & DESC_F_INDIRECT:
                 if not self.indirect or indirect or flags & DESC_F_NEXT:
                     raise VirtqueueError(f"queue {self.index}: indirect descriptor not allowed here")
-                if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
-                    raise VirtqueueError(f"queue {self.index}: indirect table of {length} bytes")
+                if length == 0 or length % 16:
+                    raise VirtqueueError(f"queue {self.index}: indirect table of {length} bytes "
+                                         "is not a whole number of descriptors")
+                if seen + length // 16 > limit:
+                    raise VirtqueueError(f"queue {self.index}: indirect table of {length} bytes after "
+                                         f"{seen} descriptor(s) exceeds the queue size {limit}")
                 table = memory.view(addr, length)
-                base, size, i, seen, indirect = 0, length // 16, 0, 0, True
+                base, size, i, indirect = 0, length // 16, 0, True
                 continue
+            seen += 1
+            if seen > limit:
+                raise VirtqueueError(f"queue {self.index}: chain from {head} loops or exceeds {limit}")
             segment = memory.view(addr, length)
             if flags & DESC_F_WRITE:
                 writable.append(segment)

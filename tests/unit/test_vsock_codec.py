@@ -191,6 +191,44 @@ def test_malformed_chains_raise(memory, setup, why):
         r.q.pop()
 
 
+TABLE = 0x5000   # where these tests lay indirect tables
+
+
+def indirect_chain(r: Ring, direct: int, entries: int, nested_at: int = -1) -> None:
+    """Offers a chain of `direct` descriptors, then one pointing at a table of `entries`
+    (the one at `nested_at` pointing at a table again)."""
+    for i in range(direct):
+        r.desc(i, 0x2000, 10, 1, i + 1)
+    r.desc(direct, TABLE, 16 * entries, 4)
+    for i in range(entries):
+        flags = 4 if i == nested_at else 1 if i < entries - 1 else 0
+        DESC.pack_into(r.mem, TABLE + 16 * i, TABLE if i == nested_at else 0x6000, 16 if i == nested_at else 10,
+                       flags, i + 1)
+    r.offer(0)
+
+
+@pytest.mark.parametrize("direct, entries", [(0, 8), (3, 5)])
+def test_a_chain_as_long_as_the_queue_is_walked(memory, direct, entries):
+    r = Ring(memory, num=8, features=VIRTIO_RING_F_INDIRECT_DESC)
+    indirect_chain(r, direct, entries)
+    assert r.q.pop().descriptors() == 8
+
+
+@pytest.mark.parametrize("direct, entries, nested_at, why", [
+    (0, 9, -1, "indirect table of 144 bytes after 0 descriptor.s. exceeds the queue size 8"),
+    (3, 6, -1, "indirect table of 96 bytes after 3 descriptor.s. exceeds the queue size 8"),
+    (0, 2048, -1, "exceeds the queue size 8"),      # was walked: tables were capped at 32768, not at the queue
+    (1, 4, 2, "indirect descriptor not allowed here"),
+])
+def test_a_chain_longer_than_the_queue_or_nesting_tables_is_malformed(memory, direct, entries, nested_at, why):
+    """virtio 1.2 §2.7.5.3.1: no chain longer than the queue size, an indirect table's entries
+    counted with the descriptors before it; no table inside a table."""
+    r = Ring(memory, num=8, features=VIRTIO_RING_F_INDIRECT_DESC)
+    indirect_chain(r, direct, entries, nested_at)
+    with pytest.raises(VirtqueueError, match=why):
+        r.q.pop()
+
+
 def test_event_idx_notification_suppression(memory):
     r = Ring(memory, features=VIRTIO_RING_F_EVENT_IDX)
     call = os.eventfd(0, os.EFD_NONBLOCK)
