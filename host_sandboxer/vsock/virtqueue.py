@@ -118,11 +118,12 @@ class Virtqueue:
 
     def pop(self):
         """The next available chain, or None. Raises VirtqueueError/GuestMemoryError if malformed."""
-        chains = self.pop_many(1)
+        chains = self.pop_many(1, self.num)
         return chains[0] if chains else None
 
-    def pop_many(self, limit: int) -> list:
-        """Up to `limit` available chains in ring order (fewer when the ring runs dry)."""
+    def pop_many(self, limit: int, descriptors: int) -> list:
+        """Up to `limit` available chains in ring order: fewer when the ring runs dry, or once
+        those popped hold `descriptors` descriptors (the caller's budget)."""
         last, num = self.last_avail, self.num
         avail = U16.unpack_from(self._avail, self._avail_off + 2)[0]
         ready = (avail - last) & 0xFFFF
@@ -133,17 +134,21 @@ class Virtqueue:
         table, table_off, view = self._desc, self._desc_off, self._memory.view
         chains = []
         for i in range(min(ready, limit)):
+            if descriptors <= 0:
+                break
             head = U16.unpack_from(ring, ring_off + 2 * ((last + i) % num))[0]
             self.last_avail = (last + i + 1) & 0xFFFF
             if head >= num:
                 raise VirtqueueError(f"queue {self.index}: head {head} >= size {num}")
             addr, length, flags, _ = DESC.unpack_from(table, table_off + 16 * head)
             if flags & (DESC_F_NEXT | DESC_F_INDIRECT):
-                chains.append(self._walk(head))
-            elif flags & DESC_F_WRITE:     # the common one-descriptor chains, without _walk
-                chains.append(Chain(head, [], [view(addr, length)]))
-            else:
-                chains.append(Chain(head, [view(addr, length)], []))
+                chain = self._walk(head)
+                descriptors -= chain.descriptors()
+            else:                          # the common one-descriptor chains, without _walk
+                segment = [view(addr, length)]
+                chain = Chain(head, [], segment) if flags & DESC_F_WRITE else Chain(head, segment, [])
+                descriptors -= 1
+            chains.append(chain)
         return chains
 
     def rollback(self) -> None:

@@ -229,6 +229,20 @@ def test_a_chain_longer_than_the_queue_or_nesting_tables_is_malformed(memory, di
         r.q.pop()
 
 
+def test_pop_many_stops_once_the_chains_hold_the_descriptors_asked_for(memory):
+    r = Ring(memory, num=8)
+    for head in (0, 3):                 # two chains of 3 descriptors, then two of 1
+        r.desc(head, 0x2000, 10, 1, head + 1)
+        r.desc(head + 1, 0x2000, 10, 1, head + 2)
+        r.desc(head + 2, 0x2000, 10, 0)
+        r.offer(head)
+    for head in (6, 7):
+        r.desc(head, 0x2000, 10, 0)
+        r.offer(head)
+    assert [c.head for c in r.q.pop_many(8, 4)] == [0, 3]
+    assert [c.head for c in r.q.pop_many(8, 8)] == [6, 7]
+
+
 def test_event_idx_notification_suppression(memory):
     r = Ring(memory, features=VIRTIO_RING_F_EVENT_IDX)
     call = os.eventfd(0, os.EFD_NONBLOCK)
