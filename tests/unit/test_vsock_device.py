@@ -6,8 +6,10 @@ import asyncio
 import os
 import socket
 
+import pytest
+
 from host_sandboxer.vsock import vhost_user as vu
-from host_sandboxer.vsock.connection import BUF_ALLOC
+from host_sandboxer.vsock.connection import BUF_ALLOC, ESTABLISHED, Connection, CreditViolation
 from host_sandboxer.vsock.device import BATCH_DESCRIPTORS, TX
 from host_sandboxer.vsock.hybrid import HybridVsock
 from host_sandboxer.vsock.packet import (HEADER, HEADER_SIZE, HOST_CID, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,
@@ -194,6 +196,40 @@ async def test_guest_to_host_credit_updates_buffering_and_overrun(tmp_path):
         h.inbox += h.guest.received()
     rst, _ = await h.expect(OP_RST)
     assert sent < 200 and rst[DST_PORT] == GUEST_PORT
+    await h.close()
+
+
+def test_a_write_beyond_the_credit_is_refused_before_it_is_copied():
+    """The stream's buffer never holds more than the BUF_ALLOC granted, whatever the guest sends."""
+    ours, host = socket.socketpair()
+    ours.setblocking(False)
+    conn = Connection(ours, GUEST_CID, GUEST_PORT, 5000, ESTABLISHED)
+    chunk = memoryview(bytes(60000))
+    with pytest.raises(CreditViolation):
+        for _ in range(1000):             # the host never reads: the socket fills, then the buffer
+            conn.write([chunk])
+            assert len(conn.pending) <= BUF_ALLOC
+    assert len(conn.pending) <= BUF_ALLOC
+    conn.close()
+    host.close()
+
+
+@run_async
+async def test_an_rw_moves_its_declared_length_whatever_its_descriptors_claim(tmp_path):
+    h = await Hybrid(tmp_path).start()
+    reader, writer, port = await h.established()
+    g, big = h.guest, 0x800000
+    g.mem[TX_BUF_GPA:TX_BUF_GPA + HEADER_SIZE] = HEADER.pack(GUEST_CID, HOST_CID, GUEST_PORT, port, 100,
+                                                             TYPE_STREAM, OP_RW, 0, 262144, 0)
+    g.mem[big:big + 101] = b"x" * 100 + b"!"
+    g.set_desc(TX, 0, TX_BUF_GPA, HEADER_SIZE, NEXT, 1)
+    g.set_desc(TX, 1, big, 4 << 20, NEXT, 2)         # 8 MiB of descriptors behind 100 bytes
+    g.set_desc(TX, 2, big, 4 << 20, 0)
+    g.make_avail(TX, 0)
+    g.notify(TX)
+    assert await asyncio.wait_for(reader.readexactly(100), 5) == b"x" * 100
+    g.send(GUEST_PORT, port, OP_RW, b"next")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"next"
     await h.close()
 
 
