@@ -36,12 +36,13 @@ def uva(gpa: int) -> int:
 class FakeGuest:
     """QEMU 7.2's vhost-user front-end plus a minimal virtio-vsock driver, over guest RAM in a memfd."""
 
-    def __init__(self, sock: socket.socket, num: int = 128):
+    def __init__(self, sock: socket.socket, num: int = 128, mem_size: int = MEM_SIZE):
         self.sock = sock
         sock.setblocking(False)
         self.memfd = os.memfd_create("guest-ram")
-        os.ftruncate(self.memfd, MEM_SIZE)
-        self.mem = mmap.mmap(self.memfd, MEM_SIZE)
+        os.ftruncate(self.memfd, mem_size)
+        self.mem = mmap.mmap(self.memfd, mem_size)
+        self.mem_size = mem_size
         self.num = num
         self.kick = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2)]
         self.call = [None, None]
@@ -105,7 +106,7 @@ class FakeGuest:
     async def set_mem_table(self) -> int:
         """QEMU's two regions of one memfd (around the PC hole); returns the REPLY_ACK status."""
         regions = [vu.MemoryRegionEntry(0, HOLE[0], uva(0), 0),
-                   vu.MemoryRegionEntry(HOLE[1], MEM_SIZE - HOLE[1], uva(HOLE[1]), HOLE[1])]
+                   vu.MemoryRegionEntry(HOLE[1], self.mem_size - HOLE[1], uva(HOLE[1]), HOLE[1])]
         ack = await self.request(vu.SET_MEM_TABLE, vu.encode_mem_table(regions),
                                  [self.memfd, self.memfd], need_reply=True)
         return vu.U64.unpack(ack)[0]
