@@ -28,6 +28,13 @@ VIRTIO_RING_F_EVENT_IDX = 1 << 29
 MAX_QUEUE_SIZE = 32768
 
 
+def store_u16(view, offset: int, value: int) -> None:
+    """Writes a ring index the other side reads meanwhile with one 16-bit store.
+    struct.pack_into zero-fills its bytes before it packs (CPython's s_pack_internal), so a
+    reader could see 0 in between. Native order: hosts are little-endian, as virtio 1.x rings."""
+    view[offset:offset + 2].cast("H")[0] = value
+
+
 class VirtqueueError(Exception):
     """The guest's ring is malformed (bad index, address, length, flags or a loop)."""
 
@@ -210,7 +217,7 @@ class Virtqueue:
         """Makes pushed entries visible and notifies the guest when it asked to be."""
         new = self.used_idx
         old = self._signalled_used
-        U16.pack_into(self._used, self._used_off + 2, new)
+        store_u16(self._used, self._used_off + 2, new)
         if new == old:
             return
         if self.event_idx:
@@ -228,5 +235,5 @@ class Virtqueue:
     def arm(self) -> bool:
         """Asks for a kick at the next new buffer; True if buffers arrived meanwhile (poll again)."""
         if self.event_idx:
-            U16.pack_into(self._used, self._used_off + 4 + 8 * self.num, self.last_avail)
+            store_u16(self._used, self._used_off + 4 + 8 * self.num, self.last_avail)
         return self.avail_idx() != self.last_avail

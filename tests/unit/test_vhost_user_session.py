@@ -16,6 +16,7 @@ from host_sandboxer.vsock import vhost_user as vu
 from host_sandboxer.vsock.backend import FEATURES, VhostUserBackend
 from host_sandboxer.vsock.device import VsockDevice
 from host_sandboxer.vsock.packet import HEADER, HEADER_SIZE, HOST_CID, TYPE_STREAM
+from host_sandboxer.vsock.virtqueue import store_u16
 
 GUEST_CID = 7
 MEM_SIZE = 16 << 20
@@ -152,7 +153,7 @@ class FakeGuest:
         _, avail, _ = self.ring(q)
         struct.pack_into("<H", self.mem, avail + 4 + 2 * (self.avail[q] % self.num), head)
         self.avail[q] = (self.avail[q] + 1) & 0xFFFF
-        struct.pack_into("<H", self.mem, avail + 2, self.avail[q])
+        store_u16(memoryview(self.mem), avail + 2, self.avail[q])   # the backend may read it meanwhile
 
     def notify(self, q: int):
         os.eventfd_write(self.kick[q], 1)

@@ -252,7 +252,8 @@ async def test_hostile_chains_leave_the_backend_up_small_and_the_other_vm_served
         assert flood.consumed > 1000, "the flood hardly ran"
         assert backend.proc.returncode is None
         assert flooded["VmHWM"] < MEMORY_BOUND_MIB, flooded
-        assert not vms["guilty"].dead.done() and not vms["bystander"].dead.done()   # no malformed ring
+        for vm in vms.values():      # no malformed ring here
+            assert not vm.dead.done(), f"{vm.vm_dir.name}: {vm.dead.result()}"
 
 
 def _loop(g: FakeGuest) -> None:

@@ -3,6 +3,7 @@
 import mmap
 import os
 import struct
+import time
 import tracemalloc
 
 import pytest
@@ -259,6 +260,41 @@ def test_event_idx_notification_suppression(memory):
     assert struct.unpack_from("<H", r.mem, 0x1000 + 4 + 8 * r.num)[0] == 3   # avail_event
     os.close(call)
     r.q.call_fd = None
+
+
+def _publish_used(q, value):
+    q.used_idx = value
+    q.publish()
+
+
+def _arm(q, value):
+    q.last_avail = value
+    q.arm()
+
+
+@pytest.mark.parametrize("store, offset", [(_publish_used, 0x1000 + 2),           # used idx
+                                           (_arm, 0x1000 + 4 + 8 * 8)])           # avail_event
+def test_an_index_the_guest_reads_is_never_seen_half_written(memory, store, offset):
+    """The guest reads these while we write them: struct.pack_into zero-fills before it stores,
+    so a guest could read 0 and take stale used entries for new ones (a FakeGuest in another
+    process did, and re-posted ~65,000 buffers). Another process watches them flip."""
+    r = Ring(memory, features=VIRTIO_RING_F_EVENT_IDX)
+    values = (0x0101, 0x0202)
+    store(r.q, values[0])
+    pid = os.fork()
+    if pid == 0:
+        seen, deadline = set(), time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            for _ in range(1000):
+                seen.add(struct.unpack_from("<H", r.mem, offset)[0])
+        os._exit(0 if seen <= set(values) else 1)
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        for value in values * 500:
+            store(r.q, value)
+    assert os.waitstatus_to_exitcode(status) == 0, "the other process saw an index half written"
 
 
 def test_rollback_returns_the_same_chain(memory):
