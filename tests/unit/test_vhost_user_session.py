@@ -59,13 +59,19 @@ class FakeGuest:
         vu.send_message(self.sock, vu.encode(req, payload, flags), list(fds))
         if not (reply or need_reply):
             return None
+        return await asyncio.wait_for(self._reply(req), 5)
+
+    async def _reply(self, req: int) -> bytes:
         loop = asyncio.get_running_loop()
-        header = await asyncio.wait_for(loop.sock_recv(self.sock, vu.HEADER.size), 5)
+        header = await loop.sock_recv(self.sock, vu.HEADER.size)
+        assert len(header) == vu.HEADER.size, f"back-end hung up instead of answering request {req}"
         r_req, r_flags, size = vu.HEADER.unpack(header)
         assert (r_req, r_flags) == (req, vu.REPLY_FLAGS)
         body = b""
         while len(body) < size:
-            body += await loop.sock_recv(self.sock, size - len(body))
+            chunk = await loop.sock_recv(self.sock, size - len(body))
+            assert chunk, f"back-end hung up in its answer to request {req}"
+            body += chunk
         return body
 
     async def set_call_fds(self):
