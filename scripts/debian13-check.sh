@@ -31,7 +31,12 @@ mount -t proc proc "$root/proc"
 mount -t sysfs sys "$root/sys"
 mount --bind /dev "$root/dev"
 mount --bind /dev/pts "$root/dev/pts"
+# The chroot reaches the network the way this machine does: its resolver, and the local CA
+# certificates it trusts (a machine behind a TLS-inspecting proxy), which ca-certificates adds
+# to the chroot's bundle when `make setup` installs it.
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+mkdir -p "$root/usr/local/share/ca-certificates"
+cp -r /usr/local/share/ca-certificates/. "$root/usr/local/share/ca-certificates/"
 mkdir "$root/src"
 git ls-files -z | xargs -0 tar -cf - | tar -xf - -C "$root/src"
 
