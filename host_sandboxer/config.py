@@ -22,7 +22,8 @@ from typing import Literal
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE_DIR = REPO_ROOT / "build" / "guest"
 # QEMU 7.2's C virtiofsd (Debian 12: qemu-system-common), then the Rust one (Debian 13: the
-# virtiofsd package; QEMU 10 ships none). The first that exists is the default.
+# virtiofsd package, which also links the first path to it; QEMU 10 ships none). The first that
+# exists is the default.
 VIRTIOFSD_PATHS = (Path("/usr/lib/qemu/virtiofsd"), Path("/usr/libexec/virtiofsd"))
 
 
