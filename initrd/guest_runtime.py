@@ -40,7 +40,6 @@ class Library:
 
 @dataclass(frozen=True)
 class Runtime:
-    name: str
     binary: str                        # the binary's path in its package, e.g. usr/bin/crun
     executable: bytes                  # the binary, patched to load from `lib_dir`
     lib_dir: str
@@ -134,14 +133,15 @@ def prepare(runtime: str, cache: Path, lib_dir: str = GUEST_LIB_DIR, progress=pr
         libraries = {soname: Library(path.read_bytes(), path.stat().st_mode & 0o777)
                      for soname, (_, path) in sorted(libs.items())}
         used = {runtime} | {package for package, _ in libs.values()}
-        return Runtime(runtime, RUNTIMES[runtime], binary.read_bytes(), lib_dir, libraries,
+        return Runtime(RUNTIMES[runtime], binary.read_bytes(), lib_dir, libraries,
                        [p for p in fetched if p.name in used])
 
 
 def host_copy(runtime: str, cache: Path, progress=print) -> Path:
     """The same runtime runnable on this host (dev mode): the binary and its libraries under
-    `cache`/runtime/<key>/, keyed by the pins and this module; returns the binary's path."""
-    h = hashlib.sha256(runtime.encode() + PINS.read_bytes() + Path(__file__).read_bytes())
+    `cache`/runtime/<key>/, keyed by the pins and the code that patches; returns its path."""
+    h = hashlib.sha256(runtime.encode() + PINS.read_bytes() + Path(__file__).read_bytes()
+                       + Path(elf.__file__).read_bytes())
     root = cache / "runtime" / h.hexdigest()[:20]
     if (root / RUNTIMES[runtime]).exists():
         return root / RUNTIMES[runtime]
