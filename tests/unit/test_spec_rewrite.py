@@ -17,7 +17,7 @@ def cri_spec(pid_path="/proc/4242/ns/pid"):
         {"type": "cgroup"},
     ]
     return {
-        "ociVersion": "1.1.0",
+        "ociVersion": "1.3.0",
         "process": {"args": ["sh"], "cwd": "/", "apparmorProfile": "cri-containerd.apparmor.d"},
         "root": {"path": "rootfs"},
         "hooks": {"createRuntime": [{"path": "/usr/bin/host-hook"}]},
