@@ -7,6 +7,8 @@ registers every service of `vmm_task.services` on one ttrpc server sharing one A
 import os
 import socket
 
+from vmm_task import peers
+
 VSOCK_PREFIX = "vsock://"
 UNIX_PREFIX = "unix://"
 LISTEN_BACKLOG = 128  # the host may open many connections at once (Task calls, stdio, events)
@@ -80,13 +82,14 @@ def find_runtime(name: str = "") -> str:
 
 
 async def serve(ctx, listener: socket.socket, t_main: float) -> None:
-    """Serve every agent service on `listener` until cancelled; prints the ready line."""
+    """Serve every agent service on `listener` until cancelled (on vsock, to the host only:
+    vmm_task.peers); prints the ready line."""
     ctx.reaper.start()
     try:
         ttrpc_server = build_server(ctx)
         _settle_gc()
         print(ready_line(t_main), flush=True)
-        await ttrpc_server.serve(listener)
+        await ttrpc_server.serve(listener, lambda conn: peers.admitted(conn, "agent"))
     finally:
         for cleanup in reversed(ctx.cleanups):
             cleanup()
