@@ -19,6 +19,7 @@ IFF_LOOPBACK = 0x8
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
 RT_SCOPE_LINK = 253
+RTNH_F_ONLINK = 4  # the one rtm_flag a route request may carry; the others are the kernel's state
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class PodRoute:
     source: str
     scope: int
     family: int
+    flags: int = 0  # rtm_flags: RTNH_F_ONLINK or 0
 
 
 @dataclass(frozen=True)
@@ -91,4 +93,5 @@ def _routes(ipr, family: int, names: dict[int, str]):
             continue  # not through a link we take over; or IPv6 fe80::/64, made by the guest
         yield PodRoute(dest=f"{dest}/{route['dst_len']}" if dest else "",
                        gateway=route.get("RTA_GATEWAY") or "", device=names[oif],
-                       source=route.get("RTA_PREFSRC") or "", scope=route["scope"], family=family)
+                       source=route.get("RTA_PREFSRC") or "", scope=route["scope"], family=family,
+                       flags=route["flags"] & RTNH_F_ONLINK)

@@ -25,5 +25,5 @@ def interfaces_request(network: PodNetwork) -> pb.UpdateInterfacesRequest:
 def routes_request(network: PodNetwork) -> pb.UpdateRoutesRequest:
     return pb.UpdateRoutesRequest(routes=[
         pb.Route(dest=r.dest, gateway=r.gateway, device=r.device, source=r.source,
-                 scope=r.scope, family=_family(r.family))
+                 scope=r.scope, family=_family(r.family), flags=r.flags)
         for r in network.routes])

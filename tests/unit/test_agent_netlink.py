@@ -73,6 +73,34 @@ async def _routes(ipr) -> list:
             async for r in await ipr.route("dump", family=socket.AF_INET, table=254)]
 
 
+def test_onlink_gateway_outside_every_subnet_is_routed():
+    """Calico's shape: a /32 pod address and a default route via 169.254.1.1 onlink; without
+    the route's flags (Kuasar's field 7) the kernel refuses it (ENETUNREACH)."""
+    async def body(_reaper):
+        from pyroute2 import AsyncIPRoute
+
+        sc.unshare(sc.CLONE_NEWNET)
+        async with AsyncIPRoute() as ipr:
+            await make_nic(ipr)
+            await update_interfaces([pod_interface(IPAddresses=[
+                pb.IPAddress(family=pb.v4, address="10.88.0.5", mask="32")])])
+            default = pb.Route(dest="", gateway="169.254.1.1", device="pod0")
+            try:
+                await update_routes([default])
+                refused = ""
+            except NetworkConfigError as e:
+                refused = str(e)
+            default.flags = 4  # RTNH_F_ONLINK
+            await update_routes([default])
+            routes = [(r.get("RTA_GATEWAY"), r["flags"] & 4)
+                      async for r in await ipr.route("dump", family=socket.AF_INET, table=254)]
+        return refused, routes
+
+    refused, routes = in_child(body)
+    assert "169.254.1.1" in refused and "unreachable" in refused.lower(), refused
+    assert ("169.254.1.1", 4) in routes
+
+
 def test_name_taken_by_another_link_is_moved_aside_and_noarp_applied():
     async def body(_reaper):
         from pyroute2 import AsyncIPRoute

@@ -10,7 +10,7 @@ NETWORK = PodNetwork(
                    flags=0x1043 | 0x80,
                    addresses=(PodAddress("192.0.2.1", 24, socket.AF_INET),
                               PodAddress("2001:db8::1", 64, socket.AF_INET6))),),
-    routes=(PodRoute("", "192.0.2.254", "eth0", "", 0, socket.AF_INET),
+    routes=(PodRoute("", "192.0.2.254", "eth0", "", 0, socket.AF_INET, flags=4),
             PodRoute("192.0.2.0/24", "", "eth0", "192.0.2.1", 253, socket.AF_INET),
             PodRoute("2001:db8::/64", "", "eth0", "", 0, socket.AF_INET6)))
 
@@ -24,12 +24,13 @@ def test_interfaces_carry_mac_mtu_flags_and_addresses_with_prefix_masks():
         (pb.IPFamily.v4, "192.0.2.1", "24"), (pb.IPFamily.v6, "2001:db8::1", "64")]
 
 
-def test_routes_keep_default_gateway_scope_source_and_family():
+def test_routes_keep_default_gateway_scope_source_family_and_onlink():
     routes = routes_request(NETWORK).routes
-    assert [(r.dest, r.gateway, r.device, r.source, r.scope, r.family) for r in routes] == [
-        ("", "192.0.2.254", "eth0", "", 0, pb.IPFamily.v4),
-        ("192.0.2.0/24", "", "eth0", "192.0.2.1", 253, pb.IPFamily.v4),
-        ("2001:db8::/64", "", "eth0", "", 0, pb.IPFamily.v6)]
+    assert [(r.dest, r.gateway, r.device, r.source, r.scope, r.family, r.flags)
+            for r in routes] == [
+        ("", "192.0.2.254", "eth0", "", 0, pb.IPFamily.v4, 4),
+        ("192.0.2.0/24", "", "eth0", "192.0.2.1", 253, pb.IPFamily.v4, 0),
+        ("2001:db8::/64", "", "eth0", "", 0, pb.IPFamily.v6, 0)]
 
 
 def test_messages_survive_the_wire():

@@ -8,6 +8,7 @@ from vmm_task.netlink.errors import NetworkConfigError
 RT_TABLE_MAIN = 254
 RTPROT_KERNEL = 2   # routes the kernel derives from addresses: kept
 RTPROT_BOOT = 3
+RTNH_F_ONLINK = 4
 IPV6 = 1            # grpc.IPFamily.v6
 
 
@@ -63,6 +64,8 @@ async def _request(ipr, route) -> dict:
         request["oif"] = indexes[0]
     if route.gateway:
         request["gateway"] = route.gateway
+    if route.flags & RTNH_F_ONLINK:  # rtm_flags (Kuasar's field 7); the kernel refuses its
+        request["flags"] = RTNH_F_ONLINK  # own state flags (dead, linkdown) in a request
     if route.source:
         request["prefsrc"] = route.source.split("/")[0]
     return request
@@ -71,4 +74,5 @@ async def _request(ipr, route) -> dict:
 def _describe(route) -> str:
     via = f" via {route.gateway}" if route.gateway else ""
     dev = f" dev {route.device}" if route.device else ""
-    return f"{route.dest or 'default'}{via}{dev}"
+    onlink = " onlink" if route.flags & RTNH_F_ONLINK else ""
+    return f"{route.dest or 'default'}{via}{dev}{onlink}"
