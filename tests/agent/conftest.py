@@ -279,7 +279,8 @@ def _decode_event(packed):
 class Agent:
     """The dev-mode agent process."""
 
-    def __init__(self, workdir: Path, runtime: str):
+    def __init__(self, workdir: Path, runtime: str, *flags: str, wrapper: tuple = ()):
+        """`flags`: more vmm-task options; `wrapper`: a command it runs under (`unshare --net`)."""
         self.runtime = runtime
         self.socket = workdir / "agent.sock"
         self.run_dir = workdir / "run"
@@ -287,15 +288,15 @@ class Agent:
         self._log_file = open(self.log, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vmm_task", "--listen", f"unix://{self.socket}",
-             "--run-dir", str(self.run_dir), "--runtime", runtime],
+            [*wrapper, sys.executable, "-m", "vmm_task", "--listen", f"unix://{self.socket}",
+             "--run-dir", str(self.run_dir), "--runtime", runtime, *flags],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        self.pid = self.process.pid
         deadline = time.monotonic() + AGENT_START_TIMEOUT
         while b"vmm-task ready" not in self.log.read_bytes():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"agent did not start:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.05)
+        self.pid = int(self.log.read_bytes().split(b" pid=")[1].split()[0])  # not the wrapper's
 
     def run(self, body, timeout: float = 120.0):
         """Run `await body(TaskClient)` on a fresh loop with a fresh connection."""

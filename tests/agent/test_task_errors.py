@@ -100,3 +100,25 @@ def test_runtime_failures_are_errors_not_crashes(agent, bundles, tmp_path):
 
     agent.run(body)
     assert agent.alive()
+
+
+def test_unusable_stdio_strings_are_invalid_arguments(agent, bundles, tmp_path):
+    """A bad stdio string is named in an INVALID_ARGUMENT (it was an INTERNAL AttributeError),
+    and a listener made for a good string before it is released."""
+    bundle = bundles.make(["true"])
+    listener = tmp_path / "stdin.sock"
+    cases = {"stdout": "vsock://notaport", "stderr": "unix://relative/path",
+             "stdin": "relative/path", "terminal": "chardev3"}
+
+    async def body(t):
+        for stream, bad in cases.items():
+            io = {"stdin": f"unix://{listener}", stream: bad} if stream != "terminal" else \
+                {"stdout": bad, "terminal": True}
+            error = await t.error("Create", pb.CreateTaskRequest(
+                id=bundle.id, bundle=str(bundle.path), rootfs=bundle.rootfs, **io))
+            assert error.code.name == "INVALID_ARGUMENT" and bad in error.message, error
+            assert not listener.exists()
+        assert (await t.error("State", pb.StateRequest(id=bundle.id))).code.name == "NOT_FOUND"
+
+    agent.run(body)
+    assert agent.alive()

@@ -50,7 +50,8 @@ print(*sorted(sys.modules))
 # ast (inspect's source-code helpers), datetime and calendar (protobuf's datetime conversions),
 # typing (annotations only, left unevaluated).
 NOT_AT_START_UP = ("pyroute2", "vmm_task.netlink.links", "vmm_task.netlink.routes",
-                   "vmm_task.container", "vmm_task.services.task", "vmm_task.pod.setup",
+                   "vmm_task.container", "vmm_task.kuasar", "vmm_task.services.task",
+                   "vmm_task.pod.setup",
                    "vmm_common.protos.containerd.task", "google.protobuf.internal.python_message",
                    "json", "pathlib", "dataclasses", "ipaddress", "ast",
                    "datetime", "calendar", "typing")

@@ -39,12 +39,15 @@ class Runtime:
         os.makedirs(root, mode=0o700, exist_ok=True)
 
     async def create(self, cid: str, bundle: str, pid_file: str,
-                     console_socket: Optional[str], stdio: StdioFds) -> None:
+                     console_socket: Optional[str], stdio: StdioFds, no_pivot: bool = False,
+                     no_new_keyring: bool = False) -> None:
         args = ["--bundle", bundle, "--pid-file", pid_file]
         if console_socket:
             args += ["--console-socket", console_socket]
-        if self._no_pivot:
+        if self._no_pivot or no_pivot:
             args.append("--no-pivot")
+        if no_new_keyring:
+            args.append("--no-new-keyring")
         await self._run("create", cid, args + [cid], stdio)
 
     async def exec(self, cid: str, process_file: str, pid_file: str,

@@ -38,6 +38,15 @@ def save_bundle_spec(bundle: str, spec: dict) -> None:
     os.replace(tmp, path)
 
 
+def absolute_root(spec: dict, bundle: str) -> None:
+    """Make the spec's `root.path` absolute (relative paths are the bundle's), so the spec can
+    run from another directory than its bundle."""
+    root = spec.get("root")
+    if not isinstance(root, dict) or not isinstance(root.get("path"), str) or not root["path"]:
+        raise invalid_argument(f"bundle {bundle}: config.json has no root.path")
+    root["path"] = os.path.join(bundle, root["path"])
+
+
 def apply_pod_namespaces(spec: dict, pod: dict[str, Optional[str]]) -> bool:
     """Point the spec's ipc/uts (and pid, when the pod shares one) namespaces at the pod's, and
     drop a hostname the pod's UTS namespace already has.

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from vmm_common.fdio import read_chunk, wait_readable, write_all
 
@@ -30,6 +30,14 @@ EOT = b"\x04"
 CONSOLE_TIMEOUT = 5.0  # seconds for the runtime to pass the pty master after create/exec
 
 
+class Stdio(NamedTuple):
+    """The stdio a Create or Exec asks for: endpoint strings (endpoints.py), "" for none."""
+    stdin: str
+    stdout: str
+    stderr: str
+    terminal: bool
+
+
 class ProcessIO:
     def __init__(self, stdin: str, stdout: str, stderr: str, terminal: bool,
                  console_path: str, uid: int = 0, gid: int = 0):
@@ -37,12 +45,6 @@ class ProcessIO:
         self._console_path = console_path
         self._owner = (uid, gid)
         self._endpoints: list[Optional[Endpoint]] = []
-        try:
-            for name, uri in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
-                self._endpoints.append(parse_endpoint(name, uri) if uri else None)
-        except BaseException:
-            self.close()
-            raise
         self._console: Optional[consolemod.ConsoleSocket] = None
         self._console_task: Optional[asyncio.Task] = None
         self.master: Optional[int] = None
@@ -51,6 +53,12 @@ class ProcessIO:
         self._outputs: list[tuple[Pump | resumable.ResumableOutput, asyncio.Task]] = []
         self._stdin_task: Optional[asyncio.Task] = None
         self._stdin_close = asyncio.get_running_loop().create_future()
+        try:  # last: a bad string releases the endpoints parsed before it (close() needs the above)
+            for name, uri in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
+                self._endpoints.append(parse_endpoint(name, uri) if uri else None)
+        except BaseException:
+            self.close()
+            raise
 
     # -- before the runtime runs --------------------------------------------------------------
 

@@ -15,11 +15,12 @@ from .cgroups import Cgroup
 from .errors import TaskError, already_exists, failed_precondition, invalid_argument, not_found
 from .ids import check_id
 from .mounts import Mount, mount_rootfs, unmount
+from .options import CreateOptions
 from .process import CREATED, PAUSED, RUNNING, STOPPED, Process
 from .runtime import Runtime
-from .spec import add_pod_files, apply_pod_namespaces, load_bundle_spec, parse_exec_process, \
-    process_owner, save_bundle_spec
-from .stdio import ProcessIO
+from .spec import absolute_root, add_pod_files, apply_pod_namespaces, load_bundle_spec, \
+    parse_exec_process, process_owner, save_bundle_spec
+from .stdio import ProcessIO, Stdio
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,18 @@ CREATED_EXIT_WAIT = 5.0  # seconds Delete waits for a force-deleted created init
 
 
 class Container:
-    def __init__(self, cid: str, bundle: str, workdir: str, init: Process, shares_pids: bool):
+    """`shared_bundle`: the bundle is the host's, in the shared directory (Kuasar's convention):
+    the container runs from the agent's own copy of its spec, and the host's files for it (io
+    files of execs) are found there. `io_owner`: the owner of its stdio pipes when the Create
+    options named one."""
+
+    def __init__(self, cid: str, bundle: str, workdir: str, init: Process, shares_pids: bool,
+                 shared_bundle: bool = False, io_owner: Optional[tuple[int, int]] = None):
         self.id = cid
         self.bundle = bundle
         self.workdir = workdir
+        self.shared_bundle = shared_bundle
+        self.io_owner = io_owner
         self.init = init
         self.execs: dict[str, Process] = {}
         self.shares_pids = shares_pids  # no PID namespace of its own: kill all when init exits
@@ -52,11 +61,15 @@ class Container:
 class ContainerTable:
     """`pod()` gives the pod's namespaces {"ipc"|"uts"|"pid": path or None} and files
     {destination: path}; `on_exit(container, process)` and `on_oom(container)` are called on
-    the loop."""
+    the loop. `volumes` mounts the storages a container needs before it is created and unmounts
+    them when no container uses them any more (`await acquire(cid, storages)`, `release(cid)`:
+    vmm_task.kuasar.storages.StorageTable)."""
 
     def __init__(self, runtime: Runtime, reaper, run_dir: str,
-                 pod: Callable[[], tuple[dict, dict]], on_exit: Callable, on_oom: Callable):
+                 pod: Callable[[], tuple[dict, dict]], on_exit: Callable, on_oom: Callable,
+                 volumes):
         self.runtime = runtime
+        self._volumes = volumes
         self._reaper = reaper
         self._run_dir = run_dir
         self._pod = pod
@@ -81,36 +94,51 @@ class ContainerTable:
 
     # -- Create / Start / Exec ----------------------------------------------------------------
 
-    async def create(self, cid: str, bundle: str, rootfs: list[Mount], stdin: str, stdout: str,
-                     stderr: str, terminal: bool) -> Container:
+    async def create(self, cid: str, bundle: str, rootfs: list[Mount], stdio: Stdio,
+                     options: CreateOptions = CreateOptions(), shared_bundle: bool = False,
+                     storages: tuple = ()) -> Container:
+        """`rootfs`: mounts to make on `<bundle>/rootfs` first. `shared_bundle`: see Container
+        (the host made the rootfs; its spec is left as it is). `storages`: for `volumes`."""
         check_id("container", cid)
         if cid in self._containers or cid in self._reserved:
             raise already_exists(f"container {cid} already exists")
         self._reserved.add(cid)
         try:
-            return await self._create(cid, bundle, rootfs, stdin, stdout, stderr, terminal)
+            await self._volumes.acquire(cid, storages)
+            try:
+                return await self._create(cid, bundle, rootfs, stdio, options, shared_bundle)
+            except BaseException:
+                self._volumes.release(cid)
+                raise
         finally:
             self._reserved.discard(cid)
 
-    async def _create(self, cid, bundle, rootfs, stdin, stdout, stderr, terminal) -> Container:
+    async def _create(self, cid, bundle, rootfs, stdio, options, shared_bundle) -> Container:
         spec = load_bundle_spec(bundle)
         namespaces, files = self._pod()
-        if apply_pod_namespaces(spec, namespaces) | add_pod_files(spec, files):
-            save_bundle_spec(bundle, spec)
+        changed = apply_pod_namespaces(spec, namespaces) | add_pod_files(spec, files)
         namespaces = spec.get("linux", {}).get("namespaces", [])
         own_pid_ns = any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
-        uid, gid = process_owner(spec.get("process"), f"container {cid}")
+        uid, gid = options.io_owner or process_owner(spec.get("process"), f"container {cid}")
         workdir = os.path.join(self._run_dir, "containers", cid)
-        io = ProcessIO(stdin, stdout, stderr, terminal, self._socket_path(), uid, gid)
-        container = Container(cid, bundle, workdir, Process(cid, "", io), not own_pid_ns)
+        io = ProcessIO(*stdio, self._socket_path(), uid, gid)
+        container = Container(cid, bundle, workdir, Process(cid, "", io), not own_pid_ns,
+                              shared_bundle, options.io_owner)
+        run_from = workdir if shared_bundle else bundle
         created = False
         try:
             os.makedirs(workdir, mode=0o700, exist_ok=True)
+            if shared_bundle:
+                absolute_root(spec, bundle)
+                save_bundle_spec(workdir, spec)
+            elif changed:
+                save_bundle_spec(bundle, spec)
             if rootfs:
                 container.rootfs_mounts = mount_rootfs(rootfs, os.path.join(bundle, "rootfs"))
             pid_file = os.path.join(workdir, "init.pid")
             console, fds = io.prepare()
-            await self.runtime.create(cid, bundle, pid_file, console, fds)
+            await self.runtime.create(cid, run_from, pid_file, console, fds,
+                                      options.no_pivot_root, options.no_new_keyring)
             created = True
             await io.started()
             pid = _read_pid(pid_file)
@@ -168,8 +196,7 @@ class ContainerTable:
         process.status = RUNNING
         process.started(pid, self._reaper, lambda p: self._exited(container, p))
 
-    async def exec(self, cid: str, exec_id: str, terminal: bool, stdin: str, stdout: str,
-                   stderr: str, spec: bytes) -> Process:
+    async def exec(self, cid: str, exec_id: str, stdio: Stdio, spec: bytes) -> Process:
         container = self.get(cid)
         check_id("exec", exec_id)
         if exec_id in container.execs:
@@ -179,9 +206,9 @@ class ContainerTable:
                                       "it must be running to exec in it")
         what = f"exec {exec_id} of container {cid}"
         process_spec = parse_exec_process(spec, what)
-        process_spec["terminal"] = terminal
-        uid, gid = process_owner(process_spec, what)
-        io = ProcessIO(stdin, stdout, stderr, terminal, self._socket_path(), uid, gid)
+        process_spec["terminal"] = stdio.terminal
+        uid, gid = container.io_owner or process_owner(process_spec, what)
+        io = ProcessIO(*stdio, self._socket_path(), uid, gid)
         process = Process(cid, exec_id, io, process_spec)
         container.execs[exec_id] = process
         return process
@@ -254,6 +281,7 @@ class ContainerTable:
                 log.warning("container %s: %s", container.id, e)
         shutil.rmtree(container.workdir, ignore_errors=True)
         del self._containers[container.id]
+        self._volumes.release(container.id)
 
     # -- Pause / Resume / Update ------------------------------------------------------------------
 

@@ -42,12 +42,13 @@ class TaskService:
         if self._table is None:
             from vmm_task.container.runtime import Runtime, root_is_ramfs
             from vmm_task.container.table import ContainerTable
+            from vmm_task.kuasar.storages import StorageTable
 
             ctx = self._ctx
             runtime = Runtime(ctx.reaper, ctx.runtime, os.path.join(ctx.run_dir, "oci"),
                               no_pivot=root_is_ramfs())
             self._table = ContainerTable(runtime, ctx.reaper, ctx.run_dir, self._pod,
-                                         self._publish_exit, self._publish_oom)
+                                         self._publish_exit, self._publish_oom, StorageTable())
         return self._table
 
     def _pod(self) -> tuple[dict, dict]:
@@ -73,16 +74,24 @@ class TaskService:
         if req.checkpoint or req.parent_checkpoint:
             raise TaskError("UNIMPLEMENTED", f"create of {req.id}: restoring from a checkpoint is "
                                              "not supported")
-        from vmm_task.container.mounts import Mount
+        from vmm_task.container.ids import check_id
+        from vmm_task.container.options import create_options
+        from vmm_task.container.stdio import Stdio
+        from vmm_task.kuasar import convention
 
-        mounts = []
-        for m in req.rootfs:
-            if m.target:
-                raise invalid_argument(f"rootfs mount {m.source!r}: a target inside the rootfs "
-                                       f"({m.target!r}) is not supported")
-            mounts.append(Mount(m.type, m.source, tuple(m.options)))
-        container = await self.table.create(req.id, req.bundle, mounts, req.stdin, req.stdout,
-                                            req.stderr, req.terminal)
+        cid = check_id("container", req.id)
+        options = create_options(req.options if req.HasField("options") else None,
+                                 f"create of {cid}")
+        stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
+        shared = convention.shared_bundle(self._ctx.state_dir, cid, req.bundle)
+        if shared is None:  # ours: the request's fields say it all (docs/kuasar.md)
+            bundle, rootfs, storages = req.bundle, _rootfs_mounts(req.rootfs), []
+        else:  # Kuasar's host: bundle, rootfs, stdio and volumes are in the shared directory
+            bundle, rootfs = shared, []
+            stdio = convention.init_stdio(shared, cid, stdio)
+            storages = convention.storages(shared, cid)
+        container = await self.table.create(cid, bundle, rootfs, await _with_ports(stdio),
+                                            options, shared is not None, storages)
         pid = container.init.pid
         self._publish("/tasks/create", events.TaskCreate(
             container_id=req.id, bundle=req.bundle, rootfs=req.rootfs, pid=pid,
@@ -112,8 +121,16 @@ class TaskService:
                                  exited_at=exited_at)
 
     async def exec(self, req: pb.ExecProcessRequest) -> empty_pb2.Empty:
-        await self.table.exec(req.id, req.exec_id, req.terminal, req.stdin, req.stdout,
-                              req.stderr, req.spec.value)
+        from vmm_task.container.ids import check_id
+        from vmm_task.container.stdio import Stdio
+
+        container = self.table.get(req.id)
+        stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
+        if container.shared_bundle:  # Kuasar's host: the exec's io file replaces its stdio
+            from vmm_task.kuasar import convention
+            exec_id = check_id("exec", req.exec_id)
+            stdio = convention.exec_stdio(container.bundle, req.id, exec_id, stdio)
+        await self.table.exec(req.id, req.exec_id, await _with_ports(stdio), req.spec.value)
         self._publish("/tasks/exec-added",
                       events.TaskExecAdded(container_id=req.id, exec_id=req.exec_id))
         return empty_pb2.Empty()
@@ -188,6 +205,27 @@ class TaskService:
     async def checkpoint(self, req: pb.CheckpointTaskRequest) -> empty_pb2.Empty:
         raise TaskError("UNIMPLEMENTED", f"checkpoint of {req.id}: checkpointing (CRIU) is not "
                                          "supported inside the vmm-task guest")
+
+
+def _rootfs_mounts(rootfs) -> list:
+    from vmm_task.container.mounts import Mount
+
+    mounts = []
+    for m in rootfs:
+        if m.target:
+            raise invalid_argument(f"rootfs mount {m.source!r}: a target inside the rootfs "
+                                   f"({m.target!r}) is not supported")
+        mounts.append(Mount(m.type, m.source, tuple(m.options)))
+    return mounts
+
+
+async def _with_ports(stdio):
+    """`stdio` with virtio-serial port names replaced by their devices (Kuasar's stdio)."""
+    from vmm_task.kuasar.virtio_ports import is_port_name, resolve_ports
+
+    if any(is_port_name(value) for value in stdio[:3]):
+        return await resolve_ports(stdio)
+    return stdio
 
 
 _METHODS = {
