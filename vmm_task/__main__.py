@@ -22,11 +22,15 @@ options:
   --runtime NAME      crun or runc, or a path (default: the first found on PATH)
   --log-level LEVEL   error, warn, info, debug or trace (default: info)
   --debug             allow grpc.SandboxService/ExecVMProcess (task.debug in the guest)
+  --debug-console ADDRESS
+                      serve Kuasar's debug console on unix:///PATH (in the guest: on
+                      vsock://1025 with task.debug)
   --manage-network    allow UpdateInterfaces/UpdateRoutes to change this process's network
                       namespace (run it in one of its own, e.g. unshare --net)
   --version
 """
-_VALUED = ("--listen", "--run-dir", "--state-dir", "--runtime", "--log-level")
+_VALUED = ("--listen", "--run-dir", "--state-dir", "--runtime", "--log-level",
+           "--debug-console")
 
 
 class UsageError(Exception):
@@ -106,7 +110,15 @@ def run_dev(options: dict) -> int:
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     ctx = _dev_context(options, run_dir)
 
-    async def serve_until_signalled() -> None:
+    async def serve_until_signalled() -> int:
+        if "debug-console" in options:
+            from vmm_task import debug_console
+            try:
+                ctx.cleanups.append(debug_console.start(options["debug-console"], ctx.reaper))
+            except (OSError, ValueError) as e:
+                print(f"vmm-task: cannot serve the debug console on {options['debug-console']}:"
+                      f" {e}", file=sys.stderr)
+                return 1
         serving = asyncio.ensure_future(server.serve(ctx, listener, T_MAIN))
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -115,14 +127,14 @@ def run_dev(options: dict) -> int:
             await serving
         except asyncio.CancelledError:
             pass
+        return 0
 
     try:
-        asyncio.run(serve_until_signalled())
+        return asyncio.run(serve_until_signalled())
     finally:
         listener.close()
         if listen.startswith(server.UNIX_PREFIX):
             _unlink(listen.removeprefix(server.UNIX_PREFIX))
-    return 0
 
 
 def _dev_context(options: dict, run_dir: str):

@@ -235,3 +235,26 @@ def test_update_interfaces_and_routes_in_the_agents_own_network_namespace(start_
     assert os.listdir(agent.run_dir / "sandbox-ns") == []
     agent.call(SANDBOX, "SetupSandbox", pod_config(hostname="web-1"), empty_pb2.Empty)
     assert sorted(os.listdir(agent.run_dir / "sandbox-ns")) == ["ipc", "pid", "uts"]
+
+
+def test_debug_console_exec_mode_and_interactive(start_agent, tmp_path):
+    """Kuasar's debug console (vsock://1025 with task.debug; here --debug-console): a shell on
+    a pty per connection; `KSR_MODE exec` first turns echo off."""
+    console = tmp_path / "console.sock"
+    agent = start_agent(f"--debug-console=unix://{console}")
+
+    async def session(sent: bytes) -> str:
+        reader, writer = await asyncio.open_unix_connection(str(console))
+        writer.write(sent)
+        try:
+            return (await asyncio.wait_for(reader.read(), 20)).decode(errors="replace")
+        finally:
+            writer.close()
+
+    quiet = asyncio.run(session(b"KSR_MODE exec\necho $((6*7)); exit\n"))
+    assert "42" in quiet.split() and "6*7" not in quiet, quiet
+    chatty = asyncio.run(session(b"echo $((6*7)); exit\n"))
+    assert "42" in chatty.split() and "echo $((6*7))" in chatty, chatty  # the pty echoes
+    assert status(agent).zombies == 0
+    assert agent.stop() == 0
+    assert not console.exists()

@@ -21,6 +21,15 @@ def test_kuasar_parameters():
         == ("9p", "debug", True, "v1", "runc")
 
 
+def test_kuasar_tracing_and_debug_shell():
+    config = parse_cmdline("task.enable_tracing=true task.debug_shell=/bin/sh task.log_level=info")
+    assert (config.enable_tracing, config.debug_shell, config.problems) == (True, "/bin/sh", [])
+    assert "records no traces" in config.notes[0]
+    config = parse_cmdline("task.enable_tracing=false task.debug_shell=sh")
+    assert not config.enable_tracing and config.notes == [] and config.debug_shell == ""
+    assert "task.debug_shell='sh'" in config.problems[0]
+
+
 def test_debug_boolean_forms():
     assert parse_cmdline("task.debug=1").debug and parse_cmdline("task.debug=true").debug
     assert not parse_cmdline("task.debug task.debug=off").debug

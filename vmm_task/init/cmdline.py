@@ -13,15 +13,23 @@ _FALSE = ("0", "false", "no", "off")
 
 
 class TaskConfig:
-    __slots__ = ("sharefs_type", "log_level", "debug", "cgroup", "runtime", "problems")
+    """`debug`: ExecVMProcess allowed and the debug console served (vmm_task.debug_console);
+    `debug_shell`: its shell (empty: the image's). `enable_tracing` is Kuasar's switch for its
+    OpenTelemetry spans: accepted, but this agent records none (a note says so)."""
+
+    __slots__ = ("sharefs_type", "log_level", "debug", "debug_shell", "enable_tracing", "cgroup",
+                 "runtime", "problems", "notes")
 
     def __init__(self):
         self.sharefs_type = "virtiofs"
         self.log_level = "info"
         self.debug = False
+        self.debug_shell = ""
+        self.enable_tracing = False
         self.cgroup = "v2"
         self.runtime = ""  # empty: the first of RUNTIMES found in the image
         self.problems: list[str] = []
+        self.notes: list[str] = []  # accepted settings worth a line on the console
 
     def __repr__(self):
         return (f"TaskConfig(sharefs_type={self.sharefs_type}, log_level={self.log_level}, "
@@ -46,6 +54,15 @@ def split_cmdline(text: str) -> list[str]:
     return words
 
 
+def _boolean(config: TaskConfig, key: str, value: str, has_value: bool) -> bool | None:
+    if value in _TRUE or not has_value:
+        return True
+    if value in _FALSE:
+        return False
+    config.problems.append(f"bad value task.{key}={value!r} (expected a boolean)")
+    return None
+
+
 def _choice(config: TaskConfig, key: str, value: str, allowed: tuple) -> str | None:
     if value in allowed:
         return value
@@ -61,13 +78,16 @@ def parse_cmdline(text: str) -> TaskConfig:
         if not word.startswith("task."):
             continue
         key, has_value, value = word[len("task."):].partition("=")
-        if key == "debug":
-            if value in _TRUE or not has_value:
-                config.debug = True
-            elif value in _FALSE:
-                config.debug = False
+        if key in ("debug", "enable_tracing"):
+            flag = _boolean(config, key, value, has_value)
+            if flag is not None:
+                setattr(config, key, flag)
+        elif key == "debug_shell":
+            if value.startswith("/"):
+                config.debug_shell = value
             else:
-                config.problems.append(f"bad value task.debug={value!r} (expected a boolean)")
+                config.problems.append(f"bad value task.debug_shell={value!r} (expected an "
+                                       "absolute path)")
         elif key == "sharefs_type":
             config.sharefs_type = _choice(config, key, value, SHAREFS_TYPES) or config.sharefs_type
         elif key == "log_level":
@@ -78,6 +98,9 @@ def parse_cmdline(text: str) -> TaskConfig:
             config.runtime = _choice(config, key, value, RUNTIMES) or config.runtime
         else:
             config.problems.append(f"unknown parameter task.{key} (ignored)")
+    if config.enable_tracing:
+        config.notes.append("task.enable_tracing: this agent records no traces (Kuasar's "
+                            "OpenTelemetry spans are not implemented)")
     return config
 
 

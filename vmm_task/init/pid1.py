@@ -32,6 +32,8 @@ def boot() -> tuple[cmdline.TaskConfig, list[str]]:
     setup_logging(config.log_level)
     for problem in problems + config.problems:
         log.error("boot: %s", problem)
+    for note in config.notes:
+        log.info("boot: %s", note)
     problems += config.problems
     later = mounts.mount_cgroups(config.cgroup)
     later += mounts.mount_shared_dir(config.sharefs_type, STATE_DIR)
@@ -85,4 +87,11 @@ async def _serve(config: cmdline.TaskConfig, problems: list[str], t_main: float)
         ctx.cleanups.append(cpu_hotplug.start(asyncio.get_running_loop()))
     except OSError as e:
         ctx.boot_problems.append(f"hot-added vCPUs will not be onlined: {e}")
+    if config.debug:
+        from vmm_task import debug_console
+        try:
+            ctx.cleanups.append(debug_console.start(debug_console.ADDRESS, ctx.reaper,
+                                                    config.debug_shell))
+        except OSError as e:
+            ctx.boot_problems.append(f"no debug console on {debug_console.ADDRESS}: {e}")
     await server.serve(ctx, listener, t_main)
