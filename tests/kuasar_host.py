@@ -12,8 +12,9 @@ own code, written from Kuasar's source; each step names the file it follows:
   `storage-<id>` file (handler/storage.rs); the io file `io-<id>` (handler/io.rs); the
   pod's files bound in and `config.json` written (handler/spec.rs);
 - an exec's io file `io-<id>-<exec-id>` (handler/process.rs).
-Hot-plugging a virtio-serial port for a FIFO (io.rs attach_pipe) is the caller's: it passes the
-port names (or `scheme://` addresses, which Kuasar passes through) as `io`.
+Hot-plugging is the caller's (QMP): a virtio-serial port for a FIFO (io.rs attach_pipe), whose
+names (or `scheme://` addresses, which Kuasar passes through) it passes as `io`, and a block
+device (`attach_block`).
 """
 from __future__ import annotations
 
@@ -77,6 +78,13 @@ class KuasarHost:
         self._pod_files(spec)
         (bundle / "config.json").write_text(json.dumps(spec))
         return bundle
+
+    def attach_block(self, cid: str, mount: dict, pci_address: str, fstype: str) -> None:
+        """storage/mod.rs handle_block_device, once the caller hot-plugged the mount's block
+        device and QEMU put it at `pci_address` (Kuasar's `0000:<bridge slot>:<slot>.0`)."""
+        self._add(cid, mount, need_guest_handle=True, source=pci_address, driver="blk",
+                  fstype=fstype, options=_ro(mount.get("options", [])),
+                  mount_point=f"{self.guest_storages}/storage{self._last_id + 1}")
 
     def add_exec_io(self, cid: str, exec_id: str, io: dict) -> None:
         (self.share / cid / f"io-{cid}-{exec_id}").write_text(json.dumps(io))

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import empty_pb2
 
-from conftest import Agent, oci_spec
-from kuasar_host import KuasarHost
+from tests.agent.conftest import Agent, oci_spec
+from tests.kuasar_host import KuasarHost
 from vmm_common.protos.containerd.runc.v1 import oci_pb2
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as pb
 from vmm_common.protos.containerd.types import mount_pb2
