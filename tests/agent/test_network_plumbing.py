@@ -122,6 +122,9 @@ def test_every_link_gets_its_own_tap(pair, tmp_path):
     sh("ip", "-n", pair.pod, "addr", "add", "192.0.2.129/25", "dev", "net1")
     for ns in (pair.pod, pair.peer):
         sh("ip", "-n", ns, "link", "set", "net1", "up")
+    # a gateway outside every subnet, as Calico routes: the guest needs RTNH_F_ONLINK too
+    sh("ip", "-n", pair.pod, "route", "add", "198.51.100.0/24", "via", "169.254.1.1", "dev",
+       "net1", "onlink")
     before = pair.snapshot(pair.pod)
     record = tmp_path / "network.json"
     attachment = run(network.attach(pair.pod_path, 1, record))
@@ -132,6 +135,8 @@ def test_every_link_gets_its_own_tap(pair, tmp_path):
         assert (mirred_targets(pair, "tap0_vmm"), mirred_targets(pair, "tap1_vmm")) == (["eth0"], ["net1"])
         routes = network.routes_request(attachment.network).routes
         assert {(r.dest, r.device) for r in routes} >= {("192.0.2.0/24", "eth0"), ("192.0.2.128/25", "net1")}
+        assert {(r.dest, r.gateway, r.flags) for r in routes if r.flags} == {
+            ("198.51.100.0/24", "169.254.1.1", 4)}
     finally:
         attachment.close_fds()
         run(network.detach(record))

@@ -34,7 +34,7 @@ STORAGES_ANNOTATION = "io.kuasar.storages"
 def shared_bundle(state_dir: str, cid: str, request_bundle: str) -> Optional[str]:
     """The host's bundle for `cid` in the shared directory if the request follows Kuasar's
     convention, else None (`cid` is a checked container ID)."""
-    bundle = os.path.join(state_dir, cid)
+    bundle = os.path.normpath(os.path.join(state_dir, cid))
     if request_bundle and os.path.normpath(request_bundle) == bundle:
         return None
     return bundle if os.path.isfile(os.path.join(bundle, "config.json")) else None
