@@ -24,9 +24,10 @@ options:
   --debug             allow grpc.SandboxService/ExecVMProcess (task.debug in the guest)
   --manage-network    allow UpdateInterfaces/UpdateRoutes to change this process's network
                       namespace (run it in one of its own, e.g. unshare --net)
+  --port-forward ADDRESS  also serve port-forward streams there (unix:///PATH or vsock://PORT)
   --version
 """
-_VALUED = ("--listen", "--run-dir", "--state-dir", "--runtime", "--log-level")
+_VALUED = ("--listen", "--run-dir", "--state-dir", "--runtime", "--log-level", "--port-forward")
 
 
 class UsageError(Exception):
@@ -93,21 +94,25 @@ def run_dev(options: dict) -> int:
     from vmm_task import server
     from vmm_task.logs import setup_logging
 
-    listen = options["listen"]
-    try:
-        listener = server.listen(listen)
-    except (OSError, ValueError) as e:
-        print(f"vmm-task: cannot listen on {listen}: {e}", file=sys.stderr)
-        return 1
+    listeners = {}
+    for option in ("listen", "port-forward"):
+        address = options.get(option)
+        try:
+            listeners[option] = server.listen(address) if address else None
+        except (OSError, ValueError) as e:
+            print(f"vmm-task: cannot listen on {address}: {e}", file=sys.stderr)
+            _close(listeners)
+            return 1
     setup_logging(options["log-level"])
     prctl.set_child_subreaper(True)
     prctl.set_name("vmm-task")
-    run_dir = options.get("run-dir") or listen.removeprefix(server.UNIX_PREFIX) + ".d"
+    run_dir = options.get("run-dir") or options["listen"].removeprefix(server.UNIX_PREFIX) + ".d"
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     ctx = _dev_context(options, run_dir)
 
     async def serve_until_signalled() -> None:
-        serving = asyncio.ensure_future(server.serve(ctx, listener, T_MAIN))
+        serving = asyncio.ensure_future(server.serve(ctx, listeners["listen"], T_MAIN,
+                                                     listeners["port-forward"]))
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, serving.cancel)
@@ -119,10 +124,18 @@ def run_dev(options: dict) -> int:
     try:
         asyncio.run(serve_until_signalled())
     finally:
-        listener.close()
-        if listen.startswith(server.UNIX_PREFIX):
-            _unlink(listen.removeprefix(server.UNIX_PREFIX))
+        _close(listeners)
     return 0
+
+
+def _close(listeners: dict) -> None:
+    """Close the listening sockets, removing the files of unix ones."""
+    import socket
+
+    for listener in filter(None, listeners.values()):
+        if listener.family == socket.AF_UNIX:
+            _unlink(listener.getsockname())
+        listener.close()
 
 
 def _dev_context(options: dict, run_dir: str):

@@ -4,6 +4,7 @@ and `recover()` a pod a previous daemon left running (its VM outlives the daemon
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ from google.protobuf import empty_pb2
 from host_sandboxer.events import RecentEvents, check_guest_event
 from host_sandboxer.network import NetworkError
 from host_sandboxer.network import pod as pod_network
+from host_sandboxer.portforward import PortForwarder, remove_redirect
 from host_sandboxer.sandbox.agent import AgentLink
 from host_sandboxer.sandbox import sharefs_watch
 from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, Pod
@@ -22,7 +24,7 @@ from host_sandboxer.taskproxy import mounts
 from host_sandboxer.taskproxy.errors import HostError
 from host_sandboxer.taskproxy.service import TaskProxy
 from host_sandboxer.vmm.vm import GuestVm, VmError
-from vmm_common import ttrpc
+from vmm_common import portforward, ttrpc
 from vmm_common.protos.containerd.services.ttrpc.events.v1 import events_pb2 as guest_events
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as task_v2
 from vmm_common.protos.containerd.task.v3 import shim_pb2_grpc as task_v3_grpc
@@ -84,6 +86,7 @@ async def start(pod: Pod, config, vsock_backend) -> None:
         await _set_up_agent(pod)
         if attachment:
             await pod_network.configure_guest(pod.agent.call, attachment)
+            await _open_port_forward(pod)
         await _serve_task_address(pod)
     except BaseException as exc:
         what = exc.message if isinstance(exc, HostError) else f"{type(exc).__name__}: {exc}"
@@ -127,6 +130,8 @@ async def recover(pod: Pod, config, vsock_backend) -> None:
     try:
         await _check_agent(pod)
         await _serve_task_address(pod)
+        if pod.netns_path:
+            await _open_port_forward(pod)
     except BaseException as exc:
         what = exc.message if isinstance(exc, HostError) else f"{type(exc).__name__}: {exc}"
         pod.mark_exited(UNKNOWN_EXIT_STATUS, vm.qemu.failure(f"pod {pod.id}: not recovered: {what}"))
@@ -140,6 +145,19 @@ async def recover(pod: Pod, config, vsock_backend) -> None:
     pod.boot_info["recovered_at_ns"] = str(time.time_ns())
     pod.resume_stdio()
     _watch(pod, config)
+
+
+async def _open_port_forward(pod: Pod) -> None:
+    """CRI's port-forward reaches the VM through the pod's netns (host_sandboxer/portforward).
+    Without it the pod still runs: the reason is logged and in Status's verbose info."""
+    try:
+        pod.port_forward = await PortForwarder.open(
+            pod.id, pod.netns_path, functools.partial(pod.vm.open_connection, portforward.VSOCK_PORT))
+    except NetworkError as exc:
+        log.warning("pod %s: no port-forwarding: %s", pod.id, exc)
+        pod.boot_info["port_forward"] = f"unavailable: {exc}"
+        return
+    pod.boot_info["port_forward"] = f"127.0.0.1:{pod.port_forward.port} in {pod.netns_path}"
 
 
 def _watch(pod: Pod, config) -> None:
@@ -235,8 +253,14 @@ async def _pump_events(pod: Pod) -> None:
 
 
 async def _unplug(pod: Pod) -> None:
-    """Give the pod's links back as the CNI made them (before the CNI deletes the netns)."""
+    """Stop port-forwarding and give the pod's links back as the CNI made them (before the CNI
+    deletes the netns)."""
+    forwarder, pod.port_forward = pod.port_forward, None
     try:
+        if forwarder is not None:
+            await forwarder.close()
+        elif pod_network.plugged(pod.dir):  # a rule an earlier daemon (or a failed start) left
+            await remove_redirect(pod.netns_path)
         await pod_network.unplug(pod.dir)
     except NetworkError as exc:
         raise HostError(grpc.StatusCode.INTERNAL, f"pod {pod.id}: {exc}") from None

@@ -71,6 +71,7 @@ class Pod:
         self.vm_record: dict | None = None  # GuestVm.record(): its processes, for a restarted daemon
         self.agent = None        # AgentLink
         self.task_server = None  # grpc.aio.Server for the task address
+        self.port_forward = None  # host_sandboxer.portforward.PortForwarder (pods with a netns)
         self.boot_info: dict[str, str] = {}
         self.ports = PortAllocator()
         self.containers: dict[str, Container] = {}
