@@ -13,13 +13,15 @@ import os
 import socket
 
 from vmm_common import portforward as protocol
+from vmm_common.fdio import read_line
 from vmm_common.splice import splice
 
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 10.0  # the host sends its request line right after connecting
 CONNECT_TIMEOUT_S = 5.0   # per address: a full backlog drops SYNs instead of refusing
-LOOPBACKS = ("127.0.0.1", "::1")  # what the host's client dialled ("localhost"), v4 first as CRI does
+# what the host's client dialled ("localhost"): IPv4 first, as CRI does
+LOOPBACKS = ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))
 
 
 async def serve(listener: socket.socket) -> None:
@@ -47,33 +49,65 @@ def _from_host(family: int, peer) -> bool:
 
 async def _relay(conn: socket.socket) -> None:
     conn.setblocking(False)
-    host = await asyncio.open_connection(sock=conn)
     try:
-        line = await asyncio.wait_for(host[0].readline(), REQUEST_TIMEOUT_S)
-        port = protocol.parse_request(line)
-    except (ValueError, asyncio.TimeoutError, OSError) as e:  # ValueError: no newline in 64 KiB
-        log.warning("port-forward: bad request from the host: %s", str(e) or "no request in time")
-        host[1].close()
+        target = await _open_target(conn)
+    except OSError as e:  # the host went away meanwhile
+        log.info("port-forward: %s", e)
+        target = None
+    except BaseException:
+        conn.close()
+        raise
+    if target is None:
+        conn.close()
         return
+    await splice(conn, target)
+
+
+async def _open_target(conn: socket.socket) -> socket.socket | None:
+    """Read the host's request, connect to the port it names, answer. The connected socket;
+    None when it could not be made (the host was answered ERR) or the request was bad (no
+    answer: the host closes its client's connection either way)."""
+    loop = asyncio.get_running_loop()
+    try:
+        line = await asyncio.wait_for(read_line(conn, protocol.MAX_LINE), REQUEST_TIMEOUT_S)
+        port = protocol.parse_request(line)
+    except (protocol.ProtocolError, asyncio.TimeoutError) as e:
+        log.warning("port-forward: bad request from the host: %s", str(e) or "no request in time")
+        return None
     try:
         target = await _connect(port)
     except OSError as e:
-        log.info("port-forward to port %d: %s", port, e)
-        host[1].write(protocol.refusal(e.strerror or str(e)))
-        host[1].close()
-        return
-    host[1].write(protocol.OK)
-    await splice(host, target)
+        log.info("port-forward to %s", e.strerror)
+        await loop.sock_sendall(conn, protocol.refusal(e.strerror))
+        return None
+    try:
+        await loop.sock_sendall(conn, protocol.OK)
+    except BaseException:
+        target.close()
+        raise
+    return target
 
 
-async def _connect(port: int):
-    """(reader, writer) to `port` on 127.0.0.1, else [::1]; OSError naming both failures."""
+async def _connect(port: int) -> socket.socket:
+    """A socket connected to `port` on 127.0.0.1, else [::1]; OSError naming both failures."""
+    loop = asyncio.get_running_loop()
     failures = []
-    for address in LOOPBACKS:
+    for family, address in LOOPBACKS:
         try:
-            return await asyncio.wait_for(asyncio.open_connection(address, port), CONNECT_TIMEOUT_S)
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        except OSError as e:  # no IPv6 in this kernel
+            failures.append(f"{address}: {e.strerror}")
+            continue
+        try:
+            sock.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(sock, (address, port)), CONNECT_TIMEOUT_S)
+            return sock
         except asyncio.TimeoutError:
             failures.append(f"{address}: no answer in {CONNECT_TIMEOUT_S:g} s")
         except OSError as e:
             failures.append(f"{address}: {os.strerror(e.errno) if e.errno else e}")
+        except BaseException:
+            sock.close()
+            raise
+        sock.close()
     raise OSError(errno.ECONNREFUSED, f"port {port}: " + "; ".join(failures))

@@ -2,9 +2,9 @@
 NAT rule sending the namespace's localhost TCP to it (redirect.py), and a relay per connection
 into the guest agent's port-forward stream (vmm_common.portforward).
 
-All on the daemon's event loop: no thread per connection; each relay holds at most a chunk per
-direction (vmm_common.splice); a guest that does not answer within ANSWER_TIMEOUT_S gets its
-connection reset, as does one beyond MAX_CONNECTIONS per pod.
+All on the daemon's event loop: no thread per connection, bounded buffers per relay
+(vmm_common.splice); a guest that does not answer within ANSWER_TIMEOUT_S gets the client's
+connection reset, as does a connection beyond MAX_CONNECTIONS per pod.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from host_sandboxer.network.errors import NamespaceGone, NetworkError
 from host_sandboxer.network.netns import in_netns
 from host_sandboxer.portforward import redirect
 from vmm_common import portforward as protocol
-from vmm_common.splice import reset, splice
+from vmm_common.fdio import read_line
+from vmm_common.splice import reset_socket, splice
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ LISTEN_BACKLOG = 128
 ANSWER_TIMEOUT_S = 30.0  # the guest connects to its loopback (5 s per address) and answers
 MAX_CONNECTIONS = 256    # per pod, relayed at once
 
-Connect = Callable[[], Awaitable[tuple]]  # -> (reader, writer) of a stream to the guest agent
+Connect = Callable[[], Awaitable[socket.socket]]  # -> a stream to the agent's port-forward port
 
 
 def original_port(sock: socket.socket) -> int:
@@ -101,6 +102,7 @@ class PortForwarder:
         while True:
             try:
                 client, _ = await loop.sock_accept(self._listener)
+                client.setblocking(False)
             except OSError as e:  # EMFILE and the like: a pause, not the end of the forwarder
                 log.warning("pod %s: port-forward accept: %s", self.pod_id, e)
                 await asyncio.sleep(0.1)
@@ -110,40 +112,38 @@ class PortForwarder:
             task.add_done_callback(self._relays.discard)
 
     async def _relay(self, client: socket.socket) -> None:
-        client.setblocking(False)
-        streams = await asyncio.open_connection(sock=client)
         try:
             port = original_port(client)
         except OSError as e:
             log.warning("pod %s: port-forward: no original destination: %s", self.pod_id, e)
-            reset(streams[1])
+            reset_socket(client)
             return
         if len(self._relays) > MAX_CONNECTIONS:
             log.warning("pod %s: port-forward to port %d refused: %d connections already",
                         self.pod_id, port, MAX_CONNECTIONS)
-            reset(streams[1])
+            reset_socket(client)
             return
         try:
             guest = await asyncio.wait_for(self._open_guest(port), ANSWER_TIMEOUT_S)
-        except (OSError, ValueError, asyncio.TimeoutError) as e:
+        except (OSError, ValueError) as e:  # TimeoutError is an OSError
             log.info("pod %s: port-forward to guest port %d failed: %s", self.pod_id, port,
                      str(e) or f"no answer in {ANSWER_TIMEOUT_S:g} s")
-            reset(streams[1])
+            reset_socket(client)
             return
         except BaseException:
-            reset(streams[1])
+            reset_socket(client)
             raise
         log.debug("pod %s: port-forward to guest port %d", self.pod_id, port)
-        await splice(streams, guest)
+        await splice(client, guest)
 
-    async def _open_guest(self, port: int) -> tuple:
+    async def _open_guest(self, port: int) -> socket.socket:
         """A stream to guest `port` through the agent; ConnectionRefusedError with the agent's
         reason when nothing there accepts, ProtocolError (ValueError) for a broken answer."""
-        reader, writer = await self._connect()
+        sock = await self._connect()
         try:
-            writer.write(protocol.request(port))
-            protocol.check_answer(await reader.readline())
+            await asyncio.get_running_loop().sock_sendall(sock, protocol.request(port))
+            protocol.check_answer(await read_line(sock, protocol.MAX_LINE))
         except BaseException:
-            writer.close()
+            sock.close()
             raise
-        return reader, writer
+        return sock

@@ -16,7 +16,6 @@ from google.protobuf import empty_pb2
 from host_sandboxer.events import RecentEvents, check_guest_event
 from host_sandboxer.network import NetworkError
 from host_sandboxer.network import pod as pod_network
-from host_sandboxer.portforward import PortForwarder, remove_redirect
 from host_sandboxer.sandbox.agent import AgentLink
 from host_sandboxer.sandbox import sharefs_watch
 from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, Pod
@@ -148,11 +147,13 @@ async def recover(pod: Pod, config, vsock_backend) -> None:
 
 
 async def _open_port_forward(pod: Pod) -> None:
-    """CRI's port-forward reaches the VM through the pod's netns (host_sandboxer/portforward).
-    Without it the pod still runs: the reason is logged and in Status's verbose info."""
+    """CRI's port-forward reaches the VM through the pod's netns (host_sandboxer/portforward,
+    loaded with the first networked pod). Without it the pod still runs: the reason is logged
+    and in Status's verbose info."""
+    from host_sandboxer.portforward import PortForwarder
     try:
         pod.port_forward = await PortForwarder.open(
-            pod.id, pod.netns_path, functools.partial(pod.vm.open_connection, portforward.VSOCK_PORT))
+            pod.id, pod.netns_path, functools.partial(pod.vm.open_socket, portforward.VSOCK_PORT))
     except NetworkError as exc:
         log.warning("pod %s: no port-forwarding: %s", pod.id, exc)
         pod.boot_info["port_forward"] = f"unavailable: {exc}"
@@ -260,6 +261,7 @@ async def _unplug(pod: Pod) -> None:
         if forwarder is not None:
             await forwarder.close()
         elif pod_network.plugged(pod.dir):  # a rule an earlier daemon (or a failed start) left
+            from host_sandboxer.portforward import remove_redirect
             await remove_redirect(pod.netns_path)
         await pod_network.unplug(pod.dir)
     except NetworkError as exc:
