@@ -11,7 +11,8 @@ RUNTIME ?= crun
 DEBUG ?= 0
 export RUNTIME DEBUG
 
-.PHONY: setup protos guest-image floor-image test test-unit test-agent test-vm demo bench stress clean
+.PHONY: setup protos guest-image floor-image test test-unit test-agent test-vm demo bench stress \
+        debian13-check clean
 
 setup:
 	@bash scripts/setup.sh
@@ -49,6 +50,10 @@ bench: setup guest-image
 # The reliability soak at full length (make test runs it short): docs/benchmarks.md.
 stress: setup guest-image
 	SOAK_CYCLES=200 SOAK_CONTAINER_CYCLES=200 $(PY) -m pytest -q -ra -s tests/vm/test_soak.py
+
+# By hand, not in CI: `make setup` in a fresh Debian 13 root (debootstrap + chroot, root only).
+debian13-check: setup
+	@bash scripts/debian13-check.sh
 
 clean:
 	rm -rf build vmm_common/protos/*/ vmm_common/protos/.stamp

@@ -74,9 +74,10 @@ def by_module(modules: list[str]) -> collections.Counter:
     try:
         for module in modules:
             importlib.import_module(module)
+        own["(total traced)"] = tracemalloc.get_traced_memory()[0] // 1024
     finally:
         sys.meta_path.remove(Finder)
-    own["(total traced)"] = tracemalloc.get_traced_memory()[0] // 1024
+        tracemalloc.stop()
     return own
 
 

@@ -21,6 +21,14 @@ from typing import Literal
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE_DIR = REPO_ROOT / "build" / "guest"
+# QEMU 7.2's C virtiofsd (Debian 12: qemu-system-common), then the Rust one (Debian 13: the
+# virtiofsd package, which also links the first path to it; QEMU 10 ships none). The first that
+# exists is the default.
+VIRTIOFSD_PATHS = (Path("/usr/lib/qemu/virtiofsd"), Path("/usr/libexec/virtiofsd"))
+
+
+def default_virtiofsd() -> Path:
+    return next((path for path in VIRTIOFSD_PATHS if path.is_file()), VIRTIOFSD_PATHS[0])
 
 
 class ConfigError(ValueError):
@@ -52,7 +60,7 @@ class SharefsConfig:
     """The directory shared with the guest under the tag `kuasar`."""
 
     type: Literal["virtiofs", "9p"] = "virtiofs"
-    virtiofsd: Path = Path("/usr/lib/qemu/virtiofsd")
+    virtiofsd: Path = field(default_factory=default_virtiofsd)
     cache: Literal["auto", "always", "none"] = "auto"
     # How often the daemon asks each pod's guest whether the directory's server still answers
     # (a hung virtiofsd makes the pod NOTREADY until it does); 0: never.

@@ -2,9 +2,11 @@
 
 Shims publish TaskCreate/TaskStart/TaskExit/... so containerd's event subscribers (CRI,
 `ctr events`) see them. Events come from the guest (GetEvents) or from the host itself when a
-VM dies. They go through one bounded queue and one sender task: a slow or absent containerd
-never blocks a pod, and an event that cannot be delivered after a few tries is logged and
-dropped. A guest event delivered twice (GetEvents is at-least-once) is published once.
+VM dies. They go through a bounded queue per pod, served in turn by one sender task: a slow or
+absent containerd never blocks a pod, a pod never crowds out another, and an event that cannot
+be delivered after a few tries is logged and dropped. What a guest sends is checked, bounded and
+rebuilt before it gets here (sandbox/guest_events.py); one delivered twice (GetEvents is
+at-least-once) is published once.
 """
 
 import asyncio
@@ -15,9 +17,7 @@ import os
 
 import grpc
 from google.protobuf import any_pb2
-from google.protobuf.message import DecodeError
 
-from vmm_common.protos.containerd.events import task_pb2
 from vmm_common.protos.containerd.services.events.v1 import events_pb2, events_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -37,34 +37,6 @@ def namespace_of(context) -> str:
 def pack(message):
     """A message as containerd's typeurl packs events: an Any typed by the bare full name."""
     return any_pb2.Any(type_url=message.DESCRIPTOR.full_name, value=message.SerializeToString())
-
-
-_TASK_TOPICS = {
-    "/tasks/create": task_pb2.TaskCreate, "/tasks/start": task_pb2.TaskStart,
-    "/tasks/delete": task_pb2.TaskDelete, "/tasks/exit": task_pb2.TaskExit,
-    "/tasks/oom": task_pb2.TaskOOM, "/tasks/exec-added": task_pb2.TaskExecAdded,
-    "/tasks/exec-started": task_pb2.TaskExecStarted, "/tasks/paused": task_pb2.TaskPaused,
-    "/tasks/resumed": task_pb2.TaskResumed, "/tasks/checkpointed": task_pb2.TaskCheckpointed,
-}
-
-
-def check_guest_event(topic: str, event, container_ids) -> str:
-    """Why an event from a guest must not reach containerd ("" if it may).
-
-    The guest is untrusted: it may only speak of its own pod's containers, with a task topic
-    and the message type containerd publishes under that topic."""
-    message_type = _TASK_TOPICS.get(topic)
-    if message_type is None:
-        return f"topic {topic!r} is not a task event"
-    if event.type_url != message_type.DESCRIPTOR.full_name:
-        return f"topic {topic} carries {event.type_url!r}, not {message_type.DESCRIPTOR.full_name}"
-    try:
-        message = message_type.FromString(event.value)
-    except DecodeError as exc:
-        return f"undecodable {topic} event: {exc}"
-    if message.container_id not in container_ids:
-        return f"{topic} for container {message.container_id!r}, which is not in this pod"
-    return ""
 
 
 class RecentEvents:
@@ -96,13 +68,20 @@ class RecentEvents:
 
 
 class EventPublisher:
-    """Publishes to containerd at `address` (a unix socket path); no address: log only."""
+    """Publishes to containerd at `address` (a unix socket path); no address: log only.
+
+    Each source (a pod) has its own bounded queue and the sender takes from the sources in
+    turn, so a pod with many events delays only itself and can never push another pod's
+    TaskExit out. A full queue drops the source's oldest event, one that is not an exit if it
+    has any (CRI needs the exits to see containers end)."""
 
     ATTEMPTS = 3
 
-    def __init__(self, address: str | None, max_queued: int = 1024):
+    def __init__(self, address: str | None, max_queued: int = 256):
         self.address = address
-        self._queue: asyncio.Queue = asyncio.Queue(max_queued)
+        self._max_queued = max_queued  # per source
+        self._lanes: dict[str, collections.deque] = {}  # by source, in the order they are served
+        self._queued = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._channel = None
         self.published = 0
@@ -111,14 +90,29 @@ class EventPublisher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-publisher")
 
-    def publish(self, namespace: str, topic: str, event_any) -> None:
-        """Queue an event (never blocks); the oldest is dropped when the queue is full."""
-        if self._queue.full():
-            old_namespace, old_topic, old_event = self._queue.get_nowait()
+    def publish(self, namespace: str, topic: str, event_any, source: str) -> None:
+        """Queue an event of `source` (the pod it is about); never blocks."""
+        lane = self._lanes.setdefault(source, collections.deque())
+        if len(lane) >= self._max_queued:
+            victim = next((e for e in lane if e[1] != "/tasks/exit"), lane[0])
+            lane.remove(victim)
             self.dropped += 1
-            log.warning("event queue full: dropped the oldest event, %s (ns %s, %s)",
-                        old_topic, old_namespace, old_event.type_url)
-        self._queue.put_nowait((namespace, topic, event_any))
+            log.warning("pod %s: event queue full (%d): dropped %s (ns %s, %s)",
+                        source, self._max_queued, victim[1], victim[0], victim[2].type_url)
+        lane.append((namespace, topic, event_any))
+        self._queued.set()
+
+    async def _next(self) -> tuple:
+        """The oldest event of the source whose turn it is; that source's turn then passes."""
+        while not self._lanes:
+            self._queued.clear()
+            await self._queued.wait()
+        source = next(iter(self._lanes))
+        lane = self._lanes.pop(source)
+        event = lane.popleft()
+        if lane:
+            self._lanes[source] = lane  # back of the line
+        return event
 
     async def _run(self) -> None:
         stub = None
@@ -126,12 +120,11 @@ class EventPublisher:
             self._channel = grpc.aio.insecure_channel(f"unix://{self.address}")
             stub = events_pb2_grpc.EventsStub(self._channel)
         while True:
-            namespace, topic, event = await self._queue.get()
+            namespace, topic, event = await self._next()
             if stub is None:
                 log.debug("event %s (ns %s) not published: no containerd address", topic, namespace)
                 continue
             await self._send(stub, namespace, topic, event)
-
     async def _send(self, stub, namespace: str, topic: str, event) -> None:
         if not os.path.exists(self.address):
             self.dropped += 1

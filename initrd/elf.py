@@ -59,3 +59,26 @@ def drop_unused_dependencies(binary: Path) -> list[str]:
         subprocess.run(["patchelf", "--remove-needed", soname, str(binary)], check=True)
         dropped.append(soname)
     return dropped
+
+
+def needed(binary: Path) -> list[str]:
+    """The NEEDED sonames of an ELF file, read from the file itself (not resolved by any loader:
+    works for binaries of another release than the host's)."""
+    result = subprocess.run(["patchelf", "--print-needed", str(binary)], check=True,
+                            capture_output=True, text=True)
+    return result.stdout.split()
+
+
+def interpreter(binary: Path) -> str | None:
+    """The PT_INTERP of an executable (its dynamic loader); None when it has none (static)."""
+    result = subprocess.run(["patchelf", "--print-interpreter", str(binary)],
+                            capture_output=True, text=True)
+    return (result.stdout.strip() or None) if result.returncode == 0 else None
+
+
+def set_loader(binary: Path, interpreter_path: str, library_dir: str) -> None:
+    """Make `binary` load with `interpreter_path` and find its libraries in `library_dir`
+    first. DT_RPATH (--force-rpath), not RUNPATH: RPATH also applies to the libraries' own
+    NEEDED entries and precedes LD_LIBRARY_PATH, so the whole closure comes from there."""
+    subprocess.run(["patchelf", "--set-interpreter", interpreter_path, "--force-rpath",
+                    "--set-rpath", library_dir, str(binary)], check=True)

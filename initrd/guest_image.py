@@ -1,8 +1,8 @@
 """`make guest-image`: kernel + agent + userland -> build/guest/{kernel,initrd.img,manifest.json}.
 
 Stages: kernel (cached build from Debian's source), agent (cached Nuitka build), userland
-(crun/runc + libraries + /etc), initrd (deterministic cpio, compressed; the compressed image is
-cached by the cpio's hash), manifest. Each stage prints one line; with nothing changed the whole
+(crun/runc + libraries from pinned Debian 13 packages, cached by sha256, + /etc), initrd
+(deterministic cpio, compressed; the compressed image is cached by the cpio's hash), manifest. Each stage prints one line; with nothing changed the whole
 run takes seconds.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from initrd import agent as agent_build
-from initrd import compress, cpio, image, manifest
+from initrd import compress, cpio, guest_runtime, image, manifest
 from kernel import build as kernel_build
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,10 +71,15 @@ def build(out: Path, runtime: str, debug: bool, method: str, cache: Path) -> dic
         f" {len(agent.modules)} modules  [{stages['agent']:.1f} s]")
 
     t = time.monotonic()
-    tree = image.guest_tree(agent, runtime, debug)
+    prepared = guest_runtime.prepare(runtime, cache, progress=say)
+    tree = image.guest_tree(agent, prepared, debug)
     stages["userland"] = time.monotonic() - t
-    say(f"userland {runtime}{' + busybox' if debug else ''}, {len(tree.entries)} entries in all"
-        f"  [{stages['userland']:.1f} s]")
+    packages = [{"name": p.name, "version": p.version, "sha256": p.sha256}
+                for p in prepared.packages]
+    version = next(p.version for p in prepared.packages if p.name == runtime)
+    say(f"userland {runtime} {version} + {len(packages) - 1} library "
+        f"packages (Debian {guest_runtime.SUITE}){' + busybox' if debug else ''}, "
+        f"{len(tree.entries)} entries in all  [{stages['userland']:.1f} s]")
 
     t = time.monotonic()
     raw = io.BytesIO()
@@ -95,6 +100,7 @@ def build(out: Path, runtime: str, debug: bool, method: str, cache: Path) -> dic
         "agent": {"build_mode": "nuitka-standalone", "path": f"/{image.AGENT_DIR}/{agent.binary}",
                   "cache_key": agent.key, "dist_size": agent.size, "modules": agent.modules},
         "runtime": runtime,
+        "packages": packages,
         "debug": debug,
         "total_size": kernel_size + len(data),
         "stage_seconds": {name: round(seconds, 2) for name, seconds in stages.items()},

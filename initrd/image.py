@@ -1,5 +1,6 @@
 """Assemble the guest's initrd contents: the Nuitka agent as /sbin/init (and /init), the system
-libraries its dist does not ship, and the userland from rootfs-builder/.
+libraries its dist does not ship (the build host's), and the userland from rootfs-builder/ (the
+container runtime from pinned Debian packages, with its own libraries and loader).
 
 Layout: /usr/lib/vmm-task/ holds the dist, /sbin/init -> ../usr/lib/vmm-task/vmm-task,
 /init -> sbin/init (the kernel runs /init from an initramfs).
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from initrd import elf
 from initrd.agent import Agent
+from initrd.guest_runtime import Runtime
 from initrd.tree import Tree
 
 AGENT_DIR = "usr/lib/vmm-task"
@@ -48,7 +50,7 @@ def _link_executable_libraries(tree: Tree, agent: Agent) -> None:
             tree.symlink(f"{system_dir}/{lib.name}", f"/{AGENT_DIR}/{lib.resolve().relative_to(dist)}")
 
 
-def guest_tree(agent: Agent, runtime: str, debug: bool) -> Tree:
+def guest_tree(agent: Agent, runtime: Runtime, debug: bool) -> Tree:
     """Everything in the guest initrd. The agent goes first so no busybox applet can take
     /sbin/init."""
     tree = Tree()

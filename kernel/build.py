@@ -1,4 +1,5 @@
-"""Build the guest kernel (bzImage) from Debian's linux-source-6.1 and the fragments in fragments/.
+"""Build the guest kernel (bzImage) from Debian's kernel source package (linux-source-6.1 on
+Debian 12, linux-source-6.12 on Debian 13) and the fragments in fragments/.
 
 tinyconfig + fragments -> olddefconfig -> every requested option checked -> `nice make -j2 bzImage`.
 The result is cached in $VMM_TASK_CACHE/kernel/<key>/ where key hashes the fragments, this
@@ -14,6 +15,7 @@ import argparse
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,8 +24,8 @@ from pathlib import Path
 
 from kernel import config
 
-SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
-SOURCE_PACKAGE = "linux-source-6.1"
+SOURCE_DIR = Path("/usr/src")
+_SOURCE_TARBALL = re.compile(r"(linux-source-(\d+)\.(\d+))\.tar\.xz")
 MAKE = ["nice", "-n", "10", "make", "ARCH=x86_64", "-j2"]
 
 
@@ -43,8 +45,26 @@ def default_cache() -> Path:
     return Path(os.environ.get("VMM_TASK_CACHE", Path.home() / ".cache" / "vmm-task"))
 
 
-def source_version() -> str:
-    return subprocess.run(["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE],
+@dataclass(frozen=True)
+class Source:
+    package: str    # linux-source-6.1
+    tarball: Path   # /usr/src/linux-source-6.1.tar.xz
+
+
+def kernel_source(src_dir: Path = SOURCE_DIR) -> Source:
+    """Debian's kernel source tarball installed here; the newest if there are several."""
+    found = [(tuple(map(int, m.group(2, 3))), m.group(1), path)
+             for path in src_dir.glob("linux-source-*.tar.xz")
+             if (m := _SOURCE_TARBALL.fullmatch(path.name))]
+    if not found:
+        raise RuntimeError(f"no {src_dir}/linux-source-*.tar.xz: `make setup` installs Debian's "
+                           "kernel source (linux-source-6.1 on Debian 12, -6.12 on Debian 13)")
+    _, package, tarball = max(found)
+    return Source(package, tarball)
+
+
+def source_version(source: Source) -> str:
+    return subprocess.run(["dpkg-query", "-W", "-f=${Version}", source.package],
                           check=True, capture_output=True, text=True).stdout.strip()
 
 
@@ -57,15 +77,15 @@ def cache_key(version: str) -> str:
     return h.hexdigest()[:20]
 
 
-def _extract_source(src_root: Path, version: str) -> Path:
+def _extract_source(src_root: Path, source: Source, version: str) -> Path:
     """Debian's tarball unpacked once per package version (outside the work tree)."""
-    tree = src_root / version / "linux-source-6.1"
+    tree = src_root / version / source.package
     if (tree / "Makefile").exists():
         return tree
     partial = src_root / f"{version}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    subprocess.run(["nice", "-n", "10", "tar", "-xf", str(SOURCE_TARBALL), "-C", str(partial)],
+    subprocess.run(["nice", "-n", "10", "tar", "-xf", str(source.tarball), "-C", str(partial)],
                    check=True)
     shutil.rmtree(src_root / version, ignore_errors=True)
     partial.rename(src_root / version)
@@ -95,13 +115,14 @@ def configure(tree: Path, obj: Path, log) -> str:
 def ensure_kernel(cache: Path | None = None, progress=print) -> Kernel:
     """The cached kernel for the current fragments, building it first if needed."""
     root = (cache or default_cache()) / "kernel"
-    version = source_version()
+    source = kernel_source()
+    version = source_version(source)
     out = root / cache_key(version)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "bzImage").exists():
-            _build(root, out, version, progress)
+            _build(root, out, source, version, progress)
             cached = False
         else:
             cached = True
@@ -110,8 +131,8 @@ def ensure_kernel(cache: Path | None = None, progress=print) -> Kernel:
                   hashlib.sha256(final).hexdigest(), cached)
 
 
-def _build(root: Path, out: Path, version: str, progress) -> None:
-    tree = _extract_source(root / "src", version)
+def _build(root: Path, out: Path, source: Source, version: str, progress) -> None:
+    tree = _extract_source(root / "src", source, version)
     obj = root / "obj"
     obj.mkdir(exist_ok=True)
     staging = out.with_name(out.name + ".partial")

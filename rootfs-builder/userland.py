@@ -1,5 +1,5 @@
 """The guest userland around the agent: the container runtime with exactly the shared libraries
-it loads, a minimal /etc, the mount points the agent mounts onto, the device nodes the kernel
+it loads (from pinned Debian 13 packages: initrd/guest_runtime.py), a minimal /etc, the mount points the agent mounts onto, the device nodes the kernel
 needs before devtmpfs is mounted, and (debug builds only) a static busybox with its applets.
 
 Nothing else goes in: under TCG every megabyte of initrd is boot time.
@@ -9,11 +9,10 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from initrd import elf
+from initrd import elf, guest_runtime
 from initrd.tree import Tree
 
 ETC_DIR = Path(__file__).resolve().parent / "etc"
-RUNTIMES = {"crun": "/usr/bin/crun", "runc": "/usr/sbin/runc"}
 BUSYBOX = "/bin/busybox"
 # Mounted by the agent (proc, sysfs, devtmpfs, devpts, shm, tmpfs on run/tmp, cgroup2) or used
 # as $HOME / scratch by the runtime.
@@ -21,19 +20,10 @@ MOUNT_POINTS = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "run": 0o755, "tmp": 
                 "root": 0o700, "mnt": 0o755, "var": 0o755}
 
 
-def runtime_path(runtime: str) -> str:
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; choose from {sorted(RUNTIMES)}")
-    if not Path(RUNTIMES[runtime]).exists():
-        raise FileNotFoundError(f"{RUNTIMES[runtime]} is not installed (apt-get install {runtime})")
-    return RUNTIMES[runtime]
-
-
-def add_runtime(tree: Tree, runtime: str) -> None:
-    binary = runtime_path(runtime)
-    tree.copy_host_path(binary)
-    for lib in sorted(elf.closure([Path(binary)])):
-        tree.copy_host_path(lib)
+def add_runtime(tree: Tree, runtime: guest_runtime.Runtime) -> None:
+    tree.file(runtime.binary, runtime.executable, 0o755)
+    for soname, library in runtime.libraries.items():
+        tree.file(f"{runtime.lib_dir}/{soname}", library.data, library.mode)
 
 
 def add_etc(tree: Tree) -> None:
@@ -66,7 +56,7 @@ def add_busybox(tree: Tree) -> None:
             tree.symlink(applet, "../" * depth + "usr/bin/busybox")
 
 
-def build_userland(tree: Tree, runtime: str, debug: bool) -> None:
+def build_userland(tree: Tree, runtime: guest_runtime.Runtime, debug: bool) -> None:
     add_skeleton(tree)
     add_etc(tree)
     add_runtime(tree, runtime)

@@ -37,6 +37,9 @@ from vmm_common.protos.containerd.task.v3 import shim_pb2_grpc as task_grpc  # n
 from vmm_common.protos.containerd.types import mount_pb2  # noqa: E402
 
 NAMESPACE = (("containerd-namespace", "k8s.io"),)
+# What containerd 2.3-2.4 write in config.json (2.0: 1.2.0, 2.1-2.2: 1.2.1); Debian 12's crun
+# refuses all of these, the guest's crun (Debian 13) takes them.
+OCI_VERSION = "1.3.0"
 CACHE = Path(os.environ.get("VMM_TASK_CACHE", Path.home() / ".cache" / "vmm-task"))
 IMAGE = REPO / "build" / "guest"
 PROCESS_SPEC_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Process"
@@ -80,7 +83,7 @@ def cri_spec(args: list[str], cid: str, sandbox_pid: int, terminal: bool = False
           {"type": "mount"},
           {"type": "network", "path": f"/proc/{sandbox_pid}/ns/net"}]
     return {
-        "ociVersion": "1.1.0",
+        "ociVersion": OCI_VERSION,
         "process": {"terminal": terminal, "user": {"uid": 0, "gid": 0}, "args": args, "cwd": "/",
                     "env": ["PATH=/bin", "HOME=/root", "TERM=xterm"],
                     "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},

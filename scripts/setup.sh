@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
 # `make setup`: install every Debian package and Python dependency the project needs.
 # Idempotent: apt runs only when a package is missing; pip only when pyproject.toml changed.
+# The package list is scripts/apt-packages.txt plus the one of this Debian release
+# (scripts/apt-packages-<VERSION_CODENAME>.txt: bookworm = Debian 12, trixie = Debian 13).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY_HOST=${PY_HOST:-/usr/bin/python3}
 
-mapfile -t pkgs < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' scripts/apt-packages.txt)
+codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+release_list=scripts/apt-packages-$codename.txt
+if [ -z "$codename" ] || [ ! -f "$release_list" ]; then
+    known=$(cd scripts && ls apt-packages-*.txt | sed -e 's/apt-packages-//' -e 's/\.txt//' | paste -sd, -)
+    echo "setup: Debian release '${codename:-unknown}' (/etc/os-release VERSION_CODENAME) has no" \
+         "package list $release_list; known: $known" >&2
+    exit 1
+fi
+mapfile -t pkgs < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' scripts/apt-packages.txt "$release_list")
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

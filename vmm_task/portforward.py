@@ -3,7 +3,8 @@ for a TCP port; the agent connects to it on the guest's loopback (the pod's netw
 every container shares the VM's) and relays the bytes.
 
 Imported on the host's first connection (server.serve_when_connected), not at boot. Only the
-host (vsock CID 2) is served; in dev mode the listener is a root-only unix socket.
+host (vsock CID 2) is served (vmm_task.peers); in dev mode the listener is a root-only unix
+socket.
 """
 
 import asyncio
@@ -15,6 +16,7 @@ import socket
 from vmm_common import portforward as protocol
 from vmm_common.fdio import read_line
 from vmm_common.splice import splice
+from vmm_task import peers
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +32,8 @@ async def serve(listener: socket.socket) -> None:
     relays: set[asyncio.Task] = set()
     try:
         while True:
-            conn, peer = await loop.sock_accept(listener)
-            if not _from_host(listener.family, peer):
-                log.warning("port-forward: connection from vsock CID %s refused (host only)", peer[0])
-                conn.close()
+            conn, _ = await loop.sock_accept(listener)
+            if not peers.admitted(conn, "port-forward"):
                 continue
             task = loop.create_task(_relay(conn))
             relays.add(task)
@@ -41,10 +41,6 @@ async def serve(listener: socket.socket) -> None:
     finally:
         for task in relays:
             task.cancel()
-
-
-def _from_host(family: int, peer) -> bool:
-    return family != socket.AF_VSOCK or peer[0] == socket.VMADDR_CID_HOST
 
 
 async def _relay(conn: socket.socket) -> None:

@@ -7,6 +7,8 @@ registers every service of `vmm_task.services` on one ttrpc server sharing one A
 import os
 import socket
 
+from vmm_task import peers
+
 VSOCK_PREFIX = "vsock://"
 UNIX_PREFIX = "unix://"
 LISTEN_BACKLOG = 128  # the host may open many connections at once (Task calls, stdio, events)
@@ -81,8 +83,9 @@ def find_runtime(name: str = "") -> str:
 
 async def serve(ctx, listener: socket.socket, t_main: float,
                 port_forward: socket.socket | None = None) -> None:
-    """Serve every agent service on `listener` until cancelled; prints the ready line.
-    `port_forward`: a listener for the host's port-forward streams (vmm_task/portforward.py)."""
+    """Serve every agent service on `listener` until cancelled (on vsock, to the host only:
+    vmm_task.peers); prints the ready line. `port_forward`: a listener for the host's
+    port-forward streams (vmm_task/portforward.py)."""
     ctx.reaper.start()
     try:
         if port_forward is not None:
@@ -90,7 +93,7 @@ async def serve(ctx, listener: socket.socket, t_main: float,
         ttrpc_server = build_server(ctx)
         _settle_gc()
         print(ready_line(t_main), flush=True)
-        await ttrpc_server.serve(listener)
+        await ttrpc_server.serve(listener, lambda conn: peers.admitted(conn, "agent"))
     finally:
         for cleanup in reversed(ctx.cleanups):
             cleanup()

@@ -13,18 +13,16 @@ import time
 import grpc
 from google.protobuf import empty_pb2
 
-from host_sandboxer.events import RecentEvents, check_guest_event
 from host_sandboxer.network import NetworkError
 from host_sandboxer.network import pod as pod_network
 from host_sandboxer.sandbox.agent import AgentLink
-from host_sandboxer.sandbox import sharefs_watch
+from host_sandboxer.sandbox import guest_events, sharefs_watch
 from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, Pod
 from host_sandboxer.taskproxy import mounts
 from host_sandboxer.taskproxy.errors import HostError
 from host_sandboxer.taskproxy.service import TaskProxy
 from host_sandboxer.vmm.vm import GuestVm, VmError
 from vmm_common import portforward, ttrpc
-from vmm_common.protos.containerd.services.ttrpc.events.v1 import events_pb2 as guest_events
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as task_v2
 from vmm_common.protos.containerd.task.v3 import shim_pb2_grpc as task_v3_grpc
 from vmm_common.protos.kuasar import sandbox_pb2
@@ -163,7 +161,7 @@ async def _open_port_forward(pod: Pod) -> None:
 
 def _watch(pod: Pod, config) -> None:
     pod.watchers = [asyncio.create_task(_watch_vm(pod), name=f"watch-{pod.id}"),
-                    asyncio.create_task(_pump_events(pod), name=f"events-{pod.id}")]
+                    asyncio.create_task(guest_events.pump(pod), name=f"events-{pod.id}")]
     if config.sharefs.check_interval_s > 0:
         pod.watchers.append(asyncio.create_task(sharefs_watch.watch(pod, config.sharefs.check_interval_s),
                                                 name=f"sharefs-{pod.id}"))
@@ -227,30 +225,6 @@ async def _watch_vm(pod: Pod) -> None:
         what, why = next((what, loss.result()) for loss, what in losses.items() if loss.done())
         pod.mark_exited(UNKNOWN_EXIT_STATUS, vm.qemu.failure(f"{what} ({why}); VM stopped"))
     await _close_vm(pod)
-
-
-async def _pump_events(pod: Pod) -> None:
-    """Carry the guest's task events (GetEvents blocks until one is queued) to containerd,
-    each once (a repeat after a broken link is dropped)."""
-    recent = RecentEvents()
-    while not pod.vm_exited.done():
-        try:
-            envelope = await pod.agent.call(SANDBOX_SERVICE, "GetEvents", empty_pb2.Empty(),
-                                            guest_events.Envelope, timeout=None)
-        except (ConnectionError, ttrpc.RpcError) as exc:
-            if pod.vm_exited.done():
-                return
-            log.warning("pod %s: GetEvents failed (%s); retrying", pod.id, exc)
-            await asyncio.sleep(0.5)
-            continue
-        refused = check_guest_event(envelope.topic, envelope.event, pod.known_container_ids)
-        if refused:
-            log.warning("pod %s: guest event dropped: %s", pod.id, refused)
-            continue
-        if not recent.first_time(envelope):
-            log.info("pod %s: guest event %s delivered again: dropped", pod.id, envelope.topic)
-            continue
-        pod.publisher.publish(pod.namespace, envelope.topic, envelope.event)
 
 
 async def _unplug(pod: Pod) -> None:

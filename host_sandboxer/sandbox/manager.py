@@ -6,6 +6,7 @@ import grpc
 
 from host_sandboxer.sandbox import lifecycle
 from host_sandboxer.sandbox.ids import InvalidID, check_id
+from host_sandboxer.sandbox.netns_path import check_netns_path
 from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, Pod
 from host_sandboxer.sandbox.podconfig import PodConfigError, parse_pod_config
 from host_sandboxer.sandbox.statedir import StateDir
@@ -45,6 +46,7 @@ class Sandboxes:
             raise HostError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if sandbox_id in self.pods:
             raise HostError(grpc.StatusCode.ALREADY_EXISTS, f"sandbox {sandbox_id!r} already exists")
+        check_netns_path(netns_path)
         try:
             pod_config = _parse_options(options)
         except PodConfigError as exc:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 READY, NOT_READY = "SANDBOX_READY", "SANDBOX_NOTREADY"
 GUEST_POD_NS_DIR = "/run/sandbox-ns"
 UNKNOWN_EXIT_STATUS = 255  # containerd's value for an exit nobody saw
+REMEMBERED_REMOVALS = 1024  # deleted processes whose late events (exit, delete) may still pass
 
 
 def timestamp(ns: int) -> timestamp_pb2.Timestamp:
@@ -76,6 +77,7 @@ class Pod:
         self.ports = PortAllocator()
         self.containers: dict[str, Container] = {}
         self.known_container_ids: set[str] = set()  # ever created here: their events may pass
+        self.removed_processes: dict[tuple[str, str], None] = {}  # the last ones, oldest first
         self.vm_exited: asyncio.Future = asyncio.get_running_loop().create_future()
         self.stopping = False
         self.watchers: list[asyncio.Task] = []  # VM death watch, event pump, sharefs probe
@@ -160,8 +162,21 @@ class Pod:
     async def remove_process(self, container: Container, exec_id: str) -> None:
         stdio = container.processes.pop(exec_id, None)
         if stdio is not None:
+            self._remember_removal(container.bundle.container_id, exec_id)
             await stdio.close()
             self.save()
+
+    def knows_process(self, container_id: str, exec_id: str) -> bool:
+        """Whether the process ("" = init) is, or lately was, one of this pod's: a guest
+        event about it may pass (its exit and delete arrive after the host removed it)."""
+        container = self.containers.get(container_id)
+        return ((container is not None and exec_id in container.processes)
+                or (container_id, exec_id) in self.removed_processes)
+
+    def _remember_removal(self, container_id: str, exec_id: str) -> None:
+        self.removed_processes[(container_id, exec_id)] = None
+        if len(self.removed_processes) > REMEMBERED_REMOVALS:
+            del self.removed_processes[next(iter(self.removed_processes))]
 
     def resume_stdio(self) -> None:
         """A restarted daemon: relay again every process's stdio, from where each stream got."""
@@ -179,7 +194,8 @@ class Pod:
         container = self.containers.pop(container_id, None)
         if container is None:
             return
-        for stdio in container.processes.values():
+        for exec_id, stdio in container.processes.items():
+            self._remember_removal(container_id, exec_id)
             await stdio.close()
         container.bundle.cleanup()
         self.save()
@@ -206,7 +222,7 @@ class Pod:
                 event = task_pb2.TaskExit(container_id=cid, id=exec_id or cid,
                                           exit_status=UNKNOWN_EXIT_STATUS,
                                           exited_at=timestamp(self.exited_at_ns))
-                self.publisher.publish(self.namespace, "/tasks/exit", pack(event))
+                self.publisher.publish(self.namespace, "/tasks/exit", pack(event), source=self.id)
 
     def status_state(self) -> str:
         healthy = self.state == "ready" and not self.vm_exited.done() and not self.unhealthy

@@ -16,6 +16,7 @@ import logging
 
 from host_sandboxer.vmm import process
 from vmm_common import ttrpc
+from vmm_common.capped_text import capped
 from vmm_common.protos.vmmtask.v1 import health_pb2
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ async def _probe(pod) -> str | None:
         return ""
     if answer.status == Serving.SERVICE_UNKNOWN:
         return None
-    return _with_host_view(pod, answer.reason or Serving.ServingStatus.Name(answer.status))
+    return _with_host_view(pod, capped(answer.reason) or Serving.ServingStatus.Name(answer.status))
 
 
 def _with_host_view(pod, reason: str) -> str:

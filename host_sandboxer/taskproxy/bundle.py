@@ -16,7 +16,8 @@ import grpc
 
 from host_sandboxer.taskproxy import mounts
 from host_sandboxer.taskproxy.errors import HostError
-from host_sandboxer.taskproxy.spec_rewrite import ROOTFS_DIR, SpecError, drop_missing_pod_files, rewrite_spec
+from host_sandboxer.taskproxy.spec_rewrite import (ROOTFS_DIR, SpecError, drop_missing_pod_files,
+                                                   reopen_submounts, rewrite_spec)
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,10 @@ class GuestBundle:
                                 f"container {self.container_id}: bind source(s) missing: "
                                 + ", ".join(e.host_source for e in unresolved))
             for exposure in (e for e in rewritten.exposures if e not in missing):
-                readonly = "ro" in exposure.options
-                mounts.bind(exposure.host_source, self.root / exposure.shared_path,
-                            recursive="rbind" in exposure.options, readonly=readonly)
+                target = self.root / exposure.shared_path
+                mounts.mount_one("bind", exposure.host_source, target, exposure.options)
+                if mounts.access_of(exposure.options) == mounts.READ_ONLY:
+                    reopen_submounts(rewritten.spec, exposure, mounts.submounts_of(target))
             self._write_config(rewritten.spec)
             # Everything the host mounts for this container is in place: now the guest may write
             # in the bundle (the agent adjusts config.json), through a writable mount of its own.
@@ -88,7 +90,8 @@ class GuestBundle:
         # No mounts from containerd: the spec's root.path is a ready directory on the host.
         root = (spec.get("root") or {})
         source = os.path.join(host_bundle, root.get("path") or ROOTFS_DIR)
-        mounts.bind(source, target, recursive=True, readonly=bool(root.get("readonly")))
+        mounts.bind(source, target, recursive=True,
+                    access=mounts.READ_ONLY if root.get("readonly") else mounts.READ_WRITE)
 
     def _write_config(self, spec: dict) -> None:
         path = self.host_dir / "config.json"

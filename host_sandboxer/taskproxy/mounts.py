@@ -5,7 +5,12 @@ work dirs, or a `bind`); the guest can only see the shared directory. So the hos
 those mounts in a host-only directory, a shared-propagation mount point, shown to the guest
 through a read-only slave bind (`export_readonly`): mounts made after virtiofsd started still
 reach virtiofsd's mount namespace, and the guest cannot write what the host prepares.
-mount(2) is called through libc (vmm_common.mount): no helper process per container.
+A bind is made as a detached copy of its source, made ready, then attached (`bind`):
+propagation copies a mount as it is when it is attached (a later remount would change only
+the copy it is made on, leaving the guest's views writable), and a copy that stayed a peer of
+its source would pass our unmounts back to the host's own mounts.
+mount(2) and the new mount API are called through libc (vmm_common.mount): no helper process
+per container.
 """
 
 import errno
@@ -13,14 +18,23 @@ import os
 from pathlib import Path
 
 from vmm_common.mount import (
-    MNT_DETACH, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT, MS_SHARED,
-    MS_SLAVE, mount, umount,
+    AT_RECURSIVE, MNT_DETACH, MOUNT_ATTR_RDONLY, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID,
+    MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, MS_SHARED, MS_SLAVE, OPEN_TREE_CLOEXEC,
+    OPEN_TREE_CLONE, mount, mount_setattr, move_mount, open_tree, umount,
 )
 
+# "rro": recursively read-only (runc's and crun's option; containerd's CRI writes it for
+# recursiveReadOnly). A new filesystem has no submounts: there it is just "ro".
 _FLAG_OPTIONS = {
-    "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
+    "ro": MS_RDONLY, "rro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
     "bind": MS_BIND, "rbind": MS_BIND | MS_REC,
 }
+# How a bind may be written: the top read-only and submounts as they are (OCI's "ro", as runc
+# does it), or every mount of it read-only.
+READ_WRITE, READ_ONLY, RECURSIVE_READ_ONLY = "rw", "ro", "rro"
+# Propagation options asking for the host's later mounts under the source (CRI's
+# HostToContainer is rslave; Bidirectional, rshared, cannot reach back across a VM).
+_RECEIVING = {"slave", "rslave", "shared", "rshared"}
 # Options that only say what a flag's absence already means, or propagation, which we set.
 _IGNORED_OPTIONS = {"rw", "suid", "dev", "exec", "private", "rprivate", "slave", "rslave",
                     "shared", "rshared", "relatime", "norelatime"}
@@ -48,17 +62,32 @@ def split_options(options) -> tuple[int, str]:
     return flags, ",".join(data)
 
 
+def access_of(options) -> str:
+    """READ_WRITE, READ_ONLY or RECURSIVE_READ_ONLY: what a bind with these options allows."""
+    if RECURSIVE_READ_ONLY in options:
+        return RECURSIVE_READ_ONLY
+    return READ_ONLY if READ_ONLY in options else READ_WRITE
+
+
 def mount_one(fstype: str, source: str, target: Path, options) -> None:
     """Mount one containerd mount (`overlay`, `bind`, or another filesystem) on `target`."""
     flags, data = split_options(options)
     if fstype == "bind" or flags & MS_BIND:
-        bind(source, target, recursive=bool(flags & MS_REC), readonly=bool(flags & MS_RDONLY))
+        bind(source, target, recursive=bool(flags & MS_REC), access=access_of(options),
+             receive=bool(_RECEIVING.intersection(options)))
         return
     _call_mount(source, str(target), fstype, flags, data)
 
 
-def bind(source: str, target: Path, recursive: bool = True, readonly: bool = False) -> None:
-    """Bind `source` on `target`, creating `target` as a file or directory like the source."""
+def bind(source: str, target: Path, recursive: bool = True, access: str = READ_WRITE,
+         receive: bool = False) -> None:
+    """Bind `source` on `target`, creating `target` as a file or directory like the source.
+
+    The copy of `source` is made read-only (READ_ONLY: its top; RECURSIVE_READ_ONLY: every
+    mount in it) before it is attached, so every copy propagation makes of it (the pod's
+    `shared/`, virtiofsd's mount namespace) is as read-only. It is never a peer of the source:
+    private, or with `receive` a slave that gets the mounts the host adds under the source
+    later (not for RECURSIVE_READ_ONLY: they would arrive writable)."""
     if not os.path.exists(source):
         raise MountError(errno.ENOENT, f"bind source {source} does not exist")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,9 +95,19 @@ def bind(source: str, target: Path, recursive: bool = True, readonly: bool = Fal
         target.mkdir(exist_ok=True)
     elif not target.exists():
         target.touch(mode=0o600)
-    _call_mount(source, str(target), None, MS_BIND | (MS_REC if recursive else 0), None)
-    if readonly:
-        _call_mount("none", str(target), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
+    all_read_only = access == RECURSIVE_READ_ONLY
+    try:
+        fd = open_tree(source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0))
+        try:
+            mount_setattr(fd, MOUNT_ATTR_RDONLY if all_read_only else 0, recursive=True,
+                          propagation=MS_SLAVE if receive and not all_read_only else MS_PRIVATE)
+            if access == READ_ONLY:
+                mount_setattr(fd, MOUNT_ATTR_RDONLY, recursive=False)
+            move_mount(fd, str(target))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise MountError(exc.errno, f"bind of {source} on {target}: {exc.strerror}") from None
 
 
 def make_shared_mountpoint(path: Path) -> None:
@@ -119,15 +158,29 @@ def mountpoints_under(path: Path) -> list[str]:
     return sorted(points, key=lambda p: p.count("/"), reverse=True)
 
 
+def submounts_of(path: Path) -> list[str]:
+    """The mount points below the mount at `path`, relative to it, parents first."""
+    base = os.path.realpath(path)
+    return sorted({os.path.relpath(p, base) for p in mountpoints_under(path) if p != base},
+                  key=lambda p: (p.count("/"), p))
+
+
 def is_mountpoint(path: Path) -> bool:
     return os.path.realpath(path) in mountpoints_under(path)
 
 
 def unmount_all_under(path: Path) -> None:
-    """Detach every mount at or below `path` (stacked mounts included)."""
-    for point in mountpoints_under(path):
-        try:
-            umount(point, MNT_DETACH)
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOENT):
-                raise MountError(exc.errno, exc.strerror) from None
+    """Detach every mount at or below `path`, stacked mounts included. A path reaches only the
+    top of a stack, and not what a mount higher up covers (the volumes under a bundle's own
+    bind): so passes, each deepest first, until a pass leaves nothing or changes nothing."""
+    points = mountpoints_under(path)
+    while points:
+        for point in points:
+            try:
+                umount(point, MNT_DETACH)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOENT):
+                    raise MountError(exc.errno, exc.strerror) from None
+        points, before = mountpoints_under(path), points
+        if points == before:
+            return

@@ -99,10 +99,10 @@ class TaskProxy(v3_grpc.TaskServicer):
         if cid in self.pod.containers:
             raise HostError(grpc.StatusCode.ALREADY_EXISTS,
                             f"container {cid} already exists in pod {self.pod.id}")
+        stdio = ProcessStdio.create(request.stdin, request.stdout, request.stderr, self.pod.ports,
+                                    self.pod.stdio_dir, request.terminal)  # FIFOs checked first
         bundle = GuestBundle(self.pod.mounts_dir, cid)
         bundle.prepare(request.bundle, request.rootfs, self.pod.pod_namespaces())
-        stdio = ProcessStdio.create(request.stdin, request.stdout, request.stderr, self.pod.ports,
-                                    self.pod.stdio_dir, request.terminal)
         self.pod.add_container(cid, request.bundle, stdio)
         guest_request = v3.CreateTaskRequest()
         guest_request.CopyFrom(request)

@@ -68,6 +68,23 @@ def drop_missing_pod_files(spec: dict, missing: list[Exposure]) -> list[Exposure
     return keep
 
 
+def reopen_submounts(spec: dict, exposure: Exposure, submounts: list[str]) -> None:
+    """Give each of `submounts` (paths relative to the bind source, parents first) of a `ro`
+    bind a bind of its own in `spec`, right after that bind's, with `ro` made `rw`.
+
+    OCI's `ro` makes only the top of a bind read-only: on a host, its submounts keep their own
+    flags (critest's "non-recursive readonly mounts" writes into one). In the guest the whole
+    volume is one virtiofs or 9p mount, so crun's `ro` would cover the submounts too. Their
+    own binds there leave the decision to the host's copy of each, as runc would."""
+    guest_source = posixpath.join(GUEST_SHARED_DIR, exposure.shared_path)
+    mounts = spec["mounts"]
+    index = next(i for i, m in enumerate(mounts) if m.get("source") == guest_source)
+    options = ["rw" if o == "ro" else o for o in mounts[index].get("options") or ()]
+    mounts[index + 1:index + 1] = [
+        {"destination": posixpath.join(exposure.destination, sub), "type": "bind",
+         "source": posixpath.join(guest_source, sub), "options": list(options)} for sub in submounts]
+
+
 def guest_bundle(container_id: str) -> str:
     return posixpath.join(GUEST_SHARED_DIR, container_id)
 

@@ -12,7 +12,6 @@ is down. What a process's relays are (FIFOs, ports) is in the pod's record: `rec
 """
 
 import asyncio
-import concurrent.futures
 import errno
 import logging
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from host_sandboxer.taskproxy import fifo_keeper
 from host_sandboxer.taskproxy.delivered import DeliveredMark
+from host_sandboxer.taskproxy.fifos import check_fifo, open_fifo
 from host_sandboxer.vmm import process
 from vmm_common.fdio import read_chunk, write_some
 from vmm_common.stdio_ack import ACK_EVERY, ACK_SUFFIX, OFFSET, frame
@@ -31,9 +31,6 @@ CONNECT_RETRY_S = 0.02
 CONNECT_TIMEOUT_S = 10.0
 RECONNECT_DELAY_S = 0.2  # after a lost connection: a guest resetting every one cannot spin us
 STREAMS = ("stdin", "stdout", "stderr")
-# Threads that wait for containerd to open stdin FIFOs (an open blocks): their own pool, so a
-# FIFO nobody opens never starves the loop's default executor.
-_STDIN_OPENS = concurrent.futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="stdin-open")
 
 
 class PortAllocator:
@@ -55,32 +52,15 @@ def guest_uri(port: int) -> str:
     return f"vsock://{port}{ACK_SUFFIX}"
 
 
-async def _open_fifo_reader(path: str) -> int:
-    """stdin: wait (in a thread: FIFO opens block) until containerd opens its writing end.
-    Reading before that would see EOF, which is what a closed writer looks like too."""
-    loop = asyncio.get_running_loop()
-    fd = await loop.run_in_executor(_STDIN_OPENS, os.open, path, os.O_RDONLY | os.O_CLOEXEC)
-    os.set_blocking(fd, False)
-    return fd
-
-
-async def _open_fifo_writer(path: str) -> int:
+async def _open_fifo_writer(name: str, path: str) -> int:
     """stdout/stderr: open once containerd reads the FIFO (ENXIO until then), without a thread."""
     while True:
         try:
-            return os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            return open_fifo(name, path, os.O_WRONLY)
         except OSError as exc:
             if exc.errno != errno.ENXIO:
                 raise
             await asyncio.sleep(CONNECT_RETRY_S)
-
-
-def _release_blocked_open(path: str, flags: int) -> None:
-    """Unblock a thread stuck opening `path` by briefly opening the other end ourselves."""
-    try:
-        os.close(os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC))
-    except OSError:
-        pass
 
 
 async def _connect(transport, port: int):
@@ -174,6 +154,9 @@ class ProcessStdio:
                terminal: bool = False) -> "ProcessStdio":
         # With a terminal, stdout carries everything: the agent ignores a stderr stream.
         fifos = {"stdin": stdin, "stdout": stdout, "stderr": "" if terminal else stderr}
+        for name, path in fifos.items():
+            if path:
+                check_fifo(name, path)
         return cls(fifos, {name: ports.take() for name, path in fifos.items() if path}, marks_dir)
 
     def record(self) -> dict:
@@ -212,7 +195,7 @@ class ProcessStdio:
 
     async def _output_relay(self, name: str, transport, port: int) -> None:
         mark = self._marks[name]
-        sink = FifoSink(self.fifos[name], await _open_fifo_writer(self.fifos[name]))
+        sink = FifoSink(self.fifos[name], await _open_fifo_writer(name, self.fifos[name]))
         try:
             await self._keep(name, sink.fd)
             await self._reconnecting(name, transport, port,
@@ -221,7 +204,9 @@ class ProcessStdio:
             sink.close()
 
     async def _stdin_relay(self, name: str, transport, port: int) -> None:
-        source = await _open_fifo_reader(self.fifos[name])
+        # At once, writer or not: a read waits for readability first (vmm_common.fdio), which
+        # a FIFO never had a writer does not report, so EOF means containerd closed stdin.
+        source = open_fifo(name, self.fifos[name], os.O_RDONLY)
         try:
             await self._keep(name, source)
             await self._reconnecting(name, transport, port,
@@ -281,13 +266,9 @@ class ProcessStdio:
             await asyncio.wait(tasks, timeout=timeout)
 
     async def close(self) -> None:
-        """Stop every relay (unblocking FIFO opens still waiting for containerd) and keeper; the
-        process is deleted, so its marks go too."""
-        for name, task in self._tasks.items():
-            if not task.done():
-                if name == "stdin":
-                    _release_blocked_open(self.fifos[name], os.O_WRONLY)
-                task.cancel()
+        """Stop every relay and keeper; the process is deleted, so its marks go too."""
+        for task in self._tasks.values():
+            task.cancel()
         for name, task in self._tasks.items():
             try:
                 await task

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from host_sandboxer.vmm.capped_log import DEFAULT_LIMIT, CappedLog
+from vmm_common.capped_text import capped
 
 MAX_LINE = 4096  # a longer run without newline is cut into lines of this size
 TAIL_LINES = 200
@@ -57,11 +58,12 @@ class ConsoleLog:
         return fut
 
     def tail(self, lines: int = 30) -> str:
-        """The last `lines` console lines (and any unterminated output) as text."""
+        """The last `lines` console lines (and any unterminated output) as text, each capped:
+        the guest writes them, and error messages and Status quote them."""
         texts = [line.text for line in list(self._lines)[-lines:]]
         if self._partial:
             texts.append(self._partial.decode(errors="replace"))
-        return "\n".join(texts)
+        return "\n".join(capped(text) for text in texts)
 
     async def close(self) -> None:
         if self._reader_task is not None:

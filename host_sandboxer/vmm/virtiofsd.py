@@ -1,4 +1,6 @@
-"""virtiofsd (QEMU 7.2's C daemon, /usr/lib/qemu/virtiofsd) serving one VM's shared directory.
+"""virtiofsd serving one VM's shared directory: QEMU 7.2's C daemon (/usr/lib/qemu/virtiofsd,
+Debian 12) or the Rust one (/usr/libexec/virtiofsd, Debian 13), which takes the same `-o`
+options (deprecated there, with a warning).
 
 It must listen before QEMU starts (QEMU connects to its vhost-user socket at start-up) and it
 exits by itself when QEMU disconnects.  Options used: `--socket-path`, `-o source=`, `-o cache=`

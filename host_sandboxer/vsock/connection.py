@@ -65,8 +65,13 @@ class Connection:
     def write(self, views: list) -> None:
         """Forwards guest payload to the host socket, buffering what it cannot take now.
 
-        Raises OSError if the host socket is broken, CreditViolation if the guest overran us.
+        Raises OSError if the host socket is broken, CreditViolation if the guest overran us:
+        checked before anything is copied, so the buffer never holds more than BUF_ALLOC.
         """
+        size = sum(map(len, views))
+        if len(self.pending) + size > BUF_ALLOC:
+            raise CreditViolation(f"guest port {self.guest_port} overran its credit "
+                                  f"({size} bytes with {len(self.pending)} buffered)")
         if not self.pending:
             try:
                 sent = self.sock.send(views[0]) if len(views) == 1 else self.sock.sendmsg(views)
@@ -82,9 +87,6 @@ class Connection:
         else:
             for v in views:
                 self.pending += v
-        if len(self.pending) > BUF_ALLOC:
-            raise CreditViolation(f"guest port {self.guest_port} overran its credit "
-                                  f"({len(self.pending)} bytes buffered)")
 
     def flush(self) -> bool:
         """Writes buffered bytes; True when none are left. Raises OSError if the socket broke."""

@@ -4,6 +4,10 @@ Runs entirely in event-loop callbacks. The guest is untrusted: a malformed ring 
 device log, drop every connection and ignore its queues until the driver restarts them (the
 `fail` path); a malformed packet only costs its own connection an RST. Nothing raises out.
 
+One loop serves every VM, so each callback has a `Budget`: so many chains, descriptors and
+payload bytes, after which the rest of the work is left to a later turn (tx and control
+packets: rescheduled; host data: the socket is still readable) and the other VMs are served.
+
 Ordering: control packets (RESPONSE, RST, SHUTDOWN, CREDIT_*) wait in `control` for rx
 buffers, and no data is read from a host socket while any are waiting, so a stream's packets
 reach the guest in the order they were produced.
@@ -25,6 +29,8 @@ log = logging.getLogger(__name__)
 
 RX, TX = 0, 1
 BATCH = 64                   # chains handled per callback before yielding to other VMs
+BATCH_DESCRIPTORS = 512      # descriptors walked per callback (a chain may be as long as its queue)
+BATCH_BYTES = 1 << 20        # payload bytes moved per callback
 BURST = 16                   # rx buffers filled by one recvmsg from a host socket
 MAX_CONNECTIONS = 1024
 MAX_CONTROL = 4096           # control packets waiting for rx buffers (a guest may never post any)
@@ -33,9 +39,30 @@ DRAIN_TIMEOUT = 30.0         # how long a closed stream may take to hand its las
 FIRST_HOST_PORT = 1 << 30    # ports we pick for host-initiated streams
 
 
+class Budget:
+    """The work one event-loop callback may still do for this VM (see the module docstring).
+    A pop attempt costs a chain even when the ring is dry, so a guest that races its avail
+    index cannot keep a callback spinning either."""
+    __slots__ = ("chains", "descriptors", "bytes")
+
+    def __init__(self):
+        self.chains, self.descriptors, self.bytes = BATCH, BATCH_DESCRIPTORS, BATCH_BYTES
+
+    def spend(self, chains: list = (), attempts: int = 1) -> None:
+        self.chains -= attempts
+        self.descriptors -= sum(chain.descriptors() for chain in chains)
+
+    def spent(self) -> bool:
+        return self.chains <= 0 or self.descriptors <= 0 or self.bytes <= 0
+
+
 def guarded(method):
-    """Event-loop entry points: a malformed ring fails the device, nothing escapes."""
+    """Event-loop entry points: a malformed ring fails the device, nothing escapes; each
+    callback gets a fresh Budget (a guarded method called by another shares the caller's)."""
     def wrapper(self, *args):
+        outermost = self.budget is None
+        if outermost:
+            self.budget = Budget()
         try:
             method(self, *args)
         except (VirtqueueError, GuestMemoryError, ValueError) as e:
@@ -43,6 +70,9 @@ def guarded(method):
         except Exception:
             log.exception("vsock cid %d: unexpected error", self.guest_cid)
             self.fail("internal error")
+        finally:
+            if outermost:
+                self.budget = None
     wrapper.__name__ = method.__name__
     return wrapper
 
@@ -61,8 +91,10 @@ class VsockDevice:
         self.control = collections.deque()
         self.rx_waiters = {}          # connections parked until the guest posts rx buffers (ordered set)
         self.broken = None            # why the device stopped serving its queues
+        self.budget = None            # the running callback's Budget
         self._ports = itertools.count(FIRST_HOST_PORT)
         self._tx_scheduled = False
+        self._rx_scheduled = False    # a kick(RX) is due: control packets past a callback's budget
         self._control_dropped = 0
 
     @property
@@ -144,20 +176,21 @@ class VsockDevice:
         if self.control and not self._flush_control():
             self._park(conn)
             return
-        for _ in range(BATCH // BURST):
-            if not self._receive_burst(conn):
-                break
+        while self._receive_burst(conn) and not self.budget.spent():
+            pass                      # what is left waits for the next turn: the socket stays readable
         self.rxq.publish()
         self._update_reading(conn)
 
     def _receive_burst(self, conn: Connection) -> bool:
         """One recvmsg from the host socket straight into up to BURST rx buffers; True to go on."""
-        rxq = self.rxq
-        room = min(conn.credit(), BURST * MAX_PAYLOAD)
+        rxq, budget = self.rxq, self.budget
+        room = min(conn.credit(), BURST * MAX_PAYLOAD, budget.bytes)
         if room <= 0:
             return False
-        chains = rxq.pop_many(BURST)
-        dry = len(chains) < BURST
+        want = min(BURST, budget.chains)
+        chains = rxq.pop_many(want, budget.descriptors)
+        budget.spend(chains, want)
+        dry = len(chains) < want and budget.descriptors > 0
         taken, views = [], []
         for chain in chains:
             if room <= 0:
@@ -187,6 +220,7 @@ class VsockDevice:
             self._drop(conn, rst=True)
             return False
         used = self._fill(conn, taken, n) if n else []
+        budget.bytes -= n or 0
         self._rollback(rxq, len(taken) - len(used))
         rxq.push_many(used)
         if n == 0:
@@ -260,6 +294,8 @@ class VsockDevice:
 
     @guarded
     def kick(self, index: int) -> None:
+        if index == RX:
+            self._rx_scheduled = False     # this is the kick that was due
         if not self.running:
             return
         if index == RX:
@@ -276,9 +312,10 @@ class VsockDevice:
         self._tx_scheduled = False
         if not self.running:       # stopped while this call was scheduled
             return
-        txq = self.txq
-        for _ in range(BATCH):
+        txq, budget = self.txq, self.budget
+        while not budget.spent():
             chain = txq.pop()
+            budget.spend((chain,) if chain else ())
             if chain is None:
                 txq.publish()
                 if not txq.arm():
@@ -330,6 +367,7 @@ class VsockDevice:
             if length > MAX_PAYLOAD or HEADER_SIZE + length > sum(map(len, views)):
                 self._refuse(key, conn, f"RW claims {length} bytes")
             elif length:
+                self.budget.bytes -= length
                 self._guest_data(conn, slice_views(views, HEADER_SIZE, length))
         elif op == OP_CREDIT_REQUEST:
             self._send_control(conn, OP_CREDIT_UPDATE)
@@ -453,14 +491,21 @@ class VsockDevice:
         self._flush_control()
 
     def _flush_control(self) -> bool:
-        """Writes waiting control packets into rx buffers; True when none are left."""
-        rxq = self.rxq
+        """Writes waiting control packets into rx buffers; True when none are left. Those past
+        the callback's budget wait for a kick(RX) scheduled here, as if the guest had kicked."""
+        rxq, budget = self.rxq, self.budget
         if rxq is None:
             return False
         control = self.control
         wrote = False
         while control:
+            if budget.spent() or self._rx_scheduled:
+                if not self._rx_scheduled:
+                    self._rx_scheduled = True
+                    self.loop.call_soon(self.kick, RX)
+                break
             chain = rxq.pop()
+            budget.spend((chain,) if chain else ())
             if chain is None:
                 if rxq.arm():
                     continue

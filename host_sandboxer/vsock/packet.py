@@ -27,14 +27,17 @@ OP_NAMES = {OP_REQUEST: "REQUEST", OP_RESPONSE: "RESPONSE", OP_RST: "RST", OP_SH
 
 
 def read_header(views: list) -> tuple:
-    """Unpacks the header from the start of a chain's readable views (it may span several)."""
+    """Unpacks the header from the start of a chain's readable views (it may span several).
+    Copies at most the header's 44 bytes, whatever the descriptors behind it claim."""
     first = views[0] if views else b""
     if len(first) >= HEADER_SIZE:
         return HEADER.unpack_from(first)
-    joined = b"".join(bytes(v) for v in views)
-    if len(joined) < HEADER_SIZE:
-        raise ValueError(f"packet of {len(joined)} bytes has no complete header")
-    return HEADER.unpack_from(joined)
+    head = bytearray()
+    for v in views:
+        head += v[:HEADER_SIZE - len(head)]
+        if len(head) == HEADER_SIZE:
+            return HEADER.unpack_from(head)
+    raise ValueError(f"packet of {len(head)} bytes has no complete header")
 
 
 def write_header(views: list, fields: tuple) -> None:

@@ -2,8 +2,10 @@
 
 The guest writes the descriptor table and the available ring; every index, address, length
 and flag read from them is checked here, and any violation raises VirtqueueError (the device
-then resets itself). Descriptor chains come back as lists of memoryviews into guest RAM, so
-data moves between guest memory and host sockets without extra copies.
+then resets itself). A chain holds at most the queue size of descriptors, an indirect table's
+included (virtio 1.2 §2.7.5.3.1), so walking one costs a bounded amount whatever the guest
+wrote. Descriptor chains come back as lists of memoryviews into guest RAM, so data moves
+between guest memory and host sockets without extra copies.
 """
 
 import os
@@ -26,18 +28,29 @@ VIRTIO_RING_F_EVENT_IDX = 1 << 29
 MAX_QUEUE_SIZE = 32768
 
 
+def store_u16(view, offset: int, value: int) -> None:
+    """Writes a ring index the other side reads meanwhile with one 16-bit store.
+    struct.pack_into zero-fills its bytes before it packs (CPython's s_pack_internal), so a
+    reader could see 0 in between. Native order: hosts are little-endian, as virtio 1.x rings."""
+    view[offset:offset + 2].cast("H")[0] = value
+
+
 class VirtqueueError(Exception):
     """The guest's ring is malformed (bad index, address, length, flags or a loop)."""
 
 
 class Chain:
-    """One descriptor chain: `readable` (driver->device) then `writable` (device->driver) views."""
+    """One descriptor chain: `readable` (driver->device) then `writable` (device->driver) views,
+    one per descriptor."""
     __slots__ = ("head", "readable", "writable")
 
     def __init__(self, head: int, readable: list, writable: list):
         self.head = head
         self.readable = readable
         self.writable = writable
+
+    def descriptors(self) -> int:
+        return len(self.readable) + len(self.writable)
 
 
 class Virtqueue:
@@ -112,11 +125,12 @@ class Virtqueue:
 
     def pop(self):
         """The next available chain, or None. Raises VirtqueueError/GuestMemoryError if malformed."""
-        chains = self.pop_many(1)
+        chains = self.pop_many(1, self.num)
         return chains[0] if chains else None
 
-    def pop_many(self, limit: int) -> list:
-        """Up to `limit` available chains in ring order (fewer when the ring runs dry)."""
+    def pop_many(self, limit: int, descriptors: int) -> list:
+        """Up to `limit` available chains in ring order: fewer when the ring runs dry, or once
+        those popped hold `descriptors` descriptors (the caller's budget)."""
         last, num = self.last_avail, self.num
         avail = U16.unpack_from(self._avail, self._avail_off + 2)[0]
         ready = (avail - last) & 0xFFFF
@@ -127,17 +141,21 @@ class Virtqueue:
         table, table_off, view = self._desc, self._desc_off, self._memory.view
         chains = []
         for i in range(min(ready, limit)):
+            if descriptors <= 0:
+                break
             head = U16.unpack_from(ring, ring_off + 2 * ((last + i) % num))[0]
             self.last_avail = (last + i + 1) & 0xFFFF
             if head >= num:
                 raise VirtqueueError(f"queue {self.index}: head {head} >= size {num}")
             addr, length, flags, _ = DESC.unpack_from(table, table_off + 16 * head)
             if flags & (DESC_F_NEXT | DESC_F_INDIRECT):
-                chains.append(self._walk(head))
-            elif flags & DESC_F_WRITE:     # the common one-descriptor chains, without _walk
-                chains.append(Chain(head, [], [view(addr, length)]))
-            else:
-                chains.append(Chain(head, [view(addr, length)], []))
+                chain = self._walk(head)
+                descriptors -= chain.descriptors()
+            else:                          # the common one-descriptor chains, without _walk
+                segment = [view(addr, length)]
+                chain = Chain(head, [], segment) if flags & DESC_F_WRITE else Chain(head, segment, [])
+                descriptors -= 1
+            chains.append(chain)
         return chains
 
     def rollback(self) -> None:
@@ -145,23 +163,31 @@ class Virtqueue:
         self.last_avail = (self.last_avail - 1) & 0xFFFF
 
     def _walk(self, head: int) -> Chain:
-        memory = self._memory
-        table, base, size = self._desc, self._desc_off, self.num
+        """The chain from `head`: direct descriptors, maybe ending in one indirect table. Its
+        data descriptors, those of the table included, number at most the queue size (the
+        descriptor that points at the table carries no data and is not counted); more is a
+        loop or an overlong chain."""
+        memory, limit = self._memory, self.num
+        table, base, size = self._desc, self._desc_off, limit
         readable, writable = [], []
         i, seen, indirect = head, 0, False
         while True:
-            seen += 1
-            if seen > size:
-                raise VirtqueueError(f"queue {self.index}: chain from {head} loops or exceeds {size}")
             addr, length, flags, nxt = DESC.unpack_from(table, base + 16 * i)
             if flags & DESC_F_INDIRECT:
                 if not self.indirect or indirect or flags & DESC_F_NEXT:
                     raise VirtqueueError(f"queue {self.index}: indirect descriptor not allowed here")
-                if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
-                    raise VirtqueueError(f"queue {self.index}: indirect table of {length} bytes")
+                if length == 0 or length % 16:
+                    raise VirtqueueError(f"queue {self.index}: indirect table of {length} bytes "
+                                         "is not a whole number of descriptors")
+                if seen + length // 16 > limit:
+                    raise VirtqueueError(f"queue {self.index}: indirect table of {length} bytes after "
+                                         f"{seen} descriptor(s) exceeds the queue size {limit}")
                 table = memory.view(addr, length)
-                base, size, i, seen, indirect = 0, length // 16, 0, 0, True
+                base, size, i, indirect = 0, length // 16, 0, True
                 continue
+            seen += 1
+            if seen > limit:
+                raise VirtqueueError(f"queue {self.index}: chain from {head} loops or exceeds {limit}")
             segment = memory.view(addr, length)
             if flags & DESC_F_WRITE:
                 writable.append(segment)
@@ -191,7 +217,7 @@ class Virtqueue:
         """Makes pushed entries visible and notifies the guest when it asked to be."""
         new = self.used_idx
         old = self._signalled_used
-        U16.pack_into(self._used, self._used_off + 2, new)
+        store_u16(self._used, self._used_off + 2, new)
         if new == old:
             return
         if self.event_idx:
@@ -209,5 +235,5 @@ class Virtqueue:
     def arm(self) -> bool:
         """Asks for a kick at the next new buffer; True if buffers arrived meanwhile (poll again)."""
         if self.event_idx:
-            U16.pack_into(self._used, self._used_off + 4 + 8 * self.num, self.last_avail)
+            store_u16(self._used, self._used_off + 4 + 8 * self.num, self.last_avail)
         return self.avail_idx() != self.last_avail

@@ -1,6 +1,10 @@
 """Fixtures for dev-mode agent tests: the real agent (`vmm-task --listen unix://...`) as root on
 this host, real crun, and a busybox rootfs built from Debian's busybox-static.
 
+The runtime is the guest's (pinned Debian 13 packages, initrd/guest_runtime.py) made runnable
+on this host, not the host's own: Debian 12's crun 1.8.1 refuses the `ociVersion` containerd
+2.4 writes (1.3.0), which the specs here carry.
+
     def test_x(agent, bundles):
         async def body(t):                        # t: TaskClient connected to the agent
             b = bundles.make(["sh", "-c", "echo hi"])
@@ -29,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from host_sandboxer.taskproxy.mounts import unmount_all_under
+from initrd import guest_runtime
 from vmm_common import ttrpc
 from vmm_common.protos.containerd.events import task_pb2 as events_pb
 from vmm_common.protos.containerd.services.ttrpc.events.v1 import events_pb2 as envelope_pb
@@ -40,7 +45,7 @@ BUSYBOX = Path("/bin/busybox")
 TASK = "containerd.task.v2.Task"
 AGENT_START_TIMEOUT = 30.0
 # crun by default; VMM_TASK_TEST_RUNTIME=runc runs the same tests with runc
-RUNTIME = os.environ.get("VMM_TASK_TEST_RUNTIME", "crun")
+RUNTIME_NAME = os.environ.get("VMM_TASK_TEST_RUNTIME", "crun")
 
 RESPONSES = {
     "State": pb.StateResponse, "Create": pb.CreateTaskResponse, "Start": pb.StartResponse,
@@ -130,7 +135,7 @@ def oci_spec(args: list[str], cid: str, terminal: bool = False, resources: dict 
     if resources:
         linux["resources"] = resources
     return {
-        "ociVersion": "1.0.2",
+        "ociVersion": "1.3.0",  # as containerd 2.3-2.4 write it (scripts/demo.py's OCI_VERSION)
         "process": {
             "terminal": terminal, "user": {"uid": 0, "gid": 0}, "args": args, "cwd": "/",
             "env": ["PATH=/bin", "TERM=xterm", "HOME=/root"],
@@ -274,7 +279,8 @@ def _decode_event(packed):
 class Agent:
     """The dev-mode agent process."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, runtime: str):
+        self.runtime = runtime
         self.socket = workdir / "agent.sock"
         self.port_forward_socket = workdir / "port-forward.sock"
         self.run_dir = workdir / "run"
@@ -284,7 +290,7 @@ class Agent:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vmm_task", "--listen", f"unix://{self.socket}",
              "--port-forward", f"unix://{self.port_forward_socket}",
-             "--run-dir", str(self.run_dir), "--runtime", RUNTIME],
+             "--run-dir", str(self.run_dir), "--runtime", runtime],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.pid = self.process.pid
         deadline = time.monotonic() + AGENT_START_TIMEOUT
@@ -335,13 +341,19 @@ class Agent:
         if root.is_dir():
             for cid in os.listdir(root):
                 if (root / cid).is_dir():
-                    subprocess.run([RUNTIME, "--root", str(root), "delete", "--force", cid],
+                    subprocess.run([self.runtime, "--root", str(root), "delete", "--force", cid],
                                    capture_output=True)
 
 
+@pytest.fixture(scope="session")
+def runtime() -> str:
+    """Path of the guest's runtime made runnable here (built once into the cache)."""
+    return str(guest_runtime.host_copy(RUNTIME_NAME, _cache_dir()))
+
+
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory, busybox_rootfs, crun_cgroups) -> Agent:
-    running = Agent(tmp_path_factory.mktemp("agent"))
+def agent(tmp_path_factory, busybox_rootfs, crun_cgroups, runtime) -> Agent:
+    running = Agent(tmp_path_factory.mktemp("agent"), runtime)
     yield running
     try:
         assert running.alive(), f"the agent died:\n{running.log.read_text()[-3000:]}"

@@ -1,6 +1,7 @@
 """vmm_common.mount: the libc mount/umount2 wrapper shared by the agent and the host."""
 
 import errno
+import os
 
 import pytest
 
@@ -33,3 +34,27 @@ def test_bind_mount_and_umount_round_trip(tmp_path):
     finally:
         mount.umount(str(target))
     assert not (target / "file").exists()
+
+
+def test_new_mount_api_attaches_a_read_only_copy_and_failures_name_the_call(tmp_path):
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.mkdir()
+    target.mkdir()
+    with pytest.raises(OSError) as failure:
+        mount.open_tree(str(tmp_path / "missing"), mount.OPEN_TREE_CLONE)
+    assert failure.value.errno == errno.ENOENT and f"open_tree {tmp_path}/missing" in str(failure.value)
+    fd = mount.open_tree(str(source), mount.OPEN_TREE_CLONE | mount.OPEN_TREE_CLOEXEC)
+    try:
+        mount.mount_setattr(fd, mount.MOUNT_ATTR_RDONLY, recursive=False)
+        mount.move_mount(fd, str(target))
+    finally:
+        os.close(fd)
+    try:
+        with pytest.raises(OSError) as failure:
+            (target / "file").write_text("no")
+        assert failure.value.errno == errno.EROFS
+    finally:
+        mount.umount(str(target))
+    with pytest.raises(OSError) as failure:
+        mount.mount_setattr(fd, mount.MOUNT_ATTR_RDONLY, recursive=False)  # closed
+    assert failure.value.errno == errno.EBADF and f"mount_setattr fd {fd}" in str(failure.value)

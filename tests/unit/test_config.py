@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from host_sandboxer import config
 from host_sandboxer.config import DEFAULT_IMAGE_DIR, Config, ConfigError, load_config
 
 
@@ -19,6 +20,17 @@ def test_no_file_gives_defaults_pointing_at_build_guest():
     assert cfg.vm.kernel == DEFAULT_IMAGE_DIR / "kernel" and cfg.vm.initrd == DEFAULT_IMAGE_DIR / "initrd.img"
     assert DEFAULT_IMAGE_DIR.parts[-2:] == ("build", "guest")
     assert (cfg.vm.machine, cfg.vm.accel, cfg.sharefs.type, cfg.vsock.transport) == ("q35", "auto", "virtiofs", "auto")
+
+
+def test_the_default_virtiofsd_is_the_one_this_debian_release_has(tmp_path, monkeypatch):
+    """Debian 12 has QEMU's C virtiofsd, Debian 13 only the Rust one in /usr/libexec."""
+    c_daemon, rust_daemon = tmp_path / "lib-qemu-virtiofsd", tmp_path / "libexec-virtiofsd"
+    monkeypatch.setattr(config, "VIRTIOFSD_PATHS", (c_daemon, rust_daemon))
+    assert Config().sharefs.virtiofsd == c_daemon  # neither: the first, named in the error later
+    rust_daemon.touch()
+    assert Config().sharefs.virtiofsd == rust_daemon
+    c_daemon.touch()
+    assert Config().sharefs.virtiofsd == c_daemon
 
 
 def test_values_override_and_relative_paths_follow_the_file(tmp_path):

@@ -42,3 +42,5 @@ def test_the_real_fragments_parse_and_ask_for_the_transports():
                  "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_BLK_DEV_INITRD"):
         assert requests[name] == "y"
     assert requests["CONFIG_MODULES"] == "n"
+    # only the host may reach the agent's vsock ports: no guest-local (loopback) vsock
+    assert requests["CONFIG_VSOCKETS_LOOPBACK"] == "n"

@@ -6,6 +6,7 @@ stream).
 import asyncio
 
 from host_sandboxer.vmm.console import MAX_LINE, ConsoleLog
+from vmm_common.capped_text import MAX_CHARS
 
 
 async def connected(tmp_path, limit=1 << 20):
@@ -52,7 +53,9 @@ def test_endless_line_is_cut_and_log_is_capped(tmp_path):
         writer.write(b"x" * (3 * MAX_LINE) + b"\nend\n")
         await writer.drain()
         await settle(console, "end")
-        assert [len(t) for t in console.tail(10).splitlines()] == [MAX_LINE] * 3 + [3]
+        # what error messages and Status quote of each guest line is capped, the cut marked
+        cut = f"{'x' * MAX_CHARS}… [{MAX_LINE - MAX_CHARS} more characters cut]"
+        assert console.tail(10).splitlines() == [cut] * 3 + ["end"]
         writer.close()
         await console.close()
         sizes = [(tmp_path / name).stat().st_size for name in ("console.log", "console.log.1")]

@@ -84,6 +84,9 @@ def test_bad_requests_get_clear_codes(controller):
                           (ctl.Metrics, sb.ControllerMetricsRequest)):
         got, details = code(lambda: call(request(sandbox_id="ghost"), timeout=10))
         assert got == grpc.StatusCode.NOT_FOUND and "ghost" in details
+    host_netns = sb.ControllerCreateRequest(sandbox_id="p3", netns_path="/proc/1/ns/net")
+    got, details = code(lambda: ctl.Create(host_netns, timeout=10))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and "netns_path '/proc/1/ns/net'" in details
     truncated = any_pb2.Any(type_url="type.googleapis.com/runtime.v1.PodSandboxConfig", value=b"\x12\x09abc")
     bad_options = sb.ControllerCreateRequest(sandbox_id="p2", options=truncated)
     got, details = code(lambda: ctl.Create(bad_options, timeout=10))

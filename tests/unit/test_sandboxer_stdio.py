@@ -119,7 +119,9 @@ async def read_fifo(path):
 
 def test_ports_are_unique_and_resume_from_saved_next(tmp_path):
     ports = PortAllocator()
-    io = ProcessStdio.create("", "/x/out", "/x/err", ports, tmp_path)
+    for name in ("out", "err"):
+        os.mkfifo(tmp_path / name)
+    io = ProcessStdio.create("", str(tmp_path / "out"), str(tmp_path / "err"), ports, tmp_path)
     assert io.guest_paths() == {"stdin": "", "stdout": "vsock://2048?ack", "stderr": "vsock://2049?ack"}
     assert PortAllocator(ports.next).take() == 2050
     again = ProcessStdio.from_record(io.record(), tmp_path)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from host_sandboxer.taskproxy.spec_rewrite import SpecError, drop_missing_pod_files, rewrite_spec
+from host_sandboxer.taskproxy.spec_rewrite import SpecError, drop_missing_pod_files, reopen_submounts, rewrite_spec
 
 POD_NS = {"ipc": "/run/sandbox-ns/ipc", "uts": "/run/sandbox-ns/uts", "pid": "/run/sandbox-ns/pid"}
 
@@ -17,7 +17,7 @@ def cri_spec(pid_path="/proc/4242/ns/pid"):
         {"type": "cgroup"},
     ]
     return {
-        "ociVersion": "1.1.0",
+        "ociVersion": "1.3.0",
         "process": {"args": ["sh"], "cwd": "/", "apparmorProfile": "cri-containerd.apparmor.d"},
         "root": {"path": "rootfs"},
         "hooks": {"createRuntime": [{"path": "/usr/bin/host-hook"}]},
@@ -112,3 +112,14 @@ def test_missing_cri_pod_files_give_way_to_the_guest_ones():
     assert "/etc/hosts" not in destinations
     assert destinations["/dev/shm"]["type"] == "tmpfs"
     assert destinations["/data"]["source"] == "/run/kuasar/state/c1/mounts/2"
+
+
+def test_submounts_of_a_ro_bind_get_writable_binds_of_their_own_right_after_it():
+    result = rewrite_spec(cri_spec(), "c1", POD_NS)
+    data = result.exposures[1]
+    reopen_submounts(result.spec, data, ["tmpfs", "tmpfs/deeper"])
+    assert [(m["destination"], m["source"], m.get("options")) for m in result.spec["mounts"][2:5]] == [
+        ("/data", "/run/kuasar/state/c1/mounts/2", ["rbind", "ro"]),
+        ("/data/tmpfs", "/run/kuasar/state/c1/mounts/2/tmpfs", ["rbind", "rw"]),
+        ("/data/tmpfs/deeper", "/run/kuasar/state/c1/mounts/2/tmpfs/deeper", ["rbind", "rw"]),
+    ]

@@ -236,3 +236,15 @@ def test_server_survives_a_client_that_never_reads():
             await still_answers(path)
             writer.close()
     run(go())
+
+
+def test_a_peers_huge_error_message_reaches_the_caller_capped():
+    """What the host quotes from a guest's error (logs, gRPC errors to containerd) is bounded."""
+    async def go():
+        async with serving() as path, client_of(path) as client:
+            message = await expect_error(ttrpc.Code.NOT_FOUND, client.call(
+                SERVICE, "Refuse", wrappers_pb2.StringValue(value="x" * (1 << 20)), empty_pb2.Empty))
+            assert message.startswith("container xxx") and len(message) < 1100
+            assert message.endswith(f"… [{len('container  not found') + (1 << 20) - 1024} more "
+                                    "characters cut]")
+    run(go())

@@ -16,6 +16,7 @@ from host_sandboxer.vsock import vhost_user as vu
 from host_sandboxer.vsock.backend import FEATURES, VhostUserBackend
 from host_sandboxer.vsock.device import VsockDevice
 from host_sandboxer.vsock.packet import HEADER, HEADER_SIZE, HOST_CID, TYPE_STREAM
+from host_sandboxer.vsock.virtqueue import store_u16
 
 GUEST_CID = 7
 MEM_SIZE = 16 << 20
@@ -36,12 +37,13 @@ def uva(gpa: int) -> int:
 class FakeGuest:
     """QEMU 7.2's vhost-user front-end plus a minimal virtio-vsock driver, over guest RAM in a memfd."""
 
-    def __init__(self, sock: socket.socket, num: int = 128):
+    def __init__(self, sock: socket.socket, num: int = 128, mem_size: int = MEM_SIZE):
         self.sock = sock
         sock.setblocking(False)
         self.memfd = os.memfd_create("guest-ram")
-        os.ftruncate(self.memfd, MEM_SIZE)
-        self.mem = mmap.mmap(self.memfd, MEM_SIZE)
+        os.ftruncate(self.memfd, mem_size)
+        self.mem = mmap.mmap(self.memfd, mem_size)
+        self.mem_size = mem_size
         self.num = num
         self.kick = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2)]
         self.call = [None, None]
@@ -57,13 +59,19 @@ class FakeGuest:
         vu.send_message(self.sock, vu.encode(req, payload, flags), list(fds))
         if not (reply or need_reply):
             return None
+        return await asyncio.wait_for(self._reply(req), 5)
+
+    async def _reply(self, req: int) -> bytes:
         loop = asyncio.get_running_loop()
-        header = await asyncio.wait_for(loop.sock_recv(self.sock, vu.HEADER.size), 5)
+        header = await loop.sock_recv(self.sock, vu.HEADER.size)
+        assert len(header) == vu.HEADER.size, f"back-end hung up instead of answering request {req}"
         r_req, r_flags, size = vu.HEADER.unpack(header)
         assert (r_req, r_flags) == (req, vu.REPLY_FLAGS)
         body = b""
         while len(body) < size:
-            body += await loop.sock_recv(self.sock, size - len(body))
+            chunk = await loop.sock_recv(self.sock, size - len(body))
+            assert chunk, f"back-end hung up in its answer to request {req}"
+            body += chunk
         return body
 
     async def set_call_fds(self):
@@ -105,7 +113,7 @@ class FakeGuest:
     async def set_mem_table(self) -> int:
         """QEMU's two regions of one memfd (around the PC hole); returns the REPLY_ACK status."""
         regions = [vu.MemoryRegionEntry(0, HOLE[0], uva(0), 0),
-                   vu.MemoryRegionEntry(HOLE[1], MEM_SIZE - HOLE[1], uva(HOLE[1]), HOLE[1])]
+                   vu.MemoryRegionEntry(HOLE[1], self.mem_size - HOLE[1], uva(HOLE[1]), HOLE[1])]
         ack = await self.request(vu.SET_MEM_TABLE, vu.encode_mem_table(regions),
                                  [self.memfd, self.memfd], need_reply=True)
         return vu.U64.unpack(ack)[0]
@@ -151,7 +159,7 @@ class FakeGuest:
         _, avail, _ = self.ring(q)
         struct.pack_into("<H", self.mem, avail + 4 + 2 * (self.avail[q] % self.num), head)
         self.avail[q] = (self.avail[q] + 1) & 0xFFFF
-        struct.pack_into("<H", self.mem, avail + 2, self.avail[q])
+        store_u16(memoryview(self.mem), avail + 2, self.avail[q])   # the backend may read it meanwhile
 
     def notify(self, q: int):
         os.eventfd_write(self.kick[q], 1)

@@ -6,12 +6,18 @@ import asyncio
 import os
 import socket
 
+import pytest
+
 from host_sandboxer.vsock import vhost_user as vu
-from host_sandboxer.vsock.connection import BUF_ALLOC
+from host_sandboxer.vsock.connection import BUF_ALLOC, ESTABLISHED, Connection, CreditViolation
+from host_sandboxer.vsock.device import BATCH_DESCRIPTORS, TX
 from host_sandboxer.vsock.hybrid import HybridVsock
-from host_sandboxer.vsock.packet import (OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
-                                         OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_BOTH, SHUTDOWN_SEND)
-from test_vhost_user_session import EVENT_IDX, GUEST_CID, FakeGuest, run_async, until
+from host_sandboxer.vsock.packet import (HEADER, HEADER_SIZE, HOST_CID, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,
+                                         OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_BOTH,
+                                         SHUTDOWN_SEND, TYPE_STREAM)
+from host_sandboxer.vsock.virtqueue import VIRTIO_RING_F_INDIRECT_DESC
+from test_vhost_user_session import (DESC, EVENT_IDX, GUEST_CID, INDIRECT, NEXT, TX_BUF_GPA, WRITE, FakeGuest,
+                                     run_async, until)
 
 GUEST_PORT = 1024
 SRC_CID, DST_CID, SRC_PORT, DST_PORT, LEN, TYPE, OP, FLAGS, BUF, FWD = range(10)
@@ -32,12 +38,14 @@ class Hybrid:
         self.vsock = HybridVsock(tmp_path / "vhost.sock", tmp_path / "v.sock", GUEST_CID)
         self.inbox = []
 
-    async def start(self, driver: bool = True, features_mask: int = ~0):
+    async def start(self, driver: bool = True, features_mask: int = ~0, indirect: bool = False):
         await self.vsock.start()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(self.vsock.vhost_socket)
         self.guest = FakeGuest(sock)
         await self.guest.connect(features_mask)
+        if indirect:
+            self.guest.features |= VIRTIO_RING_F_INDIRECT_DESC
         if driver:
             await self.guest.start_driver()
             await until(lambda: self.vsock.device.running, what="device start")
@@ -188,6 +196,116 @@ async def test_guest_to_host_credit_updates_buffering_and_overrun(tmp_path):
         h.inbox += h.guest.received()
     rst, _ = await h.expect(OP_RST)
     assert sent < 200 and rst[DST_PORT] == GUEST_PORT
+    await h.close()
+
+
+def test_a_write_beyond_the_credit_is_refused_before_it_is_copied():
+    """The stream's buffer never holds more than the BUF_ALLOC granted, whatever the guest sends."""
+    ours, host = socket.socketpair()
+    ours.setblocking(False)
+    conn = Connection(ours, GUEST_CID, GUEST_PORT, 5000, ESTABLISHED)
+    chunk = memoryview(bytes(60000))
+    with pytest.raises(CreditViolation):
+        for _ in range(1000):             # the host never reads: the socket fills, then the buffer
+            conn.write([chunk])
+            assert len(conn.pending) <= BUF_ALLOC
+    assert len(conn.pending) <= BUF_ALLOC
+    conn.close()
+    host.close()
+
+
+@run_async
+async def test_an_rw_moves_its_declared_length_whatever_its_descriptors_claim(tmp_path):
+    h = await Hybrid(tmp_path).start()
+    reader, writer, port = await h.established()
+    g, big = h.guest, 0x800000
+    g.mem[TX_BUF_GPA:TX_BUF_GPA + HEADER_SIZE] = HEADER.pack(GUEST_CID, HOST_CID, GUEST_PORT, port, 100,
+                                                             TYPE_STREAM, OP_RW, 0, 262144, 0)
+    g.mem[big:big + 101] = b"x" * 100 + b"!"
+    g.set_desc(TX, 0, TX_BUF_GPA, HEADER_SIZE, NEXT, 1)
+    g.set_desc(TX, 1, big, 4 << 20, NEXT, 2)         # 8 MiB of descriptors behind 100 bytes
+    g.set_desc(TX, 2, big, 4 << 20, 0)
+    g.make_avail(TX, 0)
+    g.notify(TX)
+    assert await asyncio.wait_for(reader.readexactly(100), 5) == b"x" * 100
+    g.send(GUEST_PORT, port, OP_RW, b"next")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"next"
+    await h.close()
+
+
+def long_chains(guest: FakeGuest, q: int, heads, table: int, data: int, entry: int, flags: int) -> None:
+    """Makes each of `heads` on queue `q` one indirect table as long as the queue (all the same
+    table): entries of `entry` bytes from `data` on, with `flags`."""
+    for i in range(guest.num):
+        DESC.pack_into(guest.mem, table + 16 * i, data + entry * i, entry,
+                       flags | (NEXT if i < guest.num - 1 else 0), i + 1)
+    for head in heads:
+        guest.set_desc(q, head, table, 16 * guest.num, INDIRECT)
+
+
+def descriptors_per_callback(device, queue) -> dict:
+    """Spies on `queue`'s pops: descriptors walked in each device callback (each has its own Budget)."""
+    walked = {}
+    pop_many = queue.pop_many
+
+    def spy(limit, descriptors):
+        chains = pop_many(limit, descriptors)
+        walked[device.budget] = walked.get(device.budget, 0) + sum(c.descriptors() for c in chains)
+        return chains
+    queue.pop_many = spy
+    return walked
+
+
+@run_async
+async def test_a_guest_flooding_long_chains_gets_a_budget_per_callback(tmp_path):
+    """64 tx chains as long as the queue (128-entry indirect tables): one callback walks about
+    BATCH_DESCRIPTORS descriptors and leaves the rest to later turns, in which another VM on
+    the loop is answered (before: all 8192 descriptors in one callback)."""
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    bystander = await Hybrid(tmp_path / "b").start()
+    h = await Hybrid(tmp_path / "a").start(indirect=True)
+    g, device = h.guest, h.vsock.device
+    g.mem[TX_BUF_GPA:TX_BUF_GPA + HEADER_SIZE] = HEADER.pack(GUEST_CID, HOST_CID, 1, 2, 0, TYPE_STREAM,
+                                                             OP_RST, 0, 0, 0)   # of no stream: ignored
+    long_chains(g, TX, range(64), TX_BUF_GPA + 0x1000, TX_BUF_GPA, HEADER_SIZE, 0)
+    for head in range(64):
+        g.make_avail(TX, head)
+    device.kick(TX)                   # one callback, as the loop runs it on the guest's kick
+    walked = device.txq.last_avail * g.num
+    assert 0 < walked <= BATCH_DESCRIPTORS + g.num, f"one callback walked {walked} descriptors"
+    bystander.guest.send(1000, 9999, OP_REQUEST)      # nothing listens there: RST back
+    await bystander.expect(OP_RST)
+    assert device.txq.last_avail < 64, "the other VM was answered only after the whole flood"
+    await until(lambda: device.txq.last_avail == 64, what="the rest of the flood")
+    assert len(g.used(TX)) == 64 and device.running
+    await h.close()
+    await bystander.close()
+
+
+@run_async
+async def test_host_data_into_long_rx_chains_moves_a_budget_per_callback(tmp_path):
+    """rx buffers as long as the queue: each callback walks about BATCH_DESCRIPTORS descriptors
+    and the data goes on over later turns (before: 4 bursts of 16 such chains a callback, and a
+    recvmsg into 2048 buffers, beyond IOV_MAX, reset the stream)."""
+    h = await Hybrid(tmp_path).start(indirect=True)
+    reader, writer, port = await h.established()
+    g, device = h.guest, h.vsock.device
+    walked = descriptors_per_callback(device, device.rxq)
+    long_chains(g, 0, range(g.num), 0x300000, 0x310000, 64, WRITE)   # every rx buffer, posted or not
+    writer.write(bytes(BUF_ALLOC))                   # all the guest's credit
+    got = 0
+
+    def delivered():
+        nonlocal got
+        for head, length in g.used(0):
+            got += length - HEADER_SIZE
+            g.make_avail(0, head)
+        g.notify(0)
+        return got >= BUF_ALLOC
+    await until(delivered, what="the guest's whole credit")
+    assert max(walked.values()) <= BATCH_DESCRIPTORS + g.num, sorted(walked.values())
+    assert device.conns, "the stream is still up"
     await h.close()
 
 

@@ -5,6 +5,8 @@ import re
 
 import pytest
 
+from initrd import debian, guest_runtime
+
 
 def test_guest_boots_to_vmm_task_ready(vm, guest_image):
     console = vm.console_text()
@@ -26,6 +28,14 @@ def test_manifest_describes_the_booted_image(guest_image):
     assert paths["/sbin/init"]["target"].endswith("/vmm-task")
     assert paths["/usr/lib/vmm-task/vmm-task"]["size"] > 0
     assert not [p for p in paths if re.search(r"(^|/)(_ssl|_hashlib|grpc)", p)]
+    # the runtime: the pinned Debian 13 package, its libraries and loader in a directory of their own
+    pins = {pin.name: pin.version for pin in debian.read_pins(guest_runtime.PINS)}
+    packages = {p["name"]: p for p in manifest["packages"]}
+    assert packages[manifest["runtime"]]["version"] == pins[manifest["runtime"]]
+    assert {name: p["version"] for name, p in packages.items()} == {n: pins[n] for n in packages}
+    assert all(re.fullmatch(r"[0-9a-f]{64}", p["sha256"]) for p in packages.values())
+    assert paths[f"/{guest_runtime.RUNTIMES[manifest['runtime']]}"]["size"] > 0
+    assert paths[f"{guest_runtime.GUEST_LIB_DIR}/ld-linux-x86-64.so.2"]["size"] > 0
 
 
 def test_rebuilding_from_the_same_inputs_gives_the_same_initrd(guest_image, tmp_path):

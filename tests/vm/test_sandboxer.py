@@ -112,6 +112,8 @@ def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env, guest_image):
     tasks = demo.Cri.task_client(started.address)
 
     b = env.bundle("c1", ["sh", "-c", "uname -r; cat /etc/hostname; echo oops >&2; exit 3"], started.pid)
+    # containerd 2.4's spec version: the guest's crun (Debian 13) must take it, Debian 12's refuses it
+    assert json.loads((b.path / "config.json").read_text())["ociVersion"] == "1.3.0"
     out, err, status = demo.run_container(tasks, b)
     release = out.decode().split()[0]
     assert release != os.uname().release, "the container must run on the guest kernel"

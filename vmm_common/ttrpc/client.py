@@ -1,14 +1,15 @@
 """The ttrpc client: many calls in flight on one connection, matched by stream id.
 
 The peer may be an untrusted guest: its frames get the same limits as on the server
-side, and a broken frame or envelope closes the connection, failing every pending call
-with UNAVAILABLE.
+side, a broken frame or envelope closes the connection, failing every pending call
+with UNAVAILABLE, and its error messages are capped (vmm_common.capped_text).
 """
 import asyncio
 import logging
 
 from google.protobuf.message import DecodeError, Message
 
+from vmm_common.capped_text import capped
 from vmm_common.protos.ttrpc.request_pb2 import Request, Response
 
 from . import frame as fr
@@ -162,7 +163,8 @@ class Client:
             raise ProtocolError(f"undecodable response envelope on stream {frame.stream_id}: {e}")
         self._pending.pop(frame.stream_id, None)
         if response.status.code != Code.OK:
-            pending.inbox.end(RpcError(response.status.code, response.status.message))
+            # the peer's words, quoted by the host in logs and errors: capped
+            pending.inbox.end(RpcError(response.status.code, capped(response.status.message)))
             return
         if response.payload or not pending.streaming_server:
             # The final message of a unary or client-streaming call.

@@ -56,8 +56,10 @@ class Server:
         if service in self._services or service in self._lazy:
             raise ValueError(f"service {service} is already registered")
 
-    async def serve(self, sock: socket.socket) -> None:
-        """Accept on `sock` (AF_UNIX or AF_VSOCK, listening) until cancelled."""
+    async def serve(self, sock: socket.socket,
+                    admit: Callable[[socket.socket], bool] | None = None) -> None:
+        """Accept on `sock` (AF_UNIX or AF_VSOCK, listening) until cancelled. `admit(conn)`
+        False: the connection is not served (`admit` closed it)."""
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         connections: set[asyncio.Task] = set()
@@ -68,6 +70,8 @@ class Server:
                 except OSError as e:
                     log.warning("ttrpc: accept failed: %s", e)
                     await asyncio.sleep(ACCEPT_RETRY_S)
+                    continue
+                if admit is not None and not admit(conn):
                     continue
                 task = asyncio.create_task(self._serve_socket(conn))
                 connections.add(task)

@@ -1,7 +1,8 @@
 """Where a process's stdio goes, as named in the Task API's stdin/stdout/stderr strings.
 
 - `vsock://PORT` or `vsock://CID:PORT` (Kuasar's form, in the VM): the agent listens on PORT
-  (any CID) from Create/Exec on, and the host connects once per stream.
+  (any CID) from Create/Exec on, and the host connects once per stream (only the host:
+  vmm_task.peers; a refused peer does not use the stream up).
 - `vsock://PORT?ack`: the same listener, kept for the life of the process; the stream speaks the
   acknowledged protocol (vmm_common.stdio_ack) so a restarted host resumes it (resumable.py).
 - `unix://PATH` (`?ack` too): a unix socket listener in its place, for dev mode (no vsock there).
@@ -18,6 +19,7 @@ import socket
 import stat
 
 from vmm_common.stdio_ack import ACK_SUFFIX
+from vmm_task import peers
 
 from .errors import TaskError, invalid_argument
 
@@ -85,9 +87,12 @@ class ListenerEndpoint(Endpoint):
             raise
 
     async def accept(self) -> socket.socket:
-        conn, _ = await asyncio.get_running_loop().sock_accept(self._listener)
-        conn.setblocking(False)
-        return conn
+        """The next connection from the host (others are refused and closed)."""
+        while True:
+            conn, _ = await asyncio.get_running_loop().sock_accept(self._listener)
+            if peers.admitted(conn, self.uri):
+                conn.setblocking(False)
+                return conn
 
     async def _accept_once(self) -> int:
         try:
