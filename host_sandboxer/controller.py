@@ -15,6 +15,7 @@ from host_sandboxer.heap import release_free_heap
 from host_sandboxer.sandbox import lifecycle, resize
 from host_sandboxer.sandbox.metrics import vmm_metrics
 from host_sandboxer.sandbox.pod import timestamp
+from host_sandboxer.sandbox.status_info import verbose_info
 from host_sandboxer.taskproxy.errors import HostError
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as api
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2_grpc as api_grpc
@@ -101,11 +102,7 @@ class Controller(api_grpc.ControllerServicer):
         if pod.vm_exited.done():
             response.exited_at.CopyFrom(timestamp(pod.exited_at_ns))
         if request.verbose:
-            response.info.update(pod.boot_info)
-            response.info.update(state=pod.state, containers=",".join(sorted(pod.containers)),
-                                 exit_status=str(pod.exit_status) if pod.vm_exited.done() else "",
-                                 exit_reason=pod.exit_reason if pod.vm_exited.done() else "",
-                                 unhealthy=pod.unhealthy)
+            response.info.update(verbose_info(pod))
         return response
 
     @_guarded

@@ -93,7 +93,7 @@ async def start(pod: Pod, config, vsock_backend) -> None:
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise HostError(grpc.StatusCode.UNAVAILABLE, message) from None
-    pod.boot_info.update({"boot_" + k: str(v) for k, v in timeline.as_dict().items()})
+    pod.boot_info.update({"boot_" + k: v for k, v in timeline.as_dict().items()})
     # Where Start's time went: before QEMU's spawn, the guest's boot, after the ready line.
     done = time.monotonic()
     pod.boot_info.update(start_total_s=f"{done - began:.3f}", setup_after_ready_s=f"{done - booted:.3f}",

@@ -22,6 +22,7 @@ from google.protobuf import empty_pb2
 
 from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
 from host_sandboxer.vmm.process import kill_strays
+from tests.unit.test_sandboxer_status_info import check_cri_info, crictl_reads
 from vmm_common.protos.containerd.events import task_pb2 as events
 from vmm_common.protos.containerd.services.events.v1 import events_pb2_grpc
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
@@ -197,7 +198,9 @@ def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env, guest_image):
 
     metrics = ctl.Metrics(sb.ControllerMetricsRequest(sandbox_id="pod1"), timeout=10).metrics
     assert metrics.id == "pod1" and metrics.data.type_url == "io.containerd.cgroups.v2.Metrics"
-    assert "boot_agent_ready_s" in env.status("pod1", verbose=True).info
+    info = dict(env.status("pod1", verbose=True).info)
+    assert crictl_reads(info)["boot_agent_reported"]["pid"] == 1  # JSON, as crictl inspectp reads it
+    assert check_cri_info(info)["processStatus"] == "running"
 
     env.cri.remove_pod("pod1")
     assert code_of(lambda: env.status("pod1")) == grpc.StatusCode.NOT_FOUND
