@@ -18,10 +18,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import empty_pb2
+from google.protobuf import any_pb2, empty_pb2
 
 from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
 from host_sandboxer.vmm.process import kill_strays
+from tests.unit.test_agent_podconfig import cri_userns_config
 from tests.unit.test_sandboxer_status_info import check_cri_info, crictl_reads
 from vmm_common.protos.containerd.events import task_pb2 as events
 from vmm_common.protos.containerd.services.events.v1 import events_pb2_grpc
@@ -274,6 +275,21 @@ def test_rootfs_and_binds_over_9p(env):
     assert out == (b"c9\n/bin/busybox\n", b"", 0)
     env.cri.remove_pod("ninep")
     assert mountpoints_under(env.work) == []
+
+
+def test_start_refuses_a_user_namespace_a_runc_pod_refuses(env):
+    """critest's "runtime should fail with NamespaceMode_CONTAINER": the agent refuses the pod's
+    config (vmm_task/pod/userns.py) and Start says so as the caller's error, without a console."""
+    options = any_pb2.Any(type_url="type.googleapis.com/runtime.v1.PodSandboxConfig",
+                          value=cri_userns_config(1, [], []))
+    ctl = env.cri.controller
+    ctl.Create(sb.ControllerCreateRequest(sandbox_id="userns", options=options), metadata=NS, timeout=10)
+    with pytest.raises(grpc.RpcError) as refused:
+        ctl.Start(sb.ControllerStartRequest(sandbox_id="userns"), metadata=NS, timeout=90)
+    assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, (
+        'pod userns: user namespace configuration: unsupported user namespace mode: "CONTAINER"'))
+    ctl.Shutdown(sb.ControllerShutdownRequest(sandbox_id="userns"), metadata=NS, timeout=30)
+    assert mountpoints_under(env.work) == [] and not (env.daemon.state / "userns").exists()
 
 
 def test_start_failure_carries_the_console_tail(env):
