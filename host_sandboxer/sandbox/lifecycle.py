@@ -86,14 +86,15 @@ async def start(pod: Pod, config, vsock_backend) -> None:
             await _open_port_forward(pod)
         await _serve_task_address(pod)
     except BaseException as exc:
+        refused = isinstance(exc, HostError) and exc.code == grpc.StatusCode.INVALID_ARGUMENT
         what = exc.message if isinstance(exc, HostError) else f"{type(exc).__name__}: {exc}"
-        message = vm.qemu.failure(f"pod {pod.id}: sandbox setup failed: {what}")
+        message = what if refused else vm.qemu.failure(f"pod {pod.id}: sandbox setup failed: {what}")
         await _close_vm(pod)
         await _unplug(pod)
         if isinstance(exc, asyncio.CancelledError):
             raise
-        raise HostError(grpc.StatusCode.UNAVAILABLE, message) from None
-    pod.boot_info.update({"boot_" + k: str(v) for k, v in timeline.as_dict().items()})
+        raise HostError(exc.code if refused else grpc.StatusCode.UNAVAILABLE, message) from None
+    pod.boot_info.update({"boot_" + k: v for k, v in timeline.as_dict().items()})
     # Where Start's time went: before QEMU's spawn, the guest's boot, after the ready line.
     done = time.monotonic()
     pod.boot_info.update(start_total_s=f"{done - began:.3f}", setup_after_ready_s=f"{done - booted:.3f}",
@@ -182,7 +183,12 @@ async def _set_up_agent(pod: Pod) -> None:
     checked = time.monotonic()
     request = sandbox_pb2.SetupSandboxRequest()
     request.config.CopyFrom(pod.options)
-    await pod.agent.call(SANDBOX_SERVICE, "SetupSandbox", request, empty_pb2.Empty, timeout=SETUP_TIMEOUT_S)
+    try:
+        await pod.agent.call(SANDBOX_SERVICE, "SetupSandbox", request, empty_pb2.Empty, timeout=SETUP_TIMEOUT_S)
+    except ttrpc.RpcError as exc:  # the pod's config refused (e.g. a user namespace runc refuses)
+        if exc.code != ttrpc.Code.INVALID_ARGUMENT:
+            raise
+        raise HostError(grpc.StatusCode.INVALID_ARGUMENT, f"pod {pod.id}: {exc.message}") from None
     pod.boot_info.update(check_s=f"{checked - began:.3f}",
                          setup_sandbox_s=f"{time.monotonic() - checked:.3f}")
 
