@@ -140,18 +140,15 @@ def test_port_forward_reaches_a_container_through_localhost_of_the_pod_namespace
             run_in_netns(pair.pod_path, lambda: socket.create_connection(("127.0.0.1", FORWARDED_PORT), 10))
 
 
-def test_missing_network_namespace_fails_start_and_leaves_nothing(daemon):
-    daemon.create("nonet", "/var/run/netns/vmmt-absent")
+def test_missing_network_namespace_is_refused_at_create_and_leaves_nothing(daemon):
+    with pytest.raises(grpc.RpcError) as info:
+        daemon.create("nonet", "/var/run/netns/vmmt-absent")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "netns_path '/var/run/netns/vmmt-absent': No such file or directory" in info.value.details()
+    assert not (daemon.daemon.state / "nonet").exists()  # no pod directory, no VMM
     with pytest.raises(grpc.RpcError) as info:
         daemon.start("nonet")
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "network namespace /var/run/netns/vmmt-absent does not exist" in info.value.details()
-    pod_dir = daemon.daemon.state / "nonet"
-    assert not (pod_dir / "network.json").exists()
-    assert not (pod_dir / "qemu.log").exists()  # no VMM was started
-    daemon.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="nonet"),
-                                   metadata=demo.NAMESPACE, timeout=60)
-    assert not pod_dir.exists()
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_multiqueue_nic_with_two_vcpus_answers_the_peer(vm_config, vm_loop, tmp_path):
