@@ -55,14 +55,15 @@ class NetnsPair:
         return next(link["address"] for link in self.links(ns) if link["ifname"] == name)
 
     def snapshot(self, ns: str) -> dict:
-        """What teardown must leave as it was: each link's name, kind, MAC, MTU and flags, and
-        every qdisc that is not the kernel's default one."""
+        """What teardown must leave as it was: each link's name, kind, MAC, MTU and flags, every
+        qdisc that is not the kernel's default one, and the nftables tables."""
         links = sorted((link["ifname"], link.get("linkinfo", {}).get("info_kind", ""),
                         link["address"], link["mtu"], tuple(link["flags"]))
                        for link in self.links(ns))
         qdiscs = sorted((q["dev"], q["kind"]) for q in json.loads(sh("tc", "-n", ns, "-j", "qdisc"))
                         if q["kind"] not in ("noqueue", "noop"))
-        return {"links": links, "qdiscs": qdiscs}
+        tables = sh("ip", "netns", "exec", ns, "nft", "list", "tables").splitlines()
+        return {"links": links, "qdiscs": qdiscs, "nft_tables": sorted(tables)}
 
     def exec(self, ns: str, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
         return subprocess.run(("ip", "netns", "exec", ns) + argv, capture_output=True, text=True,

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
+import json
 import shutil
 import socket
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from bench.netpair import POD_IP, NetnsPair
+from host_sandboxer.config import DEFAULT_IMAGE_DIR
 from host_sandboxer.network.netns import run_in_netns
 from host_sandboxer.taskproxy.mounts import unmount_all_under
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
@@ -99,3 +104,38 @@ class NetPod:
     def remove(self) -> None:
         self._pool.shutdown(wait=True)
         self.daemon.cri.remove_pod(self.id)
+
+
+def print_pod_measurement(measure: Callable[[Daemon, NetPod], dict]) -> int:
+    """Boot one pod of the real daemon with the default image in a NetnsPair, print
+    `measure(daemon, pod)` as JSON, tear everything down."""
+    daemon = Daemon(DEFAULT_IMAGE_DIR / "kernel", DEFAULT_IMAGE_DIR / "initrd.img")
+    try:
+        with NetnsPair() as pair:
+            pod = NetPod(daemon, pair)
+            try:
+                result = measure(daemon, pod)
+            finally:
+                pod.remove()
+    finally:
+        daemon.close()
+    json.dump(result, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+def round_trip_stats(conn: socket.socket, rounds: int) -> dict:
+    """64-byte messages echoed back on `conn`, one at a time: median/p90/p99/min ms."""
+    times = []
+    message = b"x" * 64
+    for _ in range(rounds):
+        start = time.perf_counter()
+        conn.sendall(message)
+        got = b""
+        while len(got) < len(message):
+            got += conn.recv(len(message) - len(got))
+        times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    return {"rounds": rounds, "median_ms": round(statistics.median(times), 3),
+            "p90_ms": round(times[int(len(times) * 0.9)], 3),
+            "p99_ms": round(times[int(len(times) * 0.99)], 3), "min_ms": round(times[0], 3)}

@@ -13,15 +13,11 @@ is served from the container's 64 MiB tmpfs /dev.
 from __future__ import annotations
 
 import argparse
-import json
 import socket
-import statistics
 import sys
 import time
 
-from bench.netpair import NetnsPair
-from bench.netpod import Daemon, NetPod
-from host_sandboxer.config import DEFAULT_IMAGE_DIR
+from bench.netpod import NetPod, print_pod_measurement, round_trip_stats
 
 CHUNK = 65536
 ECHO_PORT, SINK_PORT, HTTP_PORT, STOP_PORT = 9001, 9002, 9003, 9004
@@ -29,21 +25,10 @@ ECHO_PORT, SINK_PORT, HTTP_PORT, STOP_PORT = 9001, 9002, 9003, 9004
 
 def round_trips(pod: NetPod, rounds: int) -> dict:
     container = pod.run_in_background("echo", f"nc -l -p {ECHO_PORT} -e cat")
-    times = []
     with pod.connect_from_peer(ECHO_PORT) as conn:
-        message = b"x" * 64
-        for _ in range(rounds):
-            start = time.perf_counter()
-            conn.sendall(message)
-            got = b""
-            while len(got) < len(message):
-                got += conn.recv(len(message) - len(got))
-            times.append((time.perf_counter() - start) * 1000)
+        stats = round_trip_stats(conn, rounds)
     container.result(60)
-    times.sort()
-    return {"rounds": rounds, "median_ms": round(statistics.median(times), 3),
-            "p90_ms": round(times[int(len(times) * 0.9)], 3),
-            "p99_ms": round(times[int(len(times) * 0.99)], 3), "min_ms": round(times[0], 3)}
+    return stats
 
 
 def peer_to_container(pod: NetPod, mib: int) -> float:
@@ -90,27 +75,16 @@ def main() -> int:
     args = parser.parse_args()
     if not 1 <= args.mib <= 48:
         parser.error("--mib must be 1..48")
-    daemon = Daemon(DEFAULT_IMAGE_DIR / "kernel", DEFAULT_IMAGE_DIR / "initrd.img")
-    try:
-        with NetnsPair() as pair:
-            pod = NetPod(daemon, pair)
-            try:
-                info = daemon.info(pod.id)
-                result = {
-                    "path": "peer veth -> pod veth -> tc mirred -> tap -> virtio-net -> container",
-                    "vcpus": int(info["vcpus"]), "accel": info["accel"],
-                    "tcp_round_trip_64B": round_trips(pod, args.rounds),
-                    "tcp_mib_per_s": {"mib": args.mib,
-                                      "peer_to_container": peer_to_container(pod, args.mib),
-                                      "container_to_peer": container_to_peer(pod, args.mib)},
-                }
-            finally:
-                pod.remove()
-    finally:
-        daemon.close()
-    json.dump(result, sys.stdout, indent=2)
-    print()
-    return 0
+
+    def measure(daemon, pod) -> dict:
+        info = daemon.info(pod.id)
+        return {"path": "peer veth -> pod veth -> tc mirred -> tap -> virtio-net -> container",
+                "vcpus": int(info["vcpus"]), "accel": info["accel"],
+                "tcp_round_trip_64B": round_trips(pod, args.rounds),
+                "tcp_mib_per_s": {"mib": args.mib,
+                                  "peer_to_container": peer_to_container(pod, args.mib),
+                                  "container_to_peer": container_to_peer(pod, args.mib)}}
+    return print_pod_measurement(measure)
 
 
 if __name__ == "__main__":

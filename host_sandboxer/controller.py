@@ -15,6 +15,7 @@ from host_sandboxer.heap import release_free_heap
 from host_sandboxer.sandbox import lifecycle, resize
 from host_sandboxer.sandbox.metrics import vmm_metrics
 from host_sandboxer.sandbox.pod import timestamp
+from host_sandboxer.sandbox.status_info import verbose_info
 from host_sandboxer.taskproxy.errors import HostError
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as api
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2_grpc as api_grpc
@@ -59,7 +60,11 @@ class Controller(api_grpc.ControllerServicer):
         pod = self.sandboxes.get(request.sandbox_id)
         async with pod.lock:
             if pod.state == "created":
-                await lifecycle.start(pod, self.sandboxes.config, self.sandboxes.vsock_backend)
+                try:
+                    await lifecycle.start(pod, self.sandboxes.config, self.sandboxes.vsock_backend)
+                except HostError:
+                    await self._discard(pod)
+                    raise
                 release_free_heap()
                 log.info("sandbox %s started: VMM pid %d", pod.id, pod.vmm_pid)
             elif pod.state != "ready":
@@ -68,6 +73,18 @@ class Controller(api_grpc.ControllerServicer):
         return api.ControllerStartResponse(
             sandbox_id=pod.id, pid=pod.vmm_pid, created_at=timestamp(pod.created_at_ns),
             address=task_address(pod), version=TASK_API_VERSION)
+
+    async def _discard(self, pod) -> None:
+        """A sandbox whose Start failed is forgotten by containerd 2.4, which sends no Shutdown
+        for it (internal/cri/server/sandbox_run.go: its record is deleted), and its podsandbox
+        controller removes what it made: so is ours removed, unless that fails (then Shutdown
+        may try again)."""
+        try:
+            await lifecycle.shutdown(pod)
+        except HostError as exc:
+            log.warning("sandbox %s: cleaning up after the failed Start: %s", pod.id, exc.message)
+            return
+        self.sandboxes.forget(pod.id)
 
     @_guarded
     async def Platform(self, request, context):
@@ -101,11 +118,7 @@ class Controller(api_grpc.ControllerServicer):
         if pod.vm_exited.done():
             response.exited_at.CopyFrom(timestamp(pod.exited_at_ns))
         if request.verbose:
-            response.info.update(pod.boot_info)
-            response.info.update(state=pod.state, containers=",".join(sorted(pod.containers)),
-                                 exit_status=str(pod.exit_status) if pod.vm_exited.done() else "",
-                                 exit_reason=pod.exit_reason if pod.vm_exited.done() else "",
-                                 unhealthy=pod.unhealthy)
+            response.info.update(verbose_info(pod))
         return response
 
     @_guarded

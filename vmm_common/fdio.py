@@ -8,6 +8,7 @@ so waiting first is what makes "EOF" mean the writer really closed.
 import asyncio
 import errno
 import os
+import socket
 
 CHUNK = 1 << 20
 
@@ -61,3 +62,23 @@ async def write_all(fd: int, data) -> None:
     view = memoryview(data)
     while view:
         view = view[await write_some(fd, view):]
+
+
+async def read_line(sock, limit: int) -> bytes:
+    """The next line of a non-blocking stream socket, newline included, and not one byte more:
+    what follows stays in the socket for whoever reads it next (a handshake line, then the
+    stream it opens). Stops at EOF or after `limit` bytes without a newline: the caller tells
+    a complete line by its newline."""
+    line = b""
+    while len(line) < limit:
+        await wait_readable(sock.fileno())
+        try:
+            ahead = sock.recv(limit - len(line), socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        if not ahead:
+            break
+        line += sock.recv((ahead.find(b"\n") + 1) or len(ahead))
+        if line.endswith(b"\n"):
+            break
+    return line

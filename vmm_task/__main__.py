@@ -22,14 +22,14 @@ options:
   --runtime NAME      crun or runc, or a path (default: the first found on PATH)
   --log-level LEVEL   error, warn, info, debug or trace (default: info)
   --debug             allow grpc.SandboxService/ExecVMProcess (task.debug in the guest)
-  --debug-console ADDRESS
-                      serve Kuasar's debug console on unix:///PATH (in the guest: on
+  --debug-console ADDRESS  serve Kuasar's debug console there, unix:///PATH (in the guest:
                       vsock://1025 with task.debug)
   --manage-network    allow UpdateInterfaces/UpdateRoutes to change this process's network
                       namespace (run it in one of its own, e.g. unshare --net)
+  --port-forward ADDRESS  also serve port-forward streams there (unix:///PATH or vsock://PORT)
   --version
 """
-_VALUED = ("--listen", "--run-dir", "--state-dir", "--runtime", "--log-level",
+_VALUED = ("--listen", "--run-dir", "--state-dir", "--runtime", "--log-level", "--port-forward",
            "--debug-console")
 
 
@@ -97,29 +97,28 @@ def run_dev(options: dict) -> int:
     from vmm_task import server
     from vmm_task.logs import setup_logging
 
-    listen = options["listen"]
-    try:
-        listener = server.listen(listen)
-    except (OSError, ValueError) as e:
-        print(f"vmm-task: cannot listen on {listen}: {e}", file=sys.stderr)
-        return 1
+    listeners = {}
+    for option in ("listen", "port-forward", "debug-console"):
+        address = options.get(option)
+        try:
+            listeners[option] = server.listen(address) if address else None
+        except (OSError, ValueError) as e:
+            print(f"vmm-task: cannot listen on {address}: {e}", file=sys.stderr)
+            _close(listeners)
+            return 1
     setup_logging(options["log-level"])
     prctl.set_child_subreaper(True)
     prctl.set_name("vmm-task")
-    run_dir = options.get("run-dir") or listen.removeprefix(server.UNIX_PREFIX) + ".d"
+    run_dir = options.get("run-dir") or options["listen"].removeprefix(server.UNIX_PREFIX) + ".d"
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     ctx = _dev_context(options, run_dir)
 
-    async def serve_until_signalled() -> int:
-        if "debug-console" in options:
+    async def serve_until_signalled() -> None:
+        if listeners["debug-console"] is not None:
             from vmm_task import debug_console
-            try:
-                ctx.cleanups.append(debug_console.start(options["debug-console"], ctx.reaper))
-            except (OSError, ValueError) as e:
-                print(f"vmm-task: cannot serve the debug console on {options['debug-console']}:"
-                      f" {e}", file=sys.stderr)
-                return 1
-        serving = asyncio.ensure_future(server.serve(ctx, listener, T_MAIN))
+            ctx.cleanups.append(debug_console.start(listeners["debug-console"], ctx.reaper))
+        serving = asyncio.ensure_future(server.serve(ctx, listeners["listen"], T_MAIN,
+                                                     listeners["port-forward"]))
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, serving.cancel)
@@ -127,14 +126,22 @@ def run_dev(options: dict) -> int:
             await serving
         except asyncio.CancelledError:
             pass
-        return 0
 
     try:
-        return asyncio.run(serve_until_signalled())
+        asyncio.run(serve_until_signalled())
     finally:
+        _close(listeners)
+    return 0
+
+
+def _close(listeners: dict) -> None:
+    """Close the listening sockets, removing the files of unix ones."""
+    import socket
+
+    for listener in filter(None, listeners.values()):
+        if listener.family == socket.AF_UNIX:
+            _unlink(listener.getsockname())
         listener.close()
-        if listen.startswith(server.UNIX_PREFIX):
-            _unlink(listen.removeprefix(server.UNIX_PREFIX))
 
 
 def _dev_context(options: dict, run_dir: str):

@@ -29,22 +29,10 @@ HEADER_WAIT_S = 0.1
 HEADER_LIMIT = 1024
 
 
-def start(address: str, reaper, shell: str = "") -> Callable[[], None]:
-    """Listen on `address` (vsock://1025 in the guest, unix:///PATH in dev mode) and serve
-    there; returns what stops it. OSError if `address` cannot be listened on."""
-    from vmm_task import server
-
-    listener = server.listen(address)
-    serving = asyncio.ensure_future(serve(listener, reaper, shell))
-
-    def stop() -> None:
-        serving.cancel()
-        listener.close()
-        if address.startswith(server.UNIX_PREFIX):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(address[len(server.UNIX_PREFIX):])
-
-    return stop
+def start(listener: socket.socket, reaper, shell: str = "") -> Callable[[], None]:
+    """Serve on `listener` (vsock://1025 in the guest, a unix socket in dev mode; its owner
+    closes it); returns what stops serving."""
+    return asyncio.ensure_future(serve(listener, reaper, shell)).cancel
 
 
 def find_shell(configured: str = "") -> Optional[str]:

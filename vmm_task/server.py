@@ -81,11 +81,15 @@ def find_runtime(name: str = "") -> str:
     return name or "crun"  # not found: calls will fail naming it
 
 
-async def serve(ctx, listener: socket.socket, t_main: float) -> None:
+async def serve(ctx, listener: socket.socket, t_main: float,
+                port_forward: socket.socket | None = None) -> None:
     """Serve every agent service on `listener` until cancelled (on vsock, to the host only:
-    vmm_task.peers); prints the ready line."""
+    vmm_task.peers); prints the ready line. `port_forward`: a listener for the host's
+    port-forward streams (vmm_task/portforward.py)."""
     ctx.reaper.start()
     try:
+        if port_forward is not None:
+            serve_when_connected(ctx, port_forward)
         ttrpc_server = build_server(ctx)
         _settle_gc()
         print(ready_line(t_main), flush=True)
@@ -94,6 +98,24 @@ async def serve(ctx, listener: socket.socket, t_main: float) -> None:
         for cleanup in reversed(ctx.cleanups):
             cleanup()
         ctx.reaper.stop()
+
+
+def serve_when_connected(ctx, listener: socket.socket) -> None:
+    """Serve port-forwarding on `listener` from the host's first connection on: until then it
+    costs one listening socket, its module is imported then (every import is boot time)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    fd = listener.fileno()
+
+    def first_connection() -> None:
+        loop.remove_reader(fd)
+        from vmm_task import portforward
+        task = loop.create_task(portforward.serve(listener))
+        ctx.cleanups.append(task.cancel)
+
+    loop.add_reader(fd, first_connection)
+    ctx.cleanups.append(lambda: loop.remove_reader(fd))
 
 
 def _settle_gc() -> None:

@@ -44,10 +44,15 @@ async def configure_guest(call, attachment: Attachment, timeout: float = GUEST_T
              ", ".join(f"{link.name} {link.mac}" for link in attachment.network.links))
 
 
+def plugged(pod_dir: Path) -> bool:
+    """Whether plug made something that unplug has not removed yet."""
+    return (pod_dir / RECORD).exists()
+
+
 async def unplug(pod_dir: Path) -> None:
     """Remove whatever plug made (idempotent; nothing recorded, nothing to do)."""
     record = pod_dir / RECORD
-    if not record.exists():  # a host-network pod: no need to load pyroute2
+    if not plugged(pod_dir):  # a host-network pod: no need to load pyroute2
         return
     from host_sandboxer.network.plumbing import detach
     await detach(record)

@@ -4,6 +4,7 @@ and `recover()` a pod a previous daemon left running (its VM outlives the daemon
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from host_sandboxer.taskproxy import mounts
 from host_sandboxer.taskproxy.errors import HostError
 from host_sandboxer.taskproxy.service import TaskProxy
 from host_sandboxer.vmm.vm import GuestVm, VmError
-from vmm_common import ttrpc
+from vmm_common import portforward, ttrpc
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as task_v2
 from vmm_common.protos.containerd.task.v3 import shim_pb2_grpc as task_v3_grpc
 from vmm_common.protos.kuasar import sandbox_pb2
@@ -82,16 +83,18 @@ async def start(pod: Pod, config, vsock_backend) -> None:
         await _set_up_agent(pod)
         if attachment:
             await pod_network.configure_guest(pod.agent.call, attachment)
+            await _open_port_forward(pod)
         await _serve_task_address(pod)
     except BaseException as exc:
+        refused = isinstance(exc, HostError) and exc.code == grpc.StatusCode.INVALID_ARGUMENT
         what = exc.message if isinstance(exc, HostError) else f"{type(exc).__name__}: {exc}"
-        message = vm.qemu.failure(f"pod {pod.id}: sandbox setup failed: {what}")
+        message = what if refused else vm.qemu.failure(f"pod {pod.id}: sandbox setup failed: {what}")
         await _close_vm(pod)
         await _unplug(pod)
         if isinstance(exc, asyncio.CancelledError):
             raise
-        raise HostError(grpc.StatusCode.UNAVAILABLE, message) from None
-    pod.boot_info.update({"boot_" + k: str(v) for k, v in timeline.as_dict().items()})
+        raise HostError(exc.code if refused else grpc.StatusCode.UNAVAILABLE, message) from None
+    pod.boot_info.update({"boot_" + k: v for k, v in timeline.as_dict().items()})
     # Where Start's time went: before QEMU's spawn, the guest's boot, after the ready line.
     done = time.monotonic()
     pod.boot_info.update(start_total_s=f"{done - began:.3f}", setup_after_ready_s=f"{done - booted:.3f}",
@@ -125,6 +128,8 @@ async def recover(pod: Pod, config, vsock_backend) -> None:
     try:
         await _check_agent(pod)
         await _serve_task_address(pod)
+        if pod.netns_path:
+            await _open_port_forward(pod)
     except BaseException as exc:
         what = exc.message if isinstance(exc, HostError) else f"{type(exc).__name__}: {exc}"
         pod.mark_exited(UNKNOWN_EXIT_STATUS, vm.qemu.failure(f"pod {pod.id}: not recovered: {what}"))
@@ -138,6 +143,21 @@ async def recover(pod: Pod, config, vsock_backend) -> None:
     pod.boot_info["recovered_at_ns"] = str(time.time_ns())
     pod.resume_stdio()
     _watch(pod, config)
+
+
+async def _open_port_forward(pod: Pod) -> None:
+    """CRI's port-forward reaches the VM through the pod's netns (host_sandboxer/portforward,
+    loaded with the first networked pod). Without it the pod still runs: the reason is logged
+    and in Status's verbose info."""
+    from host_sandboxer.portforward import PortForwarder
+    try:
+        pod.port_forward = await PortForwarder.open(
+            pod.id, pod.netns_path, functools.partial(pod.vm.open_socket, portforward.VSOCK_PORT))
+    except NetworkError as exc:
+        log.warning("pod %s: no port-forwarding: %s", pod.id, exc)
+        pod.boot_info["port_forward"] = f"unavailable: {exc}"
+        return
+    pod.boot_info["port_forward"] = f"127.0.0.1:{pod.port_forward.port} in {pod.netns_path}"
 
 
 def _watch(pod: Pod, config) -> None:
@@ -163,7 +183,12 @@ async def _set_up_agent(pod: Pod) -> None:
     checked = time.monotonic()
     request = sandbox_pb2.SetupSandboxRequest()
     request.config.CopyFrom(pod.options)
-    await pod.agent.call(SANDBOX_SERVICE, "SetupSandbox", request, empty_pb2.Empty, timeout=SETUP_TIMEOUT_S)
+    try:
+        await pod.agent.call(SANDBOX_SERVICE, "SetupSandbox", request, empty_pb2.Empty, timeout=SETUP_TIMEOUT_S)
+    except ttrpc.RpcError as exc:  # the pod's config refused (e.g. a user namespace runc refuses)
+        if exc.code != ttrpc.Code.INVALID_ARGUMENT:
+            raise
+        raise HostError(grpc.StatusCode.INVALID_ARGUMENT, f"pod {pod.id}: {exc.message}") from None
     pod.boot_info.update(check_s=f"{checked - began:.3f}",
                          setup_sandbox_s=f"{time.monotonic() - checked:.3f}")
 
@@ -209,8 +234,15 @@ async def _watch_vm(pod: Pod) -> None:
 
 
 async def _unplug(pod: Pod) -> None:
-    """Give the pod's links back as the CNI made them (before the CNI deletes the netns)."""
+    """Stop port-forwarding and give the pod's links back as the CNI made them (before the CNI
+    deletes the netns)."""
+    forwarder, pod.port_forward = pod.port_forward, None
     try:
+        if forwarder is not None:
+            await forwarder.close()
+        elif pod_network.plugged(pod.dir):  # a rule an earlier daemon (or a failed start) left
+            from host_sandboxer.portforward import remove_redirect
+            await remove_redirect(pod.netns_path)
         await pod_network.unplug(pod.dir)
     except NetworkError as exc:
         raise HostError(grpc.StatusCode.INTERNAL, f"pod {pod.id}: {exc}") from None

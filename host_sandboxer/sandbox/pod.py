@@ -72,7 +72,8 @@ class Pod:
         self.vm_record: dict | None = None  # GuestVm.record(): its processes, for a restarted daemon
         self.agent = None        # AgentLink
         self.task_server = None  # grpc.aio.Server for the task address
-        self.boot_info: dict[str, str] = {}
+        self.port_forward = None  # host_sandboxer.portforward.PortForwarder (pods with a netns)
+        self.boot_info: dict[str, object] = {}  # Status verbose info (sandbox/status_info.py)
         self.ports = PortAllocator()
         self.containers: dict[str, Container] = {}
         self.known_container_ids: set[str] = set()  # ever created here: their events may pass

@@ -79,7 +79,6 @@ class TaskProxy(v3_grpc.TaskServicer):
         return handler
 
     Start = _forwarder("Start", v3.StartResponse)
-    Kill = _forwarder("Kill", empty_pb2.Empty)
     Pids = _forwarder("Pids", v3.PidsResponse)
     Pause = _forwarder("Pause", empty_pb2.Empty)
     Resume = _forwarder("Resume", empty_pb2.Empty)
@@ -141,6 +140,18 @@ class TaskProxy(v3_grpc.TaskServicer):
             raise
         stdio.start(self.pod.transport)
         return reply
+
+    async def Kill(self, request, context):
+        return await self._run(context, f"Kill {request.id}", self._kill(request))
+
+    async def _kill(self, request):
+        """With the VM gone its processes are too (State says stopped): NOT_FOUND, the runc
+        shim's answer for a finished process, which containerd's stop path ignores."""
+        self.pod.container(request.id)
+        if self.pod.vm_exited.done():
+            raise HostError(grpc.StatusCode.NOT_FOUND,
+                            f"process already finished: pod {self.pod.id}'s VM is gone")
+        return await self._guest("Kill", request, empty_pb2.Empty)
 
     async def State(self, request, context):
         return await self._run(context, f"State {request.id}", self._state(request))

@@ -103,6 +103,10 @@ class GuestVm:
         """(reader, writer) to a guest vsock port (default: the agent's)."""
         return await self.transport.open_connection(port or self.config.agent.port)
 
+    async def open_socket(self, port: int):
+        """A socket streaming to guest vsock `port` (for relays that run on the socket itself)."""
+        return await self.transport.open_socket(port)
+
     async def ttrpc_client(self, port: int | None = None):
         """A ttrpc client connected to the agent (or to `port`)."""
         from vmm_common import ttrpc

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import host_sandboxer
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.helper_output import HelperOutput
 from host_sandboxer.vsock import qemu_args
+from host_sandboxer.vsock.hybrid_client import take_answer
 
 log = logging.getLogger(__name__)
 
@@ -201,19 +203,23 @@ class BackendVsock:
     def qemu_args(self) -> list:
         return qemu_args(str(self.vhost_socket))
 
+    async def open_socket(self, port: int) -> socket.socket:
+        """A socket streaming to guest `port`, the handshake done; ConnectionRefusedError if
+        nobody answers."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(sock, str(self.uds_path))
+            await loop.sock_sendall(sock, b"CONNECT %d\n" % port)
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.wait_for(take_answer(sock, port), HANDSHAKE_TIMEOUT_S)
+
     async def open_connection(self, port: int):
         """(reader, writer) of a stream to guest `port`; ConnectionRefusedError if nobody answers."""
-        reader, writer = await asyncio.open_unix_connection(str(self.uds_path))
-        try:
-            writer.write(b"CONNECT %d\n" % port)
-            line = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT_S)
-        except BaseException:
-            writer.close()
-            raise
-        if not line.startswith(b"OK "):
-            writer.close()
-            raise ConnectionRefusedError(f"vsock port {port}: refused (nothing listening, or the guest is not up)")
-        return reader, writer
+        return await asyncio.open_connection(sock=await self.open_socket(port))
 
     def lost(self, reason: str) -> None:
         if not self.dead.done():

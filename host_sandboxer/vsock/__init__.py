@@ -5,6 +5,7 @@ Every transport has the same face, used by the QEMU launcher and the Task API fo
     t.qemu_args() -> list           # the -chardev/-device arguments for QEMU
     t.needs_shared_memory           # True: guest RAM must be memory-backend-memfd,share=on
     await t.open_connection(port)   # -> (asyncio.StreamReader, asyncio.StreamWriter)
+    await t.open_socket(port)       # -> a connected non-blocking socket (the handshake done)
     t.dead                          # Future[str]: resolves with a reason when the link is gone
     await t.close()
 

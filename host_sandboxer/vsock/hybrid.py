@@ -10,6 +10,7 @@ import asyncio
 import socket
 
 from . import qemu_args
+from .hybrid_client import take_answer
 from .hybrid_sockets import DEFAULT_GUEST_CID, HybridSockets
 
 
@@ -42,26 +43,22 @@ class HybridVsock:
     def qemu_args(self, chardev_id: str = "vsock0") -> list:
         return qemu_args(self.vhost_socket, chardev_id)
 
-    async def open_connection(self, port: int):
-        """(reader, writer) of a stream to guest `port`; ConnectionRefusedError if nobody answers.
+    async def open_socket(self, port: int) -> socket.socket:
+        """A socket streaming to guest `port`, the handshake done; ConnectionRefusedError if
+        nobody answers.
 
         In-process callers skip the unix listener: one end of a socketpair goes straight to the
         device, which answers `OK <n>` on it exactly as it does for outside clients.
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         theirs.setblocking(False)
+        ours.setblocking(False)
         self.device.connect_from_host(theirs, port, lambda host_port: theirs.sendall(b"OK %d\n" % host_port))
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
-        try:
-            line = await reader.readline()
-        except BaseException:          # cancelled (a caller's timeout) or reset
-            writer.close()
-            raise
-        if not line.startswith(b"OK "):
-            writer.close()
-            raise ConnectionRefusedError(f"vsock port {port} of guest cid {self.guest_cid}: "
-                                         f"refused (nothing listening, or the guest is not up)")
-        return reader, writer
+        return await take_answer(ours, port)
+
+    async def open_connection(self, port: int):
+        """(reader, writer) of a stream to guest `port`; ConnectionRefusedError if nobody answers."""
+        return await asyncio.open_connection(sock=await self.open_socket(port))
 
     async def close(self) -> None:
         if self.sockets is not None:

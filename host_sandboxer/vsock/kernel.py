@@ -80,8 +80,8 @@ class KernelVsock:
     def qemu_args(self, device_id: str = "vsock0") -> list:
         return ["-device", f"vhost-vsock-pci,id={device_id},guest-cid={self.guest_cid}"]
 
-    async def open_connection(self, port: int):
-        """(reader, writer) of a stream to guest `port` over AF_VSOCK."""
+    async def open_socket(self, port: int) -> socket.socket:
+        """An AF_VSOCK socket connected to guest `port`."""
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
@@ -89,7 +89,11 @@ class KernelVsock:
         except BaseException:
             sock.close()
             raise
-        return await asyncio.open_connection(sock=sock)
+        return sock
+
+    async def open_connection(self, port: int):
+        """(reader, writer) of a stream to guest `port` over AF_VSOCK."""
+        return await asyncio.open_connection(sock=await self.open_socket(port))
 
     async def close(self) -> None:
         if self._release is not None:

@@ -283,12 +283,14 @@ class Agent:
         """`flags`: more vmm-task options; `wrapper`: a command it runs under (`unshare --net`)."""
         self.runtime = runtime
         self.socket = workdir / "agent.sock"
+        self.port_forward_socket = workdir / "port-forward.sock"
         self.run_dir = workdir / "run"
         self.log = workdir / "agent.log"
         self._log_file = open(self.log, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
             [*wrapper, sys.executable, "-m", "vmm_task", "--listen", f"unix://{self.socket}",
+             "--port-forward", f"unix://{self.port_forward_socket}",
              "--run-dir", str(self.run_dir), "--runtime", runtime, *flags],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.monotonic() + AGENT_START_TIMEOUT

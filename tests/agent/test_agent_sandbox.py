@@ -162,6 +162,30 @@ def test_setup_sandbox_namespaces_dns_hosts_and_refusals(start_agent):
     assert str(ns) not in mounts  # the pod namespace bind mounts went with the agent
 
 
+def _userns(mode: str, mapping: dict | None = None) -> dict:
+    options = {"mode": mode, "uids": [mapping] if mapping else [], "gids": [mapping] if mapping else []}
+    return {"security_context": {"namespace_options": {"userns_options": options}}}
+
+
+def test_setup_sandbox_refuses_user_namespaces_as_a_runc_pod_is_refused(start_agent):
+    # the three critest "UserNamespaces" specs a runc pod fails and ours did not (cri-tools
+    # pkg/validate/security_context_linux.go): refused before anything of the pod is made
+    agent = start_agent()
+    root_unmapped = {"container_id": 1, "host_id": 1000, "length": 100000}
+    for linux, refusal in (
+            (_userns("CONTAINER"), 'unsupported user namespace mode: "CONTAINER"'),
+            (_userns("TARGET"), 'unsupported user namespace mode: "TARGET"'),
+            (_userns("POD", root_unmapped), "user namespaces enabled, but no mapping found for uid 0")):
+        refused = agent.error(SANDBOX, "SetupSandbox", pod_config(hostname="web-0", linux=linux),
+                              empty_pb2.Empty)
+        assert (refused.code, refused.message.endswith(refusal)) == (Code.INVALID_ARGUMENT, True), refused
+        assert not (agent.run_dir / "sandbox-ns").exists() or not os.listdir(agent.run_dir / "sandbox-ns")
+    agent.call(SANDBOX, "SetupSandbox", pod_config(hostname="web-0", linux=_userns("NODE")),
+               empty_pb2.Empty)
+    assert sorted(os.listdir(agent.run_dir / "sandbox-ns")) == ["ipc", "pid", "uts"]
+    assert agent.stop() == 0
+
+
 def test_sync_clock_first_step_and_dev_mode_refuses_to_set_the_host_clock(start_agent):
     agent = start_agent()
     sent = time.time_ns()

@@ -1,8 +1,10 @@
 """Task lifecycle against the dev-mode agent with real crun: create/start/wait/delete with exit
 codes, state transitions, events, exec, kill with and without `all`."""
 import asyncio
+import collections
 import signal
 
+from vmm_common import ttrpc
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as pb
 from vmm_common.protos.containerd.types.task import task_pb2 as types
 
@@ -79,3 +81,53 @@ def test_kill_init_alone_and_with_all(agent, bundles):
     pids = agent.run(body)
     for pid in pids:  # none survives, none is left a zombie of the agent
         assert pid not in agent.children()
+
+
+async def _kill_outcome(t, cid: str, all_processes: bool) -> str:
+    """"ok" or the code name a Kill got; any other failure is raised."""
+    try:
+        await t.kill(cid, signal.SIGKILL, all=all_processes)
+    except ttrpc.RpcError as error:
+        return error.code.name
+    return "ok"
+
+
+def test_kill_of_an_exiting_container_is_not_found(agent, bundles):
+    # containerd's stop path Kills containers that may just have exited and ignores only
+    # NOT_FOUND, the runc shim's answer for them (checkKillError: "process already finished").
+    # Here init exits at once but a background child keeps its stdout open: the exit is reaped
+    # and not yet reported (its output is drained first), the window the runtime cannot signal.
+    bundle = bundles.make(["sh", "-c", "sleep 1000 & exit 0"], pid_namespace=False)
+
+    async def body(t):
+        await t.create(bundle, stdout=str(bundle.file("out")))
+        await t.start(bundle.id)
+        await asyncio.sleep(0.5)
+        assert (await t.state(bundle.id)).status == types.RUNNING  # exit not reported yet
+        error = await t.error("Kill", pb.KillRequest(id=bundle.id, signal=signal.SIGKILL))
+        assert error.code.name == "NOT_FOUND" and "already exited" in error.message, error
+        assert await _kill_outcome(t, bundle.id, True) in ("ok", "NOT_FOUND")
+        assert await t.wait(bundle.id) == 0
+        await t.delete(bundle.id)
+
+    agent.run(body)
+
+
+def test_kill_racing_a_container_that_exits_at_once(agent, bundles):
+    # Kill(9, all) and Kill(9) as containerd's stop sends them, right after Start, to containers
+    # exiting a little later each round: some Kills meet the exit (reaped, not yet reported)
+    made = [bundles.make(["sleep", f"0.{delay_ms:03d}"]) for delay_ms in range(60)]
+
+    async def body(t):
+        outcomes = []
+        for bundle in made:
+            await t.create(bundle, stdout=str(bundle.file("out")))
+            await t.start(bundle.id)
+            outcomes.append(await _kill_outcome(t, bundle.id, True))
+            outcomes.append(await _kill_outcome(t, bundle.id, False))
+            await t.wait(bundle.id)
+            await t.delete(bundle.id)
+        return outcomes
+
+    outcomes = agent.run(body, timeout=300)
+    assert set(outcomes) <= {"ok", "NOT_FOUND"}, collections.Counter(outcomes)

@@ -1,4 +1,4 @@
-"""Only the host may use the agent's vsock listeners (port 1024 and the stdio ports).
+"""Only the host may use the agent's vsock listeners (port 1024, the stdio ports, port-forward).
 
 This host has no vsock loopback, so no real non-host vsock peer can connect here: the peer
 check is fed stand-in sockets with a vsock peer address, and the listeners' wiring is exercised
@@ -108,4 +108,40 @@ def test_the_ttrpc_server_serves_only_admitted_connections(monkeypatch, tmp_path
             await asyncio.gather(serving, return_exceptions=True)
 
     asyncio.run(scenario())
+    assert len(seen) == 2
+
+
+@pytest.mark.timeout(20)
+def test_a_refused_peer_gets_no_port_forward(monkeypatch, tmp_path):
+    """Refused: closed unanswered (no port of the guest is dialled for it); the host's next
+    connection is served."""
+    from vmm_common import portforward as protocol
+    from vmm_task import portforward
+    from vmm_task.server import listen
+    seen = refusing_first(monkeypatch)
+    path = str(tmp_path / "port-forward.sock")
+    with socket.socket() as bound:  # a port nobody listens on: the served request gets ERR
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+
+    async def scenario():
+        serving = asyncio.ensure_future(portforward.serve(listen(f"unix://{path}")))
+        try:
+            answers = []
+            for _ in range(2):
+                reader, writer = await asyncio.open_unix_connection(path)
+                try:
+                    writer.write(protocol.request(port))
+                    answers.append(await asyncio.wait_for(reader.read(), 5))
+                except (BrokenPipeError, ConnectionResetError):  # closed before the request
+                    answers.append(b"")
+                writer.close()
+            return answers
+        finally:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+
+    refused, served = asyncio.run(scenario())
+    assert refused == b""
+    assert served.startswith(b"ERR port %d: 127.0.0.1: Connection refused" % port)
     assert len(seen) == 2

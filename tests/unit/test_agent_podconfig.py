@@ -5,7 +5,7 @@ import json
 import pytest
 
 from vmm_task.pod import files
-from vmm_task.pod.podconfig import PodConfig, decode
+from vmm_task.pod.podconfig import CRI_TYPE, PodConfig, decode
 from vmm_task.pod.setup import decode_config
 
 
@@ -90,3 +90,78 @@ def test_resolv_conf_and_hosts():
     hosts = files.hosts("web-0", ["10.1.2.3"])
     assert hosts.startswith("127.0.0.1\tlocalhost\n") and hosts.endswith("10.1.2.3\tweb-0\n")
     assert files.hosts("", []) == files.DEFAULT_HOSTS
+
+
+def _varint_field(number: int, value: int) -> bytes:
+    """A varint field (wire type 0)."""
+    out = bytearray([number << 3])
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def cri_userns_config(mode: int, uids: list[tuple[int, int, int]],
+                      gids: list[tuple[int, int, int]]) -> bytes:
+    """A PodSandboxConfig whose NamespaceOption (linux=8 > security_context=2 > namespace_options=1)
+    carries userns_options=5: mode=1, uids=2, gids=3, each IDMapping host_id=1, container_id=2,
+    length=3; mappings given as (container_id, host_id, length)."""
+    def mapping(container_id, host_id, length):
+        return _varint_field(1, host_id) + _varint_field(2, container_id) + _varint_field(3, length)
+    userns = (_varint_field(1, mode) if mode else b"") \
+        + b"".join(_field(2, mapping(*m)) for m in uids) + b"".join(_field(3, mapping(*m)) for m in gids)
+    namespace_options = _varint_field(1, 0) + _field(5, userns)
+    return _field(2, b"web-0") + _field(8, _field(2, _field(1, namespace_options)))
+
+
+CRITEST_MAPPING = (0, 1000, 100000)  # cri-tools pkg/validate/security_context_linux.go
+
+
+def test_cri_user_namespace_options():
+    config = decode(CRI_TYPE, cri_userns_config(0, [CRITEST_MAPPING], [(0, 2000, 65536)]))
+    assert (config.userns.mode, config.userns.uids, config.userns.gids) == \
+        (0, [CRITEST_MAPPING], [(0, 2000, 65536)])
+    assert decode(CRI_TYPE, cri_pod_config(0)).userns is None  # not set: the node's
+    assert decode(CRI_TYPE, cri_userns_config(2, [], [])).userns.mode == 2
+
+
+def test_kuasar_json_user_namespace_options():
+    document = {"linux": {"securityContext": {"namespaceOptions": {"usernsOptions": {
+        "mode": "POD", "uids": [{"containerId": 0, "hostId": 1000, "length": 100000}],
+        "gids": [{"container_id": 0, "host_id": 1000, "length": 100000}]}}}}}
+    config = decode("PodSandboxConfig", json.dumps(document).encode())
+    assert (config.userns.mode, config.userns.uids, config.userns.gids) == \
+        (0, [CRITEST_MAPPING], [CRITEST_MAPPING])
+
+
+@pytest.mark.parametrize("mode, uids, gids", [
+    (0, [CRITEST_MAPPING], [CRITEST_MAPPING]),  # "runtime should support NamespaceMode_POD"
+    (0, [(0, 1000, 1)], [(0, 1000, 65536)]),
+    (2, [], []),  # "runtime should support NamespaceMode_NODE"
+])
+def test_user_namespaces_a_runc_pod_accepts(mode, uids, gids):
+    assert decode_config(CRI_TYPE, cri_userns_config(mode, uids, gids)).userns.mode == mode
+
+
+@pytest.mark.parametrize("mode, uids, gids, refusal", [
+    # critest "[sig-node] Security Context UserNamespaces": containerd's podsandbox controller
+    # (parseUsernsIDs) and runc (HostUID) refuse these while the pod is made; so does the agent
+    (1, [], [], 'user namespace configuration: unsupported user namespace mode: "CONTAINER"'),
+    (3, [], [], 'user namespace configuration: unsupported user namespace mode: "TARGET"'),
+    (0, [(1, 1000, 100000)], [(1, 1000, 100000)],
+     "user namespaces enabled, but no mapping found for uid 0"),
+    (0, [CRITEST_MAPPING, (0, 2000, 100000)], [CRITEST_MAPPING, (0, 2000, 100000)],
+     "user namespace configuration: UID mapping: only one mapping line supported, got 2 mapping lines"),
+    # and the rest of those two's rules
+    (0, [CRITEST_MAPPING], [(1, 1000, 100000)], "user namespaces enabled, but no mapping found for gid 0"),
+    (0, [(0, 1000, 0)], [CRITEST_MAPPING], "UID mapping: invalid mapping length: 0"),
+    (0, [CRITEST_MAPPING], [], 'can\'t use user namespace mode "POD" without UID and GID mappings'),
+    (2, [CRITEST_MAPPING], [], 'can\'t use user namespace mode "NODE" with mappings. '
+                               "Got 1 UID mappings and 0 GID mappings"),
+    (7, [], [], 'unsupported user namespace mode: "7"'),
+])
+def test_user_namespaces_a_runc_pod_refuses(mode, uids, gids, refusal):
+    with pytest.raises(ValueError) as refused:
+        decode_config(CRI_TYPE, cri_userns_config(mode, uids, gids))
+    assert refusal in str(refused.value)

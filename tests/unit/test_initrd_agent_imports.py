@@ -45,11 +45,13 @@ server.build_server(AgentContext(reaper=Reaper(), events=EventQueue(), dev_mode=
 print(*sorted(sys.modules))
 """
 
-# Loaded on first use, never before ready: pyroute2 (first network call), the container code and
+# Loaded on first use, never before ready: pyroute2 (first network call), port-forwarding (the
+# host's first port-forward connection), the container code and
 # the Task service's protos (first Task call), protobuf's pure-Python backend (never: upb runs),
 # ast (inspect's source-code helpers), datetime and calendar (protobuf's datetime conversions),
 # typing (annotations only, left unevaluated).
 NOT_AT_START_UP = ("pyroute2", "vmm_task.netlink.links", "vmm_task.netlink.routes",
+                   "vmm_task.portforward", "vmm_common.splice", "vmm_task.debug_console",
                    "vmm_task.container", "vmm_task.kuasar", "vmm_task.services.task",
                    "vmm_task.pod.setup",
                    "vmm_common.protos.containerd.task", "google.protobuf.internal.python_message",

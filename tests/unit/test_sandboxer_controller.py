@@ -99,8 +99,10 @@ def test_start_without_an_image_fails_naming_it(controller):
     got, details = code(lambda: ctl.Start(sb.ControllerStartRequest(sandbox_id="p1"), timeout=30))
     assert got == grpc.StatusCode.FAILED_PRECONDITION
     assert f"{work}/no-kernel" in details
-    ctl.Shutdown(sb.ControllerShutdownRequest(sandbox_id="p1"), timeout=10)
+    # containerd forgets a sandbox whose Start failed and sends no Shutdown: nothing is left
     assert not (work / "state" / "p1").exists()
+    assert code(lambda: ctl.Status(sb.ControllerStatusRequest(sandbox_id="p1"), timeout=10))[0] \
+        == grpc.StatusCode.NOT_FOUND
 
 
 def _resize(sandbox_id: str, resources, fields=("extensions",)) -> sb.ControllerUpdateRequest:

@@ -1,14 +1,18 @@
 """Pod networking end to end: vmm-sandboxer starts a pod in a network namespace the test made
 (veth to a peer namespace, 192.0.2.0/24); containers in the VM ping the peer, connect to a TCP
-server in the peer namespace and serve TCP to the peer; Stop leaves the pod namespace as the
-"CNI" made it.  Only the test's own namespaces carry traffic."""
+server in the peer namespace and serve TCP to the peer, and are reached from localhost of the
+pod namespace as CRI's port-forward dials them; Stop leaves the pod namespace as the "CNI" made
+it.  Only the test's own namespaces carry traffic."""
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -18,11 +22,13 @@ from bench.netpair import GATEWAY, PEER_IP, POD_IP, NetnsPair, sh
 from bench.netpod import Daemon, NetPod, demo
 from host_sandboxer import network
 from host_sandboxer.network import pod as pod_network
+from host_sandboxer.network.netns import run_in_netns
+from host_sandboxer.portforward import redirect
 from host_sandboxer.vmm.vm import GuestVm
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(os.geteuid() != 0, reason="netns and mounts need root")]
-PEER_PORT, POD_PORT = 8080, 8081
+PEER_PORT, POD_PORT, FORWARDED_PORT, NOBODY_PORT = 8080, 8081, 8082, 8099
 
 
 @pytest.fixture
@@ -79,18 +85,70 @@ def test_containers_reach_the_peer_and_are_reached_through_the_pod_namespace(dae
         assert pair.snapshot(pair.pod) == before
 
 
-def test_missing_network_namespace_fails_start_and_leaves_nothing(daemon):
-    daemon.create("nonet", "/var/run/netns/vmmt-absent")
+def _localhost_exchange(pair: NetnsPair, port: int, payload: bytes) -> bytes:
+    """Dial 127.0.0.1:port inside the pod namespace (as containerd's PortForward does), send
+    `payload`, half-close, and read until EOF."""
+    sock = run_in_netns(pair.pod_path, lambda: socket.create_connection(("127.0.0.1", port), 10))
+    with sock:
+        sock.settimeout(60)
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _until_served(pair: NetnsPair, port: int, payload: bytes, deadline_s: float = 60) -> bytes:
+    """_localhost_exchange, again while nothing listens yet in the guest (the client is reset)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return _localhost_exchange(pair, port, payload)
+        except ConnectionResetError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def test_port_forward_reaches_a_container_through_localhost_of_the_pod_namespace(daemon):
+    """What containerd's CRI PortForward does for a pod with a netns: dial localhost:PORT in it.
+    Bytes go both ways, each side's EOF reaches the other; a port nobody listens on resets the
+    client at once; teardown removes the listener and the nftables rule."""
+    with NetnsPair() as pair:
+        before = pair.snapshot(pair.pod)
+        pod = NetPod(daemon, pair, "pfpod")
+        try:
+            assert daemon.info("pfpod")["port_forward"].startswith("127.0.0.1:")
+            payload = os.urandom(1 << 20)
+            # the server answers once it saw the client's EOF, then closes: EOF for the client
+            server = pod.run_in_background(
+                "c-pf", f"nc -l -p {FORWARDED_PORT} -e sh -c 'sha256sum; head -c 1048576 /dev/zero'")
+            answer = _until_served(pair, FORWARDED_PORT, payload)
+            assert answer == f"{hashlib.sha256(payload).hexdigest()}  -\n".encode() + bytes(1 << 20)
+            out, err, status = server.result(60)
+            assert status == 0, out + err
+
+            began = time.monotonic()
+            with pytest.raises(ConnectionResetError):
+                _localhost_exchange(pair, NOBODY_PORT, b"hello")
+            assert time.monotonic() - began < 10
+        finally:
+            pod.remove()
+        assert pair.snapshot(pair.pod) == before
+        with pytest.raises(ConnectionRefusedError):  # localhost of the namespace is its own again
+            run_in_netns(pair.pod_path, lambda: socket.create_connection(("127.0.0.1", FORWARDED_PORT), 10))
+
+
+def test_missing_network_namespace_is_refused_at_create_and_leaves_nothing(daemon):
+    with pytest.raises(grpc.RpcError) as info:
+        daemon.create("nonet", "/var/run/netns/vmmt-absent")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "netns_path '/var/run/netns/vmmt-absent': No such file or directory" in info.value.details()
+    assert not (daemon.daemon.state / "nonet").exists()  # no pod directory, no VMM
     with pytest.raises(grpc.RpcError) as info:
         daemon.start("nonet")
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "network namespace /var/run/netns/vmmt-absent does not exist" in info.value.details()
-    pod_dir = daemon.daemon.state / "nonet"
-    assert not (pod_dir / "network.json").exists()
-    assert not (pod_dir / "qemu.log").exists()  # no VMM was started
-    daemon.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="nonet"),
-                                   metadata=demo.NAMESPACE, timeout=60)
-    assert not pod_dir.exists()
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_multiqueue_nic_with_two_vcpus_answers_the_peer(vm_config, vm_loop, tmp_path):
@@ -135,17 +193,23 @@ def test_multiqueue_nic_with_two_vcpus_answers_the_peer(vm_config, vm_loop, tmp_
 
 
 def test_daemon_killed_then_shutdown_restores_the_namespace_from_the_record(daemon):
-    """SIGKILL the daemon with a networked pod running: the redirect on the pod's veth and the
-    record stay; the restarted daemon's Shutdown gives the links back (whether the VMM died
-    with the daemon, taking its tap along, or was adopted by the new daemon)."""
+    """SIGKILL the daemon with a networked pod running: the redirect on the pod's veth, the
+    port-forward rule and the record stay; the restarted daemon re-attaches the pod, its
+    port-forwarding with it (a new listener), and its Shutdown gives the namespace back as the
+    CNI made it."""
     with NetnsPair() as pair:
         before = pair.snapshot(pair.pod)
-        NetPod(daemon, pair, "crashnet")
+        pod = NetPod(daemon, pair, "crashnet")
         daemon.daemon.proc.kill()
         daemon.daemon.proc.wait(10)
-        assert ("eth0", "ingress") in pair.snapshot(pair.pod)["qdiscs"]
+        left = pair.snapshot(pair.pod)
+        assert ("eth0", "ingress") in left["qdiscs"]
+        assert f"table ip {redirect.TABLE}" in left["nft_tables"]
         assert (daemon.daemon.state / "crashnet" / "network.json").exists()
         daemon.daemon.start()
+        server = pod.run_in_background("c-pf", f"nc -l -p {FORWARDED_PORT} -e echo recovered")
+        assert _until_served(pair, FORWARDED_PORT, b"") == b"recovered\n"
+        assert server.result(60)[2] == 0
         daemon.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="crashnet"),
                                        metadata=demo.NAMESPACE, timeout=60)
         assert pair.snapshot(pair.pod) == before

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import empty_pb2
+from google.protobuf import any_pb2, empty_pb2
 
 from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
 from host_sandboxer.vmm.process import kill_strays
+from tests.unit.test_agent_podconfig import cri_userns_config
+from tests.unit.test_sandboxer_status_info import check_cri_info, crictl_reads
 from vmm_common.protos.containerd.events import task_pb2 as events
 from vmm_common.protos.containerd.services.events.v1 import events_pb2_grpc
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
@@ -199,7 +201,9 @@ def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env, guest_image):
 
     metrics = ctl.Metrics(sb.ControllerMetricsRequest(sandbox_id="pod1"), timeout=10).metrics
     assert metrics.id == "pod1" and metrics.data.type_url == "io.containerd.cgroups.v2.Metrics"
-    assert "boot_agent_ready_s" in env.status("pod1", verbose=True).info
+    info = dict(env.status("pod1", verbose=True).info)
+    assert crictl_reads(info)["boot_agent_reported"]["pid"] == 1  # JSON, as crictl inspectp reads it
+    assert check_cri_info(info)["processStatus"] == "running"
 
     env.cri.remove_pod("pod1")
     assert code_of(lambda: env.status("pod1")) == grpc.StatusCode.NOT_FOUND
@@ -249,6 +253,9 @@ def test_vmm_killed(env):
     # what CRI does next (crictl rm): State, then Delete, answered without the VM
     state = tasks.State(task.StateRequest(id=b.id), metadata=NS, timeout=10)
     assert (state.status, state.exit_status, state.bundle) == (3, 255, str(b.path))  # STOPPED
+    # CRI's stop path Kills what it still thinks runs: NOT_FOUND, which it ignores, as for runc
+    kill = task.KillRequest(id=b.id, signal=signal.SIGKILL, all=True)
+    assert code_of(lambda: tasks.Kill(kill, metadata=NS, timeout=10)) == grpc.StatusCode.NOT_FOUND
     assert tasks.Delete(task.DeleteRequest(id=b.id), metadata=NS, timeout=10).exit_status == 255
     assert not (env.daemon.state / "crash" / "mounts" / b.id).exists()
     assert env.status("bystander").state == "SANDBOX_READY"
@@ -272,6 +279,22 @@ def test_rootfs_and_binds_over_9p(env):
     assert mountpoints_under(env.work) == []
 
 
+def test_start_refuses_a_user_namespace_a_runc_pod_refuses(env):
+    """critest's "runtime should fail with NamespaceMode_CONTAINER": the agent refuses the pod's
+    config (vmm_task/pod/userns.py) and Start says so as the caller's error, without a console."""
+    options = any_pb2.Any(type_url="type.googleapis.com/runtime.v1.PodSandboxConfig",
+                          value=cri_userns_config(1, [], []))
+    ctl = env.cri.controller
+    ctl.Create(sb.ControllerCreateRequest(sandbox_id="userns", options=options), metadata=NS, timeout=10)
+    with pytest.raises(grpc.RpcError) as refused:
+        ctl.Start(sb.ControllerStartRequest(sandbox_id="userns"), metadata=NS, timeout=90)
+    assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, (
+        'pod userns: user namespace configuration: unsupported user namespace mode: "CONTAINER"'))
+    # containerd sends no Shutdown after a failed Start (kubelet retries with a new pod): nothing left
+    assert mountpoints_under(env.work) == [] and not (env.daemon.state / "userns").exists()
+    assert code_of(lambda: env.status("userns")) == grpc.StatusCode.NOT_FOUND
+
+
 def test_start_failure_carries_the_console_tail(env):
     """A guest that cannot run its agent: Start fails in bounded time quoting the console."""
     env.daemon.stop()
@@ -284,5 +307,4 @@ def test_start_failure_carries_the_console_tail(env):
         ctl.Start(sb.ControllerStartRequest(sandbox_id="broken"), metadata=NS, timeout=90)
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "console tail" in failure.value.details() and "Kernel panic" in failure.value.details()
-    ctl.Shutdown(sb.ControllerShutdownRequest(sandbox_id="broken"), metadata=NS, timeout=30)
-    assert mountpoints_under(env.work) == []
+    assert mountpoints_under(env.work) == [] and not (env.daemon.state / "broken").exists()

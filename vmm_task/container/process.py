@@ -23,6 +23,7 @@ class Process:
         self.status = CREATED
         self.exit_code = 0
         self.exited_at = 0              # ns since the epoch; 0 while not exited
+        self.reaped = False             # it has exited; `status` says so once output is drained
         self._exited = asyncio.get_running_loop().create_future()
         self._watcher: Optional[asyncio.Task] = None
         # closed while a Start is in flight: its exit is reported after the start was (a
@@ -46,6 +47,7 @@ class Process:
         except ProcessLookupError:
             log.warning("%s: pid %d vanished before it could be watched", self.name, self.pid)
             status = None
+        self.reaped = True
         await self.io.drain()
         await self.exit_gate.wait()
         self.set_exited(status.code if status else 255, status.exited_at if status else 0)

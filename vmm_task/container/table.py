@@ -17,7 +17,7 @@ from .ids import check_id
 from .mounts import Mount, mount_rootfs, unmount
 from .options import CreateOptions
 from .process import CREATED, PAUSED, RUNNING, STOPPED, Process
-from .runtime import Runtime
+from .runtime import Runtime, RuntimeFailure
 from .spec import absolute_root, add_pod_files, apply_pod_namespaces, load_bundle_spec, \
     parse_exec_process, process_owner, save_bundle_spec
 from .stdio import ProcessIO, Stdio
@@ -221,21 +221,33 @@ class ContainerTable:
     # -- signals and waiting -------------------------------------------------------------------
 
     async def kill(self, cid: str, exec_id: str, signal: int, all_processes: bool) -> None:
+        """A process that has exited, even one whose exit is not reported yet (reaped, output
+        still draining), is NOT_FOUND, as the runc shim answers (checkKillError: "process
+        already finished"): containerd's stop path ignores exactly that. Kill(all) of an init
+        still signals what the init left behind in the container."""
         container = self.get(cid)
         process = container.process(exec_id)
         if not 0 <= signal < 65:
             raise invalid_argument(f"{process.name}: {signal} is not a signal number")
-        if process.status == STOPPED:
-            raise not_found(f"{process.name} has already exited: nothing to signal")
+        leftovers = all_processes and not exec_id
+        if process.status == STOPPED or (process.reaped and not leftovers):
+            raise _already_exited(process)
         if exec_id:
             if process.status == CREATED:
                 raise failed_precondition(f"{process.name} has not been started")
             try:
                 os.kill(process.pid, signal)
             except ProcessLookupError:
-                raise not_found(f"{process.name} has already exited: nothing to signal") from None
+                raise _already_exited(process) from None
             return
-        await self.runtime.kill(cid, signal, all_processes)
+        try:
+            await self.runtime.kill(cid, signal, all_processes)
+        except RuntimeFailure:
+            # the init exited while the runtime looked for it ("open pidfd: No such process");
+            # its exit was reaped before the runtime's, so it is known here by now
+            if process.reaped:
+                raise _already_exited(process) from None
+            raise
 
     async def wait(self, cid: str, exec_id: str) -> Process:
         process = self.get(cid).process(exec_id)
@@ -352,6 +364,10 @@ class ContainerTable:
 
     def all(self) -> list[Container]:
         return list(self._containers.values())
+
+
+def _already_exited(process: Process) -> TaskError:
+    return not_found(f"{process.name} has already exited: nothing to signal")
 
 
 def _read_pid(path: str) -> int:

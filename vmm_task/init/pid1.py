@@ -10,6 +10,7 @@ import os
 import socket
 import time
 
+from vmm_common.portforward import VSOCK_PORT as PORT_FORWARD_PORT
 from vmm_task.context import STATE_DIR
 from vmm_task.init import cmdline, console, cpu_hotplug, loopback, mounts, signals
 from vmm_task.init.power import power_off
@@ -17,6 +18,7 @@ from vmm_task.logs import setup_logging
 
 log = logging.getLogger("vmm_task")
 VSOCK_ADDRESS = "vsock://1024"
+PORT_FORWARD_ADDRESS = f"vsock://{PORT_FORWARD_PORT}"  # the host's CRI port-forward streams
 GUEST_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
              "XDG_RUNTIME_DIR": "/run"}
 
@@ -90,8 +92,16 @@ async def _serve(config: cmdline.TaskConfig, problems: list[str], t_main: float)
     if config.debug:
         from vmm_task import debug_console
         try:
-            ctx.cleanups.append(debug_console.start(debug_console.ADDRESS, ctx.reaper,
-                                                    config.debug_shell))
+            ctx.cleanups.append(debug_console.start(server.listen(debug_console.ADDRESS),
+                                                    ctx.reaper, config.debug_shell))
         except OSError as e:
-            ctx.boot_problems.append(f"no debug console on {debug_console.ADDRESS}: {e}")
-    await server.serve(ctx, listener, t_main)
+            ctx.boot_problems.append(f"no debug console: cannot listen on "
+                                     f"{debug_console.ADDRESS}: {e}")
+            log.error("boot: %s", ctx.boot_problems[-1])
+    try:
+        port_forward = server.listen(PORT_FORWARD_ADDRESS)
+    except OSError as e:
+        port_forward = None
+        ctx.boot_problems.append(f"no port-forwarding: cannot listen on {PORT_FORWARD_ADDRESS}: {e}")
+        log.error("boot: %s", ctx.boot_problems[-1])
+    await server.serve(ctx, listener, t_main, port_forward)

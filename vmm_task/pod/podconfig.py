@@ -7,6 +7,8 @@ through a field-compatible subset (`vmmtask/v1/podconfig.proto`). An empty Any m
 
 from typing import Optional
 
+from vmm_task.pod.userns import IDMapping, UserNamespace
+
 CRI_TYPE = "runtime.v1.PodSandboxConfig"
 KUASAR_JSON_TYPE = "PodSandboxConfig"
 NAMESPACE_MODE_POD = 0  # runtime.v1.NamespaceMode.POD
@@ -18,18 +20,22 @@ class PodConfigError(ValueError):
 
 
 class PodConfig:
-    """What SetupSandbox applies. `share_pid`: the pod's containers share one PID namespace."""
+    """What SetupSandbox applies. `share_pid`: the pod's containers share one PID namespace;
+    `userns`: the user namespace options (pod/userns.py), None when the config has none."""
 
-    __slots__ = ("hostname", "dns_servers", "dns_searches", "dns_options", "sysctls", "share_pid")
+    __slots__ = ("hostname", "dns_servers", "dns_searches", "dns_options", "sysctls", "share_pid",
+                 "userns")
 
     def __init__(self, hostname="", dns_servers=(), dns_searches=(), dns_options=(),
-                 sysctls: Optional[dict] = None, share_pid=False):
+                 sysctls: Optional[dict] = None, share_pid=False,
+                 userns: Optional[UserNamespace] = None):
         self.hostname = hostname
         self.dns_servers = list(dns_servers)
         self.dns_searches = list(dns_searches)
         self.dns_options = list(dns_options)
         self.sysctls = dict(sysctls or {})
         self.share_pid = share_pid
+        self.userns = userns
 
     @property
     def has_dns(self) -> bool:
@@ -58,9 +64,16 @@ def _from_protobuf(value: bytes) -> PodConfig:
     except DecodeError as e:
         raise PodConfigError(f"undecodable {CRI_TYPE}: {e}") from None
     dns, linux = config.dns_config, config.linux
+    namespaces = linux.security_context.namespace_options
+    userns = None
+    if namespaces.HasField("userns_options"):
+        options = namespaces.userns_options
+        uids, gids = ([IDMapping(m.container_id, m.host_id, m.length) for m in ids]
+                      for ids in (options.uids, options.gids))
+        userns = UserNamespace(options.mode, uids, gids)
     return PodConfig(hostname=config.hostname, dns_servers=dns.servers, dns_searches=dns.searches,
                      dns_options=dns.options, sysctls=dict(linux.sysctls),
-                     share_pid=linux.security_context.namespace_options.pid == NAMESPACE_MODE_POD)
+                     share_pid=namespaces.pid == NAMESPACE_MODE_POD, userns=userns)
 
 
 def _from_json(value: bytes) -> PodConfig:
@@ -76,20 +89,49 @@ def _from_json(value: bytes) -> PodConfig:
     dns = _get(config, "dns_config", dict)
     linux = _get(config, "linux", dict)
     namespaces = _get(_get(linux, "security_context", dict), "namespace_options", dict)
-    pid_mode = namespaces.get("pid", NAMESPACE_MODE_POD)
-    pid_mode = _NAMESPACE_MODES.get(pid_mode, pid_mode) if isinstance(pid_mode, str) else pid_mode
     sysctls = _get(linux, "sysctls", dict)
+    userns = _get(namespaces, "userns_options", dict) if _has(namespaces, "userns_options") else None
     return PodConfig(
         hostname=_get(config, "hostname", str), dns_servers=_strings(dns, "servers"),
         dns_searches=_strings(dns, "searches"), dns_options=_strings(dns, "options"),
         sysctls={str(k): str(v) for k, v in sysctls.items()},
-        share_pid=pid_mode == NAMESPACE_MODE_POD)
+        share_pid=_mode(namespaces, "pid") == NAMESPACE_MODE_POD,
+        userns=None if userns is None else UserNamespace(
+            _mode(userns, "mode"), _mappings(userns, "uids"), _mappings(userns, "gids")))
+
+
+def _mode(obj: dict, name: str) -> int:
+    """A NamespaceMode by number or by name (absent: POD, proto3's zero)."""
+    mode = obj.get(name, NAMESPACE_MODE_POD)
+    mode = _NAMESPACE_MODES.get(mode, mode) if isinstance(mode, str) else mode
+    if not isinstance(mode, int):
+        raise PodConfigError(f"PodSandboxConfig namespace mode {name} is not a mode: {mode!r}")
+    return mode
+
+
+def _mappings(obj: dict, name: str) -> list[IDMapping]:
+    mappings = []
+    for entry in _get(obj, name, list):
+        if not isinstance(entry, dict):
+            raise PodConfigError(f"PodSandboxConfig {name} mapping is not an object")
+        numbers = [_get(entry, field, int) for field in ("container_id", "host_id", "length")]
+        if not all(0 <= n < 2 ** 32 for n in numbers):
+            raise PodConfigError(f"PodSandboxConfig {name} mapping {entry} is out of range")
+        mappings.append(IDMapping(*numbers))
+    return mappings
+
+
+def _has(obj: dict, snake_name: str) -> bool:
+    return obj.get(snake_name, obj.get(_camel(snake_name))) is not None
+
+
+def _camel(snake_name: str) -> str:
+    first, *rest = snake_name.split("_")
+    return first + "".join(word.title() for word in rest)
 
 
 def _get(obj: dict, snake_name: str, kind: type):
-    first, *rest = snake_name.split("_")
-    camel_name = first + "".join(word.title() for word in rest)
-    value = obj.get(snake_name, obj.get(camel_name))
+    value = obj.get(snake_name, obj.get(_camel(snake_name)))
     if value is None:
         return kind()
     if not isinstance(value, kind):

@@ -1,10 +1,11 @@
-"""SetupSandbox's work: validate the pod config, make the pod namespaces, apply sysctls, write
-hosts/resolv.conf, and record it all in `ctx.sandbox` for the Task service."""
+"""SetupSandbox's work: validate the pod config (its user namespace options as a runc pod's:
+userns.py), make the pod namespaces, apply sysctls, write hosts/resolv.conf, and record it all in
+`ctx.sandbox` for the Task service."""
 
 import logging
 import os
 
-from vmm_task.pod import files
+from vmm_task.pod import files, userns
 from vmm_task.pod.namespaces import PodNamespaces
 from vmm_task.pod.podconfig import PodConfig, decode
 
@@ -24,6 +25,7 @@ def decode_config(type_url: str, value: bytes) -> PodConfig:
         raise ValueError(f"invalid hostname {config.hostname!r}")
     for name in config.sysctls:
         files.sysctl_path(name)  # raises ValueError for a name that could leave /proc/sys
+    userns.check(config.userns)
     return config
 
 
