@@ -44,20 +44,8 @@ def find_shell(configured: str = "") -> Optional[str]:
 
 async def serve(listener: socket.socket, reaper, shell: str = "") -> None:
     """Accept connections on `listener` for ever, a session each."""
-    loop = asyncio.get_running_loop()
-    sessions: set[asyncio.Task] = set()
-    try:
-        while True:
-            conn, _ = await loop.sock_accept(listener)
-            if not peers.admitted(conn, "debug console"):
-                continue
-            conn.setblocking(False)
-            session = asyncio.ensure_future(_session(conn, reaper, shell))
-            sessions.add(session)
-            session.add_done_callback(sessions.discard)
-    finally:
-        for session in sessions:
-            session.cancel()
+    await peers.serve_each(listener, "debug console",
+                           lambda conn: _session(conn, reaper, shell))
 
 
 async def _session(conn: socket.socket, reaper, configured: str) -> None:

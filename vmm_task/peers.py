@@ -7,6 +7,7 @@ listener of the agent also closes, unanswered, a connection whose peer is not th
 (VMADDR_CID_HOST, 2). A unix socket (dev mode) is root-only by its mode: not checked here.
 """
 
+import asyncio
 import logging
 import socket
 
@@ -34,3 +35,21 @@ def admitted(conn: socket.socket, where: str) -> bool:
     log.warning("%s: connection refused: %s", where, why)
     conn.close()
     return False
+
+
+async def serve_each(listener: socket.socket, where: str, handle) -> None:
+    """Accept connections on `listener` for ever, each admitted one handled by `await
+    handle(conn)` on a task of its own; those tasks are cancelled with this one."""
+    loop = asyncio.get_running_loop()
+    handling: set[asyncio.Task] = set()
+    try:
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            if not admitted(conn, where):
+                continue
+            task = loop.create_task(handle(conn))
+            handling.add(task)
+            task.add_done_callback(handling.discard)
+    finally:
+        for task in handling:
+            task.cancel()

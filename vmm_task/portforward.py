@@ -28,19 +28,7 @@ LOOPBACKS = ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))
 
 async def serve(listener: socket.socket) -> None:
     """Accept host connections on `listener` for ever; each is relayed on a task of its own."""
-    loop = asyncio.get_running_loop()
-    relays: set[asyncio.Task] = set()
-    try:
-        while True:
-            conn, _ = await loop.sock_accept(listener)
-            if not peers.admitted(conn, "port-forward"):
-                continue
-            task = loop.create_task(_relay(conn))
-            relays.add(task)
-            task.add_done_callback(relays.discard)
-    finally:
-        for task in relays:
-            task.cancel()
+    await peers.serve_each(listener, "port-forward", _relay)
 
 
 async def _relay(conn: socket.socket) -> None:
