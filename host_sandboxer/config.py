@@ -57,6 +57,10 @@ class SharefsConfig:
     # How often the daemon asks each pod's guest whether the directory's server still answers
     # (a hung virtiofsd makes the pod NOTREADY until it does); 0: never.
     check_interval_s: float = 10.0
+    # The pod's `mounts/` (what the guest can write in the shared directory: its containers'
+    # bundle directories) is a tmpfs of this size and this many inodes (containment/pod_tmpfs.py).
+    tmpfs_size_mib: int = 32
+    tmpfs_inodes: int = 16384
 
 
 @dataclass

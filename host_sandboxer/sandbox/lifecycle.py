@@ -12,6 +12,7 @@ import time
 import grpc
 from google.protobuf import empty_pb2
 
+from host_sandboxer.containment import pod_tmpfs
 from host_sandboxer.events import RecentEvents, check_guest_event
 from host_sandboxer.network import NetworkError
 from host_sandboxer.network import pod as pod_network
@@ -56,6 +57,7 @@ async def start(pod: Pod, config, vsock_backend) -> None:
     began = time.monotonic()
     for directory in (pod.mounts_dir, pod.shared_dir):
         directory.mkdir(mode=0o700, exist_ok=True)
+    pod_tmpfs.mount_pod_tmpfs(pod.mounts_dir, config.sharefs.tmpfs_size_mib, config.sharefs.tmpfs_inodes)
     mounts.make_shared_mountpoint(pod.mounts_dir)
     mounts.export_readonly(pod.mounts_dir, pod.shared_dir)
     sized = _pod_config(config, pod)
@@ -292,9 +294,10 @@ async def shutdown(pod: Pod) -> None:
     if pod.task_server is not None:
         await pod.task_server.stop(1.0)
     await _unplug(pod)
-    mounts.unmount_all_under(pod.dir)
+    # Off the loop: the pod's tmpfs, freed by its unmount, holds what the guest wrote (bounded).
+    await asyncio.to_thread(mounts.unmount_all_under, pod.dir)
     left = mounts.mountpoints_under(pod.dir)
     if left:
         raise HostError(grpc.StatusCode.INTERNAL, f"pod {pod.id}: cannot unmount {', '.join(left)}")
-    pod.state_dir.remove_sandbox_dir(pod.id)
+    await asyncio.to_thread(pod.state_dir.remove_sandbox_dir, pod.id)
 

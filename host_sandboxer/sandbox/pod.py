@@ -180,7 +180,8 @@ class Pod:
             return
         for stdio in container.processes.values():
             await stdio.close()
-        container.bundle.cleanup()
+        # Off the loop: it walks what the guest wrote in the bundle (bounded: pod_tmpfs.py).
+        await asyncio.to_thread(container.bundle.cleanup)
         self.save()
 
     # -- exits --------------------------------------------------------------------------------
