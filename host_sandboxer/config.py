@@ -87,12 +87,34 @@ class ContainerdConfig:
 
 
 @dataclass
+class ContainmentConfig:
+    """How the daemon confines the processes it runs for pods (docs/security.md)."""
+
+    # QEMU and virtiofsd of a pod run in `<the pod's cgroup_parent>/vmm-<pod id>`; the vsock
+    # backend and the stdio keepers in `<cgroup_parent below>/vmm-helpers`. false: everything
+    # stays in the daemon's cgroup (a host without a writable cgroup filesystem).
+    cgroups: bool = True
+    # The parent of pods whose PodSandboxConfig names none: a path or a systemd slice name.
+    cgroup_parent: str = "/vmm-sandboxer"
+    # QEMU's seccomp filter (-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,
+    # resourcecontrol=deny).
+    seccomp: bool = True
+    # A pod's QEMU runs as a uid (and gid) of its own from [vmm_uid_base, vmm_uid_base +
+    # vmm_uids), without capabilities; no user of the host may have these ids. false: as root
+    # without capabilities. QEMU serving 9p is root with the file capabilities 9p needs.
+    vmm_user: bool = True
+    vmm_uid_base: int = 2000000000
+    vmm_uids: int = 65536
+
+
+@dataclass
 class Config:
     vm: VmConfig = field(default_factory=VmConfig)
     sharefs: SharefsConfig = field(default_factory=SharefsConfig)
     vsock: VsockConfig = field(default_factory=VsockConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
+    containment: ContainmentConfig = field(default_factory=ContainmentConfig)
 
 
 def load_config(path: Path | str | None) -> Config:
@@ -107,7 +129,21 @@ def load_config(path: Path | str | None) -> Config:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return _build(Config, _fold_kuasar_names(data, str(path)), str(path), "", path.resolve().parent)
+    config = _build(Config, _fold_kuasar_names(data, str(path)), str(path), "", path.resolve().parent)
+    _check_containment(config.containment, str(path))
+    return config
+
+
+def _check_containment(containment: ContainmentConfig, file: str) -> None:
+    """What one key's type cannot say: a cgroup parent that stays in the hierarchy, a uid range
+    that fits."""
+    from host_sandboxer.containment.cgroups import CgroupError, expand_parent
+    from host_sandboxer.containment.uids import UidRange, UidRangeError
+    try:
+        expand_parent(containment.cgroup_parent)
+        UidRange(containment.vmm_uid_base, containment.vmm_uids)
+    except (CgroupError, UidRangeError) as e:
+        raise ConfigError(f"{file}: [containment] {e}") from None
 
 
 # Kuasar's `[hypervisor]` key -> (our section, our key).

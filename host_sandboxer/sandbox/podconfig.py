@@ -1,9 +1,10 @@
 """What the daemon needs from CRI's PodSandboxConfig (the Any in Controller.Create's options).
 
 Only a few fields matter on the host: the hostname, whether containers share a pod PID
-namespace, and the pod's resources (they size the VM). Rather than vendoring the whole CRI
-API, those fields are read with a small protobuf wire-format reader; field numbers are
-k8s.io/cri-api runtime.v1's. Any other options type leaves every value at its default.
+namespace, the pod's resources (they size the VM) and its cgroup parent (where the VM runs:
+containment/cgroups.py). Rather than vendoring the whole CRI API, those fields are read with a
+small protobuf wire-format reader; field numbers are k8s.io/cri-api runtime.v1's. Any other
+options type leaves every value at its default.
 """
 
 import math
@@ -25,6 +26,7 @@ class PodConfig:
     cpu_quota: int = 0
     cpu_period: int = 0
     memory_limit: int = 0
+    cgroup_parent: str = ""  # linux.cgroup_parent: the pod's cgroup (kubelet's), "" if none
 
     def vcpus(self, default: int) -> int:
         if self.cpu_quota > 0 and self.cpu_period > 0:
@@ -89,15 +91,19 @@ def parse_pod_config(type_url: str, value: bytes) -> PodConfig:
     security = fields(_last(linux, 2, b""))
     namespaces = fields(_last(security, 1, b""))
     resources = fields(_last(linux, 5, b""))
-    try:
-        hostname = _last(config, 2, b"").decode()
-    except UnicodeDecodeError as exc:
-        raise PodConfigError(f"hostname is not UTF-8: {exc}") from None
     return PodConfig(
-        hostname=hostname,
+        hostname=_text(_last(config, 2, b""), "hostname"),
         # proto3 omits zero: an absent pid mode is POD (shared), as CRI reads it.
         shared_pid=_last(namespaces, 2, NAMESPACE_MODE_POD) == NAMESPACE_MODE_POD,
         cpu_period=_signed(_last(resources, 1, 0)),
         cpu_quota=_signed(_last(resources, 2, 0)),
         memory_limit=_signed(_last(resources, 4, 0)),
+        cgroup_parent=_text(_last(linux, 1, b""), "linux.cgroup_parent"),
     )
+
+
+def _text(value: bytes, what: str) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError as exc:
+        raise PodConfigError(f"{what} is not UTF-8: {exc}") from None

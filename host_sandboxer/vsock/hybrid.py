@@ -39,8 +39,8 @@ class HybridVsock:
         self.sockets = HybridSockets(loop, self.vhost_socket, self.uds_path, self.guest_cid, on_dead=self._died)
         self.sockets.start()
 
-    def qemu_args(self, chardev_id: str = "vsock0") -> list:
-        return qemu_args(self.vhost_socket, chardev_id)
+    def qemu_args(self, chardev_id: str = "vsock0", fd: int | None = None) -> list:
+        return qemu_args(self.vhost_socket, chardev_id, fd)
 
     async def open_connection(self, port: int):
         """(reader, writer) of a stream to guest `port`; ConnectionRefusedError if nobody answers.

@@ -52,6 +52,7 @@ def test_hostname_pid_mode_and_resources():
     pod = parse_pod_config(TYPE_URL, cfg.SerializeToString())
     assert pod.hostname == "web-0"
     assert not pod.shared_pid
+    assert pod.cgroup_parent == "/kubepods"
     assert pod.vcpus(default=1) == 3
     assert pod.memory_mib(default=512) == 512 + 257
 
@@ -59,6 +60,7 @@ def test_hostname_pid_mode_and_resources():
 def test_absent_pid_mode_means_pod_shared_and_defaults_apply():
     pod = parse_pod_config(TYPE_URL, PodSandboxConfig(hostname="h").SerializeToString())
     assert pod.shared_pid
+    assert pod.cgroup_parent == ""
     assert (pod.vcpus(2), pod.memory_mib(256)) == (2, 256)
 
 
