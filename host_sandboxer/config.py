@@ -36,9 +36,12 @@ class VmConfig:
     # auto: kvm only when hardware virtualisation really works (vmm/accel.py), else tcg.
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     cpus: int = 1
-    # vCPUs a running pod may grow to through Controller.Update (CPU hotplug, q35); 0: none.
+    # vCPUs a running pod may grow to through Controller.Update (CPU hotplug, q35), and the most
+    # a pod's CPU limit gets; 0: no hotplug headroom, and at most the host's CPUs.
     max_cpus: int = 0
     memory_mib: int = 512
+    # The most guest RAM a pod's memory limit gets (podconfig.py); 0: the host's RAM.
+    max_memory_mib: int = 0
     kernel: Path = DEFAULT_IMAGE_DIR / "kernel"
     initrd: Path = DEFAULT_IMAGE_DIR / "initrd.img"
     # Appended after the launcher's own parameters (console, task.*).

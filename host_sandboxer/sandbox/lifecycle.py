@@ -42,9 +42,9 @@ UNIX_PATH_MAX = 107
 
 
 def _pod_config(config, pod: Pod):
-    """The daemon config with the VM sized from the pod's resources."""
-    vm = dataclasses.replace(config.vm, cpus=pod.pod_config.vcpus(config.vm.cpus),
-                             memory_mib=pod.pod_config.memory_mib(config.vm.memory_mib))
+    """The daemon config with the VM sized from the pod's resources (clamped: podconfig.py)."""
+    vm = dataclasses.replace(config.vm, cpus=pod.pod_config.vcpus(config.vm),
+                             memory_mib=pod.pod_config.memory_mib(config.vm))
     return dataclasses.replace(config, vm=vm)
 
 
@@ -62,6 +62,10 @@ async def start(pod: Pod, config, vsock_backend) -> None:
     mounts.make_shared_mountpoint(pod.mounts_dir)
     mounts.export_readonly(pod.mounts_dir, pod.shared_dir)
     sized = _pod_config(config, pod)
+    clamped = pod.pod_config.clamped(config.vm)
+    if clamped:
+        log.warning("pod %s: its limits ask for more than a VM gets: clamped %s", pod.id, clamped)
+        pod.boot_info["clamped"] = clamped
     if pod.cgroup is not None:
         try:
             pod.cgroup.create()

@@ -117,10 +117,12 @@ def test_containment_is_on_by_default_and_can_be_set(tmp_path):
         cgroup_parent = "vmm.slice"
         vmm_uid_base = 300000
         vmm_uids = 10
+        [vm]
+        max_memory_mib = 4096
         [sharefs]
         tmpfs_size_mib = 8
         tmpfs_inodes = 1000
     """))
     assert (cfg.containment.cgroups, cfg.containment.cgroup_parent) == (False, "vmm.slice")
     assert (cfg.containment.vmm_uid_base, cfg.containment.vmm_uids) == (300000, 10)
-    assert (cfg.sharefs.tmpfs_size_mib, cfg.sharefs.tmpfs_inodes) == (8, 1000)
+    assert (cfg.vm.max_memory_mib, cfg.sharefs.tmpfs_size_mib, cfg.sharefs.tmpfs_inodes) == (4096, 8, 1000)
