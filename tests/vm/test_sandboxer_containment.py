@@ -1,5 +1,5 @@
-"""A pod's VM runs confined (issue 13, finding 6): QEMU and virtiofsd in a cgroup under the
-pod's cgroup_parent, charged there; QEMU as a uid of its own without capabilities, with its
+"""A pod's VM runs confined (issue 13, finding 6): sized no larger than the configured maxima;
+QEMU and virtiofsd in a cgroup under the pod's cgroup_parent, charged there; QEMU as a uid of its own without capabilities, with its
 seccomp filter; virtiofsd with the capabilities its sandbox needs only; the vsock backend and
 the FIFO keepers without capabilities in the daemon's helpers cgroup. A restarted daemon finds
 the pod's cgroup, and Shutdown removes it.
@@ -31,10 +31,19 @@ CAP_BITS = {"chown": 0, "dac_override": 1, "fowner": 3, "fsetid": 4, "setgid": 6
 MIB = 1 << 20
 
 
-def _options(hostname: str, cgroup_parent: str) -> any_pb2.Any:
-    """CRI's PodSandboxConfig with `hostname` (field 2) and linux.cgroup_parent (8.1)."""
+def _varint(value: int) -> bytes:
+    out = b""
+    while value > 0x7F:
+        out, value = out + bytes([value & 0x7F | 0x80]), value >> 7
+    return out + bytes([value])
+
+
+def _options(hostname: str, cgroup_parent: str, cpus: int) -> any_pb2.Any:
+    """CRI's PodSandboxConfig with `hostname` (field 2), linux.cgroup_parent (8.1) and a CPU
+    limit of `cpus` (8.5: cpu_period 1, cpu_quota 2)."""
     name, parent = hostname.encode(), cgroup_parent.encode()
-    linux = b"\x0a" + bytes([len(parent)]) + parent
+    resources = b"\x08" + _varint(100_000) + b"\x10" + _varint(cpus * 100_000)
+    linux = b"\x0a" + bytes([len(parent)]) + parent + b"\x2a" + bytes([len(resources)]) + resources
     return any_pb2.Any(type_url="type.googleapis.com/runtime.v1.PodSandboxConfig",
                        value=b"\x12" + bytes([len(name)]) + name + b"\x42" + bytes([len(linux)]) + linux)
 
@@ -69,6 +78,7 @@ def _memory_charged(cgroup: Cgroup) -> int:
     raise AssertionError("no memory controller")
 
 
+@pytest.mark.parametrize("env", [{"settings": {"vm": "max_cpus = 1"}}], indirect=True)
 def test_a_pods_vm_runs_confined_and_its_cgroup_outlives_a_daemon_restart(env):
     slice_prefix = f"vmmt{uuid.uuid4().hex[:8]}"
     parent_path = f"{slice_prefix}.slice/{slice_prefix}-pod1.slice"
@@ -77,8 +87,10 @@ def test_a_pods_vm_runs_confined_and_its_cgroup_outlives_a_daemon_restart(env):
     cgroup = Cgroup.at(layout, pod_path)
     try:
         env.cri.controller.Create(sb.ControllerCreateRequest(
-            sandbox_id="conf", options=_options("conf", f"{slice_prefix}-pod1.slice")), metadata=NS, timeout=10)
+            sandbox_id="conf", options=_options("conf", f"{slice_prefix}-pod1.slice", cpus=4)), metadata=NS, timeout=10)
         started = env.cri.controller.Start(sb.ControllerStartRequest(sandbox_id="conf"), metadata=NS, timeout=120)
+        info = env.status("conf", verbose=True).info
+        assert (info["vcpus"], info["clamped"]) == ("1", "4 vCPUs to 1 (vm.max_cpus)")
         record = json.loads((env.daemon.state / "conf" / "state.json").read_text())
         qemu, virtiofsd = started.pid, record["vm"]["virtiofsd"]["pid"]
 
