@@ -55,6 +55,7 @@ class Daemon:
 
     def close(self) -> None:
         self.daemon.stop()
+        self.daemon.remove_cgroups()  # and whatever still runs there (pods outlive the daemon)
         unmount_all_under(self.work)
         shutil.rmtree(self.work, ignore_errors=True)
 

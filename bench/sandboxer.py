@@ -143,6 +143,7 @@ class Bench:
         for pair in self.netns.values():
             pair.close()
         self.daemon.stop()
+        self.daemon.remove_cgroups()
         unmount_all_under(self.work)
         shutil.rmtree(self.work, ignore_errors=True)
 

@@ -40,7 +40,12 @@ def _serve(args) -> int:
     except ConfigError as e:
         print(f"vmm-sandboxer: {e}", file=sys.stderr)
         return 2
-    asyncio.run(serve(Path(args.listen).absolute(), Path(args.dir).absolute(), config))
+    from host_sandboxer.containment.cgroups import CgroupError
+    try:
+        asyncio.run(serve(Path(args.listen).absolute(), Path(args.dir).absolute(), config))
+    except CgroupError as e:
+        print(f"vmm-sandboxer: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

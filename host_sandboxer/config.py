@@ -44,9 +44,12 @@ class VmConfig:
     # auto: kvm only when hardware virtualisation really works (vmm/accel.py), else tcg.
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     cpus: int = 1
-    # vCPUs a running pod may grow to through Controller.Update (CPU hotplug, q35); 0: none.
+    # vCPUs a running pod may grow to through Controller.Update (CPU hotplug, q35), and the most
+    # a pod's CPU limit gets; 0: no hotplug headroom, and at most the host's CPUs.
     max_cpus: int = 0
     memory_mib: int = 512
+    # The most guest RAM a pod's memory limit gets (podconfig.py); 0: the host's RAM.
+    max_memory_mib: int = 0
     kernel: Path = DEFAULT_IMAGE_DIR / "kernel"
     initrd: Path = DEFAULT_IMAGE_DIR / "initrd.img"
     # Appended after the launcher's own parameters (console, task.*).
@@ -65,6 +68,10 @@ class SharefsConfig:
     # How often the daemon asks each pod's guest whether the directory's server still answers
     # (a hung virtiofsd makes the pod NOTREADY until it does); 0: never.
     check_interval_s: float = 10.0
+    # The pod's `mounts/` (what the guest can write in the shared directory: its containers'
+    # bundle directories) is a tmpfs of this size and this many inodes (containment/pod_tmpfs.py).
+    tmpfs_size_mib: int = 32
+    tmpfs_inodes: int = 16384
 
 
 @dataclass
@@ -91,12 +98,34 @@ class ContainerdConfig:
 
 
 @dataclass
+class ContainmentConfig:
+    """How the daemon confines the processes it runs for pods (docs/security.md)."""
+
+    # QEMU and virtiofsd of a pod run in `<the pod's cgroup_parent>/vmm-<pod id>`; the vsock
+    # backend and the stdio keepers in `<cgroup_parent below>/vmm-helpers`. false: everything
+    # stays in the daemon's cgroup (a host without a writable cgroup filesystem).
+    cgroups: bool = True
+    # The parent of pods whose PodSandboxConfig names none: a path or a systemd slice name.
+    cgroup_parent: str = "/vmm-sandboxer"
+    # QEMU's seccomp filter (-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,
+    # resourcecontrol=deny).
+    seccomp: bool = True
+    # A pod's QEMU runs as a uid (and gid) of its own from [vmm_uid_base, vmm_uid_base +
+    # vmm_uids), without capabilities; no user of the host may have these ids. false: as root
+    # without capabilities. QEMU serving 9p is root with the file capabilities 9p needs.
+    vmm_user: bool = True
+    vmm_uid_base: int = 2000000000
+    vmm_uids: int = 65536
+
+
+@dataclass
 class Config:
     vm: VmConfig = field(default_factory=VmConfig)
     sharefs: SharefsConfig = field(default_factory=SharefsConfig)
     vsock: VsockConfig = field(default_factory=VsockConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
+    containment: ContainmentConfig = field(default_factory=ContainmentConfig)
 
 
 def load_config(path: Path | str | None) -> Config:
@@ -111,7 +140,21 @@ def load_config(path: Path | str | None) -> Config:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return _build(Config, _fold_kuasar_names(data, str(path)), str(path), "", path.resolve().parent)
+    config = _build(Config, _fold_kuasar_names(data, str(path)), str(path), "", path.resolve().parent)
+    _check_containment(config.containment, str(path))
+    return config
+
+
+def _check_containment(containment: ContainmentConfig, file: str) -> None:
+    """What one key's type cannot say: a cgroup parent that stays in the hierarchy, a uid range
+    that fits."""
+    from host_sandboxer.containment.cgroups import CgroupError, expand_parent
+    from host_sandboxer.containment.uids import UidRange, UidRangeError
+    try:
+        expand_parent(containment.cgroup_parent)
+        UidRange(containment.vmm_uid_base, containment.vmm_uids)
+    except (CgroupError, UidRangeError) as e:
+        raise ConfigError(f"{file}: [containment] {e}") from None
 
 
 # Kuasar's `[hypervisor]` key -> (our section, our key).

@@ -12,6 +12,7 @@ The helpers here (daemon process, CRI-like client, bundles, FIFOs) are also what
 tests in tests/vm/test_sandboxer*.py use.
 """
 
+import asyncio
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from google.protobuf import any_pb2
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from host_sandboxer.containment.cgroups import Cgroup, Layout  # noqa: E402
 from host_sandboxer.taskproxy.mounts import unmount_all_under  # noqa: E402
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb  # noqa: E402
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc  # noqa: E402
@@ -158,9 +160,12 @@ class Daemon:
         self.state = workdir / "s"
         self.log = workdir / "daemon.log"
         self.config = workdir / "config.toml"
+        # A cgroup parent of its own: tests run daemons side by side, with the same pod IDs.
+        self.cgroup_parent = f"vmm-demo-{workdir.name}"
         self.config.write_text(
             f'[vm]\nkernel = "{kernel}"\ninitrd = "{initrd}"\nboot_timeout_s = 60.0\n'
-            f'[vsock]\ntransport = "auto"\n[containerd]\naddress = "{containerd_address}"\n')
+            f'[vsock]\ntransport = "auto"\n[containerd]\naddress = "{containerd_address}"\n'
+            f'[containment]\ncgroup_parent = "{self.cgroup_parent}"\n')
         self.proc = None
 
     def start(self, timeout: float = 20.0) -> None:
@@ -175,6 +180,18 @@ class Daemon:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"vmm-sandboxer did not start:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.05)
+
+    def cgroups_left(self) -> list[str]:
+        """The cgroups under the daemon's parent but its helpers' (pods' left behind)."""
+        return sorted(f"{d}" for root in Layout.probe().roots if (root / self.cgroup_parent).is_dir()
+                      for d in (root / self.cgroup_parent).iterdir() if d.is_dir() and d.name != "vmm-helpers")
+
+    def remove_cgroups(self) -> None:
+        """The daemon's parent cgroup and those in it, deepest first, killing what runs there."""
+        layout = Layout.probe()
+        for root in layout.roots:
+            for directory in sorted((root / self.cgroup_parent).glob("**/"), key=lambda p: -len(p.parts)):
+                asyncio.run(Cgroup(layout.version, [directory]).remove())
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -258,6 +275,8 @@ def main() -> int:
         return 1
     finally:
         daemon.stop()
+        if daemon.cgroups_left() == []:  # a failed run's pods run on (the daemon leaves them)
+            daemon.remove_cgroups()
         unmount_all_under(work)  # whatever a failed run left mounted, before removing files
         shutil.rmtree(work, ignore_errors=True)
 

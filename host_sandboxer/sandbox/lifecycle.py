@@ -13,6 +13,8 @@ import time
 import grpc
 from google.protobuf import empty_pb2
 
+from host_sandboxer.containment import pod_tmpfs
+from host_sandboxer.containment.cgroups import CgroupError
 from host_sandboxer.network import NetworkError
 from host_sandboxer.network import pod as pod_network
 from host_sandboxer.sandbox.agent import AgentLink
@@ -39,9 +41,9 @@ UNIX_PATH_MAX = 107
 
 
 def _pod_config(config, pod: Pod):
-    """The daemon config with the VM sized from the pod's resources."""
-    vm = dataclasses.replace(config.vm, cpus=pod.pod_config.vcpus(config.vm.cpus),
-                             memory_mib=pod.pod_config.memory_mib(config.vm.memory_mib))
+    """The daemon config with the VM sized from the pod's resources (clamped: podconfig.py)."""
+    vm = dataclasses.replace(config.vm, cpus=pod.pod_config.vcpus(config.vm),
+                             memory_mib=pod.pod_config.memory_mib(config.vm))
     return dataclasses.replace(config, vm=vm)
 
 
@@ -55,21 +57,34 @@ async def start(pod: Pod, config, vsock_backend) -> None:
     began = time.monotonic()
     for directory in (pod.mounts_dir, pod.shared_dir):
         directory.mkdir(mode=0o700, exist_ok=True)
+    pod_tmpfs.mount_pod_tmpfs(pod.mounts_dir, config.sharefs.tmpfs_size_mib, config.sharefs.tmpfs_inodes)
     mounts.make_shared_mountpoint(pod.mounts_dir)
     mounts.export_readonly(pod.mounts_dir, pod.shared_dir)
     sized = _pod_config(config, pod)
+    clamped = pod.pod_config.clamped(config.vm)
+    if clamped:
+        log.warning("pod %s: its limits ask for more than a VM gets: clamped %s", pod.id, clamped)
+        pod.boot_info["clamped"] = clamped
+    if pod.cgroup is not None:
+        try:
+            pod.cgroup.create()
+        except CgroupError as exc:
+            raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc}") from None
     try:
         attachment = await pod_network.plug(pod.dir, pod.netns_path, sized.vm.cpus)
     except NetworkError as exc:
+        await _remove_cgroup(pod)
         raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc}") from None
     vm = GuestVm(sized, pod.dir, name=f"vmm-{pod.id}", share_dir=pod.shared_dir,
-                 nics=attachment.nics if attachment else (), vsock_backend=vsock_backend)
+                 nics=attachment.nics if attachment else (), vsock_backend=vsock_backend,
+                 cgroup=pod.cgroup, vmm_uid=pod.vmm_uid)
     try:
         timeline = await vm.start()
     except VmError as exc:
         code = grpc.StatusCode.FAILED_PRECONDITION if exc.stage in ("image", "config") \
             else grpc.StatusCode.UNAVAILABLE
         await _unplug(pod)
+        await _remove_cgroup(pod)
         raise HostError(code, f"pod {pod.id}: VM failed to start ({exc.stage}): {exc}") from None
     finally:
         if attachment:
@@ -91,6 +106,7 @@ async def start(pod: Pod, config, vsock_backend) -> None:
         message = what if refused else vm.qemu.failure(f"pod {pod.id}: sandbox setup failed: {what}")
         await _close_vm(pod)
         await _unplug(pod)
+        await _remove_cgroup(pod)
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise HostError(exc.code if refused else grpc.StatusCode.UNAVAILABLE, message) from None
@@ -248,6 +264,19 @@ async def _unplug(pod: Pod) -> None:
         raise HostError(grpc.StatusCode.INTERNAL, f"pod {pod.id}: {exc}") from None
 
 
+async def _remove_cgroup(pod: Pod, strict: bool = False) -> None:
+    """Remove the pod's cgroup, killing what is left in it. A cgroup that stays is the error
+    when `strict` (Shutdown); while a start fails it is logged (the start's error is the story)."""
+    if pod.cgroup is None:
+        return
+    try:
+        await pod.cgroup.remove()
+    except CgroupError as exc:
+        if strict:
+            raise HostError(grpc.StatusCode.INTERNAL, f"pod {pod.id}: {exc}") from None
+        log.error("pod %s: %s", pod.id, exc)
+
+
 async def _close_vm(pod: Pod) -> None:
     if pod.agent is not None:
         await pod.agent.close()
@@ -298,9 +327,11 @@ async def shutdown(pod: Pod) -> None:
     if pod.task_server is not None:
         await pod.task_server.stop(1.0)
     await _unplug(pod)
-    mounts.unmount_all_under(pod.dir)
+    await _remove_cgroup(pod, strict=True)
+    # Off the loop: the pod's tmpfs, freed by its unmount, holds what the guest wrote (bounded).
+    await asyncio.to_thread(mounts.unmount_all_under, pod.dir)
     left = mounts.mountpoints_under(pod.dir)
     if left:
         raise HostError(grpc.StatusCode.INTERNAL, f"pod {pod.id}: cannot unmount {', '.join(left)}")
-    pod.state_dir.remove_sandbox_dir(pod.id)
+    await asyncio.to_thread(pod.state_dir.remove_sandbox_dir, pod.id)
 

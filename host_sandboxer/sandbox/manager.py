@@ -4,6 +4,9 @@ import logging
 
 import grpc
 
+from host_sandboxer.containment import cgroups, helpers
+from host_sandboxer.containment.cgroups import Cgroup, CgroupError, Layout
+from host_sandboxer.containment.uids import UidRange, UidRangeError
 from host_sandboxer.sandbox import lifecycle
 from host_sandboxer.sandbox.ids import InvalidID, check_id
 from host_sandboxer.sandbox.netns_path import check_netns_path
@@ -23,11 +26,19 @@ def _parse_options(options):
 
 class Sandboxes:
     def __init__(self, state_dir: StateDir, config, publisher):
+        """CgroupError if the cgroups the configuration asks for cannot be made."""
         self.state_dir = state_dir
         self.config = config
         self.publisher = publisher
         self.pods: dict[str, Pod] = {}
         self.vsock_backend = VsockBackend(state_dir.root)  # every pod's hybrid vsock, in one process
+        containment = config.containment
+        self.uids = UidRange(containment.vmm_uid_base, containment.vmm_uids) if containment.vmm_user else None
+        self.cgroup_layout = Layout.probe() if containment.cgroups else None
+        if self.cgroup_layout is not None:
+            helpers_cgroup = Cgroup.at(self.cgroup_layout, cgroups.helpers_path(containment.cgroup_parent))
+            helpers_cgroup.create()
+            helpers.use_cgroup(helpers_cgroup)
 
     def get(self, sandbox_id: str) -> Pod:
         try:
@@ -52,12 +63,26 @@ class Sandboxes:
         except PodConfigError as exc:
             raise HostError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"sandbox {sandbox_id}: options {options.type_url}: {exc}") from None
-        self.state_dir.create_sandbox_dir(sandbox_id)
         pod = Pod(sandbox_id, self.state_dir, namespace, pod_config, options, self.publisher)
+        try:
+            self._contain(pod)
+        except CgroupError as exc:
+            raise HostError(grpc.StatusCode.INVALID_ARGUMENT, f"sandbox {sandbox_id}: {exc}") from None
+        except UidRangeError as exc:
+            raise HostError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"sandbox {sandbox_id}: {exc}") from None
+        self.state_dir.create_sandbox_dir(sandbox_id)
         pod.netns_path = netns_path
         pod.save()
         self.pods[sandbox_id] = pod
         return pod
+
+    def _contain(self, pod: Pod) -> None:
+        """Decide the pod's QEMU uid and cgroup (made at Start: lifecycle.py)."""
+        if self.uids is not None:
+            pod.vmm_uid = self.uids.pick({other.vmm_uid for other in self.pods.values()})
+        if self.cgroup_layout is not None:
+            path = cgroups.pod_path(pod.pod_config.cgroup_parent, self.config.containment.cgroup_parent, pod.id)
+            pod.cgroup = Cgroup.at(self.cgroup_layout, path)
 
     def forget(self, sandbox_id: str) -> None:
         self.pods.pop(sandbox_id, None)
@@ -86,7 +111,11 @@ class Sandboxes:
                     log.exception("sandbox %s: recovery failed", sandbox_id)
                     pod.mark_exited(UNKNOWN_EXIT_STATUS, f"recovery failed: {type(exc).__name__}: {exc}")
             elif pod.state == "created":
-                for pid in process.kill_strays(pod.dir):
+                killed = process.kill_strays(pod.dir)
+                if pod.cgroup is not None:  # its virtiofsd's sandboxed child names no path
+                    killed += sorted(pod.cgroup.pids() - set(killed))
+                    pod.cgroup.kill()
+                for pid in killed:
                     log.warning("sandbox %s: killed process %d left by a Start the daemon did not finish",
                                 sandbox_id, pid)
             elif pod.state == "stopped":

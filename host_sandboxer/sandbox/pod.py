@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import any_pb2, timestamp_pb2
 
+from host_sandboxer.containment.cgroups import Cgroup
 from host_sandboxer.events import pack
 from host_sandboxer.sandbox.podconfig import PodConfig
 from host_sandboxer.sandbox.statedir import StateDir
@@ -68,6 +69,8 @@ class Pod:
         self.exit_reason = ""    # why the pod ended, in words (Status verbose `exit_reason`)
         self.unhealthy = ""      # why the running pod is not healthy ("": it is): sharefs_watch.py
         self.vmm_pid = 0
+        self.vmm_uid: int | None = None  # QEMU's own uid (containment/uids.py); None: root
+        self.cgroup: Cgroup | None = None  # where QEMU and virtiofsd run (containment/cgroups.py)
         self.vm = None           # host_sandboxer.vmm.vm.GuestVm while it runs
         self.vm_record: dict | None = None  # GuestVm.record(): its processes, for a restarted daemon
         self.agent = None        # AgentLink
@@ -91,6 +94,7 @@ class Pod:
             "created_at_ns": self.created_at_ns, "exited_at_ns": self.exited_at_ns,
             "exit_status": self.exit_status, "exit_reason": self.exit_reason, "vmm_pid": self.vmm_pid,
             "netns_path": self.netns_path,
+            "vmm_uid": self.vmm_uid, "cgroup": self.cgroup.record() if self.cgroup else None,
             "vm": self.vm_record,
             "options": {"type_url": self.options.type_url,
                         "value": base64.b64encode(self.options.value).decode()},
@@ -115,6 +119,8 @@ class Pod:
         pod.exit_reason = record.get("exit_reason", "")
         pod.vmm_pid = record["vmm_pid"]
         pod.netns_path = record.get("netns_path", "")
+        pod.vmm_uid = record.get("vmm_uid")
+        pod.cgroup = Cgroup.from_record(record.get("cgroup"))
         pod.vm_record = record.get("vm")
         pod.ports = PortAllocator(record["next_port"])
         for cid, saved in record["containers"].items():
@@ -197,7 +203,8 @@ class Pod:
         for exec_id, stdio in container.processes.items():
             self._remember_removal(container_id, exec_id)
             await stdio.close()
-        container.bundle.cleanup()
+        # Off the loop: it walks what the guest wrote in the bundle (bounded: pod_tmpfs.py).
+        await asyncio.to_thread(container.bundle.cleanup)
         self.save()
 
     # -- exits --------------------------------------------------------------------------------

@@ -1,12 +1,21 @@
 """What the daemon needs from CRI's PodSandboxConfig (the Any in Controller.Create's options).
 
 Only a few fields matter on the host: the hostname, whether containers share a pod PID
-namespace, and the pod's resources (they size the VM). Rather than vendoring the whole CRI
-API, those fields are read with a small protobuf wire-format reader; field numbers are
-k8s.io/cri-api runtime.v1's. Any other options type leaves every value at its default.
+namespace, the pod's resources (they size the VM) and its cgroup parent (where the VM runs:
+containment/cgroups.py). Rather than vendoring the whole CRI API, those fields are read with a
+small protobuf wire-format reader; field numbers are k8s.io/cri-api runtime.v1's. Any other
+options type leaves every value at its default.
+
+The VM's size is clamped to the configured maxima (`vm.max_cpus`, `vm.max_memory_mib`;
+unset: the host's CPUs and RAM), not refused: a Kubernetes limit is a ceiling that may exceed
+the node (limits are not what the scheduler admits by), and runc runs such a pod, so refusing
+would leave a pod the node accepted unable to start. A VM as large as the limit would cost what
+it promises: guest RAM the guest kernel maps and fills with page cache, and vCPUs beyond the
+host's. The pod's cgroup (kubelet's) still enforces the limit itself.
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 POD_SANDBOX_CONFIG = "runtime.v1.PodSandboxConfig"
@@ -25,15 +34,41 @@ class PodConfig:
     cpu_quota: int = 0
     cpu_period: int = 0
     memory_limit: int = 0
+    cgroup_parent: str = ""  # linux.cgroup_parent: the pod's cgroup (kubelet's), "" if none
 
-    def vcpus(self, default: int) -> int:
-        if self.cpu_quota > 0 and self.cpu_period > 0:
-            return max(default, math.ceil(self.cpu_quota / self.cpu_period))
-        return default
+    def asked_cpus(self) -> int:
+        """The CPU limit in whole vCPUs (0: none)."""
+        return math.ceil(self.cpu_quota / self.cpu_period) if self.cpu_quota > 0 and self.cpu_period > 0 else 0
 
-    def memory_mib(self, default: int) -> int:
-        """The pod's memory limit on top of the default, which the guest system itself uses."""
-        return default + math.ceil(self.memory_limit / MIB) if self.memory_limit > 0 else default
+    def asked_memory_mib(self, vm) -> int:
+        """The memory limit on top of `vm.memory_mib`, which the guest system itself uses (0: none)."""
+        return vm.memory_mib + math.ceil(self.memory_limit / MIB) if self.memory_limit > 0 else 0
+
+    def vcpus(self, vm) -> int:
+        """The VM's vCPUs (`vm`: the [vm] config): what the limit asks, between `vm.cpus` and the maximum."""
+        return max(vm.cpus, min(self.asked_cpus(), max_cpus(vm)))
+
+    def memory_mib(self, vm) -> int:
+        """The VM's RAM: what the limit asks, between `vm.memory_mib` and the maximum."""
+        return max(vm.memory_mib, min(self.asked_memory_mib(vm), max_memory_mib(vm)))
+
+    def clamped(self, vm) -> str:
+        """What the maxima cut from the limits, in words ("": nothing)."""
+        cut = [f"{self.asked_cpus()} vCPUs to {max_cpus(vm)} (vm.max_cpus)"
+               if self.asked_cpus() > max_cpus(vm) else "",
+               f"{self.asked_memory_mib(vm)} MiB to {max_memory_mib(vm)} (vm.max_memory_mib)"
+               if self.asked_memory_mib(vm) > max_memory_mib(vm) else ""]
+        return ", ".join(part for part in cut if part)
+
+
+def max_cpus(vm) -> int:
+    """The most vCPUs a pod gets: `vm.max_cpus`, else the host's CPUs (never below `vm.cpus`)."""
+    return max(vm.cpus, vm.max_cpus or os.cpu_count() or 1)
+
+
+def max_memory_mib(vm) -> int:
+    """The most guest RAM a pod gets: `vm.max_memory_mib`, else the host's RAM."""
+    return max(vm.memory_mib, vm.max_memory_mib or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // MIB)
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -89,15 +124,19 @@ def parse_pod_config(type_url: str, value: bytes) -> PodConfig:
     security = fields(_last(linux, 2, b""))
     namespaces = fields(_last(security, 1, b""))
     resources = fields(_last(linux, 5, b""))
-    try:
-        hostname = _last(config, 2, b"").decode()
-    except UnicodeDecodeError as exc:
-        raise PodConfigError(f"hostname is not UTF-8: {exc}") from None
     return PodConfig(
-        hostname=hostname,
+        hostname=_text(_last(config, 2, b""), "hostname"),
         # proto3 omits zero: an absent pid mode is POD (shared), as CRI reads it.
         shared_pid=_last(namespaces, 2, NAMESPACE_MODE_POD) == NAMESPACE_MODE_POD,
         cpu_period=_signed(_last(resources, 1, 0)),
         cpu_quota=_signed(_last(resources, 2, 0)),
         memory_limit=_signed(_last(resources, 4, 0)),
+        cgroup_parent=_text(_last(linux, 1, b""), "linux.cgroup_parent"),
     )
+
+
+def _text(value: bytes, what: str) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError as exc:
+        raise PodConfigError(f"{what} is not UTF-8: {exc}") from None

@@ -6,7 +6,8 @@ records a pod's new resources (UpdatePodSandboxResources, in-place pod resize) a
 extension "updated-resources" (Go type io.containerd.cri.v1.UpdatedResources, JSON
 `{"Overhead": {...}, "Resources": {"cpu_period", "cpu_quota", "memory_limit_in_bytes", ...}}`);
 upstream containerd 2.x stores it and does not pass it on, but a client's Update may carry it.
-The size it asks for is computed as at Start (podconfig.py). A running VM started with headroom
+The size it asks for is computed as at Start (podconfig.py), clamped to the same maxima (a size
+beyond `vm.max_cpus` is the maximum, as Start would give it). A running VM started with headroom
 (`vm.max_cpus`) grows by vCPU hotplug: QMP `device_add`, then the agent onlines the new vCPUs
 (vmm_task/init/cpu_hotplug.py) and the update returns once the guest reports them online.
 Anything else is refused with a status naming what cannot be done, never acknowledged and
@@ -16,6 +17,7 @@ running.
 
 import asyncio
 import json
+import logging
 
 import grpc
 from google.protobuf import empty_pb2
@@ -26,6 +28,8 @@ from host_sandboxer.vmm.qemu import QemuError
 from vmm_common import ttrpc
 from vmm_common.protos.vmmtask.v1 import health_pb2
 
+log = logging.getLogger(__name__)
+
 UPDATED_RESOURCES = "updated-resources"
 HEALTH_SERVICE = "vmmtask.v1.Health"
 ONLINE_TIMEOUT_S = 20.0  # a hot-added vCPU's bring-up in a TCG guest under load
@@ -34,14 +38,14 @@ ONLINE_TIMEOUT_S = 20.0  # a hot-added vCPU's bring-up in a TCG guest under load
 async def apply_update(pod, request, vm_config) -> None:
     """Resize the pod's VM to what `request` (a ControllerUpdateRequest) asks, if it asks;
     raise HostError for what cannot be done."""
-    wanted = requested_size(request, vm_config)
+    wanted = requested_size(request, vm_config, pod.id)
     if wanted is None:
         return
     cpus, memory = wanted
     # After a daemon restart boot_info is new: the memory is then what Start sized from the pod.
-    booted_memory = int(pod.boot_info.get("memory_mib") or pod.pod_config.memory_mib(vm_config.memory_mib))
+    booted_memory = int(pod.boot_info.get("memory_mib") or pod.pod_config.memory_mib(vm_config))
     if pod.state != "ready" or pod.vm_exited.done() or pod.vm is None:
-        if wanted == (pod.pod_config.vcpus(vm_config.cpus), booted_memory):
+        if wanted == (pod.pod_config.vcpus(vm_config), booted_memory):
             return  # what Start gives it anyway
         raise HostError(grpc.StatusCode.FAILED_PRECONDITION,
                         f"sandbox {pod.id} is not running ({pod.state}): only a running VM is resized")
@@ -63,7 +67,7 @@ async def apply_update(pod, request, vm_config) -> None:
     pod.boot_info["vcpus"] = str(cpus)
 
 
-def requested_size(request, vm_config) -> tuple[int, int] | None:
+def requested_size(request, vm_config, pod_id: str) -> tuple[int, int] | None:
     """(vCPUs, MiB) the update's new pod resources ask for, sized as at Start; None if it
     carries none (or its `fields` leave the extensions out)."""
     if request.fields and not any(f == "extensions" or f.startswith("extensions.") for f in request.fields):
@@ -79,7 +83,9 @@ def requested_size(request, vm_config) -> tuple[int, int] | None:
     except (ValueError, TypeError, AttributeError) as exc:
         raise HostError(grpc.StatusCode.INVALID_ARGUMENT,
                         f"extension {UPDATED_RESOURCES!r} is not UpdatedResources JSON: {exc}") from None
-    return config.vcpus(vm_config.cpus), config.memory_mib(vm_config.memory_mib)
+    if config.clamped(vm_config):
+        log.warning("sandbox %s: update clamped: %s", pod_id, config.clamped(vm_config))
+    return config.vcpus(vm_config), config.memory_mib(vm_config)
 
 
 def _unsupported(pod, what: str) -> HostError:

@@ -5,7 +5,8 @@ Layout (`STATE_DIR` is `--dir`):
       <sandbox-id>/              0700, everything of the pod: sockets, console log, shared dir
         state.json               the pod record, replaced atomically (write, fsync, rename)
         task.sock                the pod's containerd.task.v3.Task server
-        mounts/                  host-only: containers' bundles, rootfs and bind mounts
+        mounts/                  a tmpfs of the pod's own (containment/pod_tmpfs.py): containers' bundles,
+                                 rootfs and bind mounts
         shared/                  what the guest mounts (virtiofs/9p tag `kuasar`): mounts/, read-only
 A restarted daemon reads every `state.json` to recover its pods.
 """

@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Literal, Union
 
 SHARE_TAG = "kuasar"
+SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 @dataclass(frozen=True)
 class VirtiofsShare:
-    """vhost-user-fs served by virtiofsd listening on `socket_path`."""
+    """vhost-user-fs served by virtiofsd listening on `socket_path`; `fd`: a connection to it
+    made for QEMU (vmm/qemu_fds.py)."""
 
     socket_path: Path
+    fd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class VmSpec:
     initrd: Path
     console_socket: Path  # QEMU listens on these two, so a restarted daemon connects again
     qmp_socket: Path
+    console_fd: int | None = None  # the two listening sockets, made for QEMU (vmm/qemu_fds.py)
+    qmp_fd: int | None = None
+    inherited_fds: tuple[int, ...] = ()  # every fd QEMU inherits but the taps' (`pass_fds`)
     vsock_args: tuple[str, ...] = ()  # from the vsock transport's qemu_args()
     share: ShareDevice | None = None
     nics: tuple[TapNic, ...] = ()  # their fds must be passed to QEMU (`pass_fds`)
@@ -59,6 +65,9 @@ class VmSpec:
     memory_mib: int = 512
     tsc_khz: int | None = None  # the host's TSC rate; handed to a microvm guest under TCG
     name: str = "vmm-task"
+    # QEMU's seccomp filter: no obsolete system calls, no set*uid, no fork/exec, no changes to
+    # scheduling, affinity or limits (docs/security.md).
+    seccomp: bool = False
     # Appended as they are: devices another host's layout has (the VM tests build Kuasar's
     # virtio-serial bus and pci-bridge for what they hot-plug, tests/vm/test_kuasar_vm.py).
     extra_args: tuple[str, ...] = ()
@@ -71,6 +80,7 @@ def build_argv(spec: VmSpec) -> list[str]:
         "-name", spec.name,
         "-machine", _machine(spec),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        *(("-sandbox", SECCOMP) if spec.seccomp else ()),
         "-smp", f"{spec.cpus},maxcpus={spec.max_cpus}" if spec.max_cpus > spec.cpus else str(spec.cpus),
         "-m", f"{spec.memory_mib}M",
         "-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on",
@@ -84,9 +94,9 @@ def build_argv(spec: VmSpec) -> list[str]:
         # QEMU serves console and QMP (one client each, replaced when it goes): the daemon
         # connects, and a restarted daemon connects again. -S: the guest runs once the daemon
         # reads the console (QMP `cont`), so no boot line is lost.
-        "-chardev", f"socket,id=console,path={_opt(spec.console_socket)},server=on,wait=off",
+        "-chardev", f"socket,id=console,{_where(spec.console_socket, spec.console_fd)},server=on,wait=off",
         "-serial", "chardev:console",
-        "-chardev", f"socket,id=qmp,path={_opt(spec.qmp_socket)},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,{_where(spec.qmp_socket, spec.qmp_fd)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control", "-S",
         # Entropy from the host: without it the guest's CRNG is not ready when /init starts
         # and the agent's interpreter cannot seed its hash randomisation.
@@ -121,7 +131,7 @@ def _share_args(share: ShareDevice | None) -> list[str]:
     if share is None:
         return []
     if isinstance(share, VirtiofsShare):
-        return ["-chardev", f"socket,id=fs,path={_opt(share.socket_path)}",
+        return ["-chardev", f"socket,id=fs,{_where(share.socket_path, share.fd)}",
                 "-device", f"vhost-user-fs-pci,chardev=fs,tag={SHARE_TAG}"]
     return ["-fsdev", f"local,id=fs,path={_opt(share.directory)},security_model=none",
             "-device", f"virtio-9p-pci,fsdev=fs,mount_tag={SHARE_TAG}"]
@@ -143,7 +153,7 @@ def _nic_args(nics: tuple[TapNic, ...], machine: str) -> list[str]:
 
 def pass_fds(spec: VmSpec) -> list[int]:
     """The fds QEMU must inherit at the same numbers."""
-    return [fd for nic in spec.nics for fd in nic.fds]
+    return [fd for nic in spec.nics for fd in nic.fds] + list(spec.inherited_fds)
 
 
 def _virtio_mmio(argv: list[str]) -> list[str]:
@@ -155,6 +165,11 @@ def _virtio_mmio(argv: list[str]) -> list[str]:
             if driver.endswith("-pci"):
                 out[i] = driver[:-len("-pci")] + "-device" + sep + opts
     return out
+
+
+def _where(path: Path, fd: int | None) -> str:
+    """A socket chardev's address: the fd made for QEMU, else the path it opens."""
+    return f"fd={fd}" if fd is not None else f"path={_opt(path)}"
 
 
 def _opt(path: Path) -> str:

@@ -3,11 +3,12 @@ a daemon restart, stopped in steps.
 
 No Python runs between fork and exec (no preexec function): in the daemon gRPC's threads are
 busy, and a forked copy of them crashed children (14 of 60 spawns). A helper runs in its own
-session (a terminal's Ctrl-C reaches only us; we decide how to stop it). A pod's helpers outlive
-the daemon, so a restarted daemon finds them running; throwaway VMs (`vmm-sandboxer check`,
-tests) ask `die_with_us`: util-linux's setpriv sets PR_SET_PDEATHSIG and execs the helper, so
-a crashed run leaves no QEMU behind. Its stdout and stderr go through a pipe into a capped log
-(helper_output.py) whose tail is quoted when it fails.
+session (a terminal's Ctrl-C reaches only us; we decide how to stop it). What confines it (its
+cgroup, user, capabilities) is set by a wrapper between fork and exec (containment/launch.py).
+A pod's helpers outlive the daemon, so a restarted daemon finds them running; throwaway VMs
+(`vmm-sandboxer check`, tests) ask `die_with_us`: util-linux's setpriv sets PR_SET_PDEATHSIG and
+execs the helper, so a crashed run leaves no QEMU behind. Its stdout and stderr go through a
+pipe into a capped log (helper_output.py) whose tail is quoted when it fails.
 
 A helper started by an earlier daemon is not our child: `adopt()` watches it through a pidfd
 (its exit status is then unknown) after checking its start time, so a recycled pid is never
@@ -24,23 +25,24 @@ import signal
 from pathlib import Path
 from typing import Sequence
 
+from host_sandboxer.containment.launch import Confinement, wrap
 from host_sandboxer.vmm.helper_output import HelperOutput
 
-DIE_WITH_US = ("setpriv", "--pdeathsig", "KILL", "--")
 UNKNOWN_STATUS = 255  # the exit status of an adopted helper: only its parent (init) learns it
 
 
 async def spawn(argv: list[str], output: HelperOutput, pass_fds: Sequence[int] = (),
-                die_with_us: bool = False) -> asyncio.subprocess.Process:
-    """Start argv with stdin from /dev/null and stdout+stderr into `output`; the fds in
-    `pass_fds` are inherited at the same numbers (every other fd is closed). A missing binary
-    is OSError here, as without the setpriv wrapper."""
-    if die_with_us and shutil.which(argv[0]) is None:
+                confinement: Confinement = Confinement()) -> asyncio.subprocess.Process:
+    """Start argv, confined, with stdin from /dev/null and stdout+stderr into `output`; the fds
+    in `pass_fds` are inherited at the same numbers (every other fd is closed). A missing
+    binary is OSError here, as without the wrapper."""
+    command = wrap(argv, confinement)
+    if len(command) > len(argv) and shutil.which(argv[0]) is None:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
     child_end = output.child_end()
     try:
         return await asyncio.create_subprocess_exec(
-            *(DIE_WITH_US if die_with_us else ()), *argv, stdin=asyncio.subprocess.DEVNULL, stdout=child_end,
+            *command, stdin=asyncio.subprocess.DEVNULL, stdout=child_end,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True, pass_fds=tuple(pass_fds))
     finally:
         os.close(child_end)  # the child has it: EOF comes when the helper (and its children) end

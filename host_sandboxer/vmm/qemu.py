@@ -13,16 +13,17 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
+from host_sandboxer.containment.launch import Confinement
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.cmdline import VmSpec, build_argv, pass_fds
 from host_sandboxer.vmm.console import ConsoleLog
 from host_sandboxer.vmm.helper_output import HelperOutput
+from host_sandboxer.vmm.qemu_fds import connected_unix_socket
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,12 @@ class Qemu:
         self.proc: asyncio.subprocess.Process | None = None
         self._exit_watch: asyncio.Task | None = None
 
-    async def start(self, timeout_s: float = 10.0, die_with_us: bool = True) -> None:
-        """Spawn QEMU and return once the guest runs with QMP and the console connected; raise
-        QemuError otherwise. `die_with_us=False`: QEMU outlives this process (a daemon's pod)."""
+    async def start(self, confinement: Confinement, timeout_s: float = 10.0) -> None:
+        """Spawn QEMU, confined, and return once the guest runs with QMP and the console
+        connected; raise QemuError otherwise."""
         self.started_at = time.monotonic()
         try:
-            self.proc = await process.spawn(self.argv, self.output, pass_fds(self.spec), die_with_us)
+            self.proc = await process.spawn(self.argv, self.output, pass_fds(self.spec), confinement)
         except OSError as e:
             await self.close()
             raise QemuError(f"cannot run {self.argv[0]}: {e.strerror}") from None
@@ -86,7 +87,7 @@ class Qemu:
             raise QemuError(message)
 
     async def _connect_sockets(self, run: bool) -> None:
-        await self.qmp.connect(await _connected_unix_socket(self.spec.qmp_socket))
+        await self.qmp.connect(await connected_unix_socket(self.spec.qmp_socket))
         await self.console.connect()
         if run:
             await self.qmp.execute("cont")
@@ -184,23 +185,3 @@ class Qemu:
 def _qmp_error(error: QMPError) -> str:
     """A QMP failure in words: QEMU's own description for a refused command."""
     return error.error.desc if isinstance(error, ExecuteError) else f"{type(error).__name__}: {error}"
-
-
-async def _connected_unix_socket(path: Path) -> socket.socket:
-    """A socket connected to QEMU's listening socket `path`, tried until QEMU listens: it makes
-    its sockets in its first ms (~50-130 ms under TCG load), and between bind and listen a
-    connect is refused. These tries are ours, not qemu.qmp's, which logs each failed connect as
-    an ERROR; what fails once connected (the QMP handshake) is a real error, and it logs that.
-    The caller bounds the wait."""
-    loop = asyncio.get_running_loop()
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, os.fspath(path))
-            return sock
-        except BaseException as e:
-            sock.close()
-            if not isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
-                raise
-        await asyncio.sleep(0.005)

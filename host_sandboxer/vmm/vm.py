@@ -10,6 +10,12 @@ A VM given the daemon's `vsock_backend` (the daemon's pods) is detached: it outl
 process that started it. QEMU and virtiofsd are not tied to our life, hybrid vsock is served by
 the backend process, and `record()` says what `GuestVm.attach()` needs to take the running VM
 over after a restart. Otherwise every helper dies with us (`vmm-sandboxer check`, tests).
+
+Confinement (docs/security.md): QEMU and virtiofsd join the pod's `cgroup` before they exec;
+QEMU runs with no capabilities and no_new_privs, with its seccomp filter
+(`containment.seccomp`), and as `vmm_uid` when given: every socket it uses is handed to it
+open (qemu_fds.py), so it needs no right on the pod's directory. QEMU serving 9p stays root
+with the file capabilities 9p needs: it opens the shared files itself, as the guest's users.
 """
 from __future__ import annotations
 
@@ -18,15 +24,18 @@ import contextlib
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from host_sandboxer.config import Config
+from host_sandboxer.containment.cgroups import Cgroup
+from host_sandboxer.containment.launch import NO_CAPABILITIES, Confinement
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.accel import HostFacts, resolve_accel
 from host_sandboxer.vmm.cmdline import NinePShare, TapNic, VirtiofsShare, VmSpec
 from host_sandboxer.vmm.qemu import Qemu, QemuError
+from host_sandboxer.vmm.qemu_fds import QemuFds
 from host_sandboxer.vmm.virtiofsd import Virtiofsd, VirtiofsdError
 from host_sandboxer.vmm.vsock_backend import BackendVsock, VsockBackend, VsockBackendError
 
@@ -34,6 +43,9 @@ READY_LINE = "vmm-task ready"
 KERNEL_INIT_LINE = "Run /init as init process"
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _REPORTED = re.compile(r"\b(\w+)=(\d+(?:\.\d+)?)")  # key=number, any unit suffix ignored
+KVM_DEVICE = Path("/dev/kvm")
+# QEMU's 9p server (security_model=none) reads, writes, chowns and mknods the guest's files.
+NINE_P_CAPABILITIES = ("chown", "dac_override", "dac_read_search", "fowner", "fsetid", "mknod")
 
 
 class VmError(RuntimeError):
@@ -67,8 +79,11 @@ class BootTimeline:
 class GuestVm:
     def __init__(self, config: Config, run_dir: Path, *, name: str = "vmm-task",
                  share_dir: Path | None = None, kernel_params: Sequence[str] = (),
-                 nics: Sequence[TapNic] = (), vsock_backend: VsockBackend | None = None):
+                 nics: Sequence[TapNic] = (), vsock_backend: VsockBackend | None = None,
+                 cgroup: Cgroup | None = None, vmm_uid: int | None = None):
         self.config = config
+        self.cgroup = cgroup  # QEMU and virtiofsd join it (containment/cgroups.py)
+        self.vmm_uid = vmm_uid  # QEMU's uid and gid (containment/uids.py); None: root
         self.vsock_backend = vsock_backend
         self.detached = vsock_backend is not None
         self.run_dir = run_dir
@@ -160,23 +175,75 @@ class GuestVm:
         except Exception as e:
             raise VmError("transport", f"vsock transport {self.config.vsock.transport}: {e}") from e
         share = await self._start_sharefs()
-        self.qemu = Qemu(self._spec(share), self.run_dir)
+        confinement = self._qemu_confinement(share)
+        fds = QemuFds()
         try:
-            await self.qemu.start(die_with_us=not self.detached)
+            self.qemu = Qemu(await self._spec_with_fds(share, fds), self.run_dir)
+            await self.qemu.start(confinement)
         except QemuError as e:
             raise VmError("qemu", str(e)) from None
+        finally:
+            fds.close()
         return await self._wait_ready()
 
-    def _spec(self, share) -> VmSpec:
+    def _spec(self, share, vsock_args: Sequence[str] | None = None, **sockets) -> VmSpec:
+        """What QEMU runs; `sockets`: the fds made for it (VmSpec's console_fd, qmp_fd,
+        inherited_fds), with the `share` and `vsock_args` that name theirs."""
         vm = self.config.vm
         return VmSpec(
             qemu=vm.qemu, machine=vm.machine, accel=self.accel.accel, cpus=vm.cpus, max_cpus=vm.max_cpus,
             memory_mib=vm.memory_mib,
             tsc_khz=self.host.tsc_khz,
             kernel=vm.kernel, initrd=vm.initrd, name=self.name,
-            console_socket=self._socket_path("console.sock"), qmp_socket=self._socket_path("qmp.sock"),
-            vsock_args=tuple(self.transport.qemu_args()), share=share, nics=self.nics,
+            console_socket=self._socket_path("console.sock"), qmp_socket=self._socket_path("qmp.sock"), **sockets,
+            vsock_args=tuple(self.transport.qemu_args() if vsock_args is None else vsock_args),
+            share=share, nics=self.nics, seccomp=self.config.containment.seccomp,
             kernel_params=self._agent_params() + self.kernel_params)
+
+    async def _spec_with_fds(self, share, fds: QemuFds) -> VmSpec:
+        """The spec with every socket QEMU uses made for it in `fds` (qemu_fds.py)."""
+        try:
+            if self.transport.kind == "kernel":
+                from host_sandboxer.vsock.kernel import VHOST_VSOCK_DEVICE
+                vsock_args = self.transport.qemu_args(vhostfd=fds.open(VHOST_VSOCK_DEVICE))
+            else:
+                vsock_args = self.transport.qemu_args(fd=await fds.connect(Path(self.transport.vhost_socket)))
+        except OSError as e:
+            raise VmError("transport", f"cannot connect QEMU's vsock device: {e}") from None
+        if isinstance(share, VirtiofsShare):
+            try:
+                share = replace(share, fd=await fds.connect(share.socket_path))
+            except OSError as e:
+                raise VmError("sharefs", f"cannot connect to virtiofsd: {e}: {self.virtiofsd.output.tail()}") from None
+        console, qmp = fds.listen(self._socket_path("console.sock")), fds.listen(self._socket_path("qmp.sock"))
+        return self._spec(share, vsock_args, console_fd=console, qmp_fd=qmp, inherited_fds=tuple(fds.fds))
+
+    def _qemu_confinement(self, share) -> Confinement:
+        """The pod's cgroup, and no capabilities (9p: its file capabilities, as root); as
+        `vmm_uid` if it may read the image and use /dev/kvm, else VmError."""
+        cgroup_procs = self.cgroup.procs_files if self.cgroup else ()
+        if isinstance(share, NinePShare) or self.vmm_uid is None:
+            capabilities = NINE_P_CAPABILITIES if isinstance(share, NinePShare) else NO_CAPABILITIES
+            return Confinement(cgroup_procs, capabilities=capabilities, no_new_privs=True,
+                               die_with_us=not self.detached)
+        for path in (self.config.vm.kernel, self.config.vm.initrd):
+            if not readable_by_others(path):
+                raise VmError("image", f"QEMU runs as uid {self.vmm_uid} (containment.vmm_user) and cannot "
+                                       f"read {path}: make it and its directories readable by others")
+        return Confinement(cgroup_procs, user=self.vmm_uid, groups=self._kvm_groups(), capabilities=NO_CAPABILITIES,
+                           no_new_privs=True, die_with_us=not self.detached)
+
+    def _kvm_groups(self) -> tuple[int, ...]:
+        """The group that lets QEMU's own user open /dev/kvm, if it needs one."""
+        if self.accel.accel != "kvm":
+            return ()
+        st = os.stat(KVM_DEVICE)
+        if st.st_mode & 0o006 == 0o006:
+            return ()
+        if st.st_mode & 0o060 == 0o060:
+            return (st.st_gid,)
+        raise VmError("config", f"QEMU runs as uid {self.vmm_uid} (containment.vmm_user) and cannot open "
+                                f"{KVM_DEVICE} (mode {st.st_mode & 0o777:o}): give it a group with rw (kvm, 0660)")
 
     async def _attach(self, record: dict) -> None:
         from host_sandboxer.vsock import KernelVsock
@@ -234,7 +301,8 @@ class GuestVm:
         if isinstance(share, VirtiofsShare):
             self.virtiofsd = self._virtiofsd(share.socket_path)
             try:
-                await self.virtiofsd.start(die_with_us=not self.detached)
+                await self.virtiofsd.start(self.cgroup.procs_files if self.cgroup else (),
+                                           die_with_us=not self.detached)
             except VirtiofsdError as e:
                 raise VmError("sharefs", str(e)) from None
         return share
@@ -275,3 +343,13 @@ class GuestVm:
         if len(os.fsencode(path)) > UNIX_PATH_MAX:
             raise VmError("config", f"socket path {path} is longer than {UNIX_PATH_MAX} bytes; use a shorter state dir")
         return path
+
+
+def readable_by_others(path: Path) -> bool:
+    """Whether a user with no right of its own on `path` can read it: others may read the file
+    and search every directory above it."""
+    path = Path(path).resolve()
+    try:
+        return bool(path.stat().st_mode & 0o004) and all(d.stat().st_mode & 0o001 for d in path.parents)
+    except OSError:
+        return False

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import host_sandboxer
 
+from host_sandboxer.containment import helpers
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.helper_output import HelperOutput
 from host_sandboxer.vsock import qemu_args
@@ -121,7 +122,8 @@ class VsockBackend:
         self.proc = process.adopt(self._read_record(), self.output)
         if self.proc is None:
             self.control.unlink(missing_ok=True)
-            self.proc = await process.spawn(backend_command(str(self.control)), self.output)
+            self.proc = await process.spawn(backend_command(str(self.control)), self.output,
+                                            confinement=helpers.confinement())
             self.record_path.write_text(json.dumps(process.identity(self.proc)))
             self.record_path.chmod(0o600)
         await self._supervise()
@@ -200,8 +202,8 @@ class BackendVsock:
     def record(self) -> dict:
         return {"kind": self.kind}
 
-    def qemu_args(self) -> list:
-        return qemu_args(str(self.vhost_socket))
+    def qemu_args(self, fd: int | None = None) -> list:
+        return qemu_args(str(self.vhost_socket), fd=fd)
 
     async def open_socket(self, port: int) -> socket.socket:
         """A socket streaming to guest `port`, the handshake done; ConnectionRefusedError if

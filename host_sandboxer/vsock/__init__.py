@@ -52,10 +52,11 @@ def create_transport(kind: str, vm_dir: str, kernel_usable=_kernel_usable, cids=
     return HybridVsock(os.path.join(vm_dir, "vhost-vsock.sock"), os.path.join(vm_dir, "vsock.sock"))
 
 
-def qemu_args(vhost_socket: str, chardev_id: str = "vsock0") -> list:
+def qemu_args(vhost_socket: str, chardev_id: str = "vsock0", fd: int | None = None) -> list:
     """QEMU's arguments for a vhost-user-vsock device served on `vhost_socket` (hybrid vsock,
-    in-process or through the backend process)."""
-    return ["-chardev", f"socket,id={chardev_id},path={vhost_socket}",
+    in-process or through the backend process); `fd`: a connection to it made for QEMU."""
+    where = f"fd={fd}" if fd is not None else f"path={vhost_socket}"
+    return ["-chardev", f"socket,id={chardev_id},{where}",
             "-device", f"vhost-user-vsock-pci,chardev={chardev_id}"]
 
 

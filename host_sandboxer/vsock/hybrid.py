@@ -40,8 +40,8 @@ class HybridVsock:
         self.sockets = HybridSockets(loop, self.vhost_socket, self.uds_path, self.guest_cid, on_dead=self._died)
         self.sockets.start()
 
-    def qemu_args(self, chardev_id: str = "vsock0") -> list:
-        return qemu_args(self.vhost_socket, chardev_id)
+    def qemu_args(self, chardev_id: str = "vsock0", fd: int | None = None) -> list:
+        return qemu_args(self.vhost_socket, chardev_id, fd)
 
     async def open_socket(self, port: int) -> socket.socket:
         """A socket streaming to guest `port`, the handshake done; ConnectionRefusedError if

@@ -77,8 +77,10 @@ class KernelVsock:
     async def start(self) -> None:
         self.dead = asyncio.get_running_loop().create_future()
 
-    def qemu_args(self, device_id: str = "vsock0") -> list:
-        return ["-device", f"vhost-vsock-pci,id={device_id},guest-cid={self.guest_cid}"]
+    def qemu_args(self, device_id: str = "vsock0", vhostfd: int | None = None) -> list:
+        """`vhostfd`: /dev/vhost-vsock opened for QEMU (else QEMU opens it)."""
+        device = f"vhost-vsock-pci,id={device_id},guest-cid={self.guest_cid}"
+        return ["-device", device + (f",vhostfd={vhostfd}" if vhostfd is not None else "")]
 
     async def open_socket(self, port: int) -> socket.socket:
         """An AF_VSOCK socket connected to guest `port`."""

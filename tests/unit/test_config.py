@@ -71,6 +71,8 @@ def test_values_override_and_relative_paths_follow_the_file(tmp_path):
     ('[network]\nx = 1\n', "unknown key(s) in top level: network"),
     ('vm = 3\n', "vm = 3: must be a table"),
     ('[vm\n', "not valid TOML"),
+    ('[containment]\ncgroup_parent = "/kubepods/../etc"\n', "[containment] cgroup parent '/kubepods/../etc'"),
+    ('[containment]\nvmm_uid_base = 4294967000\n', "[containment] vmm uid range [4294967000, 4295032536)"),
 ])
 def test_errors_name_the_file_and_key(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -115,3 +117,24 @@ def test_kuasar_hypervisor_names_map_onto_our_sections(tmp_path):
 def test_kuasar_names_are_checked_like_ours(tmp_path, text, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(write(tmp_path, text))
+
+
+def test_containment_is_on_by_default_and_can_be_set(tmp_path):
+    default = Config().containment
+    assert (default.cgroups, default.seccomp, default.vmm_user) == (True, True, True)
+    assert default.cgroup_parent == "/vmm-sandboxer"
+    cfg = load_config(write(tmp_path, """
+        [containment]
+        cgroups = false
+        cgroup_parent = "vmm.slice"
+        vmm_uid_base = 300000
+        vmm_uids = 10
+        [vm]
+        max_memory_mib = 4096
+        [sharefs]
+        tmpfs_size_mib = 8
+        tmpfs_inodes = 1000
+    """))
+    assert (cfg.containment.cgroups, cfg.containment.cgroup_parent) == (False, "vmm.slice")
+    assert (cfg.containment.vmm_uid_base, cfg.containment.vmm_uids) == (300000, 10)
+    assert (cfg.vm.max_memory_mib, cfg.sharefs.tmpfs_size_mib, cfg.sharefs.tmpfs_inodes) == (4096, 8, 1000)

@@ -7,8 +7,11 @@ import subprocess
 import pytest
 from google.protobuf import any_pb2
 
+from host_sandboxer.config import Config, ContainmentConfig
 from host_sandboxer.sandbox.manager import Sandboxes
 from host_sandboxer.sandbox.statedir import StateDir
+
+CONFIG = Config(containment=ContainmentConfig(cgroups=False))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace needs root")
@@ -18,9 +21,9 @@ def test_netns_path_is_recorded_and_recovered(tmp_path):
 
     async def scenario():
         state = StateDir(tmp_path)
-        Sandboxes(state, None, None).create("p1", "k8s.io", any_pb2.Any(), f"/run/netns/{name}")
-        Sandboxes(state, None, None).create("hostnet", "k8s.io", any_pb2.Any())
-        recovered = Sandboxes(state, None, None)
+        Sandboxes(state, CONFIG, None).create("p1", "k8s.io", any_pb2.Any(), f"/run/netns/{name}")
+        Sandboxes(state, CONFIG, None).create("hostnet", "k8s.io", any_pb2.Any())
+        recovered = Sandboxes(state, CONFIG, None)
         await recovered.recover()
         return {pid: pod.netns_path for pid, pod in recovered.pods.items()}
     try:

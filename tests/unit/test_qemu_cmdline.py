@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from host_sandboxer.vmm.cmdline import NinePShare, VirtiofsShare, VmSpec, build_argv
+from host_sandboxer.vmm.cmdline import NinePShare, TapNic, VirtiofsShare, VmSpec, build_argv, pass_fds
 
 # What the vsock transports' qemu_args() return (host_sandboxer/vsock): virtio-pci names.
 HYBRID_ARGS = ("-chardev", "socket,id=vsock0,path=/run/vm/vhost-vsock.sock",
@@ -96,3 +96,23 @@ def test_commas_in_paths_are_escaped(path):
     argv = build_argv(spec(share=NinePShare(Path(path)), console_socket=Path("/x,y.sock")))
     assert option(argv, "-fsdev") == ["local,id=fs,path=/run/a,,b/fs.sock,security_model=none"]
     assert "socket,id=console,path=/x,,y.sock,server=on,wait=off" in option(argv, "-chardev")
+
+
+def test_seccomp_filter_when_asked():
+    assert "-sandbox" not in build_argv(spec())
+    assert option(build_argv(spec(seccomp=True)), "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+
+
+def test_sockets_made_for_qemu_are_named_by_fd_and_inherited():
+    """QEMU as a user of its own opens no socket of the pod's directory (vmm/qemu_fds.py)."""
+    s = spec(console_fd=10, qmp_fd=11, inherited_fds=(10, 11, 12, 13),
+             vsock_args=("-chardev", "socket,id=vsock0,fd=12", "-device", "vhost-user-vsock-pci,chardev=vsock0"),
+             share=VirtiofsShare(Path("/run/vm/virtiofsd.sock"), fd=13),
+             nics=(TapNic("net0", "02:00:00:00:00:01", (20,)),))
+    argv = build_argv(s)
+    assert option(argv, "-chardev") == ["socket,id=console,fd=10,server=on,wait=off",
+                                        "socket,id=qmp,fd=11,server=on,wait=off",
+                                        "socket,id=vsock0,fd=12", "socket,id=fs,fd=13"]
+    assert not any("/run/vm" in arg for arg in argv)
+    assert pass_fds(s) == [20, 10, 11, 12, 13]

@@ -9,6 +9,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from host_sandboxer.containment.launch import Confinement
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.helper_output import HelperOutput
 
@@ -19,6 +20,7 @@ BUSY_GRPC_SPAWNS = textwrap.dedent("""
     from pathlib import Path
     import grpc
     from google.protobuf import empty_pb2
+    from host_sandboxer.containment.launch import Confinement
     from host_sandboxer.vmm import process
     from host_sandboxer.vmm.helper_output import HelperOutput
     from vmm_common.protos.containerd.services.events.v1 import events_pb2, events_pb2_grpc
@@ -43,7 +45,8 @@ BUSY_GRPC_SPAWNS = textwrap.dedent("""
         callers = [asyncio.create_task(caller()) for _ in range(4)]
         statuses = []
         for i in range(spawns):
-            proc = await process.spawn(["true"], HelperOutput(work / "out.log"), die_with_us=bool(i % 2))
+            proc = await process.spawn(["true"], HelperOutput(work / "out.log"),
+                                       confinement=Confinement(die_with_us=bool(i % 2)))
             statuses.append(await proc.wait())
         busy = False
         await asyncio.gather(*callers)
@@ -69,12 +72,13 @@ def _spawn_sleeper_from_a_child(tmp_path, die_with_us: bool) -> int:
     program = textwrap.dedent(f"""
         import asyncio
         from pathlib import Path
+        from host_sandboxer.containment.launch import Confinement
         from host_sandboxer.vmm import process
         from host_sandboxer.vmm.helper_output import HelperOutput
 
         async def main():
             proc = await process.spawn(["sleep", "60"], HelperOutput(Path({str(tmp_path / "out.log")!r})),
-                                       die_with_us={die_with_us})
+                                       confinement=Confinement(die_with_us={die_with_us}))
             print(proc.pid)
 
         asyncio.run(main())
@@ -112,7 +116,7 @@ def test_a_missing_binary_is_an_oserror_with_or_without_the_wrapper(tmp_path):
     async def scenario(die_with_us):
         try:
             await process.spawn([str(tmp_path / "nothing")], HelperOutput(tmp_path / "out.log"),
-                                die_with_us=die_with_us)
+                                confinement=Confinement(die_with_us=die_with_us))
         except FileNotFoundError as e:
             return e.strerror
     assert asyncio.run(scenario(True)) == asyncio.run(scenario(False)) == "No such file or directory"

@@ -8,14 +8,14 @@ import pytest
 from qemu.qmp import QMPClient
 from qemu.qmp.protocol import ConnectError
 
-from host_sandboxer.vmm.qemu import _connected_unix_socket
+from host_sandboxer.vmm.qemu_fds import connected_unix_socket
 
 
 def test_connects_once_the_socket_listens_without_logging_the_refused_tries(tmp_path, caplog):
     path = tmp_path / "qmp.sock"
 
     async def scenario():
-        connecting = asyncio.create_task(_connected_unix_socket(path))
+        connecting = asyncio.create_task(connected_unix_socket(path))
         await asyncio.sleep(0.05)  # no file yet
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(str(path))
@@ -42,7 +42,7 @@ def test_a_failed_qmp_handshake_still_logs_and_raises(tmp_path, caplog):
         server = await asyncio.start_unix_server(hang_up, str(path))
         try:
             with pytest.raises(ConnectError):
-                await QMPClient("vm").connect(await _connected_unix_socket(path))
+                await QMPClient("vm").connect(await connected_unix_socket(path))
         finally:
             server.close()
             await server.wait_closed()

@@ -24,7 +24,8 @@ NS = (("containerd-namespace", "k8s.io"),)
 def controller():
     work = Path(tempfile.mkdtemp(prefix="vsbc-"))
     (work / "config.toml").write_text(
-        f'[vm]\nkernel = "{work}/no-kernel"\ninitrd = "{work}/no-initrd"\n[containerd]\naddress = ""\n')
+        f'[vm]\nkernel = "{work}/no-kernel"\ninitrd = "{work}/no-initrd"\n[containerd]\naddress = ""\n'
+        '[containment]\ncgroups = false\n')  # no VM is booted: the host's cgroups are left alone
     sock = work / "ctl.sock"
     proc = subprocess.Popen([str(REPO / ".venv/bin/vmm-sandboxer"), "--listen", str(sock),
                              "--dir", str(work / "state"), "--config", str(work / "config.toml")],

@@ -4,10 +4,13 @@ The messages are declared here with cri-api runtime.v1's field numbers (a subset
 bytes come from protobuf's own encoder, not from a mirror of the reader under test.
 """
 
+import os
+
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from host_sandboxer.sandbox.podconfig import PodConfigError, parse_pod_config
+from host_sandboxer.config import VmConfig
+from host_sandboxer.sandbox.podconfig import PodConfig, PodConfigError, parse_pod_config
 
 TYPE_URL = "type.googleapis.com/runtime.v1.PodSandboxConfig"
 
@@ -52,14 +55,30 @@ def test_hostname_pid_mode_and_resources():
     pod = parse_pod_config(TYPE_URL, cfg.SerializeToString())
     assert pod.hostname == "web-0"
     assert not pod.shared_pid
-    assert pod.vcpus(default=1) == 3
-    assert pod.memory_mib(default=512) == 512 + 257
+    assert pod.cgroup_parent == "/kubepods"
+    vm = VmConfig(cpus=1, max_cpus=4, memory_mib=512)
+    assert pod.vcpus(vm) == 3
+    assert pod.memory_mib(vm) == 512 + 257
+    assert pod.clamped(vm) == ""
 
 
 def test_absent_pid_mode_means_pod_shared_and_defaults_apply():
     pod = parse_pod_config(TYPE_URL, PodSandboxConfig(hostname="h").SerializeToString())
     assert pod.shared_pid
-    assert (pod.vcpus(2), pod.memory_mib(256)) == (2, 256)
+    assert pod.cgroup_parent == ""
+    assert (pod.vcpus(VmConfig(cpus=2)), pod.memory_mib(VmConfig(memory_mib=256))) == (2, 256)
+
+
+def test_limits_beyond_the_maxima_are_clamped_and_said():
+    pod = PodConfig(cpu_period=100_000, cpu_quota=64 * 100_000, memory_limit=100 << 30)
+    vm = VmConfig(cpus=1, max_cpus=2, memory_mib=512, max_memory_mib=2048)
+    assert (pod.vcpus(vm), pod.memory_mib(vm)) == (2, 2048)
+    assert pod.clamped(vm) == "64 vCPUs to 2 (vm.max_cpus), 102912 MiB to 2048 (vm.max_memory_mib)"
+    # Unset maxima: the host's CPUs and RAM, never below the configured defaults.
+    unset = VmConfig(cpus=1, memory_mib=512)
+    host_mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    assert (pod.vcpus(unset), pod.memory_mib(unset)) == (os.cpu_count(), host_mib)
+    assert PodConfig().vcpus(VmConfig(cpus=3, max_cpus=2)) == 3
 
 
 def test_other_option_types_are_tolerated_not_decoded():

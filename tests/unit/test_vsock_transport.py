@@ -94,3 +94,10 @@ def test_kernel_dial_to_an_absent_guest_fails():
             await asyncio.wait_for(t.open_connection(1024), 5)
         await t.close()
     asyncio.run(dial())
+
+
+def test_a_connection_made_for_qemu_is_named_by_fd(tmp_path):
+    hybrid = vsock.create_transport("hybrid", str(tmp_path), kernel_usable=lambda: False)
+    assert hybrid.qemu_args(fd=9) == ["-chardev", "socket,id=vsock0,fd=9", "-device", "vhost-user-vsock-pci,chardev=vsock0"]
+    kernel = vsock.create_transport("kernel", str(tmp_path), kernel_usable=lambda: True, cids=CidAllocator(lambda cid: True))
+    assert kernel.qemu_args(vhostfd=8) == ["-device", "vhost-vsock-pci,id=vsock0,guest-cid=3,vhostfd=8"]

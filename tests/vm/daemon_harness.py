@@ -87,10 +87,12 @@ class Harness:
         assert processes_left(str(self.work), exclude=(self.daemon.proc.pid,)) == []
         assert mountpoints_under(self.work) == []
         assert [p.name for p in self.daemon.state.iterdir() if p.is_dir()] == []  # no pod's dir
+        assert self.daemon.cgroups_left() == []
         assert host_network() == self.host_network
 
     def close(self):
         self.daemon.stop()
         kill_strays(self.work)  # pods outlive the daemon: those of a test that failed before Shutdown
+        self.daemon.remove_cgroups()
         unmount_all_under(self.work)
         shutil.rmtree(self.work, ignore_errors=True)

@@ -21,6 +21,7 @@ import pytest
 from bench.netpair import GATEWAY, PEER_IP, POD_IP, NetnsPair, sh
 from bench.netpod import Daemon, NetPod, demo
 from host_sandboxer import network
+from host_sandboxer.config import ContainmentConfig
 from host_sandboxer.network import pod as pod_network
 from host_sandboxer.network.netns import run_in_netns
 from host_sandboxer.portforward import redirect
@@ -163,7 +164,10 @@ def test_multiqueue_nic_with_two_vcpus_answers_the_peer(vm_config, vm_loop, tmp_
 
         async def boot() -> GuestVm:
             attachment = await network.attach(pair.pod_path, 2, record)
-            guest = GuestVm(config, run_dir, name="vmnet-mq", nics=attachment.nics)
+            # As the daemon's pods run: QEMU a user of its own (its taps' queues are attached
+            # and detached as the guest asks: TUNSETQUEUE on a tap with no owner needs no capability).
+            guest = GuestVm(config, run_dir, name="vmnet-mq", nics=attachment.nics,
+                            vmm_uid=ContainmentConfig().vmm_uid_base + 4321)
             started.append(guest)  # closed below whatever happens
             try:
                 await guest.start()

@@ -94,6 +94,7 @@ def env(guest_image, request):
     e.daemon.stop()
     # pods outlive the daemon: a test that failed before Shutdown must not leave its VMs running
     kill_strays(work)
+    e.daemon.remove_cgroups()
     e.events_server.stop(None)
     unmount_all_under(work)
     shutil.rmtree(work, ignore_errors=True)
