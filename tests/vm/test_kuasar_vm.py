@@ -42,8 +42,8 @@ INIT = ("echo hostname=$(cat /etc/hostname); cat /data/host.txt /disk/on-disk.tx
 
 
 class KuasarLayoutVm(GuestVm):
-    def _spec(self, share):
-        return dataclasses.replace(super()._spec(share), extra_args=KUASAR_DEVICES)
+    def _spec(self, *args, **kwargs):
+        return dataclasses.replace(super()._spec(*args, **kwargs), extra_args=KUASAR_DEVICES)
 
 
 @pytest.fixture
