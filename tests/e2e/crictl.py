@@ -68,8 +68,10 @@ class Crictl:
     def runp(self, pod_config: dict, runtime: str) -> str:
         return self.text("runp", "--runtime", runtime, str(self._write("pod", pod_config)))
 
-    def inspectp(self, pod_id: str) -> dict:
-        return json.loads(self.run("inspectp", "-o", "json", pod_id).stdout)
+    def inspectp(self, pod_id: str, verbose: bool = True) -> dict:
+        """The pod's status; verbose (crictl's default) adds the runtime's `info`."""
+        quiet = [] if verbose else ["--quiet"]
+        return json.loads(self.run("inspectp", *quiet, "-o", "json", pod_id).stdout)
 
     def stopp(self, pod_id: str) -> None:
         self.run("stopp", pod_id)

@@ -27,6 +27,7 @@ from sandboxer import Sandboxer
 @dataclass
 class Node:
     work: Path
+    sandboxer_dir: Path  # vmm-sandboxer's --dir
     netns: NodeNetns
     registry: LocalRegistry
     containerd: Containerd
@@ -43,18 +44,21 @@ class Node:
 def node_environment(kernel: Path = DEFAULT_IMAGE_DIR / "kernel",
                      initrd: Path = DEFAULT_IMAGE_DIR / "initrd.img") -> Iterator[Node]:
     """Bring the node up; on exit remove every pod and take everything down."""
-    work = Path(tempfile.mkdtemp(prefix="e2e-"))  # short: unix socket paths (shim sockets in it)
+    work = Path(tempfile.mkdtemp(prefix="e2e-"))  # short: containerd's shim sockets live in it
+    # as short as a temp dir gets: vmm-sandboxer's pod sockets are <dir>/<64-char id>/<name>
+    sandboxer_dir = Path(tempfile.mkdtemp(prefix=""))
     with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, work, ignore_errors=True)
-        stack.callback(unmount_all_under, work)
-        stack.callback(kill_strays, work)  # shims and VMs that outlived a failed teardown
+        for directory in (work, sandboxer_dir):
+            stack.callback(shutil.rmtree, directory, ignore_errors=True)
+            stack.callback(unmount_all_under, directory)
+            stack.callback(kill_strays, directory)  # shims and VMs that outlived a failed teardown
         netns = stack.enter_context(NodeNetns())
         registry = LocalRegistry(netns, work)
         registry.start()
         stack.callback(registry.stop)
         for image in stand_in_images.ALL:
             registry.push(image)
-        sandboxer = Sandboxer(netns, work, work / "containerd.sock", kernel, initrd)
+        sandboxer = Sandboxer(netns, work, sandboxer_dir, work / "containerd.sock", kernel, initrd)
         containerd = Containerd(netns, work, sandboxer.socket)
         containerd.start()
         stack.callback(containerd.stop)
@@ -66,7 +70,7 @@ def node_environment(kernel: Path = DEFAULT_IMAGE_DIR / "kernel",
             crictl.pull(image.name)
         images_file = work / "test-images.yaml"
         images_file.write_text(stand_in_images.critest_images_yaml())
-        yield Node(work, netns, registry, containerd, sandboxer, crictl, images_file)
+        yield Node(work, sandboxer_dir, netns, registry, containerd, sandboxer, crictl, images_file)
 
 
 def remove_all_pods(crictl: Crictl) -> None:
