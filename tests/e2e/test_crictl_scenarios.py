@@ -245,28 +245,23 @@ def test_stop_and_remove_leave_nothing(node, pods):
 def test_sandboxer_killed_and_restarted_keeps_pods(node, pods):
     """vmm-sandboxer dies (kill -9) and comes back on its --dir; on runc this checks that the
     baseline's pods are untouched by it."""
-    pod = pods.run("vmm-restart")
-    cid = pod.container("counter", COUNTER)
-    wait_for(lambda: node.crictl.logs(cid).stdout.count(b"\n") > 3, "the counter's first lines")
-    node.sandboxer.kill_and_restart()
-    assert_pod_carries_on(node, pod, cid)
-    pods.remove(pod)
+    assert_pods_survive(node, pods, "vmm-restart", node.sandboxer.kill_and_restart)
 
 
 @pytest.mark.node_restart
 @pytest.mark.parametrize("runtime", RESTART_RUNTIMES, indirect=True)
 def test_containerd_restart_keeps_pods(node, pods):
-    pod = pods.run("ctd-restart")
+    assert_pods_survive(node, pods, "ctd-restart", node.containerd.restart)
+
+
+def assert_pods_survive(node, pods, name: str, restart) -> None:
+    """A pod with a counting container, `restart()`, then: the pod is ready, the container runs,
+    answers exec, its log goes on from where it was (no line lost or repeated), and the pod can
+    be removed."""
+    pod = pods.run(name)
     cid = pod.container("counter", COUNTER)
     wait_for(lambda: node.crictl.logs(cid).stdout.count(b"\n") > 3, "the counter's first lines")
-    node.containerd.restart()
-    assert_pod_carries_on(node, pod, cid)
-    pods.remove(pod)
-
-
-def assert_pod_carries_on(node, pod, cid: str) -> None:
-    """After a restart: the pod is ready, the container runs, answers exec, and its log grows
-    on from where it was (no line lost or repeated)."""
+    restart()
     assert node.crictl.inspectp(pod.id, verbose=False)["status"]["state"] == "SANDBOX_READY"
     assert node.crictl.state(cid) == "CONTAINER_RUNNING"
     assert node.crictl.exec(cid, "echo", "alive", check=True).stdout == b"alive\n"
@@ -274,6 +269,7 @@ def assert_pod_carries_on(node, pod, cid: str) -> None:
     wait_for(lambda: node.crictl.logs(cid).stdout.count(b"\n") > seen + 5, "the counter going on")
     out = node.crictl.logs(cid).stdout.split(b"\n")[:-1]
     assert out == [b"%d" % n for n in range(len(out))]
+    pods.remove(pod)
 
 
 def node_leftovers(node) -> dict:
