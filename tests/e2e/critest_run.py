@@ -8,11 +8,15 @@ whose every pod boots a VM).
 
 Writes <out>/<runtime>.json (ginkgo's report), <out>/<runtime>.log and <out>/report.md (spec x
 runtime). The image-service specs are skipped: they test containerd, not a runtime.
+
+With `--check`, the exit status is the verdict CI uses: 1 when a spec that passed on runc did not
+pass on vmm and is not among the specs docs/critest.md lists as impossible in a VM.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +29,8 @@ from host_sandboxer.config import DEFAULT_IMAGE_DIR  # noqa: E402
 from node import Node, node_environment  # noqa: E402
 
 SKIP = "Image Manager|Image Consistency|Image Identifier|Image Volume"
+EXCEPTIONS_DOC = Path(__file__).resolve().parents[2] / "docs" / "critest.md"
+EXCEPTIONS_HEADING = "## Specs that cannot pass in a VM"
 
 
 def run(node: Node, runtime: str, out: Path, focus: str | None) -> dict[str, dict]:
@@ -66,6 +72,19 @@ def markdown(results: dict[str, dict[str, dict]], seconds: dict[str, float]) -> 
     return "\n".join(lines) + "\n"
 
 
+def documented_exceptions(doc: Path = EXCEPTIONS_DOC) -> set[str]:
+    """The spec names (in backticks, one list item each) under EXCEPTIONS_HEADING of `doc`."""
+    section = doc.read_text().split(EXCEPTIONS_HEADING, 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^- `([^`]+)`", section, re.M))
+
+
+def regressions(baseline: dict[str, dict], ours: dict[str, dict], allowed: set[str]) -> list[str]:
+    """Specs that passed on the baseline and did not pass on ours, less the `allowed` ones."""
+    return sorted(name for name, spec in baseline.items()
+                  if spec["state"] == "passed" and ours.get(name, {}).get("state") != "passed"
+                  and name not in allowed)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runtimes", nargs="+", default=["runc", "vmm"])
@@ -73,7 +92,11 @@ def main() -> int:
     parser.add_argument("--focus", help="only the specs matching this regular expression")
     parser.add_argument("--guest-image", type=Path, default=DEFAULT_IMAGE_DIR,
                         help="directory with the vmm guest's kernel and initrd.img (default: %(default)s)")
+    parser.add_argument("--check", action="store_true",
+                        help="fail when a spec passing on runc does not pass on vmm (docs/critest.md's "
+                             "list excepted)")
     args = parser.parse_args()
+    allowed = documented_exceptions() if args.check else set()
     if (reason := tools.skip_reason(("critest",))) is not None:
         print(reason, file=sys.stderr)
         return 2
@@ -89,7 +112,14 @@ def main() -> int:
                   f"in {seconds[runtime]:.0f} s", flush=True)
     (args.out / "report.md").write_text(markdown(results, seconds))
     print(f"critest: {args.out / 'report.md'}")
-    return 0
+    if not args.check:
+        return 0
+    lost = regressions(results["runc"], results["vmm"], allowed)
+    for name in lost:
+        print(f"critest: passes on runc, not on vmm: {name}: {results['vmm'].get(name, {}).get('message', 'not run')}")
+    for name in sorted(allowed & {n for n, spec in results["vmm"].items() if spec["state"] == "passed"}):
+        print(f"critest: listed in docs/critest.md as impossible in a VM, yet passed on vmm: {name}")
+    return 1 if lost else 0
 
 
 if __name__ == "__main__":
