@@ -181,6 +181,30 @@ def test_exec_with_streaming_stdio(agent, bundles):
     assert stderr == b"done\n"
 
 
+def test_terminal_over_streams(agent, bundles):
+    """CRI with tty: stdin and stdout streams, no stderr; the terminal echoes the input."""
+    bundle = bundles.make(["sh", "-c", "read line; echo got:$line"], terminal=True)
+
+    async def body(t):
+        stdin = await ContainerdStream.open(agent.socket, f"{bundle.id}-stdin")
+        out = await ContainerdStream.open(agent.socket, f"{bundle.id}-stdout")
+        reading = asyncio.ensure_future(out.read_all())
+        await t.create(bundle, terminal=True, stdin=_uri(agent, f"{bundle.id}-stdin"),
+                       stdout=_uri(agent, f"{bundle.id}-stdout"))
+        await t.start(bundle.id)
+        await stdin.write_all(b"hello\n")
+        status = await t.wait(bundle.id)
+        received = await asyncio.wait_for(reading, 30)
+        await stdin.close()
+        await t.delete(bundle.id)
+        await out.close()
+        return status, received
+
+    status, received = agent.run(body)
+    assert status == 0
+    assert received.replace(b"\r", b"") == b"hello\ngot:hello\n"
+
+
 def test_bad_streaming_requests_are_named_errors(agent, bundles):
     bundle = bundles.make(["true"])
 
