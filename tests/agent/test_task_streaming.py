@@ -205,6 +205,21 @@ def test_terminal_over_streams(agent, bundles):
     assert received.replace(b"\r", b"") == b"hello\ngot:hello\n"
 
 
+def test_a_stream_never_opened_delays_neither_exit_nor_delete(agent, bundles):
+    """containerd never opens the stdout stream: the exit is reported after the usual 2 s of
+    silence (docs/stdio.md), Delete releases the waiting endpoint."""
+    bundle = bundles.make(["true"])
+
+    async def body(t):
+        await t.create(bundle, stdout=_uri(agent, f"{bundle.id}-stdout"))
+        await t.start(bundle.id)
+        status = await t.wait(bundle.id, timeout=10)
+        await t.delete(bundle.id)
+        return status
+
+    assert agent.run(body) == 0
+
+
 def test_bad_streaming_requests_are_named_errors(agent, bundles):
     bundle = bundles.make(["true"])
 
