@@ -240,6 +240,14 @@ def test_bad_streaming_requests_are_named_errors(agent, bundles):
                 await stream.recv()
             except ttrpc.RpcError as e:
                 errors.append(e)
+            garbled = await client.stream(STREAMING, "Stream", any_pb2.Any,
+                                          streaming_client=True, streaming_server=True)
+            await garbled.send(any_pb2.Any(type_url=streaming_pb2.StreamInit.DESCRIPTOR.full_name,
+                                           value=b"\xff\xff"))
+            try:
+                await garbled.recv()
+            except ttrpc.RpcError as e:
+                errors.append(e)
             taken = await ContainerdStream.open(agent.socket, "twice")
             second = await client.stream(STREAMING, "Stream", any_pb2.Any, streaming_client=True,
                                          streaming_server=True)
@@ -254,10 +262,10 @@ def test_bad_streaming_requests_are_named_errors(agent, bundles):
         return [(e.code, e.message) for e in errors]
 
     found = agent.run(body)
-    assert [code for code, _ in found] == [ttrpc.Code.INVALID_ARGUMENT] * 4 + [
+    assert [code for code, _ in found] == [ttrpc.Code.INVALID_ARGUMENT] * 5 + [
         ttrpc.Code.ALREADY_EXISTS]
     assert "ttrpc only" in found[0][1]
     assert "streaming_id" in found[1][1]
     assert "ttrpc+tcp" in found[2][1]
-    assert "StreamInit" in found[3][1]
-    assert "twice" in found[4][1]
+    assert "StreamInit" in found[3][1] and "StreamInit" in found[4][1]
+    assert "twice" in found[5][1]

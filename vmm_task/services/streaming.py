@@ -18,6 +18,7 @@ import logging
 import socket
 
 from google.protobuf import any_pb2, empty_pb2
+from google.protobuf.message import DecodeError
 
 from vmm_common.fdio import read_chunk, write_all
 from vmm_common.protos.containerd.services.streaming.v1 import streaming_pb2
@@ -33,20 +34,19 @@ MAX_DATA = 32 * 1024  # containerd's maxRead: the largest Data it sends
 WINDOW = 2 * MAX_DATA  # containerd's windowSize: what one grant gives
 
 
-def _type_name(message) -> str:
-    return message.DESCRIPTOR.full_name
-
-
 def pack(message) -> any_pb2.Any:
     """containerd's typeurl names a proto type by its full name alone (no type.googleapis.com/)."""
-    return any_pb2.Any(type_url=_type_name(message), value=message.SerializeToString())
+    return any_pb2.Any(type_url=message.DESCRIPTOR.full_name, value=message.SerializeToString())
 
 
 def unpack(packed: any_pb2.Any, message_type):
-    """`packed` as `message_type`, or None when it holds another type."""
+    """`packed` as `message_type`, or None when it holds another type or does not decode."""
     if packed.type_url.rsplit("/", 1)[-1] != message_type.DESCRIPTOR.full_name:
         return None
-    return message_type.FromString(packed.value)
+    try:
+        return message_type.FromString(packed.value)
+    except DecodeError:
+        return None
 
 
 class TtrpcStreamPeer(StreamPeer):
@@ -82,7 +82,8 @@ class TtrpcStreamPeer(StreamPeer):
             while (message := await self._stream.recv()) is not None:
                 unpacked = unpack(message, message_type)
                 if unpacked is None:
-                    log.warning("stream %s: ignoring a %s", self._id, message.type_url)
+                    log.warning("stream %s: ignoring a %s (expected a %s)", self._id,
+                                message.type_url, message_type.DESCRIPTOR.full_name)
                     continue
                 yield unpacked
         except RpcError as e:
