@@ -35,6 +35,7 @@ class ContainerdStream:
     def __init__(self, client: ttrpc.Client, stream):
         self._client = client
         self._stream = stream
+        self._window = 0  # granted to the agent and not used yet
 
     @classmethod
     async def open(cls, socket_path, stream_id: str) -> "ContainerdStream":
@@ -46,20 +47,23 @@ class ContainerdStream:
         assert ack is not None, "the stream ended instead of acknowledging StreamInit"
         return cls(client, stream)
 
-    async def read_all(self) -> bytes:
-        """ReadByteStream until the end of the stream; no Data may exceed the granted window."""
-        window, chunks = 0, []
+    async def read_all(self, until: bytes | None = None) -> bytes:
+        """ReadByteStream until the end of the stream (or what was read ends with `until`); no
+        Data may exceed the granted window."""
+        chunks = []
         while True:
-            if window < WINDOW:
+            if self._window < WINDOW:
                 await self._stream.send(_pack(transfer.WindowUpdate(update=WINDOW)))
-                window += WINDOW
+                self._window += WINDOW
             message = await self._stream.recv()
             if message is None:
                 return b"".join(chunks)
             data = _unpack(message, transfer.Data).data
-            assert len(data) <= window, f"{len(data)} bytes sent with a window of {window}"
-            window -= len(data)
+            assert len(data) <= self._window, f"{len(data)} bytes sent, window {self._window}"
+            self._window -= len(data)
             chunks.append(data)
+            if until is not None and b"".join(chunks).endswith(until):
+                return b"".join(chunks)
 
     async def write_all(self, data: bytes) -> None:
         """WriteByteStream: Data of at most 32 KiB, never more than the agent granted."""
@@ -89,6 +93,10 @@ class ContainerdStream:
     async def close(self) -> None:
         """ioStream.Close: CloseSend, then the connection."""
         await self._stream.close_send()
+        await self._client.close()
+
+    async def drop(self) -> None:
+        """The connection closes without CloseSend: containerd was killed."""
         await self._client.close()
 
 
@@ -218,6 +226,49 @@ def test_a_stream_never_opened_delays_neither_exit_nor_delete(agent, bundles):
         return status
 
     assert agent.run(body) == 0
+
+
+async def _open_again(socket_path, stream_id: str) -> ContainerdStream:
+    """A restarted containerd opening `stream_id` again, once the agent saw the old connection
+    go (a restart takes seconds; here the next connection may overtake the old one's EOF)."""
+    for _ in range(100):
+        try:
+            return await ContainerdStream.open(socket_path, stream_id)
+        except ttrpc.RpcError as e:
+            if e.code != ttrpc.Code.ALREADY_EXISTS:
+                raise
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"stream {stream_id} stayed taken by the dropped connection")
+
+
+def test_streams_go_on_after_containerd_restarts(agent, bundles):
+    """containerd killed (connections closed without CloseSend) and started again: CRI opens the
+    same IDs again; the process's stdin and stdout go on over the new streams."""
+    bundle = bundles.make(["sh", "-c", "while read l; do echo out:$l; done; echo bye"])
+    ids = {name: f"{bundle.id}-{name}" for name in ("stdin", "stdout")}
+
+    async def body(t):
+        stdin = await ContainerdStream.open(agent.socket, ids["stdin"])
+        out = await ContainerdStream.open(agent.socket, ids["stdout"])
+        await t.create(bundle, **{name: _uri(agent, i) for name, i in ids.items()})
+        await t.start(bundle.id)
+        await stdin.write_all(b"a\n")
+        before = await asyncio.wait_for(out.read_all(until=b"out:a\n"), 10)
+        await stdin.drop()
+        await out.drop()
+        out = await _open_again(agent.socket, ids["stdout"])
+        stdin = await _open_again(agent.socket, ids["stdin"])
+        reading = asyncio.ensure_future(out.read_all())
+        await stdin.write_all(b"b\n")
+        await stdin.close()
+        status = await t.wait(bundle.id)
+        after = await asyncio.wait_for(reading, 10)
+        await t.delete(bundle.id)
+        await out.close()
+        return status, before, after
+
+    status, before, after = agent.run(body)
+    assert (status, before, after) == (0, b"out:a\n", b"out:b\nbye\n")
 
 
 def test_bad_streaming_requests_are_named_errors(agent, bundles):

@@ -27,7 +27,8 @@ class StreamPeer:
 
     finished: asyncio.Future
 
-    def attach(self, sock: socket.socket, output: bool) -> None:
+    def attach(self, sock: socket.socket, output: bool, pending: bytes = b"") -> None:
+        """`pending`: output read from `sock` that an earlier stream with this ID did not send."""
         raise NotImplementedError
 
     def stop(self) -> None:

@@ -9,7 +9,9 @@ One bidirectional Stream call per stdio stream, google.protobuf.Any both ways:
   the window allows and end the call at the process's EOF;
 - input (stdin): we grant a window, containerd sends Data, and its CloseSend is stdin's EOF; the
   window is granted again only as bytes reach the process's stdin, so a process not reading
-  stops containerd (nothing is buffered without bound).
+  stops containerd (nothing is buffered without bound);
+- a connection lost without CloseSend (containerd restarted) leaves the process's side waiting
+  for the next stream with the same ID, which CRI opens again.
 """
 
 import asyncio
@@ -50,17 +52,20 @@ def unpack(packed: any_pb2.Any, message_type):
 
 
 class TtrpcStreamPeer(StreamPeer):
-    """One Stream call, pumped to or from the socket the process's stdio hands it."""
+    """One Stream call, pumped to or from the socket the process's stdio hands it. When the
+    connection is lost without containerd ending the stream (containerd restarted), the socket
+    waits for the next stream with the same ID (CRI opens it again) and goes on there; what was
+    read but not sent goes first. `finished` resolves when the last of them is done."""
 
     def __init__(self, stream, stream_id: str):
         self._stream = stream
         self._id = stream_id
+        self._lost = False  # the connection ended without containerd's CloseSend
         self._task: asyncio.Task | None = None
         self.finished = asyncio.get_running_loop().create_future()
 
-    def attach(self, sock: socket.socket, output: bool) -> None:
-        pump = self._send_output if output else self._receive_input
-        self._task = asyncio.ensure_future(pump(sock))
+    def attach(self, sock: socket.socket, output: bool, pending: bytes = b"") -> None:
+        self._task = asyncio.ensure_future(self._pump(sock, output, pending))
         self._task.add_done_callback(self._done)
 
     def stop(self) -> None:
@@ -75,9 +80,33 @@ class TtrpcStreamPeer(StreamPeer):
         if not self.finished.done():
             self.finished.set_result(None)
 
-    async def _received(self, message_type, ended: str):
+    async def _pump(self, sock: socket.socket, output: bool, pending: bytes) -> None:
+        try:
+            if output:
+                pending = await self._send_output(sock, pending)
+                resume = pending is not None
+            else:
+                resume = await self._receive_input(sock)
+            if not resume:
+                return
+            log.info("stream %s: connection lost, waiting for containerd to open it again",
+                     self._id)
+            STREAMS.forget(self._id, self)
+            successor = await STREAMS.take(self._id)
+            successor.attach(sock, output, pending or b"")
+            sock = None  # the successor's now
+            try:
+                await asyncio.shield(successor.finished)
+            except asyncio.CancelledError:
+                successor.stop()
+                raise
+        finally:
+            if sock is not None:
+                sock.close()
+
+    async def _received(self, message_type):
         """containerd's messages of `message_type` (others are logged and skipped) until its
-        CloseSend; a connection lost before it is logged as `ended` and ends them too."""
+        CloseSend; a connection lost before it ends them too, noted in `_lost`."""
         try:
             while (message := await self._stream.recv()) is not None:
                 unpacked = unpack(message, message_type)
@@ -87,43 +116,49 @@ class TtrpcStreamPeer(StreamPeer):
                     continue
                 yield unpacked
         except RpcError as e:
-            log.info("stream %s %s: %s", self._id, ended, e)
+            log.info("stream %s ended without CloseSend: %s", self._id, e)
+            self._lost = True
 
-    async def _send_output(self, sock: socket.socket) -> None:
-        """Socket -> Data messages within containerd's window, until the socket's EOF. When
-        containerd stops reading (CloseSend, or the connection is gone) the socket is closed:
-        the process's pump then drops the rest instead of blocking the container."""
+    async def _send_output(self, sock: socket.socket, pending: bytes) -> bytes | None:
+        """Socket -> Data messages within containerd's window, until the socket's EOF (None).
+        When containerd ends the stream (CloseSend) before, None too: the socket is closed and
+        the process's pump drops the rest instead of blocking the container. When the
+        connection is lost: what was read and not sent, to resume with."""
         granted = asyncio.Event()
         window = 0
 
         async def read_grants() -> None:
             nonlocal window
-            async for update in self._received(transfer.WindowUpdate, "containerd stopped reading"):
+            async for update in self._received(transfer.WindowUpdate):
                 window += update.update
                 granted.set()
 
         grants = asyncio.ensure_future(read_grants())
         try:
-            with sock:
-                while True:
-                    if window <= 0:
-                        granted.clear()
-                        waiting = asyncio.ensure_future(granted.wait())
-                        await asyncio.wait({waiting, grants}, return_when=asyncio.FIRST_COMPLETED)
-                        waiting.cancel()
-                        if window <= 0:  # grants ended: containerd will read no more
-                            return
-                    data = await read_chunk(sock.fileno(), min(window, MAX_DATA))
-                    if not data:
-                        return
-                    window -= len(data)
+            while True:
+                if window <= 0:
+                    granted.clear()
+                    waiting = asyncio.ensure_future(granted.wait())
+                    await asyncio.wait({waiting, grants}, return_when=asyncio.FIRST_COMPLETED)
+                    waiting.cancel()
+                    if window <= 0:  # grants ended: containerd will read no more here
+                        return pending if self._lost else None
+                data = pending[:window] if pending else await read_chunk(sock.fileno(),
+                                                                         min(window, MAX_DATA))
+                if not data:
+                    return None
+                pending = pending[len(data):]
+                try:
                     await self._stream.send(pack(transfer.Data(data=data)))
+                except ConnectionError:
+                    return data + pending
+                window -= len(data)
         finally:
             grants.cancel()
 
-    async def _receive_input(self, sock: socket.socket) -> None:
-        """Data messages -> socket until containerd's CloseSend (stdin's EOF: the socket is shut);
-        a connection lost without it ends stdin too, after what arrived."""
+    async def _receive_input(self, sock: socket.socket) -> bool:
+        """Data messages -> socket until containerd's CloseSend (stdin's EOF: the socket is
+        shut). True when the connection was lost before it (stdin stays open, to resume)."""
         granting = True
 
         async def grant(size: int) -> None:
@@ -133,18 +168,20 @@ class TtrpcStreamPeer(StreamPeer):
             except ConnectionError:  # closed after containerd's CloseSend: drain what arrived
                 granting = False
 
-        with sock:
-            sock.setblocking(False)
-            await grant(WINDOW)
-            async for data in self._received(transfer.Data, "ended without CloseSend"):
-                try:
-                    await write_all(sock.fileno(), data.data)
-                except OSError:  # stdin closed (CloseIO or the process is gone)
-                    return
-                if data.data and granting:
-                    await grant(len(data.data))
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)
+        sock.setblocking(False)
+        await grant(WINDOW)
+        async for data in self._received(transfer.Data):
+            try:
+                await write_all(sock.fileno(), data.data)
+            except OSError:  # stdin closed (CloseIO or the process is gone)
+                return False
+            if data.data and granting:
+                await grant(len(data.data))
+        if self._lost:
+            return True
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        return False
 
 
 def methods(ctx) -> dict:
