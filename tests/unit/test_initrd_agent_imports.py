@@ -53,6 +53,7 @@ print(*sorted(sys.modules))
 NOT_AT_START_UP = ("pyroute2", "vmm_task.netlink.links", "vmm_task.netlink.routes",
                    "vmm_task.portforward", "vmm_common.splice", "vmm_task.debug_console",
                    "vmm_task.container", "vmm_task.kuasar", "vmm_task.services.task",
+                   "vmm_task.services.streaming",
                    "vmm_task.pod.setup",
                    "vmm_common.protos.containerd.task", "google.protobuf.internal.python_message",
                    "json", "pathlib", "dataclasses", "ipaddress", "ast",

@@ -1,5 +1,6 @@
 """Streaming ttrpc calls: server-, client- and bidi-streaming, errors, and their frames."""
 import asyncio
+import socket
 
 from google.protobuf import wrappers_pb2
 
@@ -103,3 +104,51 @@ def test_a_handler_that_does_not_read_its_stream_is_stopped():
             reply = await client.call(SERVICE, "Echo", message, wrappers_pb2.StringValue)
             assert reply == message
     run(go())
+
+
+def test_what_a_client_sent_before_closing_survives_a_reply_that_fails():
+    """containerd ends a stream with its last messages, CloseSend and a close of the connection,
+    while the server may still be answering: that answer fails (EPIPE) before the server read
+    the last frames, and asyncio would then drop them. The server reads them to the end."""
+    received, client_closed, consuming = [], asyncio.Event(), []
+
+    async def consume(stream):
+        try:
+            received.extend([m.value async for m in stream] + ["clean end"])
+        except ttrpc.RpcError as e:
+            received.append(e.code)
+
+    async def collect(stream, ctx):
+        received.append((await stream.recv()).value)
+        await stream.send(wrappers_pb2.StringValue(value="ready"))
+        await client_closed.wait()  # runs before the loop polls the socket again
+        try:
+            await stream.send(wrappers_pb2.StringValue(value="too late"))
+        except OSError:
+            pass
+        consuming.append(asyncio.ensure_future(consume(stream)))
+        await asyncio.shield(consuming[0])  # the call lasts while its stream is read
+
+    async def go():
+        server = ttrpc.Server()
+        server.register(SERVICE, {"Collect": ttrpc.bidi_stream(wrappers_pb2.StringValue,
+                                                              collect)})
+        async with serving(server) as path:
+            loop = asyncio.get_running_loop()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, path)
+            first = wrappers_pb2.StringValue(value="first").SerializeToString()
+            await loop.sock_sendall(sock, request_frame(1, "Collect", first, fr.FLAG_REMOTE_OPEN))
+            assert await loop.sock_recv(sock, 1 << 16)  # "ready"
+            for word in ("second", "third"):  # then, without yielding to the server:
+                sock.send(fr.encode(1, fr.DATA, 0, wrappers_pb2.StringValue(
+                    value=word).SerializeToString()))
+            sock.send(fr.encode(1, fr.DATA, fr.FLAG_REMOTE_CLOSED | fr.FLAG_NO_DATA))
+            sock.close()
+            client_closed.set()
+            while not consuming:
+                await asyncio.sleep(0.01)
+            await asyncio.wait_for(consuming[0], 5)
+    run(go())
+    assert received == ["first", "second", "third", "clean end"]

@@ -55,7 +55,11 @@ class ServerConnection:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        """The client is gone: its handlers have no one to answer (as ctx cancel in Go)."""
+        """The client is gone: its handlers have no one to answer (as ctx cancel in Go). What it
+        sent stays readable; a stream it left open then ends CANCELLED (no more will come)."""
+        for call in self._calls.values():
+            if call.inbox is not None:
+                call.inbox.end(RpcError(Code.CANCELLED, "the client closed the connection"))
         tasks = [c.task for c in self._calls.values() if c.task]
         for task in tasks:
             task.cancel()

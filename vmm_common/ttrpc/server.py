@@ -83,18 +83,48 @@ class Server:
 
     async def _serve_socket(self, conn: socket.socket) -> None:
         peer = _peer_name(conn)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        protocol = _ReadToTheEnd(reader, conn)
         try:
-            reader, writer = await asyncio.open_connection(sock=conn)
+            transport, _ = await loop.create_connection(lambda: protocol, sock=conn)
         except OSError as e:
             log.debug("ttrpc: dropping connection from %s: %s", peer, e)
             conn.close()
             return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         await self.serve_connection(reader, writer, peer)
 
     async def serve_connection(self, reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter, peer: str = "peer") -> None:
         """Serve one already-open byte stream (e.g. a hybrid-vsock connection) until it ends."""
         await ServerConnection(self.lookup, Channel(reader, writer), peer).run()
+
+
+class _ReadToTheEnd(asyncio.StreamReaderProtocol):
+    """asyncio.open_connection's protocol, except that a failed write (EPIPE: the client closed
+    while we answered) does not lose what the client sent before closing. asyncio stops reading
+    on any write error and fails the reader; containerd closes a stream's connection right after
+    its last message and CloseSend, while we may still be sending it a window update. What the
+    socket holds is read into the reader, which then ends cleanly."""
+
+    def __init__(self, reader: asyncio.StreamReader, sock: socket.socket):
+        super().__init__(reader)
+        self._reader = reader
+        self._sock = sock
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            while True:
+                try:
+                    data = self._sock.recv(1 << 16)
+                except OSError:  # BlockingIOError: all read; ECONNRESET and the like: gone
+                    break
+                if not data:
+                    break
+                self._reader.feed_data(data)
+            exc = None
+        super().connection_lost(exc)
 
 
 def _checked(service: str, methods: dict[str, Method]) -> dict[str, Method]:

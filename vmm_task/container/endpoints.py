@@ -6,6 +6,9 @@
 - `vsock://PORT?ack`: the same listener, kept for the life of the process; the stream speaks the
   acknowledged protocol (vmm_common.stdio_ack) so a restarted host resumes it (resumable.py).
 - `unix://PATH` (`?ack` too): a unix socket listener in its place, for dev mode (no vsock there).
+- `ttrpc+unix://...?streaming_id=ID` (also `ttrpc+vsock`, `ttrpc+hvsock`): containerd's
+  Streaming service (`io_type = "streaming"`), the stream containerd opens with that ID on the
+  task address (streams.py).
 - anything else is a path (dev mode, as containerd gives a shim): a FIFO, a regular file
   (appended to) or a character device. `fifo://PATH` and `file://PATH` are accepted too.
 See docs/stdio.md.
@@ -40,6 +43,10 @@ class Endpoint:
 
     async def open_reader(self) -> int:
         raise NotImplementedError
+
+    async def delivered(self) -> None:
+        """After the writer's fd was closed: until what was written reached the far end (a relay
+        behind the fd has sent it on)."""
 
     def close(self) -> None:
         """Release what was reserved at parse time (a listening socket)."""
@@ -114,6 +121,10 @@ class ListenerEndpoint(Endpoint):
 def parse_endpoint(stream: str, uri: str) -> Endpoint:
     """INVALID_ARGUMENT for a malformed vsock/unix address or a relative path; UNKNOWN when a
     port cannot be listened on (in use, or no vsock in this kernel)."""
+    from .streams import StreamEndpoint, stream_id_of  # streams.py builds on Endpoint
+    stream_id = stream_id_of(stream, uri)
+    if stream_id is not None:
+        return StreamEndpoint(uri, stream_id)
     listener = _parse_listener(stream, uri)
     if listener is not None:
         family, address, acked = listener

@@ -127,6 +127,10 @@ class ProcessIO:
             await pump.run(src, dst)
             if pump.error:
                 log.info("output dropped after a failure: %s", pump.error)
+            if dst >= 0:
+                os.close(dst)
+                dst = -1
+                await endpoint.delivered()
         finally:
             if dst >= 0:
                 os.close(dst)

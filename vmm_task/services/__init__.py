@@ -3,7 +3,8 @@
 Listed explicitly (not discovered at run time) so the Nuitka build sees every module it must
 compile. A module of `_service_modules` has `register(server, ctx)`; one of `_LAZY_SERVICES` has
 `methods(ctx)`, called on the service's first request: the Task service's protos (shim, task
-events, runc oci, types) and container code load on the first Task call, not before ready.
+events, runc oci, types) and container code load on the first Task call, not before ready; the
+Streaming service's (stdio for `io_type = "streaming"`) on containerd's first stream.
 """
 
 
@@ -17,8 +18,14 @@ def _task_module():
     return task
 
 
+def _streaming_module():
+    from vmm_task.services import streaming
+    return streaming
+
+
 # service name -> its module's importer (the name is here so registering imports nothing)
-_LAZY_SERVICES = {"containerd.task.v2.Task": _task_module}
+_LAZY_SERVICES = {"containerd.task.v2.Task": _task_module,
+                  "containerd.services.streaming.v1.Streaming": _streaming_module}
 
 
 def register_all(server, ctx) -> None:
