@@ -1,8 +1,9 @@
 """containerd.services.sandbox.v1.Controller: the pod lifecycle containerd drives.
 
 Each call finds the pod, runs under the pod's lock when it changes the pod, and turns
-HostError into the gRPC status containerd sees. The task address returned by Start is a
-bare path after `grpc+` (containerd 2.x dials it as a unix socket path as it is).
+HostError into the gRPC status containerd sees. The task address returned by Start is
+`ttrpc+unix://<task.sock>`: containerd.task.v3.Task over ttrpc, on a listener the node's task
+relay holds (host_sandboxer/taskrelay/), so containerd's connections outlive the daemon.
 """
 
 import logging
@@ -27,7 +28,7 @@ _ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
 def task_address(pod) -> str:
-    return f"grpc+{pod.task_socket}"
+    return f"ttrpc+unix://{pod.task_socket}"
 
 
 def _guarded(method):
@@ -59,7 +60,8 @@ class Controller(api_grpc.ControllerServicer):
         pod = self.sandboxes.get(request.sandbox_id)
         async with pod.lock:
             if pod.state == "created":
-                await lifecycle.start(pod, self.sandboxes.config, self.sandboxes.vsock_backend)
+                await lifecycle.start(pod, self.sandboxes.config, self.sandboxes.vsock_backend,
+                                      self.sandboxes.task_relay)
                 release_free_heap()
                 log.info("sandbox %s started: VMM pid %d", pod.id, pod.vmm_pid)
             elif pod.state != "ready":
@@ -112,7 +114,7 @@ class Controller(api_grpc.ControllerServicer):
     async def Shutdown(self, request, context):
         pod = self.sandboxes.get(request.sandbox_id)
         async with pod.lock:
-            await lifecycle.shutdown(pod)
+            await lifecycle.shutdown(pod, self.sandboxes.task_relay)
             self.sandboxes.forget(pod.id)
         release_free_heap()
         log.info("sandbox %s shut down", pod.id)

@@ -1,8 +1,10 @@
 """vmm-sandboxer restarts (kill -9) with pods running: the new daemon takes them over from
 STATE_DIR with the very same VM (QMP, console and vsock reconnect), and cleans up what died.
+containerd's task connections (our ttrpc client, as containerd dials `ttrpc+unix://`) are held
+by the task relay and never see the restart: a Wait made before it is answered after it.
 
-Real daemon, real QEMU (TCG), virtiofsd and hybrid vsock backend processes; containerd's
-Events service is the stand-in from test_sandboxer.py.
+Real daemon, real QEMU (TCG), virtiofsd, hybrid vsock backend and task relay processes;
+containerd's Events service is the stand-in from test_sandboxer.py.
 """
 
 import concurrent.futures
@@ -106,6 +108,40 @@ def test_daemon_killed_running_pods_are_taken_over(env):
     assert _gone([helpers["vsock"]]), "the backend ends with the last VM"
     assert list(env.daemon.state.iterdir()) == []
     assert mountpoints_under(env.work) == []
+
+
+def test_a_wait_held_across_a_daemon_kill_returns_the_real_exit_status(env):
+    """What containerd holds through a `kill -9` of the daemon: its connection, its Wait. The
+    container ends on its own after the restart (an exec tells it to): the Wait made before the
+    kill answers with its status, and its output before and after reaches the same FIFO."""
+    started = env.cri.run_pod("held")
+    tasks = demo.Cri.task_client(started.address)
+    b = env.bundle("held-c", ["sh", "-c", "echo before; while [ ! -e /tmp/go ]; do sleep 0.2; done; "
+                                          "echo after; exit 7"], started.pid)
+    stdout = b.fifo("stdout")
+    output = demo.FifoReader(stdout)
+    tasks.Create(task.CreateTaskRequest(id=b.id, bundle=str(b.path), rootfs=b.rootfs, stdout=stdout),
+                 metadata=NS, timeout=60)
+    tasks.Start(task.StartRequest(id=b.id), metadata=NS, timeout=60)
+    relay = json.loads((env.daemon.state / "task-relay.json").read_text())["pid"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        held = pool.submit(tasks.Wait, task.WaitRequest(id=b.id), metadata=NS)
+        time.sleep(0.5)
+        _crash_daemon(env)
+        state_while_down = pool.submit(tasks.State, task.StateRequest(id=b.id), metadata=NS)
+        env.daemon.start()
+        assert state_while_down.result(60).status == RUNNING  # asked of nobody, answered by the new daemon
+        assert not held.done()
+        assert tasks.State(task.StateRequest(id=b.id), metadata=NS, timeout=10).status == RUNNING
+        assert tasks.Pids(task.PidsRequest(id=b.id), metadata=NS, timeout=10).processes
+        assert _exec(tasks, b, "go", ["touch", "/tmp/go"]) == (b"", 0)
+        assert held.result(60).exit_status == 7
+    assert output.result() == b"before\nafter\n"
+    assert _alive(relay) and json.loads((env.daemon.state / "task-relay.json").read_text())["pid"] == relay
+    tasks.Delete(task.DeleteRequest(id=b.id), metadata=NS, timeout=60)
+    env.cri.remove_pod("held")
+    assert _gone([relay]), "the relay ends with the last pod"
+    assert list(env.daemon.state.iterdir()) == []
 
 
 def test_vmm_died_while_the_daemon_was_down(env):
