@@ -10,8 +10,12 @@ RUNTIME ?= crun
 # DEBUG=1 adds a static busybox to the guest for a debug shell.
 DEBUG ?= 0
 export RUNTIME DEBUG
+# tests/e2e drives the real containerd 2.4, runc and crictl: upstream binaries that CI and every
+# developer have beside the project (../shared/containerd/bin). Without them the e2e layer skips,
+# naming what is missing.
+export VMM_TASK_CONTAINERD_BIN ?= $(wildcard $(abspath ../shared/containerd/bin))
 
-.PHONY: setup protos guest-image floor-image test test-unit test-agent test-vm demo bench stress clean
+.PHONY: setup protos guest-image floor-image test test-unit test-agent test-vm test-e2e demo bench stress clean
 
 setup:
 	@bash scripts/setup.sh
@@ -39,6 +43,10 @@ test-agent: setup
 
 test-vm: setup guest-image
 	$(PY) -m pytest -q -ra tests/vm
+
+# containerd 2.4 + crictl with both runtimes, runc (the baseline) and vmm: docs/e2e.md.
+test-e2e: setup guest-image
+	$(PY) -m pytest -q -ra tests/e2e
 
 demo: setup guest-image
 	@$(PY) scripts/demo.py

@@ -1,0 +1,75 @@
+"""The whole e2e node, brought up once and shared: a network namespace of its own, a local
+registry holding the stand-in images, containerd 2.4 with the `runc` and `vmm` runtime handlers,
+vmm-sandboxer, and crictl pointed at them. A CRI conformance run (critest) can reuse it as it is:
+`endpoint` plus `images_file` are what critest takes.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import stand_in_images
+from containerd_node import Containerd
+from crictl import Crictl
+from host_sandboxer.config import DEFAULT_IMAGE_DIR
+from host_sandboxer.taskproxy.mounts import unmount_all_under
+from host_sandboxer.vmm.process import kill_strays
+from netns import NodeNetns
+from registry import LocalRegistry
+from sandboxer import Sandboxer
+
+
+@dataclass
+class Node:
+    work: Path
+    netns: NodeNetns
+    registry: LocalRegistry
+    containerd: Containerd
+    sandboxer: Sandboxer
+    crictl: Crictl
+    images_file: Path  # critest's --test-images-file
+
+    @property
+    def endpoint(self) -> str:
+        return self.containerd.endpoint
+
+
+@contextlib.contextmanager
+def node_environment(kernel: Path = DEFAULT_IMAGE_DIR / "kernel",
+                     initrd: Path = DEFAULT_IMAGE_DIR / "initrd.img") -> Iterator[Node]:
+    """Bring the node up; on exit remove every pod and take everything down."""
+    work = Path(tempfile.mkdtemp(prefix="e2e-"))  # short: unix socket paths (shim sockets in it)
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        stack.callback(unmount_all_under, work)
+        stack.callback(kill_strays, work)  # shims and VMs that outlived a failed teardown
+        netns = stack.enter_context(NodeNetns())
+        registry = LocalRegistry(netns, work)
+        registry.start()
+        stack.callback(registry.stop)
+        for image in stand_in_images.ALL:
+            registry.push(image)
+        sandboxer = Sandboxer(netns, work, work / "containerd.sock", kernel, initrd)
+        containerd = Containerd(netns, work, sandboxer.socket)
+        containerd.start()
+        stack.callback(containerd.stop)
+        sandboxer.start()
+        stack.callback(sandboxer.stop)
+        crictl = Crictl(netns, containerd.endpoint, work)
+        stack.callback(remove_all_pods, crictl)
+        for image in stand_in_images.ALL:
+            crictl.pull(image.name)
+        images_file = work / "test-images.yaml"
+        images_file.write_text(stand_in_images.critest_images_yaml())
+        yield Node(work, netns, registry, containerd, sandboxer, crictl, images_file)
+
+
+def remove_all_pods(crictl: Crictl) -> None:
+    """What a drained node does: stop and remove every pod (and so its containers)."""
+    with contextlib.suppress(subprocess.SubprocessError):
+        crictl.run("rmp", "--all", "--force", check=False)

@@ -1,0 +1,48 @@
+"""The images the e2e layer serves from its local registry, all built from static busybox under
+the names a node (and critest) asks for, so nothing is ever pulled from the Internet:
+
+- critest's defaults: `registry.k8s.io/e2e-test-images/busybox:1.29-2` and
+  `.../nginx:1.14-2` (a busybox httpd on port 80 stands in for nginx);
+- containerd 2.4's pause image `registry.k8s.io/pause:3.10.2` (internal/cri/config's
+  DefaultSandboxImage), which the runc baseline runs as each pod's sandbox container. A pause
+  only has to live until CRI SIGKILLs it (podsandbox/sandbox_stop.go): `sleep infinity`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from oci_image import ImageDefinition
+
+WEB_PAGE = b"<html><body><h1>Welcome to nginx!</h1><p>vmm-task e2e stand-in</p></body></html>\n"
+NGINX_ENTRYPOINT = b"""#!/bin/sh
+# nginx stand-in: busybox httpd on port 80 in the foreground, its pid where nginx keeps it
+echo $$ > /var/run/nginx.pid
+exec httpd -f -p 80 -h /usr/share/nginx/html
+"""
+
+
+@dataclass(frozen=True)
+class StandIn:
+    name: str  # what a node asks for: registry host / repository : tag
+    definition: ImageDefinition
+
+    @property
+    def registry_path(self) -> str:
+        """The repository:tag under the registry host (what the mirror serves)."""
+        return self.name.split("/", 1)[1]
+
+
+BUSYBOX = StandIn("registry.k8s.io/e2e-test-images/busybox:1.29-2", ImageDefinition(cmd=("sh",)))
+WEB_SERVER = StandIn("registry.k8s.io/e2e-test-images/nginx:1.14-2", ImageDefinition(
+    cmd=("/docker-entrypoint.sh",), exposed_ports=(80,),
+    files={"docker-entrypoint.sh": NGINX_ENTRYPOINT, "usr/share/nginx/html/index.html": WEB_PAGE}))
+PAUSE = StandIn("registry.k8s.io/pause:3.10.2", ImageDefinition(entrypoint=("/bin/sleep",),
+                                                                 cmd=("infinity",)))
+ALL = (BUSYBOX, WEB_SERVER, PAUSE)
+MIRRORED_HOSTS = ("registry.k8s.io", "gcr.io")
+
+
+def critest_images_yaml() -> str:
+    """critest's --test-images-file (pkg/framework/test_context.go's TestImageList)."""
+    return (f"defaultTestContainerImage: {BUSYBOX.name}\n"
+            f"webServerTestImage: {WEB_SERVER.name}\n")
