@@ -6,6 +6,7 @@ HostError into the gRPC status containerd sees. The task address returned by Sta
 relay holds (host_sandboxer/taskrelay/), so containerd's connections outlive the daemon.
 """
 
+import asyncio
 import logging
 import os
 
@@ -89,7 +90,8 @@ class Controller(api_grpc.ControllerServicer):
     @_guarded
     async def Wait(self, request, context):
         pod = self.sandboxes.get(request.sandbox_id)
-        status = await pod.vm_exited
+        # shielded: containerd cancelling its Wait (it restarts) must not cancel the pod's end
+        status = await asyncio.shield(pod.vm_exited)
         return api.ControllerWaitResponse(exit_status=status, exited_at=timestamp(pod.exited_at_ns))
 
     @_guarded
