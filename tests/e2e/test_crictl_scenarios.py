@@ -22,9 +22,6 @@ if (reason := tools.skip_reason()) is not None:
     pytest.skip(reason, allow_module_level=True)
 
 WEB = stand_in_images.WEB_SERVER.name
-ISSUE_12 = pytest.mark.xfail(strict=False, reason="issue 12: Restarts lose nothing (containerd and "
-                                                  "vmm-sandboxer restarts with pods running)")
-RESTART_RUNTIMES = ["runc", pytest.param("vmm", marks=ISSUE_12)]
 forward_ports = itertools.count(18080)
 
 
@@ -219,7 +216,6 @@ def test_stop_and_remove_leave_nothing(node, pods):
     assert node_leftovers(node) == before == {"processes": [], "mounts": [], "taps": [], "pod_dirs": []}
 
 
-@pytest.mark.parametrize("runtime", RESTART_RUNTIMES, indirect=True)
 def test_containerd_restart_keeps_pods(node, pods):
     pod = pods.run("ctd-restart")
     cid = pod.container("counter", ["sh", "-c", "i=0; while :; do echo $i; i=$((i+1)); sleep 0.2; done"])
@@ -229,7 +225,6 @@ def test_containerd_restart_keeps_pods(node, pods):
     pods.remove(pod)
 
 
-@pytest.mark.parametrize("runtime", RESTART_RUNTIMES, indirect=True)
 def test_sandboxer_killed_and_restarted_keeps_pods(node, pods):
     """vmm-sandboxer dies (kill -9) and comes back on its --dir; on runc this checks that the
     baseline's pods are untouched by it."""
