@@ -11,7 +11,7 @@ from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, Pod
 from host_sandboxer.sandbox.podconfig import PodConfigError, parse_pod_config
 from host_sandboxer.sandbox.statedir import StateDir
 from host_sandboxer.taskproxy.errors import HostError
-from host_sandboxer.taskproxy.service import task_service
+from host_sandboxer.taskproxy.service import HELD_CALLS, task_service
 from host_sandboxer.taskrelay.link import RelayError, TaskRelay
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.vsock_backend import VsockBackend
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # Controller: a pod not taken over by then (its VM or agent does not answer) is reported
 # NOTREADY with the reason, and taken over in the background when it answers.
 RECOVERY_WAIT_S = 5.0
+DRAIN_S = 10.0  # a daemon leaving (SIGTERM) lets the Task calls under way finish for this long
 
 
 def _parse_options(options):
@@ -133,7 +134,8 @@ class Sandboxes:
         await self.vsock_backend.stop_if_idle()
 
     async def close(self) -> None:
-        """The daemon is leaving (its pods are not): let go of the task relay."""
+        """The daemon is leaving (its pods are not): let the Task calls under way finish (not
+        the held Waits: the relay hands them to the next daemon), then let go of the relay."""
         if self._recovering is not None:
             self._recovering.cancel()
-        await self.task_relay.close()
+        await self.task_relay.close(HELD_CALLS, DRAIN_S)

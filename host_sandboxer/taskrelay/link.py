@@ -15,12 +15,15 @@ import logging
 import socket
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from host_sandboxer.private_socket import listen_unix
 from host_sandboxer.taskrelay import wire
 from host_sandboxer.taskrelay.outbox import Outbox
 from host_sandboxer.vmm.node_helper import HelperError, NodeHelper
 from vmm_common.ttrpc import ProtocolError
 from vmm_common.ttrpc import frame as fr
+from vmm_common.protos.ttrpc.request_pb2 import Request
 from vmm_common.ttrpc.connection import ServerConnection
 
 log = logging.getLogger(__name__)
@@ -78,11 +81,15 @@ class TaskRelay:
             if not self.addresses:
                 await self._stop()
 
-    async def close(self) -> None:
-        """The daemon is leaving: the relay keeps everything for the next one."""
+    async def close(self, held: frozenset = frozenset(), drain_s: float = 0.0) -> None:
+        """The daemon is leaving: the relay keeps everything for the next one. Calls under way,
+        but those of the `held` methods (held open for good, e.g. Wait), are first given
+        `drain_s` to be answered, while new ones are left to the relay: a call with effects is
+        not cut halfway and replayed."""
         if self._watch is not None:
             self._watch.cancel()
         if self._link is not None:
+            await self._link.drain(held, drain_s)
             await self._link.close()
 
     async def _serve(self, pods: list[str]) -> None:
@@ -145,7 +152,9 @@ class _Link:
         loop = asyncio.get_running_loop()
         self.outbox = Outbox(loop, sock, lambda why: log.error("task relay link: write failed: %s", why))
         self.channels: dict[int, _RelayedChannel] = {}
+        self.unanswered: dict[tuple[int, int], str] = {}  # (connection, stream) -> method
         self.listening: set[str] = set()  # pods whose listener the relay holds
+        self._draining = False
         self.synced = loop.create_future()
         self.ended = loop.create_future()
         self._reader = asyncio.ensure_future(self._read())
@@ -166,10 +175,8 @@ class _Link:
             reason = f"link broken: {e}"
             log.error("task relay: %s", reason)
         finally:
-            self.outbox.close()
-            self.sock.close()  # the relay keeps containerd's calls for the next link
-            for channel in self.channels.values():
-                channel.end()
+            if not self._draining:
+                self._end()
             if not self.synced.done():
                 self.synced.set_exception(RelayError(f"task relay: {reason}"))
             self.ended.set_result(reason)
@@ -204,9 +211,30 @@ class _Link:
             ServerConnection(server.lookup, channel, f"containerd (relayed #{conn}, pod {pod_id})").run())
         task.add_done_callback(lambda _: self.channels.pop(conn, None))
 
+    async def drain(self, held: frozenset, timeout: float) -> None:
+        """Read no more, and wait up to `timeout` for the calls under way (but `held` ones) to
+        be answered and their answers written to the relay."""
+        self._draining = True
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while set(self.unanswered.values()) - held or self.outbox.size:
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("task relay: leaving with calls unanswered (the next daemon gets them): %s",
+                            ", ".join(sorted(set(self.unanswered.values()) - held)))
+                break
+            await asyncio.sleep(0.01)
+
     async def close(self) -> None:
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
+        self._end()
+
+    def _end(self) -> None:
+        self.outbox.close()
+        self.sock.close()  # the relay keeps containerd's calls for the next link
+        for channel in list(self.channels.values()):
+            channel.end()
 
 
 class _RelayedChannel:
@@ -227,6 +255,8 @@ class _RelayedChannel:
             self._link.send(wire.CLOSE, self._conn)
             self.end()
             return
+        if msg_type == fr.REQUEST:
+            self._link.unanswered[self._conn, stream_id] = _method_of(data[fr.HEADER_SIZE:])
         self._frames.put_nowait(fr.Frame(stream_id, msg_type, flags, data[fr.HEADER_SIZE:]))
 
     def end(self) -> None:
@@ -234,6 +264,8 @@ class _RelayedChannel:
         if not self._ended:
             self._ended = True
             self._frames.put_nowait(None)
+            for call in [c for c in self._link.unanswered if c[0] == self._conn]:
+                del self._link.unanswered[call]
 
     async def recv(self) -> fr.Frame | None:
         return await self._frames.get()
@@ -242,8 +274,18 @@ class _RelayedChannel:
         if self._ended:
             raise ConnectionResetError("the connection through the task relay is closed")
         self._link.send(wire.SEND, self._conn, fr.encode(stream_id, msg_type, flags, data))
+        if wire.ends_stream(msg_type, flags):
+            self._link.unanswered.pop((self._conn, stream_id), None)
 
     async def close(self) -> None:
         if not self._ended and not self._link.ended.done():
             self._link.send(wire.CLOSE, self._conn)
         self.end()
+
+
+def _method_of(envelope: bytes) -> str:
+    """A request's method, for the drain ("" if undecodable: ServerConnection refuses it)."""
+    try:
+        return Request.FromString(envelope).method
+    except DecodeError:
+        return ""

@@ -30,17 +30,19 @@ class Daemon:
     """A stand-in daemon: its Task API's State answers at once (pid = `tag`), its Wait when
     `release` is set (exit status = `tag`); what it saw is recorded."""
 
-    def __init__(self, tmp_path, tag: int, state_bytes: int = 0):
+    def __init__(self, tmp_path, tag: int, state_bytes: int = 0, state_delay: float = 0.0):
         self.tag = tag
         self.release = asyncio.Event()
         self.waits_cancelled = 0
         self.state_bytes = state_bytes
+        self.state_delay = state_delay
         server = ttrpc.Server()
         server.register(SERVICE, {"State": ttrpc.unary(v3.StateRequest, self._state),
                                   "Wait": ttrpc.unary(v3.WaitRequest, self._wait)})
         self.relay = TaskRelay(tmp_path, lambda pod: server if pod == POD else None)
 
     async def _state(self, request, ctx):
+        await asyncio.sleep(self.state_delay)
         return v3.StateResponse(id=request.id, pid=self.tag, bundle="x" * self.state_bytes)
 
     async def _wait(self, request, ctx):
@@ -146,6 +148,32 @@ def test_calls_pass_and_a_held_wait_is_answered_by_the_next_daemon(tmp_path):
 
     assert _run(tmp_path, scenario) is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == [POD]  # no record, control socket or log left
+
+
+def test_a_leaving_daemon_answers_the_calls_under_way_but_not_the_held_ones(tmp_path):
+    """SIGTERM (an upgrade): a call under way is answered by the daemon that began it (not cut
+    halfway and run again); a held Wait, and a call made meanwhile, go to the next daemon."""
+    async def scenario():
+        first = await _serving(tmp_path, 12, state_delay=1.0)
+        client = await _client(tmp_path)
+        held = _wait(client)
+        under_way = asyncio.ensure_future(_state(client, "under-way"))
+        await asyncio.sleep(0.3)
+        leaving = asyncio.ensure_future(first.relay.close(frozenset({"Wait"}), 10.0))
+        await asyncio.sleep(0.1)
+        meanwhile = asyncio.ensure_future(_state(client, "meanwhile", timeout=None))
+        assert (await asyncio.wait_for(under_way, 5)).pid == 12
+        await asyncio.wait_for(leaving, 5)
+        assert not held.done() and not meanwhile.done()
+        second = Daemon(tmp_path, 13)
+        await second.relay.resume({POD: _address(tmp_path)})
+        assert (await asyncio.wait_for(meanwhile, 10)).pid == 13
+        second.release.set()
+        assert (await asyncio.wait_for(held, 10)).exit_status == 13
+        await client.close()
+        await second.relay.unlisten(POD)
+
+    _run(tmp_path, scenario)
 
 
 def test_containerd_closing_a_connection_ends_its_calls_only(tmp_path):
