@@ -16,6 +16,7 @@ socket and every byte in flight (reexec.py): the relay itself can be upgraded un
 """
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -30,8 +31,17 @@ log = logging.getLogger("host_sandboxer.taskrelay")
 USAGE = "usage: python -m host_sandboxer.taskrelay.serve CONTROL_SOCKET [--restore FD]"
 
 
+def _raise_fd_limit() -> None:
+    """Every containerd connection is an fd here (one per container), and every pod's listener:
+    the soft limit (often 1024) goes up to the hard one, as Go raises it for containerd."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(control_socket: str, restore_fd: int | None = None) -> None:
     """Relay until SIGTERM/SIGINT (SIGHUP: re-exec, see reexec.py)."""
+    _raise_fd_limit()
     loop = Reactor()
     if restore_fd is None:
         relay, control = Relay(loop), listen_unix(control_socket, 16)

@@ -8,6 +8,7 @@ to the relay (its control connection closes); a second one resumes as a restarte
 """
 import asyncio
 import os
+import resource
 import signal
 import socket
 import time
@@ -329,6 +330,23 @@ def test_a_connection_to_a_pod_the_daemon_does_not_know_is_closed(tmp_path):
         await daemon.relay.unlisten("gone")
 
     _run(tmp_path, scenario)
+
+
+def test_the_relay_takes_the_hard_fd_limit(tmp_path):
+    """One fd per containerd connection: a node's containers must not meet a soft limit of 1024."""
+    async def scenario():
+        daemon = await _serving(tmp_path, 14)  # started with this process's limits
+        limits = open(f"/proc/{daemon.relay.helper.proc.pid}/limits").read()
+        await daemon.relay.unlisten(POD)
+        return next(line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files"))
+
+    ours = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, ours[1]), ours[1]))
+    try:
+        soft, hard = _run(tmp_path, scenario)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, ours)
+    assert int(soft) == int(hard) == ours[1]
 
 
 def test_the_relay_process_is_lean(tmp_path):
