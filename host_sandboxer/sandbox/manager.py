@@ -114,12 +114,13 @@ class Sandboxes:
             log.error("%s: pods' task addresses are not served until a pod starts", exc)
         recoveries = [asyncio.ensure_future(self._recover(pod)) for pod in self.pods.values()
                       if pod.state == "ready"]
-        if recoveries:
-            _, pending = await asyncio.wait(recoveries, timeout=RECOVERY_WAIT_S)
-            if pending:
-                log.warning("%d pod(s) not taken over within %g s: NOTREADY until they are",
-                            len(pending), RECOVERY_WAIT_S)
-        self._recovering = asyncio.ensure_future(self._after_recovery(recoveries))
+        pending = (await asyncio.wait(recoveries, timeout=RECOVERY_WAIT_S))[1] if recoveries else ()
+        if pending:
+            log.warning("%d pod(s) not taken over within %g s: NOTREADY until they are",
+                        len(pending), RECOVERY_WAIT_S)
+            self._recovering = asyncio.ensure_future(self._after_recovery(pending))
+        else:
+            await self.vsock_backend.stop_if_idle()
 
     async def _recover(self, pod: Pod) -> None:
         try:
@@ -129,8 +130,9 @@ class Sandboxes:
             pod.mark_exited(UNKNOWN_EXIT_STATUS, f"recovery failed: {type(exc).__name__}: {exc}")
         log.info("sandbox %s recovered (%s%s)", pod.id, pod.state, f": {pod.unhealthy}" if pod.unhealthy else "")
 
-    async def _after_recovery(self, recoveries) -> None:
-        await asyncio.gather(*recoveries)
+    async def _after_recovery(self, pending) -> None:
+        """The pods taken over late: once they are, a backend serving none of them is stopped."""
+        await asyncio.gather(*pending)
         await self.vsock_backend.stop_if_idle()
 
     async def close(self) -> None:
