@@ -71,7 +71,7 @@ class Conn(Peer):
             self.relay.received(self, frame)
         else:
             self.lost(f"protocol error: message type {msg_type:#04x} on stream {stream_id} "
-                                  "(a client sends requests and data)")
+                      "(a client sends requests and data)")
 
     def _request(self, stream_id: int, frame: bytes) -> None:
         if stream_id <= self.last_request:
@@ -81,8 +81,9 @@ class Conn(Peer):
         self.last_request = stream_id
         if len(self.kept) >= MAX_KEPT_CALLS or self.kept_bytes + len(frame) > MAX_KEPT_BYTES:
             self.send(wire.error_response(
-                stream_id, wire.RESOURCE_EXHAUSTED, f"vmm-sandboxer task relay: {len(self.kept)} calls ({self.kept_bytes} bytes) "
-                              "of this connection are unanswered; refused"))
+                stream_id, wire.RESOURCE_EXHAUSTED,
+                f"vmm-sandboxer task relay: {len(self.kept)} calls ({self.kept_bytes} bytes) "
+                "of this connection are unanswered; refused"))
             return
         self._keep(self.kept.setdefault(stream_id, []), frame)
         self.relay.received(self, frame)

@@ -60,7 +60,12 @@ class Session(Peer):
         elif kind == wire.LISTEN:
             if not self.fds:
                 raise wire.WireError("LISTEN without its socket")
-            listener = socket.socket(fileno=self.fds.pop(0))
+            fd = self.fds.pop(0)
+            try:
+                listener = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                raise
             self.relay.listen(payload.decode(), listener)
         elif kind == wire.UNLISTEN:
             self.relay.unlisten(payload.decode())
