@@ -15,7 +15,7 @@ export RUNTIME DEBUG
 # naming what is missing.
 export VMM_TASK_CONTAINERD_BIN ?= $(wildcard $(abspath ../shared/containerd/bin))
 
-.PHONY: setup protos guest-image floor-image test test-unit test-agent test-vm test-e2e demo bench stress clean
+.PHONY: setup protos guest-image floor-image test test-unit test-agent test-vm test-e2e critest demo bench stress clean
 
 setup:
 	@bash scripts/setup.sh
@@ -47,6 +47,10 @@ test-vm: setup guest-image
 # containerd 2.4 + crictl with both runtimes, runc (the baseline) and vmm: docs/e2e.md.
 test-e2e: setup guest-image
 	$(PY) -m pytest -q -ra tests/e2e
+
+# critest (CRI validation) on the same node, runc then vmm: build/critest/report.md (not a test).
+critest: setup guest-image
+	$(PY) tests/e2e/critest_run.py
 
 demo: setup guest-image
 	@$(PY) scripts/demo.py

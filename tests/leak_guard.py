@@ -4,7 +4,8 @@ Engineers run the suite side by side on one machine, so "ours" is never guessed 
 The run puts a token in its environment (RUN_VARIABLE) that every process it starts inherits
 (agent, daemon, QEMU, virtiofsd, the vsock backend, crun, a pod's pause process); containers
 run with their spec's environment instead, so a container is ours when its cgroup
-(`/vmm-task-test/<cid>`, tests/agent) names a bundle in the run's basetemp. Mounts are ours at
+(`/vmm-task-test/<cid>`, tests/agent) names a bundle in the run's basetemp, or when it lies under
+the cgroup parent an e2e node gives its pods (`/e2e-<token>-...`, tests/e2e). Mounts are ours at
 or below the run's directories (pytest's basetemp and the run's own temp dir, where every
 tempfile.mkdtemp of the run lands); network namespaces when their name carries the token
 (bench/netpair.py puts it there); files when left in the run's temp dir.
@@ -25,6 +26,7 @@ from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
 
 RUN_VARIABLE = "VMM_TASK_TEST_RUN"
 CONTAINER_CGROUP = "/vmm-task-test/"  # tests/agent/conftest.py oci_spec's cgroupsPath
+E2E_CGROUP_PARENT = ":/e2e-{token}-"  # tests/e2e/node.py: the pods' cgroup_parent (runc's containers)
 NETNS_DIR = Path("/run/netns")
 # virtiofsd's sandboxed child ends on its parent's death signal, a container after its init:
 # what is still there after this is left behind, not on its way out (a test of the guard
@@ -111,6 +113,8 @@ class RunGuard:
         return found
 
     def _our_container(self, cgroups: str) -> bool:
+        if E2E_CGROUP_PARENT.format(token=self.token) in cgroups:
+            return True
         for line in cgroups.splitlines():
             _, _, path = line.partition(CONTAINER_CGROUP)
             if path:

@@ -117,15 +117,17 @@ class Containerd:
     def endpoint(self) -> str:
         return f"unix://{self.socket}"
 
-    def start(self) -> None:
-        self.service.start(self._serves_cri, timeout=60)
+    def start(self, timeout: float = 60.0) -> None:
+        self.service.start(self._serves_cri, timeout=timeout)
 
     def stop(self) -> None:
         self.service.stop()
 
-    def restart(self) -> None:
+    def restart(self, timeout: float = 30.0) -> None:
+        """Stop and start again; CRI must have recovered its pods within `timeout` (runc's
+        recover in well under a second here)."""
         self.stop()
-        self.start()
+        self.start(timeout)
 
     def _serves_cri(self) -> bool:
         if not self.socket.exists():

@@ -24,8 +24,8 @@ class CrictlError(RuntimeError):
 
 
 class Crictl:
-    def __init__(self, netns: NodeNetns, endpoint: str, work: Path):
-        self.netns, self.work = netns, work
+    def __init__(self, netns: NodeNetns, endpoint: str, work: Path, cgroup_parent: str):
+        self.netns, self.work, self.cgroup_parent = netns, work, cgroup_parent
         self.config = work / "crictl.yaml"
         self.config.write_text(f"runtime-endpoint: {endpoint}\nimage-endpoint: {endpoint}\n"
                                f"timeout: {CALL_TIMEOUT_S}\npull-image-on-create: false\n")
@@ -59,17 +59,20 @@ class Crictl:
     # pods
 
     def pod_config(self, name: str, **extra) -> dict:
-        """A PodSandboxConfig as kubelet would send it (log directory in the test's dir)."""
+        """A PodSandboxConfig as kubelet would send it (log directory in the test's dir, cgroups
+        under the node's parent)."""
         uid = uuid.uuid4().hex
         return {"metadata": {"name": name, "namespace": "e2e", "uid": uid, "attempt": 0},
                 "hostname": name, "log_directory": str(self.logs_dir / uid),
-                "linux": {"cgroup_parent": "", "security_context": {"namespace_options": {}}}, **extra}
+                "linux": {"cgroup_parent": self.cgroup_parent, "security_context": {"namespace_options": {}}}, **extra}
 
     def runp(self, pod_config: dict, runtime: str) -> str:
         return self.text("runp", "--runtime", runtime, str(self._write("pod", pod_config)))
 
-    def inspectp(self, pod_id: str) -> dict:
-        return json.loads(self.run("inspectp", "-o", "json", pod_id).stdout)
+    def inspectp(self, pod_id: str, verbose: bool = True) -> dict:
+        """The pod's status; verbose (crictl's default) adds the runtime's `info`."""
+        quiet = [] if verbose else ["--quiet"]
+        return json.loads(self.run("inspectp", *quiet, "-o", "json", pod_id).stdout)
 
     def stopp(self, pod_id: str) -> None:
         self.run("stopp", pod_id)

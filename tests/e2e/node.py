@@ -1,6 +1,7 @@
 """The whole e2e node, brought up once and shared: a network namespace of its own, a local
 registry holding the stand-in images, containerd 2.4 with the `runc` and `vmm` runtime handlers,
-vmm-sandboxer, and crictl pointed at them. A CRI conformance run (critest) can reuse it as it is:
+vmm-sandboxer, and crictl pointed at them. Pods get the cgroup parent `/<netns name>`
+(`e2e-<run token>-...`): the leak guard knows runc's containers by it, and it goes with the node. A CRI conformance run (critest) can reuse it as it is:
 `endpoint` plus `images_file` are what critest takes.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sandboxer import Sandboxer
 @dataclass
 class Node:
     work: Path
+    sandboxer_dir: Path  # vmm-sandboxer's --dir
     netns: NodeNetns
     registry: LocalRegistry
     containerd: Containerd
@@ -43,30 +45,45 @@ class Node:
 def node_environment(kernel: Path = DEFAULT_IMAGE_DIR / "kernel",
                      initrd: Path = DEFAULT_IMAGE_DIR / "initrd.img") -> Iterator[Node]:
     """Bring the node up; on exit remove every pod and take everything down."""
-    work = Path(tempfile.mkdtemp(prefix="e2e-"))  # short: unix socket paths (shim sockets in it)
+    work = Path(tempfile.mkdtemp(prefix="e2e-"))  # short: containerd's shim sockets live in it
+    # as short as a temp dir gets: vmm-sandboxer's pod sockets are <dir>/<64-char id>/<name>
+    sandboxer_dir = Path(tempfile.mkdtemp(prefix=""))
     with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, work, ignore_errors=True)
-        stack.callback(unmount_all_under, work)
-        stack.callback(kill_strays, work)  # shims and VMs that outlived a failed teardown
+        for directory in (work, sandboxer_dir):
+            stack.callback(shutil.rmtree, directory, ignore_errors=True)
+            stack.callback(unmount_all_under, directory)
+            stack.callback(kill_strays, directory)  # shims and VMs that outlived a failed teardown
         netns = stack.enter_context(NodeNetns())
         registry = LocalRegistry(netns, work)
         registry.start()
         stack.callback(registry.stop)
         for image in stand_in_images.ALL:
             registry.push(image)
-        sandboxer = Sandboxer(netns, work, work / "containerd.sock", kernel, initrd)
+        sandboxer = Sandboxer(netns, work, sandboxer_dir, work / "containerd.sock", kernel, initrd)
         containerd = Containerd(netns, work, sandboxer.socket)
         containerd.start()
         stack.callback(containerd.stop)
         sandboxer.start()
         stack.callback(sandboxer.stop)
-        crictl = Crictl(netns, containerd.endpoint, work)
+        cgroup_parent = f"/{netns.name}"
+        stack.callback(remove_cgroups, cgroup_parent)
+        crictl = Crictl(netns, containerd.endpoint, work, cgroup_parent)
         stack.callback(remove_all_pods, crictl)
         for image in stand_in_images.ALL:
             crictl.pull(image.name)
         images_file = work / "test-images.yaml"
         images_file.write_text(stand_in_images.critest_images_yaml())
-        yield Node(work, netns, registry, containerd, sandboxer, crictl, images_file)
+        yield Node(work, sandboxer_dir, netns, registry, containerd, sandboxer, crictl, images_file)
+
+
+def remove_cgroups(parent: str, root: Path = Path("/sys/fs/cgroup")) -> None:
+    """Take away the pods' parent cgroup (runc leaves it) in every hierarchy, deepest first; one
+    that still holds a process stays (the leak guard reports the process)."""
+    for top in [root / parent.lstrip("/"), *root.glob(f"*/{parent.lstrip('/')}")]:
+        if top.is_dir():
+            for directory in sorted((d for d in top.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)) + [top]:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
 
 
 def remove_all_pods(crictl: Crictl) -> None:

@@ -52,7 +52,8 @@ class Pod:
 
     @property
     def ip(self) -> str:
-        return self.crictl.inspectp(self.id)["status"]["network"]["ip"]
+        """The pod IP, from the status kubelet reads (not verbose)."""
+        return self.crictl.inspectp(self.id, verbose=False)["status"]["network"]["ip"]
 
 
 class Pods:
@@ -74,11 +75,17 @@ class Pods:
         self.started.remove(pod)
 
     def close(self) -> None:
+        """Remove every pod left; a pod whose first removal fails gets two more tries (so that
+        it does not stay on the node for the next scenarios), and the first error is raised."""
         errors = []
         for pod in reversed(list(self.started)):
-            try:
-                self.remove(pod)
-            except Exception as e:  # noqa: BLE001 - every pod is removed, then all errors reported
-                errors.append(str(e))
+            for attempt in range(3):
+                try:
+                    self.remove(pod)
+                    break
+                except Exception as e:  # noqa: BLE001 - every pod is tried, then all errors reported
+                    if attempt == 0:
+                        errors.append(str(e))
+                    time.sleep(3)
         if errors:
             raise AssertionError("removing the scenario's pods failed:\n" + "\n".join(errors))

@@ -2,11 +2,17 @@
 namespace, publishing task events to the node's containerd."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from host_sandboxer.config import REPO_ROOT
 from netns import NodeNetns
 from service import Service
+
+# containerd's sandbox IDs are 64 characters and a pod's longest socket is `vhost-vsock.sock`
+# (or `vsock.sock_<port>`): <dir>/<id>/<16 characters> must fit in a unix socket path (107 bytes).
+LONGEST_POD_SOCKET = 1 + 64 + 1 + len("vhost-vsock.sock")
+UNIX_PATH_MAX = 107
 
 CONFIG = """[vm]
 kernel = "{kernel}"
@@ -18,9 +24,13 @@ address = "{containerd}"
 
 
 class Sandboxer:
-    def __init__(self, netns: NodeNetns, work: Path, containerd_socket: Path, kernel: Path, initrd: Path):
+    def __init__(self, netns: NodeNetns, work: Path, state: Path, containerd_socket: Path, kernel: Path,
+                 initrd: Path):
+        if len(os.fsencode(state)) + LONGEST_POD_SOCKET > UNIX_PATH_MAX:
+            raise ValueError(f"vmm-sandboxer --dir {state} is too long: a pod's sockets would not fit in "
+                             f"{UNIX_PATH_MAX} bytes (at most {UNIX_PATH_MAX - LONGEST_POD_SOCKET} characters)")
         self.socket = work / "vmm.sock"
-        self.state = work / "v"  # short: a pod's unix sockets live under <dir>/<64-char id>/
+        self.state = state
         config = work / "vmm-sandboxer.toml"
         config.write_text(CONFIG.format(kernel=kernel, initrd=initrd, containerd=containerd_socket))
         self.service = Service("vmm-sandboxer", netns.argv(

@@ -22,7 +22,9 @@ if (reason := tools.skip_reason()) is not None:
     pytest.skip(reason, allow_module_level=True)
 
 WEB = stand_in_images.WEB_SERVER.name
+RESTART_RUNTIMES = ["runc", "vmm"]  # issue 12: both restarts pass on vmm too (docs/restarts.md)
 forward_ports = itertools.count(18080)
+COUNTER = ["sh", "-c", "i=0; while :; do echo $i; i=$((i+1)); sleep 0.2; done"]
 
 
 def lines(first: int, last: int) -> bytes:
@@ -113,7 +115,7 @@ def test_port_forward_to_the_pod(node, pods):
                                 stderr=subprocess.STDOUT)
     try:
         page = wait_for(lambda: node.netns.fetch(f"http://127.0.0.1:{port}/", timeout=5),
-                        f"the web page through crictl port-forward {port}:80")
+                        f"the web page through crictl port-forward {port}:80", timeout=30)
         assert page == stand_in_images.WEB_PAGE
     finally:
         forward.terminate()
@@ -199,8 +201,25 @@ def test_bad_requests_get_clear_errors(node, pods):
 
 
 def test_unknown_runtime_handler_is_refused(node):
-    with pytest.raises(CrictlError, match='no runtime for "nosuch"'):
+    with pytest.raises(CrictlError, match=r'no runtime for \\?"nosuch\\?" is configured'):
         node.crictl.runp(node.crictl.pod_config("nosuch"), "nosuch")
+
+
+def test_stop_running_containers(node, pods):
+    """kubelet's container stop: SIGTERM, then SIGKILL once the grace period is over; then
+    remove. One container ends on SIGTERM, the other ignores it and is killed."""
+    pod = pods.run("stop")
+    polite = pod.container("polite", ["sleep", "3600"])
+    stubborn = pod.container("stubborn", ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done"])
+    wait_for(lambda: node.crictl.logs(stubborn).stdout == b"ready\n", "the stubborn container's trap")
+    node.crictl.stop(polite, timeout_s=30)
+    node.crictl.stop(stubborn, timeout_s=2)
+    assert [(s["state"], s["exitCode"]) for s in map(lambda c: node.crictl.inspect(c)["status"], (polite, stubborn))] \
+        == [("CONTAINER_EXITED", 143), ("CONTAINER_EXITED", 137)]
+    for cid in (polite, stubborn):
+        node.crictl.rm(cid)
+        pod.containers.remove(cid)
+    assert node.crictl.run("ps", "-a", "-q", "--pod", pod.id).stdout == b""
 
 
 def test_stop_and_remove_leave_nothing(node, pods):
@@ -209,61 +228,63 @@ def test_stop_and_remove_leave_nothing(node, pods):
     pod.container("web", image=WEB)
     cid = pod.container("idle", ["sleep", "3600"])
     assert node.crictl.exec(cid, "echo", "x", check=True).stdout == b"x\n"
-    node.crictl.stop(cid, timeout_s=1)
-    node.crictl.rm(cid)
-    pod.containers.remove(cid)
     pods.remove(pod)
-    assert node_leftovers(node) == before == {"processes": [], "mounts": [], "taps": [], "pod_dirs": []}
+    after = node_leftovers(node)
+    assert {kind: sorted(set(after[kind]) - set(before[kind])) for kind in after} == \
+        {"processes": [], "mounts": [], "taps": [], "pod_dirs": []}
 
 
-def test_containerd_restart_keeps_pods(node, pods):
-    pod = pods.run("ctd-restart")
-    cid = pod.container("counter", ["sh", "-c", "i=0; while :; do echo $i; i=$((i+1)); sleep 0.2; done"])
-    wait_for(lambda: node.crictl.logs(cid).stdout.count(b"\n") > 3, "the counter's first lines")
-    node.containerd.restart()
-    assert_pod_carries_on(node, pod, cid)
-    pods.remove(pod)
+# Restarts run after every other scenario, the baseline's first (conftest.py orders them): a
+# runtime that does not survive one may leave containerd unable to recover its pods.
 
 
+@pytest.mark.node_restart
+@pytest.mark.parametrize("runtime", RESTART_RUNTIMES, indirect=True)
 def test_sandboxer_killed_and_restarted_keeps_pods(node, pods):
     """vmm-sandboxer dies (kill -9) and comes back on its --dir; on runc this checks that the
     baseline's pods are untouched by it."""
-    pod = pods.run("vmm-restart")
-    cid = pod.container("counter", ["sh", "-c", "i=0; while :; do echo $i; i=$((i+1)); sleep 0.2; done"])
+    assert_pods_survive(node, pods, "vmm-restart", node.sandboxer.kill_and_restart)
+
+
+@pytest.mark.node_restart
+@pytest.mark.parametrize("runtime", RESTART_RUNTIMES, indirect=True)
+def test_containerd_restart_keeps_pods(node, pods):
+    assert_pods_survive(node, pods, "ctd-restart", node.containerd.restart)
+
+
+def assert_pods_survive(node, pods, name: str, restart) -> None:
+    """A pod with a counting container, `restart()`, then: the pod is ready, the container runs,
+    answers exec, its log goes on from where it was (no line lost or repeated), and the pod can
+    be removed."""
+    pod = pods.run(name)
+    cid = pod.container("counter", COUNTER)
     wait_for(lambda: node.crictl.logs(cid).stdout.count(b"\n") > 3, "the counter's first lines")
-    node.sandboxer.kill_and_restart()
-    assert_pod_carries_on(node, pod, cid)
-    pods.remove(pod)
-
-
-def assert_pod_carries_on(node, pod, cid: str) -> None:
-    """After a restart: the pod is ready, the container runs, answers exec, and its log grows
-    on from where it was (no line lost or repeated)."""
-    assert node.crictl.inspectp(pod.id)["status"]["state"] == "SANDBOX_READY"
+    restart()
+    assert node.crictl.inspectp(pod.id, verbose=False)["status"]["state"] == "SANDBOX_READY"
     assert node.crictl.state(cid) == "CONTAINER_RUNNING"
     assert node.crictl.exec(cid, "echo", "alive", check=True).stdout == b"alive\n"
     seen = node.crictl.logs(cid).stdout.count(b"\n")
     wait_for(lambda: node.crictl.logs(cid).stdout.count(b"\n") > seen + 5, "the counter going on")
     out = node.crictl.logs(cid).stdout.split(b"\n")[:-1]
     assert out == [b"%d" % n for n in range(len(out))]
+    pods.remove(pod)
 
 
 def node_leftovers(node) -> dict:
-    """What pods may leave on the node: processes naming the node's directory besides its own
-    services (shims, QEMU, virtiofsd, stdio keepers), mounts under it (rootfs, shared dirs,
+    """What pods may leave on the node: processes naming the node's directories besides its own
+    services (shims, QEMU, virtiofsd, stdio keepers), mounts under them (rootfs, shared dirs,
     pod network namespaces), taps in its namespace, pod directories of the sandboxer."""
     services = {s.proc.pid for s in (node.registry.service, node.containerd.service, node.sandboxer.service)}
-    marker = str(node.work) + "/"
+    markers = [str(node.work) + "/", str(node.sandboxer_dir) + "/"]
     processes = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if marker in cmdline and int(entry) not in services and int(entry) != os.getpid():
+        if any(m in cmdline for m in markers) and int(entry) not in services | {os.getpid()}:
             processes.append(f"{entry}: {cmdline[:200]}")
     taps = subprocess.run(["ip", "-n", node.netns.name, "-o", "link", "show", "type", "tun"],
-                          capture_output=True, text=True).stdout.split("\n")
-    state = node.sandboxer.state
-    return {"processes": processes, "mounts": mountpoints_under(node.work), "taps": [t for t in taps if t],
-            "pod_dirs": sorted(p.name for p in state.iterdir() if p.is_dir()) if state.is_dir() else []}
+                          capture_output=True, text=True).stdout.splitlines()
+    return {"processes": processes, "mounts": mountpoints_under(node.work) + mountpoints_under(node.sandboxer_dir),
+            "taps": taps, "pod_dirs": sorted(p.name for p in node.sandboxer_dir.iterdir() if p.is_dir())}

@@ -69,26 +69,43 @@ def test_finds_its_runs_processes_mounts_netns_and_files_only(guard):
         sh("ip", "netns", "del", netns, check=False)
 
 
-def test_a_container_is_ours_when_its_cgroup_names_a_bundle_of_the_run(guard):
-    """Containers run with their spec's environment: the cgroup (tests/agent's oci_spec) tells."""
+def cgroup_root() -> Path:
     controller = Path("/sys/fs/cgroup/pids")
-    cgroups = (controller if controller.is_dir() else Path("/sys/fs/cgroup")) / "vmm-task-test"
-    ours, foreign = f"t{uuid.uuid4().hex[:12]}", f"t{uuid.uuid4().hex[:12]}"
-    (guard.basetemp / "test_x0" / "bundles" / ours).mkdir(parents=True)
-    procs = {}
+    return controller if controller.is_dir() else Path("/sys/fs/cgroup")
+
+
+def found_in_cgroups(guard, cgroups: list[Path]) -> set[Path]:
+    """The cgroups (each made, a sleeper put in it, then removed) whose sleeper the guard finds."""
+    procs, made = {}, []
     try:
-        for cid in (ours, foreign):
-            (cgroups / cid).mkdir(parents=True)
-            procs[cid] = sleeper({})
-            (cgroups / cid / "cgroup.procs").write_text(str(procs[cid].pid))
-        assert set(guard.leftovers(grace_s=0).processes) == {procs[ours].pid}
+        for cgroup in cgroups:
+            made += [d for d in (cgroup.parent, cgroup) if not d.exists()]
+            cgroup.mkdir(parents=True)
+            procs[cgroup] = sleeper({})
+            (cgroup / "cgroup.procs").write_text(str(procs[cgroup].pid))
+        pids = set(guard.leftovers(grace_s=0).processes)
+        return {cgroup for cgroup, proc in procs.items() if proc.pid in pids}
     finally:
-        for cid, proc in procs.items():
+        for proc in procs.values():
             proc.kill()
             proc.wait()
-        for cid in (ours, foreign):
-            if (cgroups / cid).exists():
-                (cgroups / cid).rmdir()
+        for directory in reversed(made):
+            directory.rmdir()
+
+
+def test_a_container_is_ours_when_its_cgroup_names_a_bundle_of_the_run(guard):
+    """Containers run with their spec's environment: the cgroup (tests/agent's oci_spec) tells."""
+    ours, foreign = f"t{uuid.uuid4().hex[:12]}", f"t{uuid.uuid4().hex[:12]}"
+    (guard.basetemp / "test_x0" / "bundles" / ours).mkdir(parents=True)
+    cgroups = cgroup_root() / "vmm-task-test"
+    assert found_in_cgroups(guard, [cgroups / ours, cgroups / foreign]) == {cgroups / ours}
+
+
+def test_an_e2e_container_is_ours_by_its_pods_cgroup_parent(guard):
+    """runc's containers of tests/e2e live under the node's cgroup parent /e2e-<token>-<node>."""
+    ours = cgroup_root() / f"e2e-{guard.token}-{uuid.uuid4().hex[:8]}" / "c1"
+    foreign = cgroup_root() / f"e2e-0ther0run-{uuid.uuid4().hex[:8]}" / "c1"
+    assert found_in_cgroups(guard, [ours, foreign]) == {ours}
 
 
 LEAKY_MODULE = """
