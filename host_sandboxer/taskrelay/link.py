@@ -59,9 +59,8 @@ class TaskRelay:
             held = self._link.listening if self._link is not None else set()
             for pod in sorted(held - set(addresses)):
                 self._link.send(wire.UNLISTEN, 0, pod.encode())
-            if set(addresses) - held:
-                await self._serve(sorted(set(addresses) - held))
-            elif not addresses and self.helper.proc is not None:
+            await self._serve_each(sorted(set(addresses) - held))
+            if not addresses and self.helper.proc is not None:
                 await self._stop()
 
     async def listen(self, pod_id: str, path: Path) -> None:
@@ -92,6 +91,14 @@ class TaskRelay:
             await self._link.drain(held, drain_s)
             await self._link.close()
 
+    async def _serve_each(self, pods: list[str]) -> None:
+        """`_serve` for each pod; one that fails is logged (its task address is not served)."""
+        for pod in pods:
+            try:
+                await self._serve([pod])
+            except RelayError as e:
+                log.error("%s; its task address is not served", e)
+
     async def _serve(self, pods: list[str]) -> None:
         """Give the relay a listener for each of `pods`, starting it (and connecting) first."""
         try:
@@ -101,7 +108,10 @@ class TaskRelay:
         if spawned or self._link is None or self._link.ended.done():
             await self._connect()
         for pod in pods:
-            listener = listen_unix(str(self.addresses[pod]), LISTEN_BACKLOG)
+            try:
+                listener = listen_unix(str(self.addresses[pod]), LISTEN_BACKLOG)
+            except OSError as e:
+                raise RelayError(f"pod {pod}: task address {self.addresses[pod]}: {e}") from None
             self._link.send(wire.LISTEN, 0, pod.encode(), passing=listener)
             self._link.listening.add(pod)
 
@@ -110,10 +120,10 @@ class TaskRelay:
         try:
             self._link = _Link(await self.helper.connect(), self.services)
             await asyncio.wait_for(asyncio.shield(self._link.synced), SYNC_TIMEOUT_S)
+        except asyncio.TimeoutError:  # before OSError: it is one
+            raise RelayError(f"task relay: no state within {SYNC_TIMEOUT_S:g} s") from None
         except (HelperError, OSError) as e:
             raise RelayError(f"task relay: {e}") from None
-        except asyncio.TimeoutError:
-            raise RelayError(f"task relay: no state within {SYNC_TIMEOUT_S:g} s") from None
         if self._watched is not self.helper.proc:
             self._watched = self.helper.proc
             self._watch = asyncio.ensure_future(self._watch_exit(self._watched))
@@ -136,11 +146,7 @@ class TaskRelay:
             if self._link is not None:
                 await self._link.close()
                 self._link = None
-            if self.addresses:
-                try:
-                    await self._serve(sorted(self.addresses))
-                except RelayError as e:
-                    log.error("%s; pods' task addresses are not served", e)
+            await self._serve_each(sorted(self.addresses))
 
 
 class _Link:
