@@ -13,10 +13,13 @@ daemon's memory includes the network plumbing (pyroute2) and the start times its
      stdout FIFO that this process reads: sha256 and size compared with the file; the rate is the
      size over (that container's Create..Delete) minus (the same for a container that prints
      nothing), i.e. the transfer alone (the rootfs read over virtiofs included);
-  4. every pod removed.
+  4. the daemon killed (-9) with the 10 pods and started again: seconds until its Controller
+     answers (`restart.controller_s`) and until every pod is SANDBOX_READY (`all_ready_s`);
+  5. every pod removed.
 Pss (/proc/PID/smaps_rollup) of the daemon process alone, and with its helper processes (the
-hybrid vsock backend, which runs apart from the daemon so VMs outlive a daemon restart); QEMU and
-virtiofsd are not counted; and the daemon's Pss_Anon. Prints one JSON object.
+hybrid vsock backend and the task relay, which run apart from the daemon so VMs and containerd's
+task connections outlive a daemon restart); QEMU and virtiofsd are not counted; the daemon's
+Pss_Anon; the task relay's own Pss. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from pathlib import Path
 from bench.netpair import NetnsPair
 from host_sandboxer.taskproxy.mounts import unmount_all_under
 from scripts import demo
+from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 
 BOOT_TIMEOUT_S = 300.0  # five TCG guests booting at once on a loaded 2-core host
 MiB = 1 << 20
@@ -100,11 +104,31 @@ class Bench:
 
     def pss_kb(self) -> dict:
         """{"daemon": its own Pss, "with_helpers": plus its helper processes', "daemon_anon": its
-        own Pss_Anon (the part that does not move with how many other processes share its files)}."""
+        own Pss_Anon (the part that does not move with how many other processes share its files),
+        "task_relay": the relay's own Pss}."""
         pid = self.daemon.proc.pid
         own = pss_kb(pid)
+        relay = json.loads((self.daemon.state / "task-relay.json").read_text())["pid"]
         return {"daemon": own, "with_helpers": own + sum(pss_kb(p) for p in helpers_of(pid)),
-                "daemon_anon": pss_kb(pid, "Pss_Anon")}
+                "daemon_anon": pss_kb(pid, "Pss_Anon"), "task_relay": pss_kb(relay)}
+
+    def restart(self) -> dict:
+        """kill -9 the daemon with its pods running and start it again: seconds until the
+        Controller answers, and until every pod is ready."""
+        self.daemon.proc.kill()
+        self.daemon.proc.wait()
+        begin = time.perf_counter()
+        self.daemon.start(timeout=120)
+        answering = time.perf_counter() - begin
+
+        def state(sid):
+            return self.cri.controller.Status(sb.ControllerStatusRequest(sandbox_id=sid),
+                                              metadata=demo.NAMESPACE, timeout=30).state
+
+        while any(state(sid) != "SANDBOX_READY" for sid in self.started):
+            time.sleep(0.05)
+        return {"pods": len(self.started), "controller_s": round(answering, 3),
+                "all_ready_s": round(time.perf_counter() - begin, 3)}
 
     def container(self, sid: str, cid: str, args: list[str], payload: int = 0):
         """Run one container in pod `sid`; (seconds Create..Delete, stdout, stderr, status,
@@ -158,9 +182,10 @@ def run_once(bench: Bench, run: int, stdout_mib: int) -> dict:
     bench.start_pods(second)
     pss["10"] = bench.pss_kb()
     stdout = bench.stdout_transfer(first[0], run, stdout_mib)
+    restart = bench.restart()
     bench.remove_pods(first + second)
     return {"single_s": round(single, 3), "parallel_5_s": round(parallel, 3), "pss_kb": pss,
-            "stdout": stdout}
+            "stdout": stdout, "restart": restart}
 
 
 def run(runs: int, stdout_mib: int) -> dict:

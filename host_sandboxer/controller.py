@@ -1,10 +1,12 @@
 """containerd.services.sandbox.v1.Controller: the pod lifecycle containerd drives.
 
 Each call finds the pod, runs under the pod's lock when it changes the pod, and turns
-HostError into the gRPC status containerd sees. The task address returned by Start is a
-bare path after `grpc+` (containerd 2.x dials it as a unix socket path as it is).
+HostError into the gRPC status containerd sees. The task address returned by Start is
+`ttrpc+unix://<task.sock>`: containerd.task.v3.Task over ttrpc, on a listener the node's task
+relay holds (host_sandboxer/taskrelay/), so containerd's connections outlive the daemon.
 """
 
+import asyncio
 import logging
 import os
 
@@ -28,7 +30,7 @@ _ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
 def task_address(pod) -> str:
-    return f"grpc+{pod.task_socket}"
+    return f"ttrpc+unix://{pod.task_socket}"
 
 
 def _guarded(method):
@@ -61,7 +63,8 @@ class Controller(api_grpc.ControllerServicer):
         async with pod.lock:
             if pod.state == "created":
                 try:
-                    await lifecycle.start(pod, self.sandboxes.config, self.sandboxes.vsock_backend)
+                    await lifecycle.start(pod, self.sandboxes.config, self.sandboxes.vsock_backend,
+                                          self.sandboxes.task_relay)
                 except HostError:
                     await self._discard(pod)
                     raise
@@ -104,7 +107,8 @@ class Controller(api_grpc.ControllerServicer):
     @_guarded
     async def Wait(self, request, context):
         pod = self.sandboxes.get(request.sandbox_id)
-        status = await pod.vm_exited
+        # shielded: containerd cancelling its Wait (it restarts) must not cancel the pod's end
+        status = await asyncio.shield(pod.vm_exited)
         return api.ControllerWaitResponse(exit_status=status, exited_at=timestamp(pod.exited_at_ns))
 
     @_guarded
@@ -125,7 +129,7 @@ class Controller(api_grpc.ControllerServicer):
     async def Shutdown(self, request, context):
         pod = self.sandboxes.get(request.sandbox_id)
         async with pod.lock:
-            await lifecycle.shutdown(pod)
+            await lifecycle.shutdown(pod, self.sandboxes.task_relay)
             self.sandboxes.forget(pod.id)
         release_free_heap()
         log.info("sandbox %s shut down", pod.id)

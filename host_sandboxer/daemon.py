@@ -60,5 +60,6 @@ async def serve(listen: Path, state_dir: Path, config) -> None:
     await stop.wait()
     log.info("vmm-sandboxer stopping (pods are left running)")
     await server.stop(2.0)
+    await sandboxes.close()
     await publisher.close()
     listen.unlink(missing_ok=True)

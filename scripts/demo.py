@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """`make demo`: run a container in a microVM through vmm-sandboxer, driven the way containerd's
-CRI drives a sandbox controller.
+CRI drives a sandbox controller (and talks to the task address Start returns: ttrpc).
 
 It starts the daemon on a private socket and state dir, then: Controller.Create/Start (the VM
 boots), Task.Create with an overlay rootfs over a busybox tree (built from Debian's
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, message_factory
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -35,8 +35,8 @@ from host_sandboxer.taskproxy.mounts import unmount_all_under  # noqa: E402
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb  # noqa: E402
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc  # noqa: E402
 from vmm_common.protos.containerd.task.v3 import shim_pb2 as task  # noqa: E402
-from vmm_common.protos.containerd.task.v3 import shim_pb2_grpc as task_grpc  # noqa: E402
 from vmm_common.protos.containerd.types import mount_pb2  # noqa: E402
+from vmm_common import ttrpc  # noqa: E402
 
 NAMESPACE = (("containerd-namespace", "k8s.io"),)
 # What containerd 2.3-2.4 write in config.json (2.0: 1.2.0, 2.1-2.2: 1.2.1); Debian 12's crun
@@ -224,10 +224,46 @@ class Cri:
         self.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id=sandbox_id), metadata=NAMESPACE, timeout=60)
 
     @staticmethod
-    def task_client(address: str):
-        assert address.startswith("grpc+/"), address
-        channel = grpc.insecure_channel(f"unix://{address[len('grpc+'):]}")
-        return task_grpc.TaskStub(channel)
+    def task_client(address: str) -> "TaskClient":
+        return TaskClient(address)
+
+
+class TaskClient:
+    """containerd.task.v3.Task at a task address (`ttrpc+unix:///PATH`), one ttrpc connection
+    as containerd's shim client holds one per container; called like a gRPC stub,
+    `client.State(request, metadata=..., timeout=...)`, from any thread (a Wait held in one while
+    others go on). A failed call raises ttrpc.RpcError. The calls run on one event loop in a
+    thread shared by every client."""
+
+    SERVICE = "containerd.task.v3.Task"
+    _METHODS = task.DESCRIPTOR.services_by_name["Task"].methods_by_name
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def __init__(self, address: str):
+        scheme = "ttrpc+unix://"
+        assert address.startswith(scheme + "/"), address
+        self.path = address[len(scheme):]
+        self._client = self._run(ttrpc.Client.connect_unix(self.path), None)
+
+    @classmethod
+    def _run(cls, coroutine, timeout):
+        if cls._loop is None:
+            cls._loop = asyncio.new_event_loop()
+            threading.Thread(target=cls._loop.run_forever, name="ttrpc clients", daemon=True).start()
+        return asyncio.run_coroutine_threadsafe(coroutine, cls._loop).result(timeout)
+
+    def __getattr__(self, method: str):
+        if method not in self._METHODS:
+            raise AttributeError(method)
+        response_type = message_factory.GetMessageClass(self._METHODS[method].output_type)
+
+        def call(request, metadata=(), timeout=None):
+            return self._run(self._client.call(self.SERVICE, method, request, response_type,
+                                               timeout=timeout, metadata=dict(metadata)), None)
+        return call
+
+    def close(self) -> None:
+        self._run(self._client.close(), 10)
 
 
 def run_container(tasks, bundle: Bundle, timeout: float = 60.0) -> tuple[bytes, bytes, int]:
@@ -269,8 +305,9 @@ def main() -> int:
         cri.remove_pod(pod)
         print(f"pod {pod}: stopped and removed")
         return 0 if status == 0 and out.strip() else 1
-    except grpc.RpcError as exc:
-        print(f"make demo failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    except (grpc.RpcError, ttrpc.RpcError) as exc:  # the Controller's (gRPC) or the task API's (ttrpc)
+        what = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else f"task API: {exc}"
+        print(f"make demo failed: {what}", file=sys.stderr)
         print(f"daemon log tail:\n{daemon.log.read_text()[-2000:]}", file=sys.stderr)
         return 1
     finally:

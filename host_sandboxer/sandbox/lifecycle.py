@@ -1,5 +1,9 @@
 """Start, stop and shut down one pod: the VM, the agent setup, the task address, the watchers;
-and `recover()` a pod a previous daemon left running (its VM outlives the daemon)."""
+and `recover()` a pod a previous daemon left running (its VM outlives the daemon).
+
+The task address is served by the node's task relay (host_sandboxer/taskrelay/), which holds
+the listener and containerd's connections across daemon restarts: a recovered pod needs no new
+listener, and calls containerd made meanwhile are answered once the pod is taken over."""
 
 import asyncio
 import contextlib
@@ -22,11 +26,9 @@ from host_sandboxer.sandbox import guest_events, sharefs_watch
 from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, Pod
 from host_sandboxer.taskproxy import mounts
 from host_sandboxer.taskproxy.errors import HostError
-from host_sandboxer.taskproxy.service import TaskProxy
 from host_sandboxer.vmm.vm import GuestVm, VmError
 from vmm_common import portforward, ttrpc
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as task_v2
-from vmm_common.protos.containerd.task.v3 import shim_pb2_grpc as task_v3_grpc
 from vmm_common.protos.kuasar import sandbox_pb2
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 SANDBOX_SERVICE = "grpc.SandboxService"
 TASK_SERVICE = "containerd.task.v2.Task"
 CHECK_TIMEOUT_S = 10.0
+RECHECK_INTERVAL_S = 5.0  # a recovered pod whose agent does not answer is asked again this often
 SETUP_TIMEOUT_S = 10.0
 DEFAULT_STOP_TIMEOUT_S = 10.0
 VMM_EXIT_GRACE_S = 2.0  # a VMM that dies takes its vsock link and virtiofsd along: which ends first varies
@@ -47,9 +50,10 @@ def _pod_config(config, pod: Pod):
     return dataclasses.replace(config, vm=vm)
 
 
-async def start(pod: Pod, config, vsock_backend) -> None:
+async def start(pod: Pod, config, vsock_backend, task_relay) -> None:
     """Boot the pod's VM (detached: it outlives the daemon; hybrid vsock through the daemon's
-    `vsock_backend` process), check and set up the agent, serve the task address."""
+    `vsock_backend` process), check and set up the agent, serve the task address (through
+    `task_relay`)."""
     if len(os.fsencode(pod.task_socket)) > UNIX_PATH_MAX:
         raise HostError(grpc.StatusCode.FAILED_PRECONDITION,
                         f"task socket path {pod.task_socket} is too long for a unix socket; "
@@ -99,7 +103,7 @@ async def start(pod: Pod, config, vsock_backend) -> None:
         if attachment:
             await pod_network.configure_guest(pod.agent.call, attachment)
             await _open_port_forward(pod)
-        await _serve_task_address(pod)
+        await task_relay.listen(pod.id, pod.task_socket)
     except BaseException as exc:
         refused = isinstance(exc, HostError) and exc.code == grpc.StatusCode.INVALID_ARGUMENT
         what = exc.message if isinstance(exc, HostError) else f"{type(exc).__name__}: {exc}"
@@ -126,39 +130,64 @@ async def start(pod: Pod, config, vsock_backend) -> None:
 
 async def recover(pod: Pod, config, vsock_backend) -> None:
     """Take over a pod that was ready when the previous daemon ended: reconnect to its VM (QMP,
-    console, vsock), check the agent, serve the task address again and re-arm the watchers.
-    A pod whose VM is gone or unreachable is marked exited (its containers' exits published)
-    and whatever of it still ran is stopped; its task address still answers State/Delete from
-    the host side, and Shutdown cleans up the rest."""
+    console, vsock), check the agent, re-arm the watchers. A pod whose VM is gone or unreachable
+    is marked exited (its containers' exits published) and whatever of it still ran is stopped;
+    its task address still answers State/Delete from the host side, and Shutdown cleans up the
+    rest. A VM that runs but whose agent does not answer is not stopped: the pod is NOTREADY,
+    saying why, until it does (`_check_until_answered`). `pod.recovery` resolves once the VM is
+    reattached and the agent was asked once: the pod's Task calls wait for it."""
+    pod.unhealthy = "the restarted daemon is taking the pod over (QMP, console, vsock)"
     try:
-        vm = await GuestVm.attach(_pod_config(config, pod), pod.dir, pod.vm_record or {},
-                                  name=f"vmm-{pod.id}", share_dir=pod.shared_dir,
-                                  vsock_backend=vsock_backend)
-    except VmError as exc:
-        pod.mark_exited(UNKNOWN_EXIT_STATUS, f"VM lost while the daemon was down ({exc.stage}): {exc}")
-        await pod.release_stdio()
-        await _serve_task_address(pod)  # containerd's State/Delete of its containers still work
-        return
-    pod.vm = vm
-    pod.agent = AgentLink(vm.open_connection, pod.id)
-    try:
-        await _check_agent(pod)
-        await _serve_task_address(pod)
+        try:
+            vm = await GuestVm.attach(_pod_config(config, pod), pod.dir, pod.vm_record or {},
+                                      name=f"vmm-{pod.id}", share_dir=pod.shared_dir,
+                                      vsock_backend=vsock_backend)
+        except VmError as exc:
+            pod.unhealthy = ""
+            pod.mark_exited(UNKNOWN_EXIT_STATUS, f"VM lost while the daemon was down ({exc.stage}): {exc}")
+            await pod.release_stdio()
+            return
+        pod.vm = vm
+        pod.agent = AgentLink(vm.open_connection, pod.id)
+        pod.watchers = [asyncio.create_task(_watch_vm(pod), name=f"watch-{pod.id}")]
+        if not await _check_until_answered(pod):
+            await pod.release_stdio()  # the VM ended before its streams were taken over
+            return
+        pod.unhealthy = ""
+        pod.boot_info["recovered_at_ns"] = str(time.time_ns())
         if pod.netns_path:
             await _open_port_forward(pod)
-    except BaseException as exc:
-        what = exc.message if isinstance(exc, HostError) else f"{type(exc).__name__}: {exc}"
-        pod.mark_exited(UNKNOWN_EXIT_STATUS, vm.qemu.failure(f"pod {pod.id}: not recovered: {what}"))
-        await _close_vm(pod)
-        await pod.release_stdio()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        if pod.task_server is None:
-            await _serve_task_address(pod)
-        return
-    pod.boot_info["recovered_at_ns"] = str(time.time_ns())
-    pod.resume_stdio()
-    _watch(pod, config)
+        pod.resume_stdio()
+        _watch_guest(pod, config)
+    finally:
+        _taken_over(pod)
+
+
+def _taken_over(pod: Pod) -> None:
+    if not pod.recovery.done():
+        pod.recovery.set_result(None)
+
+
+async def _check_until_answered(pod: Pod) -> bool:
+    """The agent's Check, asked again every RECHECK_INTERVAL_S until it answers (True) or the VM
+    ends (False). Meanwhile `pod.unhealthy` says why (Status: NOTREADY) and the pod's Task calls
+    go ahead after the first try: a guest that was slow or paused comes back by itself, one that
+    is gone is the VM watch's (or the orchestrator's) to end."""
+    began = time.monotonic()
+    while not pod.vm_exited.done():
+        try:
+            await _check_agent(pod)
+            return True
+        except (HostError, ttrpc.RpcError) as exc:
+            why = exc.message
+        except (ConnectionError, OSError) as exc:
+            why = str(exc)
+        pod.unhealthy = (f"the restarted daemon has not reached the pod's agent "
+                         f"(for {time.monotonic() - began:.0f} s): {why}")
+        log.warning("pod %s: %s; asking again in %g s", pod.id, pod.unhealthy, RECHECK_INTERVAL_S)
+        _taken_over(pod)
+        await asyncio.wait({pod.vm_exited}, timeout=RECHECK_INTERVAL_S)
+    return False
 
 
 async def _open_port_forward(pod: Pod) -> None:
@@ -177,8 +206,13 @@ async def _open_port_forward(pod: Pod) -> None:
 
 
 def _watch(pod: Pod, config) -> None:
-    pod.watchers = [asyncio.create_task(_watch_vm(pod), name=f"watch-{pod.id}"),
-                    asyncio.create_task(guest_events.pump(pod), name=f"events-{pod.id}")]
+    pod.watchers = [asyncio.create_task(_watch_vm(pod), name=f"watch-{pod.id}")]
+    _watch_guest(pod, config)
+
+
+def _watch_guest(pod: Pod, config) -> None:
+    """The event pump and the shared-directory probe (once the agent answers)."""
+    pod.watchers.append(asyncio.create_task(guest_events.pump(pod), name=f"events-{pod.id}"))
     if config.sharefs.check_interval_s > 0:
         pod.watchers.append(asyncio.create_task(sharefs_watch.watch(pod, config.sharefs.check_interval_s),
                                                 name=f"sharefs-{pod.id}"))
@@ -207,16 +241,6 @@ async def _set_up_agent(pod: Pod) -> None:
         raise HostError(grpc.StatusCode.INVALID_ARGUMENT, f"pod {pod.id}: {exc.message}") from None
     pod.boot_info.update(check_s=f"{checked - began:.3f}",
                          setup_sandbox_s=f"{time.monotonic() - checked:.3f}")
-
-
-async def _serve_task_address(pod: Pod) -> None:
-    pod.task_socket.unlink(missing_ok=True)
-    server = grpc.aio.server()
-    task_v3_grpc.add_TaskServicer_to_server(TaskProxy(pod), server)
-    server.add_insecure_port(f"unix://{pod.task_socket}")
-    await server.start()
-    os.chmod(pod.task_socket, 0o600)
-    pod.task_server = server
 
 
 async def _watch_vm(pod: Pod) -> None:
@@ -316,16 +340,15 @@ async def stop(pod: Pod, timeout_s: float) -> None:
         task.cancel()
 
 
-async def shutdown(pod: Pod) -> None:
-    """Remove every file, mount and process of the pod."""
+async def shutdown(pod: Pod, task_relay) -> None:
+    """Remove every file, mount and process of the pod (and its task address from `task_relay`)."""
     if not pod.vm_exited.done() and pod.state == "ready":
         await stop(pod, 1.0)
     pod.stopping = True
     pod.mark_exited(0, "shut down")  # a pod never started: release its Waits too
     for cid in list(pod.containers):
         await pod.remove_container(cid)
-    if pod.task_server is not None:
-        await pod.task_server.stop(1.0)
+    await task_relay.unlisten(pod.id)
     await _unplug(pod)
     await _remove_cgroup(pod, strict=True)
     # Off the loop: the pod's tmpfs, freed by its unmount, holds what the guest wrote (bounded).

@@ -1,5 +1,6 @@
 """Every pod of the daemon, by ID: creation, lookup, removal, and recovery after a restart."""
 
+import asyncio
 import logging
 
 import grpc
@@ -14,10 +15,18 @@ from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, Pod
 from host_sandboxer.sandbox.podconfig import PodConfigError, parse_pod_config
 from host_sandboxer.sandbox.statedir import StateDir
 from host_sandboxer.taskproxy.errors import HostError
+from host_sandboxer.taskproxy.service import HELD_CALLS, task_service
+from host_sandboxer.taskrelay.link import RelayError, TaskRelay
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.vsock_backend import VsockBackend
 
 log = logging.getLogger(__name__)
+
+# How long a restarted daemon waits for its pods to be taken over before it serves the
+# Controller: a pod not taken over by then (its VM or agent does not answer) is reported
+# NOTREADY with the reason, and taken over in the background when it answers.
+RECOVERY_WAIT_S = 5.0
+DRAIN_S = 10.0  # a daemon leaving (SIGTERM) lets the Task calls under way finish for this long
 
 
 def _parse_options(options):
@@ -39,6 +48,8 @@ class Sandboxes:
             helpers_cgroup = Cgroup.at(self.cgroup_layout, cgroups.helpers_path(containment.cgroup_parent))
             helpers_cgroup.create()
             helpers.use_cgroup(helpers_cgroup)
+        self.task_relay = TaskRelay(state_dir.root, self.task_service)  # every pod's task address
+        self._recovering: asyncio.Task | None = None
 
     def get(self, sandbox_id: str) -> Pod:
         try:
@@ -87,16 +98,27 @@ class Sandboxes:
     def forget(self, sandbox_id: str) -> None:
         self.pods.pop(sandbox_id, None)
 
+    def task_service(self, sandbox_id: str):
+        """The pod's Task API (a ttrpc.Server), None if there is no such pod."""
+        pod = self.pods.get(sandbox_id)
+        if pod is not None and pod.task_service is None:
+            pod.task_service = task_service(pod)
+        return pod.task_service if pod is not None else None
+
     async def recover(self) -> None:
-        """Load every pod recorded in the state dir.
+        """Load every pod recorded in the state dir, and take the running ones over.
 
         A pod that was ready is taken over with its running VM (lifecycle.recover: QMP, console
-        and vsock reconnect); if its VM died meanwhile it is recovered as stopped (exit 255):
-        Wait and Status report it, exit events of its containers are published, Shutdown cleans
-        up. A pod still being created when the daemon died may have left a VM starting: its
-        processes are killed, and containerd may Start it again. A vsock backend left serving
-        none of the recovered pods is stopped.
+        and vsock reconnect), all pods at once; this returns when they are, or after
+        RECOVERY_WAIT_S (the rest goes on in the background). If its VM died meanwhile it is
+        recovered as stopped (exit 255): Wait and Status report it, exit events of its
+        containers are published, Shutdown cleans up. A pod still being created when the daemon
+        died may have left a VM starting: its processes are killed, and containerd may Start it
+        again. The task relay (with containerd's connections and the calls they made meanwhile)
+        is taken over before any pod, and serves every started pod's task address. A vsock
+        backend left serving none of the recovered pods is stopped.
         """
+        loop = asyncio.get_running_loop()
         for sandbox_id, record in self.state_dir.load_all().items():
             try:
                 pod = Pod.from_record(record, self.state_dir, self.publisher, _parse_options)
@@ -105,11 +127,7 @@ class Sandboxes:
                 continue
             self.pods[sandbox_id] = pod
             if pod.state == "ready":
-                try:
-                    await lifecycle.recover(pod, self.config, self.vsock_backend)
-                except Exception as exc:  # one pod's surprise must not keep the daemon down
-                    log.exception("sandbox %s: recovery failed", sandbox_id)
-                    pod.mark_exited(UNKNOWN_EXIT_STATUS, f"recovery failed: {type(exc).__name__}: {exc}")
+                pod.recovery = loop.create_future()  # its Task calls wait for lifecycle.recover
             elif pod.state == "created":
                 killed = process.kill_strays(pod.dir)
                 if pod.cgroup is not None:  # its virtiofsd's sandboxed child names no path
@@ -120,5 +138,37 @@ class Sandboxes:
                                 sandbox_id, pid)
             elif pod.state == "stopped":
                 pod.vm_exited.set_result(pod.exit_status)
-            log.info("sandbox %s recovered (%s)", sandbox_id, pod.state)
+        try:
+            await self.task_relay.resume({pod.id: pod.task_socket for pod in self.pods.values()
+                                          if pod.state != "created"})
+        except RelayError as exc:
+            log.error("%s: pods' task addresses are not served until a pod starts", exc)
+        recoveries = [asyncio.ensure_future(self._recover(pod)) for pod in self.pods.values()
+                      if pod.state == "ready"]
+        pending = (await asyncio.wait(recoveries, timeout=RECOVERY_WAIT_S))[1] if recoveries else ()
+        if pending:
+            log.warning("%d pod(s) not taken over within %g s: NOTREADY until they are",
+                        len(pending), RECOVERY_WAIT_S)
+            self._recovering = asyncio.ensure_future(self._after_recovery(pending))
+        else:
+            await self.vsock_backend.stop_if_idle()
+
+    async def _recover(self, pod: Pod) -> None:
+        try:
+            await lifecycle.recover(pod, self.config, self.vsock_backend)
+        except Exception as exc:  # one pod's surprise must not keep the daemon down
+            log.exception("sandbox %s: recovery failed", pod.id)
+            pod.mark_exited(UNKNOWN_EXIT_STATUS, f"recovery failed: {type(exc).__name__}: {exc}")
+        log.info("sandbox %s recovered (%s%s)", pod.id, pod.state, f": {pod.unhealthy}" if pod.unhealthy else "")
+
+    async def _after_recovery(self, pending) -> None:
+        """The pods taken over late: once they are, a backend serving none of them is stopped."""
+        await asyncio.gather(*pending)
         await self.vsock_backend.stop_if_idle()
+
+    async def close(self) -> None:
+        """The daemon is leaving (its pods are not): let the Task calls under way finish (not
+        the held Waits: the relay hands them to the next daemon), then let go of the relay."""
+        if self._recovering is not None:
+            self._recovering.cancel()
+        await self.task_relay.close(HELD_CALLS, DRAIN_S)

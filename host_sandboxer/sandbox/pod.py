@@ -74,7 +74,7 @@ class Pod:
         self.vm = None           # host_sandboxer.vmm.vm.GuestVm while it runs
         self.vm_record: dict | None = None  # GuestVm.record(): its processes, for a restarted daemon
         self.agent = None        # AgentLink
-        self.task_server = None  # grpc.aio.Server for the task address
+        self.task_service = None  # its Task API (taskproxy.service.task_service), made on first use
         self.port_forward = None  # host_sandboxer.portforward.PortForwarder (pods with a netns)
         self.boot_info: dict[str, object] = {}  # Status verbose info (sandbox/status_info.py)
         self.ports = PortAllocator()
@@ -82,6 +82,9 @@ class Pod:
         self.known_container_ids: set[str] = set()  # ever created here: their events may pass
         self.removed_processes: dict[tuple[str, str], None] = {}  # the last ones, oldest first
         self.vm_exited: asyncio.Future = asyncio.get_running_loop().create_future()
+        # Resolved once a restarted daemon has taken the pod over (Task calls wait for it).
+        self.recovery: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.recovery.set_result(None)
         self.stopping = False
         self.watchers: list[asyncio.Task] = []  # VM death watch, event pump, sharefs probe
         self.lock = asyncio.Lock()  # serialises Start/Stop/Shutdown of this pod

@@ -1,17 +1,13 @@
-"""Guest failures as gRPC statuses for containerd.
+"""Failures found on the host, with the status code containerd should see.
 
-A ttrpc status from the agent keeps its code (both use google.rpc codes) and message; a lost
-connection to the guest (VM died, link broken) is UNAVAILABLE naming the pod. Host-side
-problems with a request (bad spec, missing bundle, bad ID) are INVALID_ARGUMENT/NOT_FOUND.
+A HostError carries a grpc.StatusCode (the Controller answers over gRPC); the Task API, served
+over ttrpc, answers the same code by number (both use google.rpc codes). A ttrpc status from the
+agent keeps its code and message; a lost connection to the guest (VM died, link broken) is
+UNAVAILABLE naming the pod. Host-side problems with a request (bad spec, missing bundle, bad ID)
+are INVALID_ARGUMENT/NOT_FOUND.
 """
 
 import grpc
-
-_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
-
-
-def grpc_code(number: int) -> grpc.StatusCode:
-    return _BY_NUMBER.get(int(number), grpc.StatusCode.UNKNOWN)
 
 
 class HostError(Exception):

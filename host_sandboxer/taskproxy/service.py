@@ -5,6 +5,11 @@ only the host can see is translated first: Create/Exec (bundle, rootfs, binds, s
 State (guest stdio/bundle back to the host's), Delete (host mounts and relays undone),
 CloseIO (stdin drained before the guest closes it), Wait (VM death ends it with 255), and
 Shutdown, which containerd sends after every container's Delete: it must not stop the pod.
+
+Served over ttrpc (`task_service`), on the connections the node's task relay carries
+(host_sandboxer/taskrelay/): failures become ttrpc statuses with the codes and messages
+containerd would get from a shim. A restarted daemon answers a pod's calls once it has taken
+the pod over (`pod.recovery`), so a call replayed by the relay meets the pod as it really is.
 """
 
 import asyncio
@@ -15,23 +20,26 @@ import grpc
 from google.protobuf import empty_pb2, message_factory
 
 from host_sandboxer.taskproxy.bundle import GuestBundle
-from host_sandboxer.taskproxy.errors import HostError, grpc_code
+from host_sandboxer.taskproxy.errors import HostError
 from host_sandboxer.taskproxy.spec_rewrite import guest_bundle
 from host_sandboxer.taskproxy.stdio import ProcessStdio
 from host_sandboxer.sandbox.ids import InvalidID, check_id
 from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, timestamp
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as v2
 from vmm_common.protos.containerd.task.v3 import shim_pb2 as v3
-from vmm_common.protos.containerd.task.v3 import shim_pb2_grpc as v3_grpc
 from vmm_common.protos.containerd.types.task import task_pb2 as task_types
-from vmm_common.ttrpc import RpcError
+from vmm_common import ttrpc
+from vmm_common.ttrpc import Code, RpcError
 
 log = logging.getLogger(__name__)
 
 GUEST_TASK_SERVICE = "containerd.task.v2.Task"
+TASK_SERVICE = "containerd.task.v3.Task"
+HELD_CALLS = frozenset({"Wait"})  # held open for a process's life: a leaving daemon does not await them
 STDIO_DRAIN_S = 5.0
 LINK_LOST_GRACE_S = 3.0  # how long a lost guest link may precede the VMM's noticed death
 _V2_METHODS = v2.DESCRIPTOR.services_by_name["Task"].methods_by_name
+_V3_METHODS = v3.DESCRIPTOR.services_by_name["Task"].methods_by_name
 
 
 def _v2_types(method: str):
@@ -40,7 +48,26 @@ def _v2_types(method: str):
             message_factory.GetMessageClass(m.output_type))
 
 
-class TaskProxy(v3_grpc.TaskServicer):
+def task_service(pod) -> ttrpc.Server:
+    """containerd.task.v3.Task of `pod`: TaskProxy's handlers, each waiting for the pod's
+    takeover by a restarted daemon first. Methods TaskProxy lacks answer UNIMPLEMENTED."""
+    proxy = TaskProxy(pod)
+
+    def after_recovery(handler):
+        async def call(request, context):
+            await asyncio.shield(pod.recovery)
+            return await handler(request, context)
+        return call
+
+    server = ttrpc.Server()
+    server.register(TASK_SERVICE, {
+        name: ttrpc.unary(message_factory.GetMessageClass(method.input_type),
+                          after_recovery(getattr(proxy, name)))
+        for name, method in _V3_METHODS.items() if hasattr(proxy, name)})
+    return server
+
+
+class TaskProxy:
     """One pod's Task API. `pod` supplies the guest link and the pod's host-side state."""
 
     def __init__(self, pod):
@@ -56,24 +83,23 @@ class TaskProxy(v3_grpc.TaskServicer):
                                           resp_type, timeout=timeout)
         return v3_response.FromString(reply.SerializeToString())
 
-    async def _run(self, context, what: str, coro):
-        """Await `coro`, turning host and guest failures into gRPC statuses naming `what`."""
+    async def _run(self, what: str, coro):
+        """Await `coro`, turning host and guest failures into the call's status naming `what`."""
         try:
             return await coro
         except HostError as exc:
-            await context.abort(exc.code, exc.message)
+            raise RpcError(exc.code.value[0], exc.message) from None
         except InvalidID as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
         except RpcError as exc:
-            await context.abort(grpc_code(exc.code), f"{what}: {exc.message}")
+            raise RpcError(exc.code, f"{what}: {exc.message}") from None
         except (ConnectionError, EOFError, OSError) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"{what}: pod {self.pod.id}: guest unreachable: {exc}")
+            raise RpcError(Code.UNAVAILABLE, f"{what}: pod {self.pod.id}: guest unreachable: {exc}") from None
 
     def _forwarder(method: str, v3_response):
         async def handler(self, request, context):
             what = f"{method} {getattr(request, 'id', '')}".strip()
-            return await self._run(context, what, self._guest(method, request, v3_response))
+            return await self._run(what, self._guest(method, request, v3_response))
         handler.__name__ = method
         handler.__doc__ = f"Forwarded to the guest's {GUEST_TASK_SERVICE}/{method}."
         return handler
@@ -91,7 +117,7 @@ class TaskProxy(v3_grpc.TaskServicer):
     # -- translated calls ---------------------------------------------------------------------
 
     async def Create(self, request, context):
-        return await self._run(context, f"Create {request.id}", self._create(request))
+        return await self._run(f"Create {request.id}", self._create(request))
 
     async def _create(self, request):
         cid = check_id("container", request.id)
@@ -118,7 +144,7 @@ class TaskProxy(v3_grpc.TaskServicer):
         return reply
 
     async def Exec(self, request, context):
-        return await self._run(context, f"Exec {request.id}/{request.exec_id}", self._exec(request))
+        return await self._run(f"Exec {request.id}/{request.exec_id}", self._exec(request))
 
     async def _exec(self, request):
         container = self.pod.container(request.id)
@@ -154,7 +180,7 @@ class TaskProxy(v3_grpc.TaskServicer):
         return await self._guest("Kill", request, empty_pb2.Empty)
 
     async def State(self, request, context):
-        return await self._run(context, f"State {request.id}", self._state(request))
+        return await self._run(f"State {request.id}", self._state(request))
 
     async def _state(self, request):
         container = self.pod.container(request.id)
@@ -171,7 +197,7 @@ class TaskProxy(v3_grpc.TaskServicer):
         return reply
 
     async def Wait(self, request, context):
-        return await self._run(context, f"Wait {request.id}", self._wait(request))
+        return await self._run(f"Wait {request.id}", self._wait(request))
 
     async def _wait(self, request):
         container = self.pod.container(request.id)
@@ -207,7 +233,7 @@ class TaskProxy(v3_grpc.TaskServicer):
         return None
 
     async def CloseIO(self, request, context):
-        return await self._run(context, f"CloseIO {request.id}", self._close_io(request))
+        return await self._run(f"CloseIO {request.id}", self._close_io(request))
 
     async def _close_io(self, request):
         stdio = self.pod.container(request.id).processes.get(request.exec_id)
@@ -217,7 +243,7 @@ class TaskProxy(v3_grpc.TaskServicer):
         return await self._guest("CloseIO", request, empty_pb2.Empty)
 
     async def Delete(self, request, context):
-        return await self._run(context, f"Delete {request.id}", self._delete(request))
+        return await self._run(f"Delete {request.id}", self._delete(request))
 
     async def _delete(self, request):
         container = self.pod.container(request.id)
@@ -233,7 +259,7 @@ class TaskProxy(v3_grpc.TaskServicer):
         return reply
 
     async def Connect(self, request, context):
-        reply = await self._run(context, f"Connect {request.id}",
+        reply = await self._run(f"Connect {request.id}",
                                 self._guest("Connect", request, v3.ConnectResponse))
         reply.shim_pid = self.pod.vmm_pid  # the host process holding the pod's containers
         return reply
@@ -244,8 +270,8 @@ class TaskProxy(v3_grpc.TaskServicer):
         return empty_pb2.Empty()
 
     async def Events(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "task event streaming is not offered; events go to containerd's Events service")
+        raise RpcError(Code.UNIMPLEMENTED,
+                       "task event streaming is not offered; events go to containerd's Events service")
 
 
 def vm_death_exit(pod) -> v3.WaitResponse:

@@ -84,31 +84,31 @@ async def _until_closed(reader: asyncio.StreamReader) -> None:
 
 class FifoSink:
     """containerd's output FIFO, written with plain non-blocking writes so that what the mark
-    counts as delivered is in the FIFO. Once containerd closed its reader the rest is dropped
-    (and counted as delivered: the container must not block on it)."""
+    counts as delivered is in the FIFO. It holds a reader of its own too, never read, as
+    containerd's shims do: containerd closes its reader when it restarts, and a write must then
+    wait (the FIFO's buffer fills, the guest holds the rest, the container is held back) for the
+    new containerd to read on, not fail and lose the rest of the stream."""
 
-    def __init__(self, path: str, fd: int):
-        self.path, self.fd = path, fd
+    def __init__(self, path: str, fd: int, held: int = -1):
+        self.path, self.fd, self.held = path, fd, held
+
+    @classmethod
+    async def open(cls, stream: str, path: str) -> "FifoSink":
+        fd = await _open_fifo_writer(stream, path)
+        return cls(path, fd, open_fifo(stream, path, os.O_RDONLY))
 
     async def write(self, data: bytes, mark: DeliveredMark) -> None:
         view = memoryview(data)
         while view:
-            if self.fd < 0:
-                mark.advance(len(view))
-                return
-            try:
-                written = await write_some(self.fd, view)
-            except BrokenPipeError:
-                log.info("stdio %s: containerd closed the reader; dropping the rest", self.path)
-                self.close()
-                continue
+            written = await write_some(self.fd, view)
             mark.advance(written)
             view = view[written:]
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.fd, self.held):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.held = -1
 
 
 async def _deliver_output(reader, writer, sink: FifoSink, mark: DeliveredMark) -> None:
@@ -195,7 +195,7 @@ class ProcessStdio:
 
     async def _output_relay(self, name: str, transport, port: int) -> None:
         mark = self._marks[name]
-        sink = FifoSink(self.fifos[name], await _open_fifo_writer(name, self.fifos[name]))
+        sink = await FifoSink.open(name, self.fifos[name])
         try:
             await self._keep(name, sink.fd)
             await self._reconnecting(name, transport, port,

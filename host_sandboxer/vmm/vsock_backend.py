@@ -11,38 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import socket
-import sys
 from pathlib import Path
 
-import host_sandboxer
-
-from host_sandboxer.containment import helpers
-from host_sandboxer.vmm import process
-from host_sandboxer.vmm.helper_output import HelperOutput
+from host_sandboxer.vmm.node_helper import HelperError, NodeHelper
 from host_sandboxer.vsock import qemu_args
 from host_sandboxer.vsock.hybrid_client import take_answer
 
 log = logging.getLogger(__name__)
 
-START_TIMEOUT_S = 10.0
 HANDSHAKE_TIMEOUT_S = 5.0
-
-
-# The backend process needs the stdlib and host_sandboxer.vsock only: -S (no site-packages, no
-# .pth hooks), -I (no PYTHON* variables, no current directory on the path); serve.py runs on its
-# own loop (reactor.py), without asyncio. Idle PSS 11.7 -> 5.8 MB (docs/benchmarks.md, "Host memory").
-_BOOT = ("import sys; sys.path.insert(0, {root!r}); "
-         "from host_sandboxer.vsock.serve import main; sys.exit(main(sys.argv[1:]))")
-
-
-def backend_command(control_socket: str) -> list[str]:
-    """The backend process's argv (see _BOOT)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(host_sandboxer.__file__)))
-    return [sys.executable, "-I", "-S", "-c", _BOOT.format(root=root), control_socket]
+REQUEST_TIMEOUT_S = 10.0
 
 
 class VsockBackendError(RuntimeError):
@@ -51,13 +31,14 @@ class VsockBackendError(RuntimeError):
 
 class VsockBackend:
     def __init__(self, state_dir: Path):
-        self.control = state_dir / "vsock-backend.sock"
-        self.record_path = state_dir / "vsock-backend.json"
-        self.output = HelperOutput(state_dir / "vsock-backend.log")
-        self.proc = None
+        self.helper = NodeHelper(state_dir, "vsock-backend", "host_sandboxer.vsock.serve")
         self.vms: dict[str, BackendVsock] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def proc(self):
+        return self.helper.proc
 
     async def add(self, vm: "BackendVsock") -> None:
         async with self._lock:
@@ -71,8 +52,7 @@ class VsockBackend:
         """Whether the backend (left by an earlier daemon) still serves `vm`; if so it is ours."""
         async with self._lock:
             if self.proc is None:
-                self.proc = process.adopt(self._read_record(), self.output)
-                if self.proc is None:
+                if not self.helper.adopt():
                     return False
                 await self._supervise()
             served = (await self._request("LIST"))[len("OK "):].split("\t")
@@ -85,65 +65,33 @@ class VsockBackend:
         """Stop serving `vm`; the process ends with its last VM."""
         async with self._lock:
             self.vms.pop(str(vm.vm_dir), None)  # may be gone already: a DEAD notice when QEMU quit
-            if not self._alive():
+            if not self.helper.alive():
                 return
             left = int((await self._request(f"REMOVE {vm.vm_dir}")).split()[1])
             if left == 0 and not self.vms:
-                await self._stop()
+                await self.helper.stop()  # a clean end: its log (link losses) told the daemon already
 
     async def stop_if_idle(self) -> None:
         """After recovery: a backend left serving no VM the daemon knows is stopped."""
         async with self._lock:
-            if self.vms:
-                return
-            self.proc = self.proc or process.adopt(self._read_record(), self.output)
-            if self.proc is not None:
-                await self._stop()
-
-    async def _stop(self) -> None:
-        """A clean end: its log (link losses) told the daemon already."""
-        await process.stop(self.proc)
-        self.output.remove()
-        for path in (self.record_path, self.control):
-            path.unlink(missing_ok=True)
-
-    def _alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    def _read_record(self) -> dict | None:
-        try:
-            return json.loads(self.record_path.read_text())
-        except (OSError, ValueError):
-            return None
+            if not self.vms and (self.helper.adopt() or self.proc is not None):
+                await self.helper.stop()
 
     async def _ensure_running(self) -> None:
-        if self._alive():
-            return
-        self.proc = process.adopt(self._read_record(), self.output)
-        if self.proc is None:
-            self.control.unlink(missing_ok=True)
-            self.proc = await process.spawn(backend_command(str(self.control)), self.output,
-                                            confinement=helpers.confinement())
-            self.record_path.write_text(json.dumps(process.identity(self.proc)))
-            self.record_path.chmod(0o600)
-        await self._supervise()
+        if not self.helper.alive():
+            await self.helper.ensure_running()
+            await self._supervise()
 
     async def _supervise(self) -> None:
         """Watch the process's exit and its DEAD notices."""
-        proc = self.proc
-        deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
-        while True:
-            try:
-                reader, writer = await asyncio.open_unix_connection(str(self.control))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if proc.returncode is not None or asyncio.get_running_loop().time() > deadline:
-                    raise VsockBackendError(
-                        f"vsock backend did not start: {self.output.tail()}") from None
-                await asyncio.sleep(0.005)
+        try:
+            sock = await self.helper.connect()
+        except HelperError as e:
+            raise VsockBackendError(str(e)) from None
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
         writer.write(b"WATCH\n")
         self._spawn_task(self._read_notices(reader, writer))
-        self._spawn_task(self._watch_exit(proc))
+        self._spawn_task(self._watch_exit(self.proc))
 
     def _spawn_task(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -163,16 +111,16 @@ class VsockBackend:
     async def _watch_exit(self, proc) -> None:
         await proc.wait()
         if self.vms:
-            log.error("the vsock backend %s with %d VM(s) served", process.describe_end(proc), len(self.vms))
+            log.error("%s with %d VM(s) served", self.helper.describe_end(), len(self.vms))
         vms, self.vms = self.vms, {}
         for vm in vms.values():
-            vm.lost(f"the vsock backend {process.describe_end(proc)}: {self.output.tail(3)}")
+            vm.lost(self.helper.describe_end())
 
     async def _request(self, line: str) -> str:
-        reader, writer = await asyncio.open_unix_connection(str(self.control))
+        reader, writer = await asyncio.open_unix_connection(str(self.helper.control))
         try:
             writer.write(line.encode() + b"\n")
-            return (await asyncio.wait_for(reader.readline(), START_TIMEOUT_S)).decode().rstrip("\n")
+            return (await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT_S)).decode().rstrip("\n")
         finally:
             writer.close()
 

@@ -9,7 +9,7 @@ restarted daemon simply connects again.
 
     python -m host_sandboxer.vsock.serve CONTROL_SOCKET
 
-The daemon starts it lean (vmm/vsock_backend.py, `backend_command()`): `python -I -S`, on
+The daemon starts it lean (vmm/node_helper.py, lean_python.py): `python -I -S`, on
 reactor.py, importing the stdlib and host_sandboxer.vsock only.
 
 Control socket (created 0600), one request line and one answer line per connection:
@@ -28,6 +28,8 @@ import os
 import signal
 import socket
 import sys
+
+from host_sandboxer.private_socket import listen_unix
 
 from .hybrid_sockets import HybridSockets
 from .reactor import Reactor
@@ -156,15 +158,7 @@ def serve(control_socket: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, loop.stop)
     backends = Backends(loop)
-    if os.path.exists(control_socket):
-        os.unlink(control_socket)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # the control socket is 0600 from the start
-    try:
-        listener.bind(control_socket)
-    finally:
-        os.umask(old_umask)
-    listener.listen(64)
+    listener = listen_unix(control_socket, 64)
     listener.setblocking(False)
     loop.add_reader(listener.fileno(), backends.accept, listener)
     try:

@@ -114,7 +114,7 @@ def test_a_backend_no_recovered_pod_uses_is_stopped(tmp_path):
 
 
 def test_the_backend_process_runs_without_site_asyncio_and_ssl(tmp_path):
-    """Its host memory: stdlib + host_sandboxer.vsock only (backend_command(): -S, reactor.py)."""
+    """Its host memory: stdlib + host_sandboxer.vsock only (lean_python.command(): -S, reactor.py)."""
     async def scenario():
         backend = VsockBackend(tmp_path)
         vm = BackendVsock(backend, *_vm_dirs(tmp_path, "a"))

@@ -71,6 +71,23 @@ def test_create_status_shutdown_of_a_pod_never_started(controller):
     assert not (work / "state" / "p1").exists()
 
 
+def test_a_wait_containerd_gives_up_leaves_the_pod_as_it_was(controller):
+    """containerd restarting cancels the Wait it held: the pod must not take that for its end
+    (it did: the cancelled call cancelled the pod's exit future, Status said exit_status 0 and
+    task State said STOPPED, and CRI's recovery hung deleting a running container)."""
+    ctl, _ = controller
+    ctl.Create(sb.ControllerCreateRequest(sandbox_id="p1"), metadata=NS, timeout=10)
+    abandoned = ctl.Wait.future(sb.ControllerWaitRequest(sandbox_id="p1"))
+    time.sleep(0.5)
+    abandoned.cancel()
+    time.sleep(0.5)
+    status = ctl.Status(sb.ControllerStatusRequest(sandbox_id="p1", verbose=True), timeout=10)
+    assert status.info["exit_status"] == "" and not status.HasField("exited_at")
+    wait = ctl.Wait.future(sb.ControllerWaitRequest(sandbox_id="p1"), timeout=10)
+    ctl.Stop(sb.ControllerStopRequest(sandbox_id="p1"), timeout=10)
+    assert wait.result().exit_status == 0
+
+
 def test_bad_requests_get_clear_codes(controller):
     ctl, _ = controller
     ctl.Create(sb.ControllerCreateRequest(sandbox_id="p1"), timeout=10)

@@ -240,6 +240,36 @@ def test_a_restarted_daemon_resumes_output_without_a_gap(tmp_path):
     asyncio.run(scenario())
 
 
+@pytest.mark.timeout(60)
+def test_output_waits_for_a_restarted_containerd_to_read_on(tmp_path):
+    """containerd restarting closes its reader of the FIFO and opens a new one: output written
+    meanwhile waits in the FIFO (and in the guest) and reaches the new reader, none is lost."""
+    async def scenario():
+        out = str(tmp_path / "out")
+        os.mkfifo(out)
+        payload = os.urandom(4 << 20)
+        io = ProcessStdio.create("", out, "", PortAllocator(), tmp_path / "marks")
+        guest = Guest(tmp_path)
+        guest.output(io.ports["stdout"], payload)
+        io.start(UnixPortTransport(str(tmp_path)))
+        first = await asyncio.to_thread(os.open, out, os.O_RDONLY)
+        got = bytearray()
+        while len(got) < 1 << 20:
+            got += await asyncio.to_thread(os.read, first, 65536)
+        os.close(first)  # containerd stops
+        await asyncio.sleep(0.5)  # the guest writes on meanwhile
+        second = os.open(out, os.O_RDONLY | os.O_NONBLOCK)  # the new containerd (who opens it
+        reading = asyncio.create_task(asyncio.to_thread(_read_all, second))  # without waiting)
+        await io.outputs_done(20)
+        await io.close()  # its keeper goes: EOF
+        got += await asyncio.wait_for(reading, 20)
+        os.close(second)
+        assert len(got) == len(payload) and bytes(got) == payload
+        guest.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.timeout(20)
 def test_close_unblocks_fifos_nobody_opened(tmp_path):
     async def scenario():

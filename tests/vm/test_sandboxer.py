@@ -1,5 +1,6 @@
 """vmm-sandboxer end to end: a gRPC client from the generated stubs does what containerd's CRI
-does, against the real daemon, real QEMU (TCG) VMs, real crun in the guest.
+does (and a ttrpc client what it does at the task address), against the real daemon, real QEMU
+(TCG) VMs, real crun in the guest.
 
 containerd itself is not installed here; its Events service is stood in for by a gRPC server
 from the generated stubs (so published events can be checked). Everything else is real.
@@ -28,6 +29,7 @@ from vmm_common.protos.containerd.events import task_pb2 as events
 from vmm_common.protos.containerd.services.events.v1 import events_pb2_grpc
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from vmm_common.protos.containerd.task.v3 import shim_pb2 as task
+from vmm_common import ttrpc
 
 _spec = importlib.util.spec_from_file_location("demo", Path(__file__).resolve().parents[2] / "scripts" / "demo.py")
 demo = importlib.util.module_from_spec(_spec)
@@ -100,16 +102,17 @@ def env(guest_image, request):
     shutil.rmtree(work, ignore_errors=True)
 
 
-def code_of(call) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as info:
+def code_of(call) -> grpc.StatusCode | ttrpc.Code:
+    """The status code of a failed Controller (gRPC) or task API (ttrpc) call."""
+    with pytest.raises((grpc.RpcError, ttrpc.RpcError)) as info:
         call()
-    return info.value.code()
+    return info.value.code() if isinstance(info.value, grpc.RpcError) else info.value.code
 
 
 def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env, guest_image):
     started = env.cri.run_pod("pod1")
     assert started.version == 3
-    assert started.address == f"grpc+{env.daemon.state}/pod1/task.sock"
+    assert started.address == f"ttrpc+unix://{env.daemon.state}/pod1/task.sock"
     assert os.path.exists(f"/proc/{started.pid}")
     assert env.status("pod1").state == "SANDBOX_READY"
     tasks = demo.Cri.task_client(started.address)
@@ -185,20 +188,20 @@ def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env, guest_image):
     assert code_of(lambda: ctl.Create(sb.ControllerCreateRequest(sandbox_id="../x"), timeout=10)) \
         == codes.INVALID_ARGUMENT
     missing = task.CreateTaskRequest(id="c3", bundle=str(env.work / "no-such-bundle"))
-    assert code_of(lambda: tasks.Create(missing, timeout=10)) == grpc.StatusCode.NOT_FOUND
-    assert code_of(lambda: tasks.State(task.StateRequest(id="ghost"), timeout=10)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: tasks.Create(missing, timeout=10)) == ttrpc.Code.NOT_FOUND
+    assert code_of(lambda: tasks.State(task.StateRequest(id="ghost"), timeout=10)) == ttrpc.Code.NOT_FOUND
     b3 = env.bundle("c3", ["true"], started.pid)
     spec3 = json.loads((b3.path / "config.json").read_text())
     spec3["mounts"].append({"destination": "/data", "type": "bind", "source": "/no/such/volume",
                             "options": ["rbind"]})
     (b3.path / "config.json").write_text(json.dumps(spec3))
-    with pytest.raises(grpc.RpcError) as missing_volume:
+    with pytest.raises(ttrpc.RpcError) as missing_volume:
         tasks.Create(task.CreateTaskRequest(id="c3", bundle=str(b3.path), rootfs=b3.rootfs), timeout=30)
-    assert missing_volume.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "/no/such/volume" in missing_volume.value.details()
+    assert missing_volume.value.code == ttrpc.Code.NOT_FOUND
+    assert "/no/such/volume" in missing_volume.value.message
     assert not (env.daemon.state / "pod1" / "mounts" / "c3").exists()  # nothing left mounted
     assert code_of(lambda: tasks.Create(task.CreateTaskRequest(id="a/b", bundle=str(b2.path)), timeout=10)) \
-        == grpc.StatusCode.INVALID_ARGUMENT
+        == ttrpc.Code.INVALID_ARGUMENT
 
     metrics = ctl.Metrics(sb.ControllerMetricsRequest(sandbox_id="pod1"), timeout=10).metrics
     assert metrics.id == "pod1" and metrics.data.type_url == "io.containerd.cgroups.v2.Metrics"

@@ -1,14 +1,17 @@
 """vmm-sandboxer restarts (kill -9) with pods running: the new daemon takes them over from
 STATE_DIR with the very same VM (QMP, console and vsock reconnect), and cleans up what died.
+containerd's task connections (our ttrpc client, as containerd dials `ttrpc+unix://`) are held
+by the task relay and never see the restart: a Wait made before it is answered after it.
 
-Real daemon, real QEMU (TCG), virtiofsd and hybrid vsock backend processes; containerd's
-Events service is the stand-in from test_sandboxer.py.
+Real daemon, real QEMU (TCG), virtiofsd, hybrid vsock backend and task relay processes;
+containerd's Events service is the stand-in from test_sandboxer.py.
 """
 
 import concurrent.futures
 import json
 import os
 import signal
+import socket
 import time
 
 import grpc
@@ -16,6 +19,7 @@ import pytest
 
 from test_sandboxer import NS, _long_running_pod, demo, env  # noqa: F401  (env: the fixture)
 
+from host_sandboxer.sandbox import manager
 from host_sandboxer.taskproxy.mounts import mountpoints_under
 from vmm_common.protos.containerd.events import task_pb2 as events
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
@@ -106,6 +110,84 @@ def test_daemon_killed_running_pods_are_taken_over(env):
     assert _gone([helpers["vsock"]]), "the backend ends with the last VM"
     assert list(env.daemon.state.iterdir()) == []
     assert mountpoints_under(env.work) == []
+
+
+def test_a_wait_held_across_a_daemon_kill_returns_the_real_exit_status(env):
+    """What containerd holds through a `kill -9` of the daemon: its connection, its Wait. The
+    container ends on its own after the restart (an exec tells it to): the Wait made before the
+    kill answers with its status, and its output before and after reaches the same FIFO."""
+    started = env.cri.run_pod("held")
+    tasks = demo.Cri.task_client(started.address)
+    b = env.bundle("held-c", ["sh", "-c", "echo before; while [ ! -e /tmp/go ]; do sleep 0.2; done; "
+                                          "echo after; exit 7"], started.pid)
+    stdout = b.fifo("stdout")
+    output = demo.FifoReader(stdout)
+    tasks.Create(task.CreateTaskRequest(id=b.id, bundle=str(b.path), rootfs=b.rootfs, stdout=stdout),
+                 metadata=NS, timeout=60)
+    tasks.Start(task.StartRequest(id=b.id), metadata=NS, timeout=60)
+    relay = json.loads((env.daemon.state / "task-relay.json").read_text())["pid"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        held = pool.submit(tasks.Wait, task.WaitRequest(id=b.id), metadata=NS)
+        time.sleep(0.5)
+        _crash_daemon(env)
+        state_while_down = pool.submit(tasks.State, task.StateRequest(id=b.id), metadata=NS)
+        env.daemon.start()
+        assert state_while_down.result(60).status == RUNNING  # asked of nobody, answered by the new daemon
+        assert not held.done()
+        assert tasks.State(task.StateRequest(id=b.id), metadata=NS, timeout=10).status == RUNNING
+        assert tasks.Pids(task.PidsRequest(id=b.id), metadata=NS, timeout=10).processes
+        assert _exec(tasks, b, "go", ["touch", "/tmp/go"]) == (b"", 0)
+        assert held.result(60).exit_status == 7
+    assert output.result() == b"before\nafter\n"
+    assert _alive(relay) and json.loads((env.daemon.state / "task-relay.json").read_text())["pid"] == relay
+    tasks.Delete(task.DeleteRequest(id=b.id), metadata=NS, timeout=60)
+    env.cri.remove_pod("held")
+    assert _gone([relay]), "the relay ends with the last pod"
+    assert list(env.daemon.state.iterdir()) == []
+
+
+def _qmp(env, sid, command):
+    """One QMP command to the pod's QEMU, while no daemon holds its (single) QMP connection."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(env.daemon.state / sid / "qmp.sock"))
+        replies = sock.makefile("rb")
+        replies.readline()  # the greeting
+        for execute in ("qmp_capabilities", command):
+            sock.sendall(json.dumps({"execute": execute}).encode() + b"\n")
+            while "return" not in (reply := json.loads(replies.readline())):
+                assert "error" not in reply, reply
+
+
+def test_a_restart_serves_the_controller_without_waiting_for_a_guest_that_does_not_answer(env):
+    """Pods are taken over at once, each with its own deadline: a paused guest costs the restart
+    RECOVERY_WAIT_S at most and is reported NOTREADY saying why, while the others are READY
+    and answer; it is not stopped, and is READY once its guest answers again."""
+    paused, _, _ = _long_running_pod(env, "paused")
+    fine, tasks, b = _long_running_pod(env, "fine")
+    _crash_daemon(env)
+    _qmp(env, "paused", "stop")  # the guest's vCPUs stop: its agent cannot answer
+    began = time.monotonic()
+    env.daemon.start()
+    took = time.monotonic() - began
+    assert took < manager.RECOVERY_WAIT_S + 5, f"the Controller answered {took:.1f} s after the restart"
+    assert env.status("fine").state == "SANDBOX_READY"
+    assert tasks.State(task.StateRequest(id=b.id), metadata=NS, timeout=10).status == RUNNING
+    status = env.status("paused", verbose=True)
+    assert status.state == "SANDBOX_NOTREADY" and status.pid == paused.pid
+    assert "the restarted daemon" in status.info["unhealthy"], status.info["unhealthy"]
+    assert _alive(paused.pid), "a guest that does not answer is not stopped"
+
+    _crash_daemon(env)  # QMP is free again: the guest resumes, a new daemon takes it over
+    _qmp(env, "paused", "cont")
+    env.daemon.start()
+    deadline = time.monotonic() + 60
+    while env.status("paused").state != "SANDBOX_READY" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert env.status("paused", verbose=True).info["unhealthy"] == ""
+    assert env.status("paused").state == "SANDBOX_READY"
+    for sid in ("paused", "fine"):
+        env.cri.remove_pod(sid)
+    assert list(env.daemon.state.iterdir()) == []
 
 
 def test_vmm_died_while_the_daemon_was_down(env):
