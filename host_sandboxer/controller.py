@@ -83,7 +83,7 @@ class Controller(api_grpc.ControllerServicer):
         controller removes what it made: so is ours removed, unless that fails (then Shutdown
         may try again)."""
         try:
-            await lifecycle.shutdown(pod)
+            await lifecycle.shutdown(pod, self.sandboxes.task_relay)
         except HostError as exc:
             log.warning("sandbox %s: cleaning up after the failed Start: %s", pod.id, exc.message)
             return
