@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -96,7 +97,8 @@ def main() -> int:
                         help="fail when a spec passing on runc does not pass on vmm (docs/critest.md's "
                              "list excepted)")
     args = parser.parse_args()
-    allowed = documented_exceptions() if args.check else set()
+    # A SIGTERM (CI's time limit) ends the run like Ctrl-C: critest is killed, the node torn down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if (reason := tools.skip_reason(("critest",))) is not None:
         print(reason, file=sys.stderr)
         return 2
@@ -112,14 +114,16 @@ def main() -> int:
                   f"in {seconds[runtime]:.0f} s", flush=True)
     (args.out / "report.md").write_text(markdown(results, seconds))
     print(f"critest: {args.out / 'report.md'}")
-    if not args.check:
+    if not {"runc", "vmm"} <= results.keys():
         return 0
+    allowed = documented_exceptions()
     lost = regressions(results["runc"], results["vmm"], allowed)
     for name in lost:
         print(f"critest: passes on runc, not on vmm: {name}: {results['vmm'].get(name, {}).get('message', 'not run')}")
     for name in sorted(allowed & {n for n, spec in results["vmm"].items() if spec["state"] == "passed"}):
         print(f"critest: listed in docs/critest.md as impossible in a VM, yet passed on vmm: {name}")
-    return 1 if lost else 0
+    print(f"critest: {len(lost)} spec(s) pass on runc and not on vmm, beyond docs/critest.md's list")
+    return 1 if lost and args.check else 0
 
 
 if __name__ == "__main__":
