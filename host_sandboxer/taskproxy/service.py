@@ -168,7 +168,7 @@ class TaskProxy:
         return reply
 
     async def Kill(self, request, context):
-        return await self._run(context, f"Kill {request.id}", self._kill(request))
+        return await self._run(f"Kill {request.id}", self._kill(request))
 
     async def _kill(self, request):
         """With the VM gone its processes are too (State says stopped): NOT_FOUND, the runc
