@@ -193,7 +193,8 @@ class Daemon:
             for directory in sorted((root / self.cgroup_parent).glob("**/"), key=lambda p: -len(p.parts)):
                 asyncio.run(Cgroup(layout.version, [directory]).remove())
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """SIGTERM; True when the daemon ignored it for 10 s and was SIGKILLed."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -201,6 +202,8 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+                return True
+        return False
 
 
 class Cri:

@@ -19,13 +19,15 @@ Usage from a test:
 
 VMs run on one asyncio loop in a background thread for the whole session, so the vsock backend
 and QEMU's sockets are served while the test thread blocks or asserts.  Every VM a test boots
-is torn down after it, whatever the outcome.  Tests skip only when the image is absent
+is torn down after it, whatever the outcome; a QEMU or helper that outlives the VM's close()
+fails that test.  Tests skip only when the image is absent
 (`make test` builds it first, so in CI it never is).
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -39,6 +41,7 @@ import pytest
 
 from host_sandboxer.config import DEFAULT_IMAGE_DIR, Config, load_config
 from host_sandboxer.vmm.vm import GuestVm
+from leak_guard import fail_if_left, take_left_in
 
 # Boot takes a few seconds under TCG; the margin covers a loaded 2-core machine.
 BOOT_TIMEOUT_S = 60.0
@@ -164,8 +167,11 @@ def vm_factory(vm_config, vm_loop, tmp_path):
     yield boot
     for vm in started:
         vm.close()
+    left = [take_left_in(Path(run_dir)) for run_dir in run_dirs]  # what close() did not stop
     for run_dir in run_dirs:
         shutil.rmtree(run_dir, ignore_errors=True)
+    for found in left:
+        fail_if_left(found)
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ import grpc
 import pytest
 from google.protobuf import any_pb2, empty_pb2
 
-from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
-from host_sandboxer.vmm.process import kill_strays
+from host_sandboxer.taskproxy.mounts import mountpoints_under
+from leak_guard import fail_if_left, stop_daemon
 from tests.unit.test_agent_podconfig import cri_userns_config
 from tests.unit.test_sandboxer_status_info import check_cri_info, crictl_reads
 from vmm_common.protos.containerd.events import task_pb2 as events
@@ -88,18 +88,19 @@ class Env:
 
 @pytest.fixture
 def env(guest_image, request):
-    """Parametrize indirectly with the share fs type, or with Env's keyword arguments (a dict)."""
+    """Parametrize indirectly with the share fs type, or with Env's keyword arguments (a dict),
+    or "runc": the guest image with runc in place of crun (`make guest-image-runc`)."""
     work = Path(tempfile.mkdtemp(prefix="vsb-"))  # short: unix socket paths
     param = getattr(request, "param", "virtiofs")
-    e = Env(work, guest_image, **(param if isinstance(param, dict) else {"sharefs": param}))
+    if param == "runc":
+        e = Env(work, request.getfixturevalue("runc_guest_image"))
+    else:
+        e = Env(work, guest_image, **(param if isinstance(param, dict) else {"sharefs": param}))
     yield e
-    e.daemon.stop()
-    # pods outlive the daemon: a test that failed before Shutdown must not leave its VMs running
-    kill_strays(work)
-    e.daemon.remove_cgroups()
+    left = stop_daemon(e.daemon, work)  # pods outlive the daemon: what the test did not remove
     e.events_server.stop(None)
-    unmount_all_under(work)
     shutil.rmtree(work, ignore_errors=True)
+    fail_if_left(left)
 
 
 def code_of(call) -> grpc.StatusCode | ttrpc.Code:
