@@ -111,13 +111,27 @@ class RunningVm:
         self.run(self.guest.close())
 
 
-@pytest.fixture(scope="session")
-def guest_image() -> GuestImage:
-    image = GuestImage(DEFAULT_IMAGE_DIR / "kernel", DEFAULT_IMAGE_DIR / "initrd.img",
-                       DEFAULT_IMAGE_DIR / "manifest.json")
+def _image(directory: Path, target: str) -> GuestImage:
+    image = GuestImage(directory / "kernel", directory / "initrd.img", directory / "manifest.json")
     missing = [str(p) for p in (image.kernel, image.initrd) if not p.is_file()]
     if missing:
-        pytest.skip(f"guest image absent ({', '.join(missing)}): run `make guest-image`")
+        pytest.skip(f"guest image absent ({', '.join(missing)}): run `make {target}`")
+    return image
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    return _image(DEFAULT_IMAGE_DIR, "guest-image")
+
+
+@pytest.fixture(scope="session")
+def runc_guest_image() -> GuestImage:
+    """The same kernel and agent with runc in place of crun (`make guest-image-runc`)."""
+    image = _image(DEFAULT_IMAGE_DIR.parent / "guest-runc", "guest-image-runc")
+    manifest = json.loads(image.manifest.read_text())
+    names = {entry["path"].rsplit("/", 1)[-1] for entry in manifest["files"]}
+    assert manifest["runtime"] == "runc" and "runc" in names and "crun" not in names, \
+        f"{image.manifest}: not a runc image"
     return image
 
 
