@@ -6,6 +6,7 @@ containerd itself is not installed here; its Events service is stood in for by a
 from the generated stubs (so published events can be checked). Everything else is real.
 """
 
+import collections
 import concurrent.futures
 import importlib.util
 import json
@@ -40,13 +41,25 @@ pytestmark = [pytest.mark.vm, pytest.mark.skipif(os.geteuid() != 0, reason="moun
 
 
 class Events(events_pb2_grpc.EventsServicer):
+    """containerd's Events service: what the daemon publishes, as a queue the test reads and as
+    the whole stream (`repeats()`, checked after every test)."""
+
     def __init__(self):
         self.received = queue.Queue()
+        self.stream: list[tuple] = []
 
     def Publish(self, request, context):
-        self.received.put((dict(context.invocation_metadata()).get("containerd-namespace"),
-                           request.topic, request.event))
+        event = (dict(context.invocation_metadata()).get("containerd-namespace"), request.topic, request.event)
+        self.received.put(event)
+        self.stream.append(event)
         return empty_pb2.Empty()
+
+    def repeats(self) -> list[str]:
+        """Events published more than once (same namespace, topic and payload) over the whole
+        stream. /tasks/oom is left out: a second OOM of a container is the same bytes."""
+        counts = collections.Counter((ns, topic, event.type_url, event.value) for ns, topic, event in self.stream
+                                     if topic != "/tasks/oom")
+        return [f"{topic} x{n}: {value[:120]!r}" for (_, topic, _, value), n in counts.items() if n > 1]
 
     def topics(self, want: set, timeout: float = 20.0) -> list:
         """Events received until every topic in `want` was seen (or the timeout)."""
@@ -90,7 +103,8 @@ class Env:
 @pytest.fixture
 def env(guest_image, request):
     """Parametrize indirectly with the share fs type, or with Env's keyword arguments (a dict),
-    or "runc": the guest image with runc in place of crun (`make guest-image-runc`)."""
+    or "runc": the guest image with runc in place of crun (`make guest-image-runc`). After the
+    test: nothing left (leak_guard) and no event published twice over the whole stream."""
     work = Path(tempfile.mkdtemp(prefix="vsb-"))  # short: unix socket paths
     param = getattr(request, "param", "virtiofs")
     if param == "runc":
@@ -102,6 +116,7 @@ def env(guest_image, request):
     e.events_server.stop(None)
     shutil.rmtree(work, ignore_errors=True)
     fail_if_left(left)
+    assert not e.events.repeats(), f"published more than once: {e.events.repeats()}"
 
 
 def code_of(call) -> grpc.StatusCode | ttrpc.Code:
