@@ -1,9 +1,10 @@
 """vmm-sandboxer end to end: a gRPC client from the generated stubs does what containerd's CRI
 does (and a ttrpc client what it does at the task address), against the real daemon, real QEMU
-(TCG) VMs, real crun in the guest.
+(TCG) VMs, real crun (and runc) in the guest.
 
-containerd itself is not installed here; its Events service is stood in for by a gRPC server
-from the generated stubs (so published events can be checked). Everything else is real.
+containerd's Events service is stood in for by a gRPC server from the generated stubs, so that
+every published event can be checked; the real containerd 2.4 (../shared/containerd/bin) drives
+the daemon in tests/e2e. Everything else is real.
 """
 
 import collections
