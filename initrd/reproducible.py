@@ -41,6 +41,7 @@ def differences(cached: dict, rebuilt: dict) -> list[str]:
 
 def rebuild(cached: dict, empty_cache: Path) -> dict:
     """Build the image `cached` describes with `empty_cache` as the only cache; its manifest."""
+    empty_cache = empty_cache.resolve()  # apt and Nuitka run elsewhere: an absolute path
     env = dict(os.environ, VMM_TASK_CACHE=str(empty_cache), NUITKA_CACHE_DIR=str(empty_cache / "nuitka"),
                CCACHE_DISABLE="1")
     subprocess.run([sys.executable, "-m", "initrd.guest_image", "--runtime", cached["runtime"],
