@@ -115,6 +115,9 @@ def test_take_left_in_takes_what_names_the_directory_or_runs_in_the_cgroup(tmp_p
     (work / "mnt").mkdir(parents=True)
     naming = subprocess.Popen(SLEEP + [f"{work}/qemu.sock"])
     elsewhere = subprocess.Popen(SLEEP + [f"{tmp_path}/other/qemu.sock"])
+    for proc in (naming, elsewhere):  # exec'd: the command line is the new one
+        while b"qemu.sock" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+            time.sleep(0.01)
     controller = Path("/sys/fs/cgroup/pids")
     cgroups = (controller if controller.is_dir() else Path("/sys/fs/cgroup")) / "vmm-task-test"
     cid = f"t{uuid.uuid4().hex[:12]}"
@@ -186,7 +189,7 @@ def test_a_run_that_leaks_fails_listing_it_and_sigterm_still_tears_down(tmp_path
 
 
 POD_MODULE = """
-import subprocess, sys, pytest
+import subprocess, sys, time, pytest
 from leak_guard import fail_if_left, take_left_in
 
 @pytest.fixture
@@ -195,7 +198,9 @@ def pod_dir(tmp_path):
     fail_if_left(take_left_in(tmp_path))
 
 def test_leaves_its_vmm(pod_dir):
-    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{pod_dir}/qmp.sock"])
+    vmm = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{pod_dir}/qmp.sock"])
+    while b"qmp.sock" not in open(f"/proc/{vmm.pid}/cmdline", "rb").read():  # exec'd
+        time.sleep(0.01)
 
 def test_stops_its_vmm(pod_dir):
     vmm = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{pod_dir}/qmp.sock"])
