@@ -156,7 +156,8 @@ def stop_daemon(daemon, work: Path) -> Leftovers:
     pid = daemon.proc.pid if daemon.proc else None
     ignored = daemon.stop()
     found = take_left_in(work)
-    found.other += [f"pod cgroup {path}" for path in daemon.cgroups_left()]
+    found.other += [f"pod cgroup {daemon.cgroup_parent}/{name}"  # once, not once per v1 hierarchy
+                    for name in sorted({Path(path).name for path in daemon.cgroups_left()})]
     daemon.remove_cgroups()  # and whatever still ran there
     if ignored:
         found.other.append(f"vmm-sandboxer {pid} ignored SIGTERM for 10 s (SIGKILLed)")
