@@ -150,12 +150,13 @@ def take_left_in(directory: Path, cgroup: str | None = None, grace_s: float = GR
 
 
 def stop_daemon(daemon, work: Path) -> Leftovers:
-    """SIGTERM the vmm-sandboxer (scripts/demo.py's Daemon) of a test, then take what is left in
-    its `work` dir: a daemon leaves pods running by design, so whatever a test did not remove
-    through the Controller (or the product did not stop) is found here."""
+    """SIGTERM the vmm-sandboxer (scripts/demo.py's Daemon) of a test, then take what is left of
+    it (processes naming its `work` dir or in its cgroups, mounts, pod cgroups): pods outlive the
+    daemon by design, so whatever a test did not remove through the Controller (or the product
+    did not stop) is found here."""
     pid = daemon.proc.pid if daemon.proc else None
     ignored = daemon.stop()
-    found = take_left_in(work)
+    found = take_left_in(work, cgroup=f"/{daemon.cgroup_parent}")  # QEMU's sockets are fds now
     found.other += [f"pod cgroup {daemon.cgroup_parent}/{name}"  # once, not once per v1 hierarchy
                     for name in sorted({Path(path).name for path in daemon.cgroups_left()})]
     daemon.remove_cgroups()  # and whatever still ran there
@@ -179,7 +180,10 @@ def _processes_of(directory: Path, cgroup: str | None) -> dict[int, str]:
         try:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
             cgroups = Path(f"/proc/{entry}/cgroup").read_text() if cgroup else ""
+            dead = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
         except OSError:  # gone meanwhile
+            continue
+        if dead:  # ended; reaping it is its parent's business (PID 1 for an adopted helper)
             continue
         in_cgroup = cgroup and any(line.endswith(cgroup) or f"{cgroup}/" in line
                                    for line in cgroups.splitlines())
