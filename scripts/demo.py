@@ -137,16 +137,27 @@ class FifoReader:
     def __init__(self, path: str):
         self.path = path
         self.data = bytearray()
+        self._error: OSError | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self):
-        with open(self.path, "rb", buffering=0) as f:
-            while chunk := f.read(65536):
-                self.data += chunk
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                while chunk := f.read(65536):
+                    self.data += chunk
+        except OSError as exc:
+            self._error = exc
 
     def result(self, timeout: float = 30.0) -> bytes:
+        """Everything up to EOF; an error if the stream did not end within `timeout` (a stream
+        that never ends is a fault, never "what arrived so far") or could not be read."""
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"{self.path}: no end of file after {timeout:.0f} s "
+                               f"({len(self.data)} bytes so far, ending {bytes(self.data[-80:])!r})")
+        if self._error is not None:
+            raise OSError(f"{self.path}: {self._error} after {len(self.data)} bytes") from self._error
         return bytes(self.data)
 
 
@@ -193,7 +204,8 @@ class Daemon:
             for directory in sorted((root / self.cgroup_parent).glob("**/"), key=lambda p: -len(p.parts)):
                 asyncio.run(Cgroup(layout.version, [directory]).remove())
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """SIGTERM; True when the daemon ignored it for 10 s and was SIGKILLed."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -201,6 +213,8 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+                return True
+        return False
 
 
 class Cri:

@@ -1,7 +1,8 @@
 """The run's leak guard (leak_guard.py): after each test module and at the end of the session,
 any process this run started that is still alive, mount left under its directories, network
 namespace or temp file it made is an error naming each one (and is then taken away, so it is
-reported once).
+reported once). The fixtures that stop a test's daemon, VMs or agent report what they had to
+take away themselves, in that test (leak_guard.take_left_in).
 
 Every tempfile.mkdtemp() of the run (the VM fixtures', the daemon harness', the daemon's own)
 lands in one short per-run directory (unix socket paths must stay under 108 bytes), so what a
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from leak_guard import RUN_VARIABLE, RunGuard, mark_run
+from leak_guard import RUN_VARIABLE, RunGuard, fail_if_left, mark_run
 
 
 def pytest_configure(config):
@@ -55,6 +56,5 @@ def module_leak_guard(run_guard, request):
 
 def _fail_on_leftovers(guard: RunGuard, what: str) -> None:
     found = guard.leftovers()
-    if found:
-        guard.clear(found)
-        pytest.fail(f"{what} left behind (now removed):\n{found.report()}", pytrace=False)
+    guard.clear(found)
+    fail_if_left(found, what)

@@ -9,6 +9,11 @@ the cgroup parent an e2e node gives its pods (`/e2e-<token>-...`, tests/e2e). Mo
 or below the run's directories (pytest's basetemp and the run's own temp dir, where every
 tempfile.mkdtemp of the run lands); network namespaces when their name carries the token
 (bench/netpair.py puts it there); files when left in the run's temp dir.
+
+The run's guard looks after each module, when the tests' own fixtures have torn down: what a
+fixture took away silently would never reach it. So the fixtures that stop what a test started
+(a daemon and its pods' VMs, a VM, an agent and its containers) take what is still there with
+`take_left_in()` after the product's own stop, and fail that test naming it (`fail_if_left`).
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
 
@@ -46,12 +53,14 @@ class Leftovers:
     mounts: list[str] = field(default_factory=list)  # deepest first
     netns: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)  # in words: a process that ignored SIGTERM, ...
 
     def __bool__(self) -> bool:
-        return bool(self.processes or self.mounts or self.netns or self.files)
+        return bool(self.processes or self.mounts or self.netns or self.files or self.other)
 
     def report(self) -> str:
-        lines = [f"  process {pid}: {cmdline}" for pid, cmdline in sorted(self.processes.items())]
+        lines = [f"  {what}" for what in self.other]
+        lines += [f"  process {pid}: {cmdline}" for pid, cmdline in sorted(self.processes.items())]
         lines += [f"  mount {point}" for point in self.mounts]
         lines += [f"  network namespace {name}" for name in self.netns]
         lines += [f"  file {path}" for path in self.files]
@@ -120,6 +129,67 @@ class RunGuard:
             if path:
                 return any(self.basetemp.glob(f"*/bundles/{path.split('/')[0]}"))
         return False
+
+
+def take_left_in(directory: Path, cgroup: str | None = None, grace_s: float = GRACE_S) -> Leftovers:
+    """Processes whose command line names a path in `directory` (a pod's QEMU, virtiofsd, vsock
+    backend or FIFO keeper: their sockets live there) or that run in `cgroup` (a container),
+    and mounts under `directory`, once they had `grace_s` to go: SIGKILLed, detached and
+    returned. Call it after the product's own stop."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = Leftovers(processes=_processes_of(directory, cgroup), mounts=mountpoints_under(directory))
+        if not found or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    for pid in found.processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    unmount_all_under(directory)
+    return found
+
+
+def stop_daemon(daemon, work: Path) -> Leftovers:
+    """SIGTERM the vmm-sandboxer (scripts/demo.py's Daemon) of a test, then take what is left of
+    it (processes naming its `work` dir or in its cgroups, mounts, pod cgroups): pods outlive the
+    daemon by design, so whatever a test did not remove through the Controller (or the product
+    did not stop) is found here."""
+    pid = daemon.proc.pid if daemon.proc else None
+    ignored = daemon.stop()
+    found = take_left_in(work, cgroup=f"/{daemon.cgroup_parent}")  # QEMU's sockets are fds now
+    found.other += [f"pod cgroup {daemon.cgroup_parent}/{name}"  # once, not once per v1 hierarchy
+                    for name in sorted({Path(path).name for path in daemon.cgroups_left()})]
+    daemon.remove_cgroups()  # and whatever still ran there
+    if ignored:
+        found.other.append(f"vmm-sandboxer {pid} ignored SIGTERM for 10 s (SIGKILLed)")
+    return found
+
+
+def fail_if_left(found: Leftovers, what: str = "the test") -> None:
+    """Fail (in a fixture's teardown: the test whose fixture it is) naming what was left."""
+    if found:
+        pytest.fail(f"{what} left behind (now removed):\n{found.report()}", pytrace=False)
+
+
+def _processes_of(directory: Path, cgroup: str | None) -> dict[int, str]:
+    marker = os.fsencode(directory) + b"/"
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            cgroups = Path(f"/proc/{entry}/cgroup").read_text() if cgroup else ""
+            dead = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
+        except OSError:  # gone meanwhile
+            continue
+        if dead:  # ended; reaping it is its parent's business (PID 1 for an adopted helper)
+            continue
+        in_cgroup = cgroup and any(line.endswith(cgroup) or f"{cgroup}/" in line
+                                   for line in cgroups.splitlines())
+        if marker in cmdline or in_cgroup:
+            found[int(entry)] = cmdline.replace(b"\0", b" ").decode(errors="replace")[:300]
+    return found
 
 
 def _listdir(directory: Path) -> list[str]:

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import pytest
 
-from host_sandboxer.taskproxy.mounts import unmount_all_under
+from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
 from initrd import guest_runtime
+from leak_guard import CONTAINER_CGROUP, Leftovers, fail_if_left, take_left_in
 from vmm_common import ttrpc
 from vmm_common.protos.containerd.events import task_pb2 as events_pb
 from vmm_common.protos.containerd.services.ttrpc.events.v1 import events_pb2 as envelope_pb
@@ -178,10 +179,16 @@ class Bundles:
 
 @pytest.fixture
 def bundles(tmp_path, busybox_rootfs, crun_cgroups) -> Bundles:
+    """The test's bundles; a container it did not delete through the API (its processes, its
+    rootfs still mounted) fails it, named."""
     made = Bundles(tmp_path / "bundles", busybox_rootfs)
     yield made
-    for bundle in made.made:  # a failed test may leave its rootfs mounted
-        subprocess.run(["umount", "-l", str(bundle.path / "rootfs")], capture_output=True)
+    left = Leftovers()
+    for bundle in made.made:
+        found = take_left_in(bundle.path, cgroup=f"{CONTAINER_CGROUP}{bundle.id}")
+        left.processes.update(found.processes)
+        left.mounts += found.mounts
+    fail_if_left(left)
 
 
 class TaskClient:
@@ -326,7 +333,10 @@ class Agent:
                     found.append(int(entry))
         return found
 
-    def stop(self) -> None:
+    def stop(self) -> Leftovers:
+        """SIGTERM, as the VM's poweroff would; what the agent did not undo (its pod namespace
+        binds, containers still in the runtime's state) is taken away and returned."""
+        left = Leftovers()
         if self.alive():
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -334,16 +344,18 @@ class Agent:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+                left.other.append(f"the agent {self.pid} ignored SIGTERM for 10 s (SIGKILLed)")
         self._log_file.close()
-        # an agent killed (or dead) ran no cleanups: its pod namespace binds stay mounted
+        left.mounts = mountpoints_under(self.run_dir)
         unmount_all_under(self.run_dir)
-        # containers a failed test left behind: their runtime state lives in our run dir
-        root = self.run_dir / "oci"
+        root = self.run_dir / "oci"  # the runtime's state lives in our run dir
         if root.is_dir():
             for cid in os.listdir(root):
                 if (root / cid).is_dir():
+                    left.other.append(f"container {cid} still in {RUNTIME_NAME}'s state (deleted with --force)")
                     subprocess.run([self.runtime, "--root", str(root), "delete", "--force", cid],
                                    capture_output=True)
+        return left
 
 
 @pytest.fixture(scope="session")
@@ -359,4 +371,4 @@ def agent(tmp_path_factory, busybox_rootfs, crun_cgroups, runtime) -> Agent:
     try:
         assert running.alive(), f"the agent died:\n{running.log.read_text()[-3000:]}"
     finally:
-        running.stop()
+        fail_if_left(running.stop(), "the module's tests and agent")

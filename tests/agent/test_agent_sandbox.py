@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import empty_pb2
 
-from host_sandboxer.taskproxy.mounts import unmount_all_under
+from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
+from leak_guard import Leftovers, fail_if_left
 from vmm_common import ttrpc
 from vmm_common.protos.kuasar import sandbox_pb2 as pb
 from vmm_common.protos.vmmtask.v1 import health_pb2 as health_pb
@@ -75,6 +76,7 @@ def start_agent(tmp_path):
         return agent
 
     yield start
+    left = Leftovers()
     for agent in started:  # SIGTERM: the agent undoes its pod mounts before exiting
         if agent.process.poll() is None:
             try:
@@ -82,7 +84,11 @@ def start_agent(tmp_path):
             except subprocess.TimeoutExpired:
                 agent.process.kill()
                 agent.process.wait()
-        unmount_all_under(agent.run_dir)  # an agent killed ran no cleanups
+                left.other.append(f"agent {agent.pid} ignored SIGTERM for 10 s (SIGKILLed)")
+        if agent.process.returncode >= 0:  # it ended by itself: what it left mounted is a leak
+            left.mounts += mountpoints_under(agent.run_dir)
+        unmount_all_under(agent.run_dir)  # an agent killed by the test ran no cleanups
+    fail_if_left(left)
 
 
 def pod_config(**config) -> pb.SetupSandboxRequest:

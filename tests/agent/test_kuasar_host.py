@@ -106,8 +106,9 @@ def mounted(point: str) -> bool:
 INIT = ("echo hostname=$(cat /etc/hostname); cat /data/host.txt; grep ' /cache ' /proc/mounts; "
         "grep ' / ' /proc/mounts; {keyring}; "
         "echo hi > /cache/x; while [ ! -e /cache/stop ]; do sleep 0.1; done; exit 7")
-# the runtime names the session keyring it makes for a container after the container
-KEYRING = "grep -q ' keyring  *{cid}: ' /proc/keys && echo own keyring || echo no keyring of its own"
+# the runtime names the session keyring it makes for a container after the container (crun:
+# the id, runc: "_ses." and the id)
+KEYRING = "grep -Eq ' keyring +(_ses\\.)?{cid}: ' /proc/keys && echo own keyring || echo no keyring of its own"
 
 
 def test_containers_the_kuasar_way(kuasar_agent, host, empty_dir, busybox_rootfs, tmp_path):

@@ -4,6 +4,12 @@ The agent must answer each with a status (never INTERNAL from the Task service: 
 there is a named problem), still answer Check afterwards, and leak no process once whatever the
 fuzz created is removed through the API.
 
+"Answered with an error" and "did not answer" are told apart: a call not answered within
+ANSWER_S is a hang and fails the test, naming the method. Two methods wait by contract, Wait
+(until its process exits) and GetEvents (until an event is queued): they run without a deadline
+and must have answered once every container is removed, except GetEvents calls left waiting
+while the agent has no event queued.
+
 Dev mode keeps the host safe by itself: network, clock and global sysctl changes are refused
 outside the VM. Stdio paths in the seeds are empty so no mutation can aim output at a host file.
 VMM_TASK_FUZZ_SEED reproduces a run."""
@@ -22,7 +28,8 @@ from vmm_common.protos.vmmtask.v1 import health_pb2
 
 PAYLOADS = 10_500
 IN_FLIGHT = 24
-CALL_TIMEOUT = 0.3
+ANSWER_S = 30.0  # any handler answers in milliseconds; this is "never", on a loaded machine too
+LONG_POLLS = {("containerd.task.v2.Task", "Wait"), ("grpc.SandboxService", "GetEvents")}
 SERVICES = [("containerd.task.v2.Task", shim_pb2, "Task"),
             ("grpc.SandboxService", sandbox_pb2, "SandboxService"),
             ("vmmtask.v1.Health", health_pb2, "Health")]
@@ -143,6 +150,11 @@ def test_fuzz_every_method_then_check_and_no_leak(agent, bundles):
         await t.exec(live.id, "fz-exec", ["sleep", "1000"])
         outcomes: dict[str, int] = {}
         internal: list[str] = []
+        unanswered: list[str] = []
+        waiting: dict[asyncio.Future, str] = {}  # long polls still without an answer
+
+        def count(outcome: str) -> None:
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
 
         async def one(service, method, request_class, response_class):
             kind = rng.randrange(3)
@@ -153,15 +165,30 @@ def test_fuzz_every_method_then_check_and_no_leak(agent, bundles):
                                              .SerializeToString()))
             else:
                 payload = _fill(rng, request_class())
+            call = t.client.call(service, method, payload, response_class)
+            if (service, method) in LONG_POLLS:
+                waiting[asyncio.ensure_future(call)] = method
+                return
             try:
-                await t.client.call(service, method, payload, response_class,
-                                    timeout=CALL_TIMEOUT)
-                outcome = "OK"
+                await asyncio.wait_for(call, ANSWER_S)
+                count("OK")
             except ttrpc.RpcError as e:
-                outcome = e.code.name
-                if outcome == "INTERNAL" and service.startswith("containerd"):
+                count(e.code.name)
+                if e.code.name == "INTERNAL" and service.startswith("containerd"):
                     internal.append(f"{method}: {e.message}")
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            except asyncio.TimeoutError:
+                unanswered.append(method)
+
+        def settle(done) -> None:
+            for call in done:
+                del waiting[call]
+                error = call.exception()
+                if isinstance(error, ttrpc.RpcError):
+                    count(error.code.name)
+                elif error is not None:
+                    raise error
+                else:
+                    count("OK")
 
         pending = set()
         for _ in range(PAYLOADS):
@@ -181,12 +208,27 @@ def test_fuzz_every_method_then_check_and_no_leak(agent, bundles):
                 await t.remove(cid)
             except ttrpc.RpcError as e:
                 assert e.code.name == "NOT_FOUND", (cid, e)
-        status = await t.client.call("vmmtask.v1.Health", "Status", empty_pb2.Empty(),
-                                     health_pb2.StatusResponse, timeout=5)
-        return outcomes, internal, left, status
+        # every process is gone: each Wait answers; a GetEvents answers while events are queued
+        deadline = asyncio.get_running_loop().time() + ANSWER_S
+        while True:
+            settle([call for call in waiting if call.done()])
+            status = await t.client.call("vmmtask.v1.Health", "Status", empty_pb2.Empty(),
+                                         health_pb2.StatusResponse, timeout=5)
+            hung = sorted(method for method in waiting.values()
+                          if method == "Wait" or status.events_queued)
+            if not hung or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.wait(waiting, timeout=0.1)
+        outcomes["waiting for an event"] = len(waiting)
+        unanswered += hung
+        for call in waiting:
+            call.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        return outcomes, internal, unanswered, left, status
 
-    outcomes, internal, left, status = agent.run(body, timeout=600)
+    outcomes, internal, unanswered, left, status = agent.run(body, timeout=600)
     print("fuzz outcomes", outcomes, "left", left)
+    assert not unanswered, f"no answer within {ANSWER_S} s: {sorted(set(unanswered))}"
     assert sum(outcomes.values()) == PAYLOADS
     assert not internal, internal[:5]
     assert outcomes.get("INVALID_ARGUMENT", 0) > 1000 and outcomes.get("OK", 0) > 100, outcomes

@@ -6,6 +6,7 @@ namespace, so the bind mounts never reach the host's mount table.
 
 import asyncio
 import os
+import signal
 import socket
 import time
 
@@ -16,7 +17,7 @@ from test_agent_reaper import in_child
 from vmm_task.capture import run_capture
 from vmm_task.init import syscalls as sc
 from vmm_task.pod.namespaces import PodNamespaces
-from vmm_task.procfs import count_zombie_children
+from vmm_task.procfs import count_zombie_children, stat_fields
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
 
@@ -53,9 +54,15 @@ def test_ipc_uts_pid_namespaces_hostname_sysctl_and_holder(tmp_path):
             "pid 1": await run("nsenter", f"--pid={pod.paths['pid']}", "sh", "-c",
                                "cat /proc/1/comm 2>/dev/null; echo $$"),
         }
-        # an orphan inside the pod PID namespace is reaped by the holder, its init
-        await run("nsenter", f"--pid={pod.paths['pid']}", "sh", "-c", "sleep 0.2 &")
-        await asyncio.sleep(0.6)
+        # an orphan inside the pod PID namespace is adopted by the holder, its init, and reaped
+        # by it once killed: its /proc entry goes (a zombie's would stay)
+        await run("nsenter", f"--pid={pod.paths['pid']}", "sh", "-c", "sleep 1000 >/dev/null 2>&1 &")
+        [orphan] = children_of(holder)
+        os.kill(orphan, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{orphan}") and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        seen["orphan reaped"] = not os.path.exists(f"/proc/{orphan}")
         seen["holder zombies"] = count_zombie_children(holder)
         pod.destroy()
         seen["holder exit"] = (await reaper.wait_pid(holder)).code
@@ -67,7 +74,7 @@ def test_ipc_uts_pid_namespaces_hostname_sysctl_and_holder(tmp_path):
     assert seen["ipc"] == "1234" and seen["our shmmni"]
     assert seen["pid ns"] and seen["holder"] == "pod-pause"
     assert seen["pid 1"].split()[-1] == "2"  # nsenter's child is the namespace's second process
-    assert seen["holder zombies"] == 0
+    assert seen["orphan reaped"] and seen["holder zombies"] == 0
     assert seen["holder exit"] == 128 + 9
     assert seen["files left"] == []
 
@@ -110,6 +117,17 @@ def test_holder_exits_when_the_agent_dies_without_cleaning_up(tmp_path):
     while _alive(holder):
         assert time.monotonic() < deadline, f"holder {holder} outlived the agent"
         time.sleep(0.1)
+
+
+def children_of(parent: int) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(stat_fields(entry)[1]) == parent:
+                found.append(int(entry))
+        except OSError:  # gone meanwhile
+            continue
+    return found
 
 
 def _alive(pid: int) -> bool:

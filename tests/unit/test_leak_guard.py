@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.netpair import sh
-from leak_guard import RUN_VARIABLE, RunGuard
+from leak_guard import RUN_VARIABLE, RunGuard, take_left_in
 from vmm_common.mount import MS_BIND, mount
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts, cgroups and netns need root")
@@ -108,6 +108,38 @@ def test_an_e2e_container_is_ours_by_its_pods_cgroup_parent(guard):
     assert found_in_cgroups(guard, [ours, foreign]) == {ours}
 
 
+def test_take_left_in_takes_what_names_the_directory_or_runs_in_the_cgroup(tmp_path):
+    """A fixture's teardown after the product's stop: a helper whose command line names the
+    directory, a container's process by its cgroup, a mount under the directory; not others."""
+    work = tmp_path / "work"
+    (work / "mnt").mkdir(parents=True)
+    naming = subprocess.Popen(SLEEP + [f"{work}/qemu.sock"])
+    elsewhere = subprocess.Popen(SLEEP + [f"{tmp_path}/other/qemu.sock"])
+    for proc in (naming, elsewhere):  # exec'd: the command line is the new one
+        while b"qemu.sock" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+            time.sleep(0.01)
+    controller = Path("/sys/fs/cgroup/pids")
+    cgroups = (controller if controller.is_dir() else Path("/sys/fs/cgroup")) / "vmm-task-test"
+    cid = f"t{uuid.uuid4().hex[:12]}"
+    (cgroups / cid).mkdir(parents=True)
+    contained = sleeper({})
+    (cgroups / cid / "cgroup.procs").write_text(str(contained.pid))
+    mount("/proc", str(work / "mnt"), None, MS_BIND)
+    try:
+        found = take_left_in(work, cgroup=f"/vmm-task-test/{cid}", grace_s=0)
+        assert set(found.processes) == {naming.pid, contained.pid}
+        assert found.mounts == [str(work / "mnt")]
+        assert naming.wait(5) < 0 and contained.wait(5) < 0
+        assert not running(naming.pid) and elsewhere.poll() is None
+        assert not take_left_in(work, cgroup=f"/vmm-task-test/{cid}", grace_s=0)
+    finally:
+        for proc in (naming, elsewhere, contained):
+            proc.kill()
+            proc.wait()
+        subprocess.run(["umount", "-l", str(work / "mnt")], capture_output=True)
+        (cgroups / cid).rmdir()
+
+
 LEAKY_MODULE = """
 import os, subprocess, sys, tempfile, time
 
@@ -154,3 +186,42 @@ def test_a_run_that_leaks_fails_listing_it_and_sigterm_still_tears_down(tmp_path
     assert len(leaked) == 1 and not running(int(leaked[0]))
     assert "/left-" in output and "KeyboardInterrupt" in output
     assert mark.read_text().count("torn down") == 2  # the killed test's teardown ran too
+
+
+POD_MODULE = """
+import subprocess, sys, time, pytest
+from leak_guard import fail_if_left, take_left_in
+
+@pytest.fixture
+def pod_dir(tmp_path):
+    yield tmp_path
+    fail_if_left(take_left_in(tmp_path))
+
+def test_leaves_its_vmm(pod_dir):
+    vmm = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{pod_dir}/qmp.sock"])
+    while b"qmp.sock" not in open(f"/proc/{vmm.pid}/cmdline", "rb").read():  # exec'd
+        time.sleep(0.01)
+
+def test_stops_its_vmm(pod_dir):
+    vmm = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{pod_dir}/qmp.sock"])
+    vmm.terminate()
+    vmm.wait()
+"""
+
+
+def test_a_fixture_that_had_to_take_something_fails_its_own_test(tmp_path):
+    """Before the module's guard could see it: the teardown error names the test and process."""
+    tests = Path(__file__).resolve().parents[1]
+    for name in ("conftest.py", "leak_guard.py"):
+        (tmp_path / name).write_text((tests / name).read_text())
+    (tmp_path / "test_pods.py").write_text(POD_MODULE)
+    env = dict(os.environ, PYTHONPATH=str(tests.parent), LEAK_GUARD_GRACE_S="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
+                          "--basetemp", str(tmp_path / "base"), "test_pods.py"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "ERROR test_pods.py::test_leaves_its_vmm" in output, output
+    assert "PASSED test_pods.py::test_stops_its_vmm" in output, output
+    assert "the test left behind (now removed):" in output and "qmp.sock" in output, output
+    assert "test_pods left behind" not in output, output  # taken (and reported) by the fixture

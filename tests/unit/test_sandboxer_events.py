@@ -1,7 +1,9 @@
 """Event publishing to containerd's Events service.
 
-containerd is not installed here, so a gRPC server from the generated stubs stands in for its
-Events service; the publisher, the channel and the wire format are the real ones.
+A gRPC server from the generated stubs stands in for containerd's Events service (so what is
+published can be inspected and containerd's failures staged); the publisher, the channel and
+the wire format are the real ones. The real containerd 2.4 receives them in tests/e2e
+(../shared/containerd/bin).
 """
 
 import asyncio

@@ -11,9 +11,10 @@ import os
 
 import pytest
 
+from leak_guard import fail_if_left, take_left_in
+
 from host_sandboxer.taskproxy.delivered import DeliveredMark
 from host_sandboxer.taskproxy.stdio import FifoSink, PortAllocator, ProcessStdio, _deliver_output
-from host_sandboxer.vmm.process import kill_strays
 from vmm_common.fdio import write_all
 from vmm_common.stdio_ack import ACK_EVERY, OFFSET
 from vmm_task.container.endpoints import parse_endpoint
@@ -22,8 +23,9 @@ from vmm_task.container.resumable import ResumableOutput, pump_stdin
 
 @pytest.fixture(autouse=True)
 def no_keeper_left(tmp_path):
+    """A FIFO keeper still running after the test (its stream's close() stops it) fails it."""
     yield
-    kill_strays(tmp_path)  # a test that failed before close() must not leave keepers running
+    fail_if_left(take_left_in(tmp_path))
 
 
 class UnixPortTransport:

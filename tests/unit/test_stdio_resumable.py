@@ -10,6 +10,7 @@ import socket
 
 import pytest
 
+from vmm_common.fdio import wait_readable
 from vmm_common.stdio_ack import FRAME, MAX_FRAME, OFFSET, ProtocolError, frame
 from vmm_task.container.fdcopy import widen_pipe
 from vmm_task.container.resumable import Retained, ResumableOutput, pump_stdin
@@ -57,6 +58,16 @@ class Host:
 
 async def _read(reader, count: int) -> bytes:
     return await asyncio.wait_for(reader.readexactly(count), 5)
+
+
+async def _pipe_read(fd: int, count: int) -> bytes:
+    """`count` bytes from a non-blocking pipe, as they come (within 5 s)."""
+    got = b""
+    async with asyncio.timeout(5):
+        while len(got) < count:
+            await wait_readable(fd)
+            got += os.read(fd, count - len(got))
+    return got
 
 
 def _pipe():
@@ -119,24 +130,40 @@ def test_a_newer_connection_supersedes_one_the_pump_still_holds():
     asyncio.run(scenario())
 
 
+class Watermark(Retained):
+    """Retained that records the most bytes it ever held unacknowledged."""
+
+    def __init__(self, window: int):
+        super().__init__(window)
+        self.most = 0
+
+    def append(self, data: bytes) -> None:
+        super().append(data)
+        self.most = max(self.most, self.end - self.acked)
+
+
 def test_a_full_window_stops_reading_the_process_until_acks_come():
+    """Whenever the pump reads, it holds at most the window unacknowledged: checked at every
+    read of the whole stream, not at one moment after a pause."""
     async def scenario():
         src, sink = _pipe()
+        data = os.urandom(10_000)
         host, pump = Host(), ResumableOutput("stdout", window=4096)
+        pump.retained = Watermark(4096)
         running = asyncio.ensure_future(pump.run(src, host.accept))
-        os.write(sink, b"x" * 10_000)
+        os.write(sink, data)
+        os.close(sink)
         reader, writer = await host.connect()
         writer.write(OFFSET.pack(0))
-        assert await _read(reader, 4096) == b"x" * 4096
-        await asyncio.sleep(0.2)
-        assert pump.retained.end == 4096, "nothing read past the window while unacknowledged"
-        writer.write(OFFSET.pack(4096))
-        assert await _read(reader, 4096) == b"x" * 4096
-        assert pump.retained.end == 8192
-        running.cancel()
+        got = b""
+        while len(got) < len(data):
+            got += await _read(reader, min(4096, len(data) - len(got)))
+            writer.write(OFFSET.pack(len(got)))
+        assert got == data
+        await asyncio.wait_for(running, 5)
+        assert pump.retained.most == 4096, "nothing read past the window while unacknowledged"
         writer.close()
-        for fd in (src, sink):
-            os.close(fd)
+        os.close(src)
 
     asyncio.run(scenario())
 
@@ -178,11 +205,10 @@ def test_stdin_frames_survive_a_lost_connection_and_end_on_the_empty_frame():
         writer.close()
         _, writer = await host.connect()
         writer.write(frame(b"two\n"))
-        await asyncio.sleep(0.2)
+        assert await _pipe_read(dst_read, 8) == b"one\ntwo\n", "the next connection still feeds stdin"
         assert not running.done(), "stdin stays open across connections"
         writer.write(frame(b""))
         await asyncio.wait_for(running, 5)
-        assert os.read(dst_read, 100) == b"one\ntwo\n"
         writer.close()
         for fd in (dst_read, dst):
             os.close(fd)

@@ -19,13 +19,15 @@ Usage from a test:
 
 VMs run on one asyncio loop in a background thread for the whole session, so the vsock backend
 and QEMU's sockets are served while the test thread blocks or asserts.  Every VM a test boots
-is torn down after it, whatever the outcome.  Tests skip only when the image is absent
+is torn down after it, whatever the outcome; a QEMU or helper that outlives the VM's close()
+fails that test.  Tests skip only when the image is absent
 (`make test` builds it first, so in CI it never is).
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -39,6 +41,7 @@ import pytest
 
 from host_sandboxer.config import DEFAULT_IMAGE_DIR, Config, load_config
 from host_sandboxer.vmm.vm import GuestVm
+from leak_guard import fail_if_left, take_left_in
 
 # Boot takes a few seconds under TCG; the margin covers a loaded 2-core machine.
 BOOT_TIMEOUT_S = 60.0
@@ -108,13 +111,27 @@ class RunningVm:
         self.run(self.guest.close())
 
 
-@pytest.fixture(scope="session")
-def guest_image() -> GuestImage:
-    image = GuestImage(DEFAULT_IMAGE_DIR / "kernel", DEFAULT_IMAGE_DIR / "initrd.img",
-                       DEFAULT_IMAGE_DIR / "manifest.json")
+def _image(directory: Path, target: str) -> GuestImage:
+    image = GuestImage(directory / "kernel", directory / "initrd.img", directory / "manifest.json")
     missing = [str(p) for p in (image.kernel, image.initrd) if not p.is_file()]
     if missing:
-        pytest.skip(f"guest image absent ({', '.join(missing)}): run `make guest-image`")
+        pytest.skip(f"guest image absent ({', '.join(missing)}): run `make {target}`")
+    return image
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    return _image(DEFAULT_IMAGE_DIR, "guest-image")
+
+
+@pytest.fixture(scope="session")
+def runc_guest_image() -> GuestImage:
+    """The same kernel and agent with runc in place of crun (`make guest-image-runc`)."""
+    image = _image(DEFAULT_IMAGE_DIR.parent / "guest-runc", "guest-image-runc")
+    manifest = json.loads(image.manifest.read_text())
+    names = {entry["path"].rsplit("/", 1)[-1] for entry in manifest["files"]}
+    assert manifest["runtime"] == "runc" and "runc" in names and "crun" not in names, \
+        f"{image.manifest}: not a runc image"
     return image
 
 
@@ -164,8 +181,11 @@ def vm_factory(vm_config, vm_loop, tmp_path):
     yield boot
     for vm in started:
         vm.close()
+    left = [take_left_in(Path(run_dir)) for run_dir in run_dirs]  # what close() did not stop
     for run_dir in run_dirs:
         shutil.rmtree(run_dir, ignore_errors=True)
+    for found in left:
+        fail_if_left(found)
 
 
 @pytest.fixture

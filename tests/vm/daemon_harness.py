@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from bench.netpair import sh
-from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
-from host_sandboxer.vmm.process import kill_strays
+from host_sandboxer.taskproxy.mounts import mountpoints_under
+from leak_guard import fail_if_left, stop_daemon
 from scripts import demo
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 
@@ -91,8 +91,7 @@ class Harness:
         assert host_network() == self.host_network
 
     def close(self):
-        self.daemon.stop()
-        kill_strays(self.work)  # pods outlive the daemon: those of a test that failed before Shutdown
-        self.daemon.remove_cgroups()
-        unmount_all_under(self.work)
+        """Fails the test naming what it left (pods outlive the daemon: those not removed)."""
+        left = stop_daemon(self.daemon, self.work)
         shutil.rmtree(self.work, ignore_errors=True)
+        fail_if_left(left)

@@ -26,6 +26,7 @@ from host_sandboxer.network import pod as pod_network
 from host_sandboxer.network.netns import run_in_netns
 from host_sandboxer.portforward import redirect
 from host_sandboxer.vmm.vm import GuestVm
+from leak_guard import fail_if_left, stop_daemon
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(os.geteuid() != 0, reason="netns and mounts need root")]
@@ -36,7 +37,9 @@ PEER_PORT, POD_PORT, FORWARDED_PORT, NOBODY_PORT = 8080, 8081, 8082, 8099
 def daemon(guest_image):
     d = Daemon(guest_image.kernel, guest_image.initrd)
     yield d
+    left = stop_daemon(d.daemon, d.work)
     d.close()
+    fail_if_left(left)
 
 
 def _serve_once(server, reply: bytes) -> bytes:

@@ -1,5 +1,6 @@
 """vmm-task as PID 1 of the real guest image (QEMU TCG, hybrid vsock): the ready line, bad
-`task.*` values reported without stopping the boot, orphans reaped, the pod's namespaces,
+`task.*` values reported without stopping the boot, orphans reaped, TERM/INT/HUP/PIPE/USR1/USR2
+sent to PID 1 survived, the pod's namespaces,
 SyncClock moving the guest clock both ways, and cgroup v1 + 9p when the command line asks.
 
 The guest has no shell: commands run through ExecVMProcess (boot with task.debug) using a copy
@@ -8,6 +9,7 @@ of the host's static busybox placed in the shared directory (/run/kuasar/state i
 
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -41,7 +43,7 @@ def status(vm) -> health_pb.StatusResponse:
     return vm.call(HEALTH, "Status", empty_pb2.Empty(), health_pb.StatusResponse)
 
 
-def test_pid1_ready_line_bad_parameters_and_orphan_reaping(vm_factory, tmp_path):
+def test_pid1_ready_line_bad_parameters_orphan_reaping_and_signals(vm_factory, tmp_path):
     vm = booted_with_busybox(vm_factory, tmp_path, "task.log_level=loud", "task.frobnicate=1")
     console = vm.console_text()
     ready = [line for line in console.splitlines() if "vmm-task ready" in line]
@@ -71,6 +73,20 @@ def test_pid1_ready_line_bad_parameters_and_orphan_reaping(vm_factory, tmp_path)
         time.sleep(0.2)
     after = status(vm)
     assert after.zombies == 0 and after.reaped_total > reaped_before
+
+    # signals to PID 1: each handled one is logged as it arrives; SIGPIPE is ignored (SigIgn)
+    assert int(guest(vm, "grep SigIgn /proc/1/status").split()[1], 16) & (1 << (signal.SIGPIPE - 1))
+    for name in ("TERM", "INT", "HUP", "PIPE", "USR1", "USR2"):
+        guest(vm, f"kill -{name} 1")
+        if name != "PIPE":
+            line = f"received SIG{name}: PID 1 keeps running"
+            deadline = time.monotonic() + 20
+            while line not in vm.console_text():
+                assert time.monotonic() < deadline, f"no {line!r} on the console"
+                time.sleep(0.2)
+        survived = status(vm)  # the same agent: a PID 1 that exits panics the kernel
+        assert (survived.pid, survived.started_at_uptime_s) == (1, after.started_at_uptime_s), name
+    assert "Kernel panic" not in vm.console_text()
 
 
 def test_mounts_pod_namespaces_and_clock_in_the_guest(vm_factory, tmp_path):

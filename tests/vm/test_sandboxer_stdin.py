@@ -53,7 +53,7 @@ def test_100_mib_into_stdin_through_the_daemon_arrives_intact(harness):
     print(f"\n{SIZE >> 20} MiB written into the stdin FIFO in {seconds:.1f} s ({SIZE / seconds / 1e6:.0f} MB/s)")
     assert status == 0, (digest, dd_summary)
     assert dd_summary.decode().startswith(f"{SIZE // BLOCK}+0 records in\n"), dd_summary  # SIZE bytes exactly
-    assert digest.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+    assert digest == f"{hashlib.sha256(payload).hexdigest()}  -\n".encode()
     tasks.Delete(task.DeleteRequest(id=bundle.id), metadata=NS, timeout=60)
     tasks.Shutdown(task.ShutdownRequest(id=bundle.id), metadata=NS, timeout=60)
     harness.cri.remove_pod("stdin-pod")
