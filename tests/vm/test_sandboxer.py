@@ -279,7 +279,7 @@ def test_vmm_killed(env):
     assert (state.status, state.exit_status, state.bundle) == (3, 255, str(b.path))  # STOPPED
     # CRI's stop path Kills what it still thinks runs: NOT_FOUND, which it ignores, as for runc
     kill = task.KillRequest(id=b.id, signal=signal.SIGKILL, all=True)
-    assert code_of(lambda: tasks.Kill(kill, metadata=NS, timeout=10)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: tasks.Kill(kill, metadata=NS, timeout=10)) == ttrpc.Code.NOT_FOUND
     assert tasks.Delete(task.DeleteRequest(id=b.id), metadata=NS, timeout=10).exit_status == 255
     assert not (env.daemon.state / "crash" / "mounts" / b.id).exists()
     assert env.status("bystander").state == "SANDBOX_READY"
