@@ -63,3 +63,8 @@ async def serve(listen: Path, state_dir: Path, config) -> None:
     await sandboxes.close()
     await publisher.close()
     listen.unlink(missing_ok=True)
+    # Leave without asyncio's teardown: it closes the subprocess transports still open, and a
+    # transport closed while its child runs kills the child (asyncio base_subprocess close()),
+    # which would take every pod's QEMU and virtiofsd down with a graceful stop.
+    logging.shutdown()
+    os._exit(0)

@@ -112,6 +112,24 @@ def test_daemon_killed_running_pods_are_taken_over(env):
     assert mountpoints_under(env.work) == []
 
 
+def test_daemon_stopped_with_sigterm_leaves_its_pods_running(env):
+    """A graceful stop (an upgrade: stop the old daemon, start the new) stops no pod: asyncio's
+    teardown would kill every child whose subprocess transport it closes, QEMU included."""
+    started, tasks, b = _long_running_pod(env, "upgraded")
+    helpers = _helpers(env, "upgraded")
+    env.daemon.proc.send_signal(signal.SIGTERM)
+    assert env.daemon.proc.wait(30) == 0
+    time.sleep(1.0)  # what asyncio's teardown killed would be dead (a zombie) by now
+    assert all(_alive(p) for p in helpers.values()), f"a graceful stop killed: {helpers}"
+    env.daemon.start()
+    assert env.status("upgraded").state == "SANDBOX_READY"
+    tasks = demo.Cri.task_client(started.address)
+    assert tasks.State(task.StateRequest(id=b.id), metadata=NS, timeout=10).status == RUNNING
+    assert _exec(tasks, b, "after", ["sh", "-c", "echo after-upgrade"]) == (b"after-upgrade\n", 0)
+    env.cri.remove_pod("upgraded")
+    assert _gone([helpers["qemu"], helpers["virtiofsd"]]), f"left running: {helpers}"
+
+
 def test_a_wait_held_across_a_daemon_kill_returns_the_real_exit_status(env):
     """What containerd holds through a `kill -9` of the daemon: its connection, its Wait. The
     container ends on its own after the restart (an exec tells it to): the Wait made before the
