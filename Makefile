@@ -9,7 +9,8 @@ export VMM_TASK_CACHE ?= $(HOME)/.cache/vmm-task
 RUNTIME ?= crun
 # DEBUG=1 adds a static busybox to the guest for a debug shell.
 DEBUG ?= 0
-export RUNTIME DEBUG
+# Passed as arguments, not exported: a DEBUG in the environment turns on the debug output of
+# tools the tests run (crictl's SPDY streams print their frames into exec output).
 # tests/e2e drives the real containerd 2.4, runc and crictl: upstream binaries that CI and every
 # developer have beside the project (../shared/containerd/bin). Without them the e2e layer skips,
 # naming what is missing.

@@ -5,6 +5,7 @@ containerd's streaming server on its 127.0.0.1)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -14,6 +15,10 @@ from netns import NodeNetns
 
 # RunPodSandbox boots a VM under TCG on a loaded machine: crictl's per-call deadline is this.
 CALL_TIMEOUT_S = 180
+
+# crictl links moby/spdystream, which prints every stream frame into exec/attach output when
+# DEBUG is set at all (even DEBUG=0, as `make DEBUG=0` exports it).
+QUIET_ENV = {k: v for k, v in os.environ.items() if k != "DEBUG"}
 
 
 class CrictlError(RuntimeError):
@@ -39,14 +44,15 @@ class Crictl:
     def run(self, *args: str, input: bytes | None = None, check: bool = True,
             timeout: float = CALL_TIMEOUT_S + 30) -> subprocess.CompletedProcess:
         """Run crictl; output as bytes; CrictlError naming the command unless `check` is False."""
-        result = subprocess.run(self.argv(*args), input=input, capture_output=True, timeout=timeout)
+        result = subprocess.run(self.argv(*args), input=input, capture_output=True, timeout=timeout,
+                                env=QUIET_ENV)
         if check and result.returncode != 0:
             raise CrictlError(list(args), result)
         return result
 
     def popen(self, *args: str, **kwargs) -> subprocess.Popen:
         """crictl as a running child (attach, port-forward)."""
-        return subprocess.Popen(self.argv(*args), **kwargs)
+        return subprocess.Popen(self.argv(*args), env=QUIET_ENV, **kwargs)
 
     def text(self, *args: str) -> str:
         return self.run(*args).stdout.decode().strip()

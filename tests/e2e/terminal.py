@@ -12,6 +12,8 @@ import subprocess
 import termios
 import time
 
+from crictl import QUIET_ENV
+
 
 def run_in_terminal(argv: list[str], keystrokes: list[bytes], rows: int = 40, cols: int = 100,
                     timeout: float = 120.0) -> tuple[int, bytes]:
@@ -19,7 +21,8 @@ def run_in_terminal(argv: list[str], keystrokes: list[bytes], rows: int = 40, co
     wait for output), and return (exit status, everything the terminal showed)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                            env=QUIET_ENV)
     os.close(slave)
     shown, pending = bytearray(), list(keystrokes)
     deadline, quiet_since = time.monotonic() + timeout, time.monotonic()
