@@ -48,7 +48,8 @@ async def run_check(config: Config) -> dict:
         "boot": timeline.as_dict(),
         "shutdown_s": round(shutdown_s, 3),
         "kernel": str(config.vm.kernel),
-        "initrd": str(config.vm.initrd),
+        "image": config.vm.image,
+        "image_path": str(config.vm.initrd if config.vm.image == "initrd" else config.vm.rootfs),
     }
 
 

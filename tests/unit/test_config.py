@@ -109,6 +109,19 @@ def test_kuasar_hypervisor_names_map_onto_our_sections(tmp_path):
     assert (cfg.sharefs.type, cfg.vsock.transport) == ("9p", "hybrid")
 
 
+def test_the_boot_image_is_chosen_by_name_and_pmem_needs_q35(tmp_path):
+    cfg = load_config(write(tmp_path, """
+        [hypervisor]
+        image = "pmem"
+        image_path = "img/rootfs.img"
+    """))
+    assert (cfg.vm.image, cfg.vm.rootfs) == ("pmem", tmp_path / "img" / "rootfs.img")
+    with pytest.raises(ConfigError, match=re.escape('vm.image = "pmem" needs vm.machine = "q35"')):
+        load_config(write(tmp_path, '[vm]\nimage = "pmem"\nmachine = "microvm"\n'))
+    with pytest.raises(ConfigError, match="vm.image = 'dax': must be one of"):
+        load_config(write(tmp_path, '[vm]\nimage = "dax"\n'))
+
+
 @pytest.mark.parametrize("text, message", [
     ('[hypervisor]\nvcpus = 2\n[vm]\ncpus = 4\n', "hypervisor.vcpus and vm.cpus both set"),
     ('[hypervisor]\nhugepages = true\n', "unknown key(s) in [hypervisor]: hugepages"),

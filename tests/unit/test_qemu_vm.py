@@ -32,6 +32,14 @@ def test_missing_kernel_is_named(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_missing_root_image_is_named_when_booting_from_pmem(tmp_path):
+    config = config_with_image(tmp_path)
+    config.vm = dataclasses.replace(config.vm, image="pmem", rootfs=tmp_path / "rootfs.img")
+    err = start(GuestVm(config, tmp_path / "run"))
+    assert err.stage == "image"
+    assert str(err) == f"no rootfs at {tmp_path / 'rootfs.img'} (run `make guest-image` or set vm.rootfs)"
+
+
 def test_run_dir_too_deep_for_unix_sockets(tmp_path):
     deep = tmp_path / ("d" * (UNIX_PATH_MAX - len(str(tmp_path))))
     err = start(GuestVm(config_with_image(tmp_path), deep))
