@@ -22,8 +22,8 @@ def root_mount(mountinfo: str) -> dict:
     raise AssertionError(f"no root in mountinfo:\n{mountinfo}")
 
 
-def test_the_agent_boots_from_the_dax_root_and_runs_a_container(vm_factory, guest_image):
-    vm = vm_factory(image="pmem", rootfs=guest_image.manifest.parent / "rootfs.img")
+def test_the_agent_boots_from_the_dax_root_and_runs_a_container(vm_factory):
+    vm = vm_factory(image="pmem")
     console = vm.console_text()
     assert "Run /init as init process" in console and "Kernel panic" not in console
     assert "DAX unsupported" not in console, console[-3000:]
