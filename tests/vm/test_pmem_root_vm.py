@@ -4,6 +4,7 @@ the hybrid vsock backend (whose memory table now also lists the image) carries t
 and a container's stdout."""
 import asyncio
 import json
+import re
 
 from test_task_vm import GUEST_SHARE, TASK, make_bundle
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as pb
@@ -27,6 +28,7 @@ def test_the_agent_boots_from_the_dax_root_and_runs_a_container(vm_factory):
     console = vm.console_text()
     assert "Run /init as init process" in console and "Kernel panic" not in console
     assert "DAX unsupported" not in console, console[-3000:]
+    assert re.search(r"erofs: \(device pmem0\): mounted", console, re.IGNORECASE), console[-3000:]
     # A container in the guest's PID namespace reads PID 1's (the agent's) mounts, and tries to
     # write beside /init through /proc/1/root; its output streams back over hybrid vsock.
     script = ("cat /proc/1/mountinfo; echo --; "
@@ -58,6 +60,6 @@ def test_the_agent_boots_from_the_dax_root_and_runs_a_container(vm_factory):
     assert status == 0, out
     mountinfo, _, write = out.partition("--\n")
     root = root_mount(mountinfo)
-    assert (root["fstype"], root["source"]) == ("erofs", "/dev/pmem0"), root
+    assert (root["fstype"], root["source"]) == ("erofs", "/dev/root"), root  # the kernel's name
     assert "ro" in root["options"] and "dax=always" in root["super"], root
     assert write.strip() == "REFUSED"
