@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from bench import agent_task, boot, check_rtt, guest_mem, report, sandboxer
-from host_sandboxer.config import DEFAULT_IMAGE_DIR, load_config
+from host_sandboxer.config import DEFAULT_IMAGE_DIR, boot_image, load_config
 from host_sandboxer.vmm.accel import resolve_accel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def boot_times(runs: int) -> tuple[dict, dict]:
 
 def _default_mode(samples: dict, group: str, names) -> dict:
     """The unqualified keys (`boot.ready_s`) are the default mode's (vm.image)."""
-    mode = load_config(None).vm.image
+    mode = boot_image(load_config(None).vm)
     return {f"{group}.{name}": samples[f"{group}.{mode}.{name}"] for name in names}
 
 
@@ -127,7 +127,7 @@ def host_memory(runs: int) -> tuple[dict, dict]:
     result = sandboxer.per_pod(list(PER_POD_COUNTS))
     samples = {f"host.per_pod_kb.{n}": [result[str(n)]["per_pod_kb"]] for n in PER_POD_COUNTS}
     samples["host.tcg_cache_kb"] = [result[str(max(PER_POD_COUNTS))]["tcg_cache_kb"]]
-    return samples, {"host.image": load_config(None).vm.image,
+    return samples, {"host.image": boot_image(load_config(None).vm),
                      "host.totals_kb": {str(n): result[str(n)]["totals_kb"] for n in PER_POD_COUNTS}}
 
 

@@ -54,8 +54,9 @@ class VmConfig:
     kernel: Path = DEFAULT_IMAGE_DIR / "kernel"
     # What the guest boots from: "initrd" (unpacked into the guest's RAM) or "pmem" (`rootfs`,
     # a read-only erofs image on virtio-pmem mounted with DAX: one copy in the host's page cache
-    # for every VM; q35 only). Chosen by measurement: docs/guest-image.md.
-    image: Literal["initrd", "pmem"] = "initrd"
+    # for every VM; q35 only). "auto": pmem on q35, initrd on microvm (`boot_image()`; pmem
+    # chosen by measurement: docs/guest-image.md).
+    image: Literal["auto", "initrd", "pmem"] = "auto"
     initrd: Path = DEFAULT_IMAGE_DIR / "initrd.img"
     rootfs: Path = DEFAULT_IMAGE_DIR / "rootfs.img"
     # virtio-balloon free page reporting: pages the guest frees return to the host.
@@ -64,6 +65,13 @@ class VmConfig:
     kernel_params: str = ""
     # Seconds from QEMU start until the agent prints "vmm-task ready".
     boot_timeout_s: float = 30.0
+
+
+def boot_image(vm: VmConfig) -> str:
+    """"initrd" or "pmem": what a guest launched with `vm` boots from."""
+    if vm.image == "auto":
+        return "pmem" if vm.machine == "q35" else "initrd"
+    return vm.image
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from host_sandboxer.config import Config
+from host_sandboxer.config import Config, boot_image
 from host_sandboxer.containment.cgroups import Cgroup
 from host_sandboxer.containment.launch import NO_CAPABILITIES, Confinement
 from host_sandboxer.vmm import process
@@ -161,7 +161,7 @@ class GuestVm:
 
     async def _start(self) -> BootTimeline:
         vm = self.config.vm
-        if vm.image == "pmem" and vm.machine != "q35":
+        if boot_image(vm) == "pmem" and vm.machine != "q35":
             raise VmError("config", f"vm.image = pmem needs vm.machine = q35, not {vm.machine}")
         for what, path in (("kernel", vm.kernel), *self._boot_image()):
             if not path.is_file():
@@ -196,8 +196,8 @@ class GuestVm:
             qemu=vm.qemu, machine=vm.machine, accel=self.accel.accel, cpus=vm.cpus, max_cpus=vm.max_cpus,
             memory_mib=vm.memory_mib,
             tsc_khz=self.host.tsc_khz,
-            kernel=vm.kernel, initrd=vm.initrd if vm.image == "initrd" else None,
-            root=PmemRoot(vm.rootfs, vm.rootfs.stat().st_size) if vm.image == "pmem" else None,
+            kernel=vm.kernel, initrd=vm.initrd if boot_image(vm) == "initrd" else None,
+            root=PmemRoot(vm.rootfs, vm.rootfs.stat().st_size) if boot_image(vm) == "pmem" else None,
             free_page_reporting=vm.free_page_reporting, name=self.name,
             console_socket=self._socket_path("console.sock"), qmp_socket=self._socket_path("qmp.sock"), **sockets,
             vsock_args=tuple(self.transport.qemu_args() if vsock_args is None else vsock_args),
@@ -207,7 +207,7 @@ class GuestVm:
     def _boot_image(self) -> tuple[tuple[str, Path]]:
         """(config key, path) of what the guest boots from besides the kernel."""
         vm = self.config.vm
-        return (("rootfs", vm.rootfs),) if vm.image == "pmem" else (("initrd", vm.initrd),)
+        return (("rootfs", vm.rootfs),) if boot_image(vm) == "pmem" else (("initrd", vm.initrd),)
 
     async def _spec_with_fds(self, share, fds: QemuFds) -> VmSpec:
         """The spec with every socket QEMU uses made for it in `fds` (qemu_fds.py)."""

@@ -14,7 +14,8 @@ def config_with_image(tmp_path, kernel_exists=True) -> Config:
     if kernel_exists:
         (tmp_path / "kernel").write_bytes(b"kernel")
     config = Config()
-    config.vm = dataclasses.replace(config.vm, kernel=tmp_path / "kernel", initrd=tmp_path / "initrd.img")
+    config.vm = dataclasses.replace(config.vm, kernel=tmp_path / "kernel", initrd=tmp_path / "initrd.img",
+                                    image="initrd")
     config.vsock = dataclasses.replace(config.vsock, transport="hybrid")  # needs no /dev/vhost-vsock
     return config
 
