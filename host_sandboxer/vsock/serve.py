@@ -11,8 +11,9 @@ restarted daemon simply connects again.
 
 It runs as a uid of its own, without capabilities, and opens nothing by path but what a
 guest-initiated stream dials (HybridSockets._dial): the daemon makes the control socket
-(CONTROL_FD, listening) and each VM's sockets, and hands them over. The daemon starts it lean (vmm/node_helper.py, lean_python.py): `python -I -S`, on
-reactor.py, importing the stdlib and host_sandboxer.vsock only.
+(CONTROL_FD, listening) and each VM's sockets, and hands them over. The daemon starts it
+lean (vmm/node_helper.py, lean_python.py): `python -I -S`, on reactor.py, importing the stdlib
+and host_sandboxer.vsock only.
 
 Control socket (the daemon's, 0600), one request line and one answer line per connection:
     ADD <vm_dir>     with two fds (SCM_RIGHTS): the listening <vm_dir>/vhost-vsock.sock (QEMU)

@@ -11,7 +11,7 @@ namespaces, AF_VSOCK to the host included). What it does, all at once:
 - it remounts its read-only volume writable and writes;
 - a second container OOMs in a loop (a TaskOOM event each time: the events a guest can make);
 - a third writes its stdout as fast as it can while the host does not read it, then all of it
-  is read; a fourth never reads its stdin while the host writes.
+  is read, and never reads its stdin while the host writes.
 Meanwhile the bystander pod's container writes numbered lines and the host execs into it
 every second. The bystander's output must be complete and in order, its execs answered in
 bounded time, its exit event published; every attack must get an error; the daemon's, the
@@ -43,9 +43,9 @@ pytestmark = [pytest.mark.vm, pytest.mark.skipif(os.geteuid() != 0, reason="moun
 
 PROGRAM = Path(__file__).resolve().parent / "hostile_vsock.c"
 LINES = 400                   # the bystander's output, one line every 50 ms (+ TCG's slowness)
-FLOOD_BYTES = 16 << 20        # the attacker's stdout, written as fast as it can
+FLOOD_BYTES = 8 << 20         # the attacker's stdout, written as fast as it can
 HOLD_S = 10.0                 # ... while the host does not read it
-FILL_LIMIT_MIB = 32           # [sharefs] tmpfs_size_mib
+FILL_LIMIT_MIB = 8            # [sharefs] tmpfs_size_mib (default 32: the same, slower under TCG)
 PSS_GROWTH_MIB = 32           # what each host process may grow by under attack
 EXEC_BOUND_S = 15.0           # an exec into the bystander, under TCG on a loaded 2-core host
 MIB = 1 << 20
@@ -57,9 +57,11 @@ ALL_CAPS = ["CAP_" + name.upper() for name in (
     "wake_alarm block_suspend audit_read perfmon bpf checkpoint_restore").split()]
 
 ATTACK = r"""
-try() { if out=$(sh -c "$2" 2>&1); then echo "$1: ok"; else echo "$1: $(echo "$out" | head -n 1 | sed 's/.*: //')"; fi; }
-/hostile_vsock flood 2000
-/hostile_vsock storm 20 200
+try() {  # "<what>: ok", or the end of the first line of its error
+  if out=$(sh -c "$2" 2>&1); then echo "$1: ok"; else echo "$1: $(echo "$out" | head -n 1 | sed 's/.*: //')"; fi
+}
+/hostile_vsock flood 500
+/hostile_vsock storm 10 200
 mkdir /share && mount -t virtiofs kuasar /share && echo "share: mounted"
 try fill "dd if=/dev/zero of=/share/attacker/fill bs=1M count=64"
 echo "filled: $(($(stat -c %s /share/attacker/fill) / 1048576)) MiB"
@@ -160,6 +162,13 @@ def _end(tasks, bundle, kill: bool = False) -> int:
     return status
 
 
+def _timed_exec(tasks, bundle, exec_id: str) -> float:
+    """Seconds an exec of `echo pong` takes, from Exec to its output and exit status."""
+    before = time.monotonic()
+    assert _exec(tasks, bundle, exec_id, ["echo", "pong"]) == (b"pong\n", 0)
+    return time.monotonic() - before
+
+
 def _helper_pid(env, name: str) -> int:
     return json.loads((env.daemon.state / f"{name}.json").read_text())["pid"]
 
@@ -179,6 +188,7 @@ def _published(env, topic: str, message_type, predicate, timeout: float = 20.0) 
         time.sleep(0.2)
 
 
+@pytest.mark.parametrize("env", [{"settings": {"sharefs": f"tmpfs_size_mib = {FILL_LIMIT_MIB}"}}], indirect=True)
 def test_a_hostile_guest_costs_the_other_pod_nothing(env, tmp_path):
     calm_pod, hostile_pod = env.cri.run_pod("calm"), env.cri.run_pod("hostile")
     calm, hostile = demo.Cri.task_client(calm_pod.address), demo.Cri.task_client(hostile_pod.address)
@@ -210,51 +220,51 @@ def test_a_hostile_guest_costs_the_other_pod_nothing(env, tmp_path):
     attack_out = demo.FifoReader(attacker_out)
 
     oom = env.bundle("oom", ["sh", "-c", "while :; do dd if=/dev/zero of=/dev/null bs=32M count=1 2>/dev/null; "
-                                         "done"], hostile_pod.pid)
+                                         "usleep 100000; done"], hostile_pod.pid)
     spec = json.loads((oom.path / "config.json").read_text())
     spec["linux"]["resources"]["memory"] = {"limit": 16 * MIB}
     (oom.path / "config.json").write_text(json.dumps(spec))
 
-    flood = env.bundle("flood", ["sh", "-c", f"yes hostile | head -c {FLOOD_BYTES}"], hostile_pod.pid)
-    flood_out = flood.fifo("out")
+    # Writes its stdout as fast as it can (the host holds it), never reads its stdin (the host writes).
+    flood = env.bundle("flood", ["sh", "-c", f"yes hostile | head -c {FLOOD_BYTES}; exec sleep 1000"],
+                       hostile_pod.pid)
+    flood_out, flood_in = flood.fifo("out"), flood.fifo("in")
     flooded = HeldReader(flood_out)
-    deaf = env.bundle("deaf", ["sleep", "1000"], hostile_pod.pid)
     stop_stdin, stdin_accepted = threading.Event(), [0]
-    deaf_in = deaf.fifo("in")
-    stdin_writer = threading.Thread(target=_fill_stdin, args=(deaf_in, stop_stdin, stdin_accepted), daemon=True)
+    stdin_writer = threading.Thread(target=_fill_stdin, args=(flood_in, stop_stdin, stdin_accepted), daemon=True)
 
+    idle = [_timed_exec(calm, service, f"idle{n}") for n in range(2)]
     started = time.monotonic()
     _start(hostile, oom)
-    _start(hostile, flood, stdout=flood_out)
-    _start(hostile, deaf, stdin=deaf_in)
+    _start(hostile, flood, stdout=flood_out, stdin=flood_in)
     stdin_writer.start()
     _start(hostile, attacker, stdout=attacker_out)
 
     latencies = []
     while time.monotonic() - started < HOLD_S or not attack_out.data.endswith(b"\n") \
             or b"ro-volume" not in attack_out.data:
-        before = time.monotonic()
-        out, status = _exec(calm, service, f"e{len(latencies)}", ["echo", "pong"])
-        latencies.append(time.monotonic() - before)
-        assert (out, status) == (b"pong\n", 0)
+        latencies.append(_timed_exec(calm, service, f"e{len(latencies)}"))
         assert time.monotonic() - started < 240, f"the attack did not end: {bytes(attack_out.data)!r}"
         time.sleep(max(0.0, 1.0 - latencies[-1]))
     flooded.release()
     assert _end(hostile, attacker) == 0
     attacked = attack_out.result().decode()
-    assert _end(hostile, flood) == 0
-    assert len(flooded.result(120)) == FLOOD_BYTES
+    deadline = time.monotonic() + 120
+    while len(flooded.data) < FLOOD_BYTES and time.monotonic() < deadline:
+        time.sleep(0.1)
     stop_stdin.set()
     stdin_writer.join(10)
-    _end(hostile, deaf, kill=True)
+    _end(hostile, flood, kill=True)
+    assert len(flooded.result()) == FLOOD_BYTES
     _end(hostile, oom, kill=True)
     assert _end(calm, counter) == 0
+    latencies.append(_timed_exec(calm, service, "after"))
     _end(calm, service, kill=True)
     memory = watch.stop()
     duration = time.monotonic() - started
-    print(f"attack {duration:.1f} s; OOM events {len(_published(env, '/tasks/oom', events.TaskOOM, lambda e: e.container_id == 'oom', 0))}; "
-          f"{attacked}; exec latencies (s): max {max(latencies):.2f} "
-          f"median {sorted(latencies)[len(latencies) // 2]:.2f} of {len(latencies)}; "
+    ooms = _published(env, "/tasks/oom", events.TaskOOM, lambda e: e.container_id == "oom")
+    print(f"attack {duration:.1f} s; OOM events {len(ooms)}; {attacked}; exec latencies (s): max {max(latencies):.2f} "
+          f"median {sorted(latencies)[len(latencies) // 2]:.2f} of {len(latencies)} (before: {sorted(idle)}); "
           f"Pss MiB (base, peak): {memory}; stdin taken while unread: {stdin_accepted[0]} bytes")
 
     # The bystander lost nothing and kept answering.
@@ -262,9 +272,9 @@ def test_a_hostile_guest_costs_the_other_pod_nothing(env, tmp_path):
     assert max(latencies) < EXEC_BOUND_S, latencies
 
     # Each attack got an error.
-    flood_line = re.search(r"flood 2000 in \d+ ms: reset (\d+) refused \d+ timedout 0 connected 0 other 0", attacked)
-    assert flood_line and int(flood_line.group(1)) > 0, attacked
-    assert re.search(r"storm 20x200 in \d+ ms: pending 4000 failed 0\nafter: Connection reset by peer", attacked), \
+    flood_line = re.search(r"flood 500 in \d+ ms: reset (\d+) refused (\d+) timedout 0 connected 0 other 0", attacked)
+    assert flood_line and sum(map(int, flood_line.groups())) == 500, attacked  # each at once, none hung
+    assert re.search(r"storm 10x200 in \d+ ms: pending 2000 failed 0\nafter: Connection reset by peer", attacked), \
         attacked
     results = dict(line.split(": ", 1) for line in attacked.splitlines() if line.startswith(
         ("share", "fill", "filled", "ro")))
@@ -277,16 +287,11 @@ def test_a_hostile_guest_costs_the_other_pod_nothing(env, tmp_path):
 
     # Events: the bystander's exit is published, next to the attacker's OOMs.
     assert _published(env, "/tasks/exit", events.TaskExit, lambda e: e.container_id == e.id == "count")
-    ooms = _published(env, "/tasks/oom", events.TaskOOM, lambda e: e.container_id == "oom")
     assert ooms, "the OOM loop made no event"
 
     # The host's processes stayed small.
     assert all(peak - base <= PSS_GROWTH_MIB for base, peak in memory.values()), memory
 
-    # Both pods still work; they go.
-    for pod in (calm_pod, hostile_pod):
-        probe = env.bundle(f"probe-{pod.pid}", ["echo", "still here"], pod.pid)
-        assert demo.run_container(demo.Cri.task_client(pod.address), probe)[::2] == (b"still here\n", 0)
     env.cri.remove_pod("hostile")
     env.cri.remove_pod("calm")
     shutil.rmtree(env.work / "bundles", ignore_errors=True)
