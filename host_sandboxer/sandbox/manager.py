@@ -42,7 +42,7 @@ class Sandboxes:
         self.pods: dict[str, Pod] = {}
         containment = config.containment
         # every pod's hybrid vsock, in one process
-        self.vsock_backend = VsockBackend(state_dir.root, user=containment.backend_uid or None)
+        self.vsock_backend = VsockBackend(state_dir.root, user=containment.backend_uid if containment.backend_user else None)
         self.uids = UidRange(containment.vmm_uid_base, containment.vmm_uids) if containment.vmm_user else None
         self.cgroup_layout = Layout.probe() if containment.cgroups else None
         if self.cgroup_layout is not None:
