@@ -41,8 +41,8 @@ class Sandboxes:
         self.publisher = publisher
         self.pods: dict[str, Pod] = {}
         containment = config.containment
-        # every pod's hybrid vsock, in one process
-        self.vsock_backend = VsockBackend(state_dir.root, user=containment.backend_uid if containment.backend_user else None)
+        self.vsock_backend = VsockBackend(  # every pod's hybrid vsock, in one process
+            state_dir.root, user=containment.backend_uid if containment.backend_user else None)
         self.uids = UidRange(containment.vmm_uid_base, containment.vmm_uids) if containment.vmm_user else None
         self.cgroup_layout = Layout.probe() if containment.cgroups else None
         if self.cgroup_layout is not None:

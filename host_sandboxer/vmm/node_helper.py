@@ -4,8 +4,9 @@ the hybrid vsock backend, the task relay.
 Its files sit in the state directory: `<name>.sock` (its control socket, which it creates, or
 which the daemon creates and hands it as an fd: a helper running as a user of its own may not
 write the state directory), `<name>.json` (its pid and start time: a restarted daemon adopts
-the very process, never a reused pid), `<name>.log` (its output, capped: helper_output.py). It is started lean
-(lean_python.py) in its own session (process.py), so it does not end with the daemon.
+the very process, never a reused pid), `<name>.log` (its output, capped: helper_output.py). It
+is started lean (lean_python.py) in its own session (process.py), so it does not end with the
+daemon.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import socket
 from pathlib import Path
 
 from host_sandboxer import lean_python
-from host_sandboxer.private_socket import listen_unix
 from host_sandboxer.containment import helpers
+from host_sandboxer.private_socket import listen_unix
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.helper_output import HelperOutput
 
