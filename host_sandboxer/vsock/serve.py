@@ -81,7 +81,7 @@ class Backends:
         del self._requests[sock]
         self.loop.remove_reader(sock.fileno())
         command, _, vm_dir = line.partition(b"\n")[0][:MAX_REQUEST].decode(errors="replace").partition(" ")
-        listeners = [socket.socket(fileno=fd) for fd in fds]  # an ADD detaches those it keeps
+        listeners = _sockets(fds)  # an ADD detaches those it keeps
         try:
             if command == "WATCH":
                 self.watchers.add(sock)
@@ -127,9 +127,9 @@ class Backends:
         return f"ERR unknown request {command!r}"
 
     def _add(self, vm_dir: str, listeners: list[socket.socket]) -> str:
-        if len(listeners) != ADD_FDS or any(l.family != socket.AF_UNIX or l.type != socket.SOCK_STREAM
-                                            for l in listeners):
-            return f"ERR ADD needs {ADD_FDS} unix stream sockets (SCM_RIGHTS), got {len(listeners)} fd(s)"
+        if len(listeners) != ADD_FDS or any(s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM
+                                            for s in listeners):
+            return f"ERR ADD needs {ADD_FDS} unix stream sockets (SCM_RIGHTS), got {len(listeners)}"
         old = self.vms.pop(vm_dir, None)
         if old is not None:  # a VM the daemon never finished starting: a new QEMU comes instead
             old.close()
@@ -161,6 +161,17 @@ class Backends:
         for sockets in self.vms.values():
             sockets.close()
         self.vms.clear()
+
+
+def _sockets(fds: list[int]) -> list[socket.socket]:
+    """The sockets among `fds` (received with a request); any other fd is closed."""
+    found = []
+    for fd in fds:
+        try:
+            found.append(socket.socket(fileno=fd))
+        except OSError:  # ENOTSOCK
+            os.close(fd)
+    return found
 
 
 def serve(control_fd: int) -> None:

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 
 import pytest
 
@@ -80,10 +81,15 @@ def test_bad_requests_are_refused(tmp_path):
         vm = BackendVsock(backend, _vm_dirs(tmp_path, "a")[0])
         await vm.start()
         answers = [await backend._request(line) for line in ("ADD relative/dir", "FROB /x", f"ADD {tmp_path}/b")]
+        with open(__file__) as not_a_socket, socket.socket(socket.AF_INET) as not_unix:
+            answers.append(await backend._request(f"ADD {tmp_path}/b", (not_a_socket.fileno(), not_unix.fileno())))
+        answers.append(await backend._request("LIST"))  # still serving
         await vm.close()
         return answers
     assert asyncio.run(scenario()) == ["ERR bad VM directory 'relative/dir'", "ERR unknown request 'FROB'",
-                                       "ERR ADD needs 2 unix stream sockets (SCM_RIGHTS), got 0 fd(s)"]
+                                       "ERR ADD needs 2 unix stream sockets (SCM_RIGHTS), got 0",
+                                       "ERR ADD needs 2 unix stream sockets (SCM_RIGHTS), got 1",
+                                       f"OK {tmp_path}/a"]
 
 
 def _status(pid: int) -> dict[str, str]:
