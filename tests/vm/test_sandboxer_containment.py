@@ -1,9 +1,9 @@
 """A pod's VM runs confined (issue 13, finding 6): sized no larger than the configured maxima;
-QEMU and virtiofsd in a cgroup under the pod's cgroup_parent, charged there; QEMU as a uid of its own without capabilities, with its
-seccomp filter; virtiofsd with the capabilities its sandbox needs only; the vsock backend and
-the FIFO keepers without capabilities in the daemon's helpers cgroup, the backend as a uid of its own. A restarted daemon finds
-the pod's cgroup, and Shutdown removes it.
-
+QEMU and virtiofsd in a cgroup under the pod's cgroup_parent, charged there; QEMU as a uid of
+its own without capabilities, with its seccomp filter; virtiofsd with the capabilities its
+sandbox needs only; the vsock backend and the FIFO keepers without capabilities in the daemon's
+helpers cgroup, the backend as a uid of its own. A restarted daemon finds the pod's cgroup, and
+Shutdown removes it.
 Real daemon, real QEMU (TCG), virtiofsd, vsock backend, guest and crun.
 """
 import asyncio
