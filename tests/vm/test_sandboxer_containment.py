@@ -4,6 +4,7 @@ its own without capabilities, with its seccomp filter; virtiofsd with the capabi
 sandbox needs only; the vsock backend and the FIFO keepers without capabilities in the daemon's
 helpers cgroup, the backend as a uid of its own. A restarted daemon finds the pod's cgroup, and
 Shutdown removes it.
+
 Real daemon, real QEMU (TCG), virtiofsd, vsock backend, guest and crun.
 """
 import asyncio
