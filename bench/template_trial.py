@@ -1,0 +1,275 @@
+"""VM templates on this machine's QEMU: boot a template to "vmm-task ready", save it, restore clones.
+
+    python -m bench.template_trial [--clones 2] [--ram copy|stream]
+
+Needs the debug guest image (`make guest-image DEBUG=1`: the clones are inspected through
+ExecVMProcess, which needs task.debug and a shell). One VM runs at a time. Prints one JSON object:
+
+- `cold`: a pod's boot today (GuestVm: hybrid vsock + virtiofs) to the agent answering Check.
+- `template`: its boot to ready (RAM in a /dev/shm file, no vhost-user device: QEMU 7.2 cannot
+  migrate one, spare pcie-root-ports to hot-plug into, vmgenid), and the save (x-ignore-shared:
+  only device state goes to the file, the RAM stays in the RAM file).
+- `clones`: per clone the restore timeline (seconds from QEMU's spawn): state loaded, running,
+  the vsock device hot-plugged, the agent answering over it, virtiofs hot-plugged and mounted,
+  a NIC hot-plugged; what the clone's guest reports (a kernel UUID, i.e. CRNG output, its MAC);
+  its host memory; and QEMU's answer when asked to migrate it with the vhost-user devices in.
+
+--ram copy: each clone maps its own sparse copy of the template's RAM file (x-ignore-shared).
+--ram stream: the template is saved with its RAM in the stream, and each clone loads it into a
+fresh memfd (no copy of the file, the whole RAM read from the stream).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench.boot import bench_config
+from host_sandboxer.config import DEFAULT_IMAGE_DIR
+from host_sandboxer.containment.launch import Confinement
+from host_sandboxer.vmm.cmdline import SHARE_TAG, VmSpec
+from host_sandboxer.vmm.qemu import Qemu
+from host_sandboxer.vmm.virtiofsd import Virtiofsd
+from host_sandboxer.vmm.vm import READY_LINE, GuestVm
+from host_sandboxer.vsock.hybrid import HybridVsock
+from vmm_common import ttrpc
+from vmm_common.protos.kuasar import sandbox_pb2 as pb
+
+SANDBOX = "grpc.SandboxService"
+AGENT_PORT = 1024
+# Where a clone's per-pod devices go: q35's root bus takes no hot-plug, a root port does
+# (ACPI PCI hot-plug, on by default for q35 since QEMU 6.1; the guest has CONFIG_HOTPLUG_PCI_ACPI).
+HOTPLUG_PORTS = ("hp-vsock", "hp-fs", "hp-net")
+TEMPLATE_DEVICES = tuple(arg for i, port in enumerate(HOTPLUG_PORTS, 1)
+                         for arg in ("-device", f"pcie-root-port,id={port},chassis={i},slot={i}")) \
+    + ("-device", "vmgenid,guid=auto")
+AGENT_TIMEOUT_S = 30.0
+
+
+def _spec(config, run_dir: Path, name: str, **kw) -> VmSpec:
+    vm = config.vm
+    return VmSpec(kernel=vm.kernel, initrd=vm.initrd, console_socket=run_dir / "console.sock",
+                  qmp_socket=run_dir / "qmp.sock", machine="q35", accel="tcg", cpus=vm.cpus,
+                  memory_mib=vm.memory_mib, name=name, extra_args=TEMPLATE_DEVICES,
+                  kernel_params=("task.debug", "task.sharefs_type=virtiofs"), **kw)
+
+
+async def _wait_migration(qemu: Qemu, done: tuple[str, ...]) -> dict:
+    """query-migrate until its status is final; RuntimeError naming QEMU's error if it failed."""
+    while True:
+        info = await qemu.qmp.execute("query-migrate")
+        if info.get("status") in done:
+            return info
+        if info.get("status") in ("failed", "cancelled"):
+            raise RuntimeError(f"migration {info.get('status')}: {info.get('error-desc')}")
+        await asyncio.sleep(0.005)
+
+
+async def cold_boot(config, work: Path) -> dict:
+    """A pod's VM as booted today, to the agent answering Check over vsock."""
+    share = work / "cold-share"
+    share.mkdir()
+    vm = GuestVm(config, work / "cold", name="cold", share_dir=share)
+    try:
+        timeline = await vm.start()
+        client = await vm.ttrpc_client()
+        await client.call(SANDBOX, "Check", pb.CheckRequest(), pb.CheckRequest().__class__)
+        answered = time.monotonic() - vm.qemu.started_at
+        await client.close()
+        return {"ready_s": round(timeline.agent_ready_s, 3), "agent_answered_s": round(answered, 3),
+                "qemu_pss_kb": _pss_kb(vm.qemu.proc.pid)}
+    finally:
+        await vm.close()
+
+
+async def make_template(config, work: Path, ram_mode: str) -> dict:
+    """Boot the template to ready, stop it and save its device state (and, for `stream`, RAM)."""
+    run_dir = work / "template"
+    run_dir.mkdir()
+    ram = Path("/dev/shm") / f"{work.name}-template.ram"
+    qemu = Qemu(_spec(config, run_dir, "template", ram_file=ram), run_dir)
+    try:
+        ready = qemu.console.line_containing(READY_LINE)
+        await qemu.start(Confinement(die_with_us=True))
+        await asyncio.wait_for(ready, AGENT_TIMEOUT_S)
+        ready_s = ready.result().host_time - qemu.started_at
+        t = time.monotonic()
+        await qemu.qmp.execute("stop")
+        await qemu.qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": ram_mode == "copy"}]})
+        state = work / "template.state"
+        await qemu.qmp.execute("migrate", {"uri": f"exec:cat > {state}"})
+        await _wait_migration(qemu, ("completed",))
+        save_s = time.monotonic() - t
+    except BaseException:
+        print(qemu.failure("template failed"))
+        raise
+    finally:
+        await qemu.close()
+    return {"ready_s": round(ready_s, 3), "save_s": round(save_s, 3), "ram_file": str(ram),
+            "ram_file_used_kb": _allocated_kb(ram), "state_file": str(state),
+            "state_kb": state.stat().st_size // 1024}
+
+
+async def restore_clone(config, work: Path, template: dict, index: int, ram_mode: str) -> dict:
+    run_dir = work / f"clone{index}"
+    run_dir.mkdir()
+    marks: dict[str, float] = {}
+    t0 = time.monotonic()
+    ram = None
+    if ram_mode == "copy":
+        ram = Path("/dev/shm") / f"{work.name}-clone{index}.ram"
+        subprocess.run(["cp", "--sparse=always", template["ram_file"], str(ram)], check=True)
+        marks["ram_copied"] = time.monotonic() - t0
+    qemu = Qemu(_spec(config, run_dir, f"clone{index}", ram_file=ram, incoming=True), run_dir)
+    transport = HybridVsock(run_dir / "vhost-vsock.sock", run_dir / "vsock.sock", guest_cid=100 + index)
+    share = run_dir / "share"
+    share.mkdir()
+    (share / "hello").write_text(f"clone {index}\n")
+    virtiofsd = Virtiofsd(config.sharefs.virtiofsd, share, run_dir / "virtiofsd.sock", run_dir / "virtiofsd.log")
+    result: dict = {"guest_cid": transport.guest_cid, "mac": f"52:54:00:00:01:{index:02x}"}
+    try:
+        await transport.start()
+        await virtiofsd.start()
+        await qemu.start(Confinement(die_with_us=True), run=False)
+        spawn = qemu.started_at
+        await qemu.qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": ram_mode == "copy"}]})
+        await qemu.qmp.execute("migrate-incoming", {"uri": f"exec:cat {template['state_file']}"})
+        while (await qemu.status()) == "inmigrate":
+            await asyncio.sleep(0.005)
+        marks["state_loaded"] = time.monotonic() - spawn
+        await qemu.qmp.execute("cont")
+        marks["running"] = time.monotonic() - spawn
+        await _hotplug(qemu, "vsock0", transport.vhost_socket,
+                       {"driver": "vhost-user-vsock-pci", "id": "vsock", "chardev": "vsock0", "bus": "hp-vsock"})
+        marks["vsock_added"] = time.monotonic() - spawn
+        client = await _agent(transport)
+        marks["agent_answered"] = time.monotonic() - spawn
+        result["kernel_uuid"] = await _exec(client, "cat /proc/sys/kernel/random/uuid")
+        await _hotplug(qemu, "fs0", virtiofsd.socket_path,
+                       {"driver": "vhost-user-fs-pci", "id": "fs", "chardev": "fs0", "tag": SHARE_TAG, "bus": "hp-fs"})
+        result["share"] = await _exec(client, "mount -t virtiofs kuasar /run/kuasar/state"
+                                              " && cat /run/kuasar/state/hello")
+        marks["share_mounted"] = time.monotonic() - spawn
+        result["nic"] = await _add_nic(qemu, client, result["mac"])
+        marks["nic_seen"] = time.monotonic() - spawn
+        result["migrate_with_vhost_user"] = await _try_migrate(qemu)
+        await client.close()
+        result["qemu_pss_kb"] = _pss_kb(qemu.proc.pid)
+        result["ram_file_used_kb"] = _allocated_kb(ram) if ram else None
+    except BaseException as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+        result["console_tail"] = qemu.console.tail(15)
+    finally:
+        await qemu.close()
+        await virtiofsd.stop()
+        await transport.close()
+        if ram:
+            ram.unlink(missing_ok=True)
+    result["timeline_s"] = {k: round(v, 3) for k, v in marks.items()}
+    return result
+
+
+async def _hotplug(qemu: Qemu, chardev: str, socket_path, device: dict) -> None:
+    """A vhost-user device on a unix socket, added to the running guest."""
+    await qemu.qmp.execute("chardev-add", {"id": chardev, "backend": {"type": "socket", "data": {
+        "addr": {"type": "unix", "data": {"path": str(socket_path)}}, "server": False}}})
+    await qemu.qmp.execute("device_add", device)
+
+
+async def _agent(transport: HybridVsock) -> ttrpc.Client:
+    """A client to the agent once it answers Check over the hot-plugged device."""
+    deadline = time.monotonic() + AGENT_TIMEOUT_S
+    while True:
+        try:
+            client = ttrpc.Client(*await transport.open_connection(AGENT_PORT))
+            await client.call(SANDBOX, "Check", pb.CheckRequest(), pb.CheckRequest().__class__, timeout=2.0)
+            return client
+        except (OSError, asyncio.TimeoutError, ttrpc.RpcError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.02)
+
+
+async def _exec(client: ttrpc.Client, command: str) -> str:
+    try:
+        reply = await client.call(SANDBOX, "ExecVMProcess", pb.ExecVMProcessRequest(command=command),
+                                  pb.ExecVMProcessResponse, timeout=20.0)
+        return reply.out.strip()
+    except ttrpc.RpcError as e:
+        return f"error: {e}"
+
+
+async def _add_nic(qemu: Qemu, client: ttrpc.Client, mac: str) -> str:
+    """A virtio-net (user-mode backend: the trial needs no tap) hot-plugged with the clone's MAC;
+    what the guest then lists as its interfaces' addresses."""
+    await qemu.qmp.execute("netdev_add", {"type": "user", "id": "net0"})
+    await qemu.qmp.execute("device_add", {"driver": "virtio-net-pci", "id": "nic0", "netdev": "net0",
+                                          "mac": mac, "bus": "hp-net"})
+    for _ in range(100):
+        seen = await _exec(client, "cat /sys/class/net/eth0/address")
+        if not seen.startswith("error"):
+            return seen
+        await asyncio.sleep(0.05)
+    return seen
+
+
+async def _try_migrate(qemu: Qemu) -> str:
+    """QEMU's answer to saving a clone that has the vhost-user devices in (a template with them)."""
+    try:
+        await qemu.qmp.execute("migrate", {"uri": "exec:cat > /dev/null"})
+        return (await _wait_migration(qemu, ("completed",)))["status"]
+    except Exception as e:  # QMP's refusal is the measurement
+        return str(e)
+
+
+def _pss_kb(pid: int) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return None
+
+
+def _allocated_kb(path: Path) -> int:
+    return os.stat(path).st_blocks * 512 // 1024
+
+
+async def run(args) -> dict:
+    config = bench_config(argparse.Namespace(sharefs="virtiofs", machine="q35"))
+    config.vm = dataclasses.replace(config.vm, kernel_params="task.debug", kernel=args.image / "kernel",
+                                    initrd=args.image / "initrd.img")
+    work = Path(tempfile.mkdtemp(prefix="tmpl-"))
+    template = None
+    try:
+        cold = await cold_boot(config, work)
+        template = await make_template(config, work, args.ram)
+        clones = [await restore_clone(config, work, template, i, args.ram) for i in range(args.clones)]
+    finally:
+        if template:
+            Path(template["ram_file"]).unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    uuids = [c.get("kernel_uuid") for c in clones]
+    return {"ram": args.ram, "memory_mib": config.vm.memory_mib, "cold": cold, "template": template,
+            "clones": clones, "clones_share_crng_output": len(set(uuids)) < len(uuids)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clones", type=int, default=2)
+    parser.add_argument("--ram", choices=["copy", "stream"], default="copy")
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE_DIR, help="the guest image's directory")
+    print(json.dumps(asyncio.run(run(parser.parse_args())), indent=1))
+
+
+if __name__ == "__main__":
+    main()
