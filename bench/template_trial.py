@@ -1,10 +1,11 @@
 """VM templates on this machine's QEMU: boot a template to "vmm-task ready", save it, restore clones.
 
-    python -m bench.template_trial [--clones 2] [--ram copy|stream]
+    python -m bench.template_trial [--clones 2] [--parallel 5] [--ram copy|stream] [--image DIR]
 
 Needs the debug guest image (`make guest-image DEBUG=1`: the clones are inspected through
 ExecVMProcess, which needs task.debug and a shell). One VM runs at a time. Prints one JSON object:
 
+- `floor`: the busybox floor's cold boot (bench.boot's), the yardstick of issue 15's targets.
 - `cold`: a pod's boot today (GuestVm: hybrid vsock + virtiofs) to the agent answering Check.
 - `template`: its boot to ready (RAM in a /dev/shm file, no vhost-user device: QEMU 7.2 cannot
   migrate one, spare pcie-root-ports to hot-plug into, vmgenid), and the save (x-ignore-shared:
@@ -13,6 +14,8 @@ ExecVMProcess, which needs task.debug and a shell). One VM runs at a time. Print
   the vsock device hot-plugged, the agent answering over it, virtiofs hot-plugged and mounted,
   a NIC hot-plugged; what the clone's guest reports (a kernel UUID, i.e. CRNG output, its MAC);
   its host memory; and QEMU's answer when asked to migrate it with the vhost-user devices in.
+- `parallel`: with --parallel N, N clones restored at once, each to the agent answering over
+  its hot-plugged vsock (nothing else added).
 
 --ram copy: each clone maps its own sparse copy of the template's RAM file (x-ignore-shared).
 --ram stream: the template is saved with its RAM in the stream, and each clone loads it into a
@@ -32,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.boot import bench_config
+from bench.boot import FLOOR_DIR, bench_config
 from host_sandboxer.config import DEFAULT_IMAGE_DIR
 from host_sandboxer.containment.launch import Confinement
 from host_sandboxer.vmm.cmdline import SHARE_TAG, VmSpec
@@ -40,6 +43,8 @@ from host_sandboxer.vmm.qemu import Qemu
 from host_sandboxer.vmm.virtiofsd import Virtiofsd
 from host_sandboxer.vmm.vm import READY_LINE, GuestVm
 from host_sandboxer.vsock.hybrid import HybridVsock
+from initrd import floor
+from kernel import build as kernel_build
 from vmm_common import ttrpc
 from vmm_common.protos.kuasar import sandbox_pb2 as pb
 
@@ -119,7 +124,23 @@ async def make_template(config, work: Path, ram_mode: str) -> dict:
             "state_kb": state.stat().st_size // 1024}
 
 
-async def restore_clone(config, work: Path, template: dict, index: int, ram_mode: str) -> dict:
+async def floor_boot(config, work: Path) -> float:
+    """The floor's boot (same kernel, launcher and devices; busybox /init) to its ready line."""
+    manifest = json.loads((config.vm.initrd.parent / "manifest.json").read_text())
+    initrd = floor.build_floor(FLOOR_DIR, manifest["initrd"]["compression"], kernel_build.default_cache())
+    share = work / "floor-share"
+    share.mkdir()
+    vm = GuestVm(dataclasses.replace(config, vm=dataclasses.replace(config.vm, initrd=initrd)),
+                 work / "floor", name="floor", share_dir=share)
+    try:
+        return round((await vm.start()).agent_ready_s, 3)
+    finally:
+        await vm.close()
+
+
+async def restore_clone(config, work: Path, template: dict, index: int, ram_mode: str,
+                        full: bool = True) -> dict:
+    """One clone restored; `full`: also the share, a NIC, the guest's view and QEMU's refusal."""
     run_dir = work / f"clone{index}"
     run_dir.mkdir()
     marks: dict[str, float] = {}
@@ -154,6 +175,9 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
         marks["vsock_added"] = time.monotonic() - spawn
         client = await _agent(transport)
         marks["agent_answered"] = time.monotonic() - spawn
+        if not full:
+            await client.close()
+            return result
         result["kernel_uuid"] = await _exec(client, "cat /proc/sys/kernel/random/uuid")
         await _hotplug(qemu, "fs0", virtiofsd.socket_path,
                        {"driver": "vhost-user-fs-pci", "id": "fs", "chardev": "fs0", "tag": SHARE_TAG, "bus": "hp-fs"})
@@ -170,12 +194,12 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
         result["error"] = f"{type(e).__name__}: {e}"
         result["console_tail"] = qemu.console.tail(15)
     finally:
+        result["timeline_s"] = {k: round(v, 3) for k, v in marks.items()}
         await qemu.close()
         await virtiofsd.stop()
         await transport.close()
         if ram:
             ram.unlink(missing_ok=True)
-    result["timeline_s"] = {k: round(v, 3) for k, v in marks.items()}
     return result
 
 
@@ -254,18 +278,31 @@ async def run(args) -> dict:
         cold = await cold_boot(config, work)
         template = await make_template(config, work, args.ram)
         clones = [await restore_clone(config, work, template, i, args.ram) for i in range(args.clones)]
+        parallel = await asyncio.gather(*(restore_clone(config, work, template, args.clones + i, args.ram, full=False)
+                                          for i in range(args.parallel)))
+        floor_ready = await floor_boot(config, work)
     finally:
         if template:
             Path(template["ram_file"]).unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
-    uuids = [c.get("kernel_uuid") for c in clones]
-    return {"ram": args.ram, "memory_mib": config.vm.memory_mib, "cold": cold, "template": template,
-            "clones": clones, "clones_share_crng_output": len(set(uuids)) < len(uuids)}
+    uuids = [c["kernel_uuid"] for c in clones if not c.get("kernel_uuid", "error").startswith("error")]
+    answered = [c["timeline_s"].get("agent_answered") for c in clones]
+    return {"ram": args.ram, "memory_mib": config.vm.memory_mib, "floor": {"ready_s": floor_ready},
+            "cold": cold, "template": template, "clones": clones, "parallel": parallel,
+            "clone_answered_over_floor": [_ratio(a, floor_ready) for a in answered],
+            "parallel_slowest_answered_s": max((c["timeline_s"].get("agent_answered") or float("inf")
+                                                for c in parallel), default=None),
+            "clones_share_crng_output": len(set(uuids)) < len(uuids) if len(uuids) > 1 else None}
+
+
+def _ratio(a: float | None, b: float) -> float | None:
+    return round(a / b, 3) if a is not None else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clones", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=0, help="clones restored at once, after the others")
     parser.add_argument("--ram", choices=["copy", "stream"], default="copy")
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE_DIR, help="the guest image's directory")
     print(json.dumps(asyncio.run(run(parser.parse_args())), indent=1))
