@@ -1,6 +1,6 @@
 """VM templates on this machine's QEMU: boot a template to "vmm-task ready", save it, restore clones.
 
-    python -m bench.template_trial [--clones 2] [--parallel 5] [--ram copy|stream] [--image DIR]
+    python -m bench.template_trial [--clones 2] [--parallel 5] [--ram copy|stream|private] [--image DIR]
 
 Needs the debug guest image (`make guest-image DEBUG=1`: the clones are inspected through
 ExecVMProcess, which needs task.debug and a shell). One VM runs at a time. Prints one JSON object:
@@ -10,7 +10,8 @@ ExecVMProcess, which needs task.debug and a shell). One VM runs at a time. Print
 - `template`: its boot to ready (RAM in a /dev/shm file, no vhost-user device: QEMU 7.2 cannot
   migrate one, spare pcie-root-ports to hot-plug into, vmgenid), and the save (x-ignore-shared:
   only device state goes to the file, the RAM stays in the RAM file).
-- `clones`: per clone the restore timeline (seconds from QEMU's spawn): state loaded, running,
+- `clones`: per clone the restore timeline (seconds from QEMU's spawn; the RAM copy before it,
+  and `agent_answered_since_request` includes it): state loaded, running,
   the vsock device hot-plugged, the agent answering over it, virtiofs hot-plugged and mounted,
   a NIC hot-plugged; what the clone's guest reports (a kernel UUID, i.e. CRNG output, its MAC);
   its host memory; and QEMU's answer when asked to migrate it with the vhost-user devices in.
@@ -20,6 +21,8 @@ ExecVMProcess, which needs task.debug and a shell). One VM runs at a time. Print
 --ram copy: each clone maps its own sparse copy of the template's RAM file (x-ignore-shared).
 --ram stream: the template is saved with its RAM in the stream, and each clone loads it into a
 fresh memfd (no copy of the file, the whole RAM read from the stream).
+--ram private: each clone maps the template's RAM file privately (share=off, copy-on-write): no
+copy, but a vhost-user backend maps the file itself and so sees the template's pages.
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ HOTPLUG_PORTS = ("hp-vsock", "hp-fs", "hp-net")
 TEMPLATE_DEVICES = tuple(arg for i, port in enumerate(HOTPLUG_PORTS, 1)
                          for arg in ("-device", f"pcie-root-port,id={port},chassis={i},slot={i}")) \
     + ("-device", "vmgenid,guid=auto")
-AGENT_TIMEOUT_S = 30.0
+AGENT_TIMEOUT_S = 20.0
 
 
 def _spec(config, run_dir: Path, name: str, **kw) -> VmSpec:
@@ -109,7 +112,7 @@ async def make_template(config, work: Path, ram_mode: str) -> dict:
         t = time.monotonic()
         await qemu.qmp.execute("stop")
         await qemu.qmp.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": ram_mode == "copy"}]})
+            {"capability": "x-ignore-shared", "state": ram_mode != "stream"}]})
         state = work / "template.state"
         await qemu.qmp.execute("migrate", {"uri": f"exec:cat > {state}"})
         await _wait_migration(qemu, ("completed",))
@@ -145,12 +148,14 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
     run_dir.mkdir()
     marks: dict[str, float] = {}
     t0 = time.monotonic()
-    ram = None
+    ram = Path(template["ram_file"]) if ram_mode == "private" else None
     if ram_mode == "copy":
         ram = Path("/dev/shm") / f"{work.name}-clone{index}.ram"
         subprocess.run(["cp", "--sparse=always", template["ram_file"], str(ram)], check=True)
         marks["ram_copied"] = time.monotonic() - t0
     qemu = Qemu(_spec(config, run_dir, f"clone{index}", ram_file=ram, incoming=True), run_dir)
+    if ram_mode == "private":  # the template's file mapped copy-on-write: no copy, nothing shared
+        qemu.argv = [a.replace(f"mem-path={ram},share=on", f"mem-path={ram},share=off") for a in qemu.argv]
     transport = HybridVsock(run_dir / "vhost-vsock.sock", run_dir / "vsock.sock", guest_cid=100 + index)
     share = run_dir / "share"
     share.mkdir()
@@ -163,7 +168,7 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
         await qemu.start(Confinement(die_with_us=True), run=False)
         spawn = qemu.started_at
         await qemu.qmp.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": ram_mode == "copy"}]})
+            {"capability": "x-ignore-shared", "state": ram_mode != "stream"}]})
         await qemu.qmp.execute("migrate-incoming", {"uri": f"exec:cat {template['state_file']}"})
         while (await qemu.status()) == "inmigrate":
             await asyncio.sleep(0.005)
@@ -175,6 +180,7 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
         marks["vsock_added"] = time.monotonic() - spawn
         client = await _agent(transport)
         marks["agent_answered"] = time.monotonic() - spawn
+        marks["agent_answered_since_request"] = time.monotonic() - t0  # the RAM copy included
         if not full:
             await client.close()
             return result
@@ -189,7 +195,7 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
         result["migrate_with_vhost_user"] = await _try_migrate(qemu)
         await client.close()
         result["qemu_pss_kb"] = _pss_kb(qemu.proc.pid)
-        result["ram_file_used_kb"] = _allocated_kb(ram) if ram else None
+        result["ram_file_used_kb"] = _allocated_kb(ram) if ram_mode == "copy" else None
     except BaseException as e:
         result["error"] = f"{type(e).__name__}: {e}"
         result["console_tail"] = qemu.console.tail(15)
@@ -198,7 +204,7 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
         await qemu.close()
         await virtiofsd.stop()
         await transport.close()
-        if ram:
+        if ram_mode == "copy":
             ram.unlink(missing_ok=True)
     return result
 
@@ -290,7 +296,7 @@ async def run(args) -> dict:
     return {"ram": args.ram, "memory_mib": config.vm.memory_mib, "floor": {"ready_s": floor_ready},
             "cold": cold, "template": template, "clones": clones, "parallel": parallel,
             "clone_answered_over_floor": [_ratio(a, floor_ready) for a in answered],
-            "parallel_slowest_answered_s": max((c["timeline_s"].get("agent_answered") or float("inf")
+            "parallel_slowest_answered_s": max((c["timeline_s"].get("agent_answered_since_request") or float("inf")
                                                 for c in parallel), default=None),
             "clones_share_crng_output": len(set(uuids)) < len(uuids) if len(uuids) > 1 else None}
 
@@ -303,7 +309,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clones", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=0, help="clones restored at once, after the others")
-    parser.add_argument("--ram", choices=["copy", "stream"], default="copy")
+    parser.add_argument("--ram", choices=["copy", "stream", "private"], default="copy")
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE_DIR, help="the guest image's directory")
     print(json.dumps(asyncio.run(run(parser.parse_args())), indent=1))
 
