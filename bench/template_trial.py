@@ -6,17 +6,19 @@ Needs the debug guest image (`make guest-image DEBUG=1`: the clones are inspecte
 ExecVMProcess, which needs task.debug and a shell). One VM runs at a time. Prints one JSON object:
 
 - `floor`: the busybox floor's cold boot (bench.boot's), the yardstick of issue 15's targets.
-- `cold`: a pod's boot today (GuestVm: hybrid vsock + virtiofs) to the agent answering Check.
+- `cold`: a pod's boot today (GuestVm: hybrid vsock + virtiofs) to the agent answering Check,
+  then SetupSandbox (`pod_ready_s`).
 - `template`: its boot to ready (RAM in a /dev/shm file, no vhost-user device: QEMU 7.2 cannot
   migrate one, spare pcie-root-ports to hot-plug into, vmgenid), and the save (x-ignore-shared:
   only device state goes to the file, the RAM stays in the RAM file).
 - `clones`: per clone the restore timeline (seconds from QEMU's spawn; the RAM copy before it,
   and `agent_answered_since_request` includes it): state loaded, running,
-  the vsock device hot-plugged, the agent answering over it, virtiofs hot-plugged and mounted,
-  a NIC hot-plugged; what the clone's guest reports (a kernel UUID, i.e. CRNG output, its MAC);
+  the vsock device hot-plugged, the agent answering over it, virtiofs hot-plugged, SetupSandbox
+  done (`pod_ready`: the agent reseeds its CRNG and mounts the share), a NIC hot-plugged; what
+  the clone's guest reports (a kernel UUID, i.e. CRNG output, before and after SetupSandbox, the
+  share's file, its MAC);
   its host memory; and QEMU's answer when asked to migrate it with the vhost-user devices in.
-- `parallel`: with --parallel N, N clones restored at once, each to the agent answering over
-  its hot-plugged vsock (nothing else added).
+- `parallel`: with --parallel N, N clones restored at once, each to pod ready.
 
 --ram copy: each clone maps its own sparse copy of the template's RAM file (x-ignore-shared).
 --ram stream: the template is saved with its RAM in the stream, and each clone loads it into a
@@ -48,6 +50,8 @@ from host_sandboxer.vmm.vm import READY_LINE, GuestVm
 from host_sandboxer.vsock.hybrid import HybridVsock
 from initrd import floor
 from kernel import build as kernel_build
+from google.protobuf import empty_pb2
+
 from vmm_common import ttrpc
 from vmm_common.protos.kuasar import sandbox_pb2 as pb
 
@@ -60,6 +64,7 @@ TEMPLATE_DEVICES = tuple(arg for i, port in enumerate(HOTPLUG_PORTS, 1)
                          for arg in ("-device", f"pcie-root-port,id={port},chassis={i},slot={i}")) \
     + ("-device", "vmgenid,guid=auto")
 AGENT_TIMEOUT_S = 20.0
+UUID = "cat /proc/sys/kernel/random/uuid"  # 16 bytes of the kernel's CRNG
 
 
 def _spec(config, run_dir: Path, name: str, **kw) -> VmSpec:
@@ -91,8 +96,11 @@ async def cold_boot(config, work: Path) -> dict:
         client = await vm.ttrpc_client()
         await client.call(SANDBOX, "Check", pb.CheckRequest(), pb.CheckRequest().__class__)
         answered = time.monotonic() - vm.qemu.started_at
+        setup = await _setup_sandbox(client, "cold")
+        pod_ready = time.monotonic() - vm.qemu.started_at
         await client.close()
         return {"ready_s": round(timeline.agent_ready_s, 3), "agent_answered_s": round(answered, 3),
+                "setup_sandbox": setup, "pod_ready_s": round(pod_ready, 3),
                 "qemu_pss_kb": _pss_kb(vm.qemu.proc.pid)}
     finally:
         await vm.close()
@@ -143,7 +151,8 @@ async def floor_boot(config, work: Path) -> float:
 
 async def restore_clone(config, work: Path, template: dict, index: int, ram_mode: str,
                         full: bool = True) -> dict:
-    """One clone restored; `full`: also the share, a NIC, the guest's view and QEMU's refusal."""
+    """One clone restored to pod ready (vsock, share, SetupSandbox); `full`: also a NIC, the
+    guest's view and QEMU's refusal to migrate it."""
     run_dir = work / f"clone{index}"
     run_dir.mkdir()
     marks: dict[str, float] = {}
@@ -181,15 +190,19 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
         client = await _agent(transport)
         marks["agent_answered"] = time.monotonic() - spawn
         marks["agent_answered_since_request"] = time.monotonic() - t0  # the RAM copy included
+        if full:
+            result["kernel_uuid"] = await _exec(client, UUID)
+        await _hotplug(qemu, "fs0", virtiofsd.socket_path,
+                       {"driver": "vhost-user-fs-pci", "id": "fs", "chardev": "fs0", "tag": SHARE_TAG, "bus": "hp-fs"})
+        marks["share_added"] = time.monotonic() - spawn
+        result["setup_sandbox"] = await _setup_sandbox(client, f"clone{index}")
+        marks["pod_ready"] = time.monotonic() - spawn
+        marks["pod_ready_since_request"] = time.monotonic() - t0
         if not full:
             await client.close()
             return result
-        result["kernel_uuid"] = await _exec(client, "cat /proc/sys/kernel/random/uuid")
-        await _hotplug(qemu, "fs0", virtiofsd.socket_path,
-                       {"driver": "vhost-user-fs-pci", "id": "fs", "chardev": "fs0", "tag": SHARE_TAG, "bus": "hp-fs"})
-        result["share"] = await _exec(client, "mount -t virtiofs kuasar /run/kuasar/state"
-                                              " && cat /run/kuasar/state/hello")
-        marks["share_mounted"] = time.monotonic() - spawn
+        result["kernel_uuid_after_setup"] = await _exec(client, UUID)
+        result["share"] = await _exec(client, "cat /run/kuasar/state/hello")  # mounted by the agent
         result["nic"] = await _add_nic(qemu, client, result["mac"])
         marks["nic_seen"] = time.monotonic() - spawn
         result["migrate_with_vhost_user"] = await _try_migrate(qemu)
@@ -228,6 +241,18 @@ async def _agent(transport: HybridVsock) -> ttrpc.Client:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.02)
+
+
+async def _setup_sandbox(client: ttrpc.Client, hostname: str) -> str:
+    """SetupSandbox as the daemon sends it: the agent reseeds its CRNG and mounts the share."""
+    request = pb.SetupSandboxRequest()
+    request.config.type_url = "PodSandboxConfig"
+    request.config.value = json.dumps({"hostname": hostname}).encode()
+    try:
+        await client.call(SANDBOX, "SetupSandbox", request, empty_pb2.Empty, timeout=30.0)
+        return "ok"
+    except ttrpc.RpcError as e:
+        return f"error: {e}"
 
 
 async def _exec(client: ttrpc.Client, command: str) -> str:
@@ -291,14 +316,18 @@ async def run(args) -> dict:
         if template:
             Path(template["ram_file"]).unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
-    uuids = [c["kernel_uuid"] for c in clones if not c.get("kernel_uuid", "error").startswith("error")]
-    answered = [c["timeline_s"].get("agent_answered") for c in clones]
+    def shared(key: str) -> bool | None:
+        seen = [c[key] for c in clones if not c.get(key, "error").startswith("error")]
+        return len(set(seen)) < len(seen) if len(seen) > 1 else None
+
+    ready = [c["timeline_s"].get("pod_ready_since_request") for c in clones]
     return {"ram": args.ram, "memory_mib": config.vm.memory_mib, "floor": {"ready_s": floor_ready},
             "cold": cold, "template": template, "clones": clones, "parallel": parallel,
-            "clone_answered_over_floor": [_ratio(a, floor_ready) for a in answered],
-            "parallel_slowest_answered_s": max((c["timeline_s"].get("agent_answered_since_request") or float("inf")
+            "clone_pod_ready_over_floor": [_ratio(r, floor_ready) for r in ready],
+            "parallel_slowest_pod_ready_s": max((c["timeline_s"].get("pod_ready_since_request") or float("inf")
                                                 for c in parallel), default=None),
-            "clones_share_crng_output": len(set(uuids)) < len(uuids) if len(uuids) > 1 else None}
+            "clones_share_crng_output": shared("kernel_uuid"),
+            "clones_share_crng_output_after_setup": shared("kernel_uuid_after_setup")}
 
 
 def _ratio(a: float | None, b: float) -> float | None:
