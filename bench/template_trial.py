@@ -2,8 +2,9 @@
 
     python -m bench.template_trial [--clones 2] [--parallel 5] [--ram copy|stream|private] [--image DIR]
 
-Needs the debug guest image (`make guest-image DEBUG=1`: the clones are inspected through
-ExecVMProcess, which needs task.debug and a shell). One VM runs at a time. Prints one JSON object:
+The clones are inspected through ExecVMProcess (task.debug) with the host's static busybox in
+their share; the CRNG output before SetupSandbox needs the debug image (`make guest-image
+DEBUG=1`), else it reads as an error. Prints one JSON object:
 
 - `floor`: the busybox floor's cold boot (bench.boot's), the yardstick of issue 15's targets.
 - `cold`: a pod's boot today (GuestVm: hybrid vsock + virtiofs) to the agent answering Check,
@@ -65,6 +66,10 @@ TEMPLATE_DEVICES = tuple(arg for i, port in enumerate(HOTPLUG_PORTS, 1)
     + ("-device", "vmgenid,guid=auto")
 AGENT_TIMEOUT_S = 20.0
 UUID = "cat /proc/sys/kernel/random/uuid"  # 16 bytes of the kernel's CRNG
+# The host's static busybox, put in each clone's share: commands after SetupSandbox (which mounts
+# the share) need no debug image. Before it, only a DEBUG=1 image has a `cat`.
+HOST_BUSYBOX = "/bin/busybox"
+SHARED_BUSYBOX = "/run/kuasar/state/busybox"
 
 
 def _spec(config, run_dir: Path, name: str, **kw) -> VmSpec:
@@ -169,6 +174,7 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
     share = run_dir / "share"
     share.mkdir()
     (share / "hello").write_text(f"clone {index}\n")
+    shutil.copy2(HOST_BUSYBOX, share / "busybox")
     virtiofsd = Virtiofsd(config.sharefs.virtiofsd, share, run_dir / "virtiofsd.sock", run_dir / "virtiofsd.log")
     result: dict = {"guest_cid": transport.guest_cid, "mac": f"52:54:00:00:01:{index:02x}"}
     try:
@@ -201,8 +207,8 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
         if not full:
             await client.close()
             return result
-        result["kernel_uuid_after_setup"] = await _exec(client, UUID)
-        result["share"] = await _exec(client, "cat /run/kuasar/state/hello")  # mounted by the agent
+        result["kernel_uuid_after_setup"] = await _exec(client, f"{SHARED_BUSYBOX} {UUID}")
+        result["share"] = await _exec(client, f"{SHARED_BUSYBOX} cat /run/kuasar/state/hello")
         result["nic"] = await _add_nic(qemu, client, result["mac"])
         marks["nic_seen"] = time.monotonic() - spawn
         result["migrate_with_vhost_user"] = await _try_migrate(qemu)
@@ -271,7 +277,7 @@ async def _add_nic(qemu: Qemu, client: ttrpc.Client, mac: str) -> str:
     await qemu.qmp.execute("device_add", {"driver": "virtio-net-pci", "id": "nic0", "netdev": "net0",
                                           "mac": mac, "bus": "hp-net"})
     for _ in range(100):
-        seen = await _exec(client, "cat /sys/class/net/eth0/address")
+        seen = await _exec(client, f"{SHARED_BUSYBOX} cat /sys/class/net/eth0/address")
         if not seen.startswith("error"):
             return seen
         await asyncio.sleep(0.05)
@@ -299,10 +305,16 @@ def _allocated_kb(path: Path) -> int:
     return os.stat(path).st_blocks * 512 // 1024
 
 
-async def run(args) -> dict:
+def trial_config(image: Path):
+    """bench.boot's config (hybrid vsock, virtiofs, q35) on `image`, booted with task.debug."""
     config = bench_config(argparse.Namespace(sharefs="virtiofs", machine="q35"))
-    config.vm = dataclasses.replace(config.vm, kernel_params="task.debug", kernel=args.image / "kernel",
-                                    initrd=args.image / "initrd.img")
+    config.vm = dataclasses.replace(config.vm, kernel_params="task.debug", kernel=image / "kernel",
+                                    initrd=image / "initrd.img")
+    return config
+
+
+async def run(args) -> dict:
+    config = trial_config(args.image)
     work = Path(tempfile.mkdtemp(prefix="tmpl-"))
     template = None
     try:
