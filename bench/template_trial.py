@@ -14,7 +14,7 @@ DEBUG=1`), else it reads as an error. Prints one JSON object:
   only device state goes to the file, the RAM stays in the RAM file).
 - `clones`: per clone the restore timeline (seconds from QEMU's spawn; the RAM copy before it,
   and `agent_answered_since_request` includes it): state loaded, running,
-  the vsock device hot-plugged, the agent answering over it, virtiofs hot-plugged, SetupSandbox
+  the vsock and virtiofs devices hot-plugged, the agent answering over vsock, SetupSandbox
   done (`pod_ready`: the agent reseeds its CRNG and mounts the share), a NIC hot-plugged; what
   the clone's guest reports (a kernel UUID, i.e. CRNG output, before and after SetupSandbox, the
   share's file, its MAC);
@@ -193,14 +193,16 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
         await _hotplug(qemu, "vsock0", transport.vhost_socket,
                        {"driver": "vhost-user-vsock-pci", "id": "vsock", "chardev": "vsock0", "bus": "hp-vsock"})
         marks["vsock_added"] = time.monotonic() - spawn
+        # The share goes in before the agent is first asked anything: the guest sets both
+        # devices up while the host waits.
+        await _hotplug(qemu, "fs0", virtiofsd.socket_path,
+                       {"driver": "vhost-user-fs-pci", "id": "fs", "chardev": "fs0", "tag": SHARE_TAG, "bus": "hp-fs"})
+        marks["share_added"] = time.monotonic() - spawn
         client = await _agent(transport)
         marks["agent_answered"] = time.monotonic() - spawn
         marks["agent_answered_since_request"] = time.monotonic() - t0  # the RAM copy included
         if full:
             result["kernel_uuid"] = await _exec(client, UUID)
-        await _hotplug(qemu, "fs0", virtiofsd.socket_path,
-                       {"driver": "vhost-user-fs-pci", "id": "fs", "chardev": "fs0", "tag": SHARE_TAG, "bus": "hp-fs"})
-        marks["share_added"] = time.monotonic() - spawn
         result["setup_sandbox"] = await _setup_sandbox(client, f"clone{index}")
         marks["pod_ready"] = time.monotonic() - spawn
         marks["pod_ready_since_request"] = time.monotonic() - t0
