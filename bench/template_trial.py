@@ -103,9 +103,10 @@ async def cold_boot(config, work: Path) -> dict:
         answered = time.monotonic() - vm.qemu.started_at
         setup = await _setup_sandbox(client, "cold")
         pod_ready = time.monotonic() - vm.qemu.started_at
+        cpu = vm.qemu.cpu_seconds()
         await client.close()
         return {"ready_s": round(timeline.agent_ready_s, 3), "agent_answered_s": round(answered, 3),
-                "setup_sandbox": setup, "pod_ready_s": round(pod_ready, 3),
+                "setup_sandbox": setup, "pod_ready_s": round(pod_ready, 3), "qemu_cpu_s_at_pod_ready": cpu,
                 "qemu_pss_kb": _pss_kb(vm.qemu.proc.pid)}
     finally:
         await vm.close()
@@ -140,7 +141,7 @@ async def make_template(config, work: Path, ram_mode: str) -> dict:
             "state_kb": state.stat().st_size // 1024}
 
 
-async def floor_boot(config, work: Path) -> float:
+async def floor_boot(config, work: Path) -> dict:
     """The floor's boot (same kernel, launcher and devices; busybox /init) to its ready line."""
     manifest = json.loads((config.vm.initrd.parent / "manifest.json").read_text())
     initrd = floor.build_floor(FLOOR_DIR, manifest["initrd"]["compression"], kernel_build.default_cache())
@@ -149,7 +150,8 @@ async def floor_boot(config, work: Path) -> float:
     vm = GuestVm(dataclasses.replace(config, vm=dataclasses.replace(config.vm, initrd=initrd)),
                  work / "floor", name="floor", share_dir=share)
     try:
-        return round((await vm.start()).agent_ready_s, 3)
+        timeline = await vm.start()
+        return {"ready_s": round(timeline.agent_ready_s, 3), "qemu_cpu_s": timeline.qemu_cpu_s}
     finally:
         await vm.close()
 
@@ -206,6 +208,7 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
         result["setup_sandbox"] = await _setup_sandbox(client, f"clone{index}")
         marks["pod_ready"] = time.monotonic() - spawn
         marks["pod_ready_since_request"] = time.monotonic() - t0
+        result["qemu_cpu_s_at_pod_ready"] = qemu.cpu_seconds()  # emulation work, least blurred by load
         if not full:
             await client.close()
             return result
@@ -325,7 +328,7 @@ async def run(args) -> dict:
         clones = [await restore_clone(config, work, template, i, args.ram) for i in range(args.clones)]
         parallel = await asyncio.gather(*(restore_clone(config, work, template, args.clones + i, args.ram, full=False)
                                           for i in range(args.parallel)))
-        floor_ready = await floor_boot(config, work)
+        floor_ = await floor_boot(config, work)
     finally:
         if template:
             Path(template["ram_file"]).unlink(missing_ok=True)
@@ -335,9 +338,9 @@ async def run(args) -> dict:
         return len(set(seen)) < len(seen) if len(seen) > 1 else None
 
     ready = [c["timeline_s"].get("pod_ready_since_request") for c in clones]
-    return {"ram": args.ram, "memory_mib": config.vm.memory_mib, "floor": {"ready_s": floor_ready},
+    return {"ram": args.ram, "memory_mib": config.vm.memory_mib, "floor": floor_,
             "cold": cold, "template": template, "clones": clones, "parallel": parallel,
-            "clone_pod_ready_over_floor": [_ratio(r, floor_ready) for r in ready],
+            "clone_pod_ready_over_floor": [_ratio(r, floor_["ready_s"]) for r in ready],
             "parallel_slowest_pod_ready_s": max((c["timeline_s"].get("pod_ready_since_request") or float("inf")
                                                 for c in parallel), default=None),
             "clones_share_crng_output": shared("kernel_uuid"),
