@@ -46,6 +46,7 @@ from host_sandboxer.config import DEFAULT_IMAGE_DIR
 from host_sandboxer.containment.launch import Confinement
 from host_sandboxer.vmm.cmdline import SHARE_TAG, VmSpec
 from host_sandboxer.vmm.qemu import Qemu
+from host_sandboxer.vmm.qemu_fds import connected_unix_socket
 from host_sandboxer.vmm.virtiofsd import Virtiofsd
 from host_sandboxer.vmm.vm import READY_LINE, GuestVm
 from host_sandboxer.vsock.hybrid import HybridVsock
@@ -234,9 +235,17 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
 
 
 async def _hotplug(qemu: Qemu, chardev: str, socket_path, device: dict) -> None:
-    """A vhost-user device on a unix socket, added to the running guest."""
+    """A vhost-user device added to the running guest, its backend's socket connected by us and
+    handed to QEMU over QMP (`getfd`): as the daemon must, since its QEMU may not open the pod's
+    paths (vmm/qemu_fds.py)."""
+    sock = await connected_unix_socket(socket_path)
+    try:
+        qemu.qmp.send_fd_scm(sock.fileno())
+        await qemu.qmp.execute("getfd", {"fdname": chardev})
+    finally:
+        sock.close()
     await qemu.qmp.execute("chardev-add", {"id": chardev, "backend": {"type": "socket", "data": {
-        "addr": {"type": "unix", "data": {"path": str(socket_path)}}, "server": False}}})
+        "addr": {"type": "fd", "data": {"str": chardev}}, "server": False}}})
     await qemu.qmp.execute("device_add", device)
 
 
