@@ -352,7 +352,8 @@ def restart_pss_kb(node, runtime: str) -> dict:
     running = node_processes(node)
 
     def named(name: str) -> int:
-        return sum(pss_kb(pid) for pid, argv in running.items() if os.path.basename(argv[0]).startswith(name))
+        # a keeper's argv[0] is "vmm-stdio-keeper <mark path>", a shim's may be a path
+        return sum(pss_kb(pid) for pid, argv in running.items() if os.path.basename(argv[0].split()[0]) == name)
 
     if runtime == "runc":
         return {"runc_shims": named("containerd-shim-runc-v2")}
