@@ -15,8 +15,8 @@ import pytest
 
 import stand_in_images
 import tools
-from containerd_node import POD_SUBNET
 from bench.sandboxer import pss_kb
+from containerd_node import POD_SUBNET
 from crictl import CrictlError
 from host_sandboxer.taskproxy.mounts import mountpoints_under
 from pods import wait_for
@@ -353,7 +353,8 @@ def restart_pss_kb(node, runtime: str) -> dict:
 
     def named(name: str) -> int:
         # a keeper's argv[0] is "vmm-stdio-keeper <mark path>", a shim's may be a path
-        return sum(pss_kb(pid) for pid, argv in running.items() if os.path.basename(argv[0].split()[0]) == name)
+        return sum(pss_kb(pid) for pid, argv in running.items()
+                   if argv[0] and os.path.basename(argv[0].split()[0]) == name)
 
     if runtime == "runc":
         return {"runc_shims": named("containerd-shim-runc-v2")}
