@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -309,18 +310,29 @@ def test_pods_survive_restart(node, pods, restart):
 
 def send_line(node, cid: str, line: bytes) -> None:
     """`crictl attach -i` to the container, send `line` on its stdin and see the container's
-    echo of it in its log; then detach (the container's stdin stays open: not stdin_once)."""
-    attach = node.crictl.popen("attach", "-i", cid, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
+    echo of it both in attach's output and in its log; then detach (the container's stdin stays
+    open: not stdin_once)."""
+    attach = node.crictl.popen("attach", "-i", cid, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    shown = bytearray()
+
+    def read_output() -> None:
+        while chunk := attach.stdout.read1(4096):
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=read_output)
+    reader.start()
+    echoed = b"got %s\n" % line
     try:
         attach.stdin.write(line + b"\n")
         attach.stdin.flush()
-        wait_for(lambda: b"got %s\n" % line in node.crictl.logs(cid).stdout or attach.poll() is not None,
-                 f"{line!r} echoed through attach")
-        assert attach.poll() is None, f"crictl attach exited {attach.returncode}: {attach.stderr.read()!r}"
+        wait_for(lambda: (echoed in shown and echoed in node.crictl.logs(cid).stdout) or attach.poll() is not None,
+                 f"{line!r} echoed through attach (shown: {bytes(shown)!r})")
+        assert attach.poll() is None, f"crictl attach exited {attach.returncode}: {bytes(shown)!r}"
     finally:
         attach.kill()
-        attach.communicate(timeout=30)
+        attach.wait(30)
+        reader.join(30)
 
 
 @pytest.mark.node_restart
