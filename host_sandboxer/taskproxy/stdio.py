@@ -5,8 +5,10 @@ the acknowledged protocol of vmm_common.stdio_ack); the agent listens on that po
 of the process and the host connects through the pod's transport (`open_connection(port)`).
 Output: guest → FIFO with plain writes, the delivered offset recorded after each one
 (delivered.py) and acknowledged to the guest, which resends the rest to a restarted daemon.
-Stdin: FIFO → guest in frames, a frame of length 0 for containerd's EOF. While a stream runs a
-keeper process holds its FIFO open (fifo_keeper.py), so containerd sees no EOF while the daemon
+Stdin: FIFO → guest in frames, a frame of length 0 for the FIFO's EOF, which comes once
+containerd closed its writer and CloseIO came: until then the relay holds a writer of its own, as
+containerd's runc shim does, so a containerd restart (which closes containerd's writer and opens
+a new one) does not end the process's stdin. While a stream runs a keeper process holds its FIFO open (fifo_keeper.py), so containerd sees no EOF while the daemon
 is down. What a process's relays are (FIFOs, ports) is in the pod's record: `record()` /
 `from_record()`.
 """
@@ -147,6 +149,8 @@ class ProcessStdio:
         self.ports = ports
         self._marks = {name: DeliveredMark(marks_dir / str(port)) for name, port in ports.items()}
         self._keepers: dict = {}  # by stream: the process holding its FIFO open
+        self._stdin_writer: int | None = None  # our own writer of the stdin FIFO, until CloseIO
+        self._stdin_closed = False  # CloseIO came: no writer of our own any more
         self._tasks: dict[str, asyncio.Task] = {}
 
     @classmethod
@@ -207,12 +211,20 @@ class ProcessStdio:
         # At once, writer or not: a read waits for readability first (vmm_common.fdio), which
         # a FIFO never had a writer does not report, so EOF means containerd closed stdin.
         source = open_fifo(name, self.fifos[name], os.O_RDONLY)
+        if not self._stdin_closed:
+            self._stdin_writer = open_fifo(name, self.fifos[name], os.O_WRONLY)
         try:
             await self._keep(name, source)
             await self._reconnecting(name, transport, port,
                                      lambda reader, writer: _send_stdin(source, reader, writer))
         finally:
+            self._close_stdin_writer()
             os.close(source)
+
+    def _close_stdin_writer(self) -> None:
+        if self._stdin_writer is not None:
+            os.close(self._stdin_writer)
+            self._stdin_writer = None
 
     async def _keep(self, name: str, fd: int) -> None:
         """Make sure a keeper holds the stream's FIFO: the one a previous daemon left, or a new one."""
@@ -253,7 +265,10 @@ class ProcessStdio:
             await asyncio.sleep(RECONNECT_DELAY_S)
 
     async def stdin_done(self, timeout: float) -> None:
-        """Wait until stdin's FIFO reached EOF and was forwarded (before CloseIO goes on)."""
+        """CloseIO: containerd closed its writer; close ours, and wait until the FIFO reached EOF
+        and it was forwarded (before CloseIO goes on)."""
+        self._stdin_closed = True
+        self._close_stdin_writer()
         await self._wait(["stdin"], timeout)
 
     async def outputs_done(self, timeout: float) -> None:

@@ -3,6 +3,8 @@ pods on the runtime under test, `runc` (containerd's own, the baseline) or `vmm`
 both in the same run on the same containerd."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from host_sandboxer.config import DEFAULT_IMAGE_DIR
@@ -72,6 +74,16 @@ def pods(node, runtime, request):
         print(f"after the failure: {e}")
 
 
+# name -> figure: measurements scenarios report (`figures` fixture), printed as JSON after the run
+_figures: dict[str, object] = {}
+
+
+@pytest.fixture
+def figures() -> dict:
+    """Where a scenario records the figures it measured; they are printed after the run."""
+    return _figures
+
+
 # scenario -> runtime -> [outcome, seconds]: the comparison table printed after the run
 _table: dict[str, dict[str, list]] = {}
 
@@ -79,7 +91,12 @@ _table: dict[str, dict[str, list]] = {}
 def pytest_runtest_logreport(report):
     if not report.nodeid.startswith(_HERE) or "[" not in report.nodeid:
         return
-    scenario, _, runtime = report.nodeid.split("::")[-1].rstrip("]").partition("[")
+    name, _, ids = report.nodeid.split("::")[-1].rstrip("]").partition("[")
+    runtime = next((part for part in ids.split("-") if part in RUNTIMES), None)
+    if runtime is None:
+        return
+    others = "-".join(part for part in ids.split("-") if part != runtime)
+    scenario = f"{name}[{others}]" if others else name
     cell = _table.setdefault(scenario, {}).setdefault(runtime, ["passed", 0.0])
     cell[1] += report.duration
     if report.when == "call" and hasattr(report, "wasxfail"):
@@ -91,6 +108,9 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if _figures:
+        terminalreporter.section("e2e: figures measured")
+        terminalreporter.write_line(json.dumps(_figures, indent=1, sort_keys=True))
     if not _table:
         return
     width = max(map(len, _table))

@@ -118,18 +118,18 @@ class Containerd:
         return f"unix://{self.socket}"
 
     def start(self, timeout: float = 60.0) -> None:
-        self.service.start(self._serves_cri, timeout=timeout)
+        self.service.start(self.serves_cri, timeout=timeout)
+
+    def launch(self) -> None:
+        """Start without waiting for CRI (which a restart scenario waits for later)."""
+        self.service.start(lambda: True)
 
     def stop(self) -> None:
         self.service.stop()
 
-    def restart(self, timeout: float = 30.0) -> None:
-        """Stop and start again; CRI must have recovered its pods within `timeout` (runc's
-        recover in well under a second here)."""
-        self.stop()
-        self.start(timeout)
-
-    def _serves_cri(self) -> bool:
+    def serves_cri(self) -> bool:
+        """CRI answers `crictl info` with the runtime and the network ready (it answers "server
+        is not initialized yet" until it has recovered every pod)."""
         if not self.socket.exists():
             return False
         info = subprocess.run([str(tools.upstream("crictl")), "--runtime-endpoint", self.endpoint,

@@ -272,6 +272,34 @@ def test_output_waits_for_a_restarted_containerd_to_read_on(tmp_path):
     asyncio.run(scenario())
 
 
+@pytest.mark.timeout(30)
+def test_stdin_stays_open_across_a_containerd_restart(tmp_path):
+    """containerd restarting closes its writer of the stdin FIFO and opens a new one: the
+    process's stdin must not see EOF meanwhile (the relay holds a writer of its own until CloseIO,
+    as containerd's runc shim does); what the new containerd writes reaches it, and CloseIO ends it."""
+    async def scenario():
+        stdin = str(tmp_path / "in")
+        os.mkfifo(stdin)
+        io = ProcessStdio.create(stdin, "", "", PortAllocator(), tmp_path / "marks")
+        guest = Guest(tmp_path)
+        got = guest.stdin(io.ports["stdin"])
+        io.start(UnixPortTransport(str(tmp_path)))
+        first = await asyncio.to_thread(os.open, stdin, os.O_WRONLY)
+        os.write(first, b"before\n")
+        os.close(first)  # containerd stops
+        await asyncio.sleep(0.5)
+        assert not got.done(), "the process's stdin was closed by containerd's restart"
+        second = await asyncio.to_thread(os.open, stdin, os.O_WRONLY)  # the new containerd
+        os.write(second, b"after\n")
+        os.close(second)
+        await io.stdin_done(5)  # CloseIO
+        assert await asyncio.wait_for(got, 5) == b"before\nafter\n"
+        await io.close()
+        guest.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.timeout(20)
 def test_close_unblocks_fifos_nobody_opened(tmp_path):
     async def scenario():
