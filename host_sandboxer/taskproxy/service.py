@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 GUEST_TASK_SERVICE = "containerd.task.v2.Task"
 TASK_SERVICE = "containerd.task.v3.Task"
-HELD_CALLS = frozenset({"Wait"})  # held open for a process's life: a leaving daemon does not await them
+HELD_CALLS = frozenset({"Wait", "Stream"})  # held open for a process's life: a leaving daemon does not await them
 STDIO_DRAIN_S = 5.0
 LINK_LOST_GRACE_S = 3.0  # how long a lost guest link may precede the VMM's noticed death
 _V2_METHODS = v2.DESCRIPTOR.services_by_name["Task"].methods_by_name

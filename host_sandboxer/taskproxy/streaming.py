@@ -25,6 +25,7 @@ from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import DecodeError
 
 from host_sandboxer.taskproxy.errors import HostError
+from host_sandboxer.taskrelay.link import RESUMED_METADATA
 from vmm_common import ttrpc
 from vmm_common.protos.containerd.services.streaming.v1 import streaming_pb2
 from vmm_common.protos.containerd.types.transfer import streaming_pb2 as transfer
@@ -73,10 +74,10 @@ class ContainerdStream:
     """One Stream call of containerd's, as a relay uses it. A call whose connection is gone
     (containerd restarted) raises ConnectionError; `finish()` ends the call (OK)."""
 
-    def __init__(self, call, ident: str):
+    def __init__(self, call, ident: str, window: int = 0):
         self.id = ident
         self._call = call
-        self._window = 0
+        self._window = window
         self._changed = asyncio.Event()  # a grant came, or containerd's side ended
         self._closed_send = False        # containerd will send nothing more (CloseSend)
         self._lost: str | None = None
@@ -176,12 +177,22 @@ class StreamHub:
         self._slots: dict[str, asyncio.Future] = {}
 
     async def serve(self, call, context) -> None:
-        """Streaming/Stream: answer the init, park the call until a relay is done with it."""
+        """Streaming/Stream: answer the init, park the call until a relay is done with it.
+
+        A call the task relay replays to a restarted daemon after it was answered (RESUMED) is
+        not answered again: containerd's reader would take a second ack for an error and end
+        the stream. Its output window restarts at one grant: containerd's ReadByteStream
+        keeps at least that much granted (it grants again whenever it holds less), and the
+        grants it sent meanwhile may have been lost with the old daemon."""
         init = unpack(await call.recv(), streaming_pb2.StreamInit)
         if init is None or not init.id:
             raise RpcError(Code.INVALID_ARGUMENT, "the first message of a stream must be a StreamInit with an id")
-        stream = ContainerdStream(call, init.id)
-        await call.send(pack(empty_pb2.Empty()))  # the ack containerd's stream creator waits for
+        if context.get(RESUMED_METADATA) is None:
+            stream = ContainerdStream(call, init.id)
+            await call.send(pack(empty_pb2.Empty()))  # the ack containerd's stream creator waits for
+        else:
+            stream = ContainerdStream(call, init.id, window=WINDOW)
+            log.info("stream %s: resumed from the previous daemon", init.id)
         self._offer(stream)
         try:
             await stream.done

@@ -29,6 +29,9 @@ from vmm_common.ttrpc.connection import ServerConnection
 log = logging.getLogger(__name__)
 
 SYNC_TIMEOUT_S = 10.0
+# Request metadata a replayed call carries when an earlier daemon had begun answering it
+# (wire.RESUMED): its handler goes on with it (taskproxy/streaming.py does not ack a stream twice).
+RESUMED_METADATA = "vmm-sandboxer-resumed"
 RECV_CHUNK = 256 * 1024
 LISTEN_BACKLOG = 128  # containerd's dials wait here while no relay accepts (one is being started)
 
@@ -175,8 +178,8 @@ class _Link:
         try:
             while data := await loop.sock_recv(self.sock, RECV_CHUNK):
                 buffer += data
-                for conn, kind, _, message in wire.take(buffer, wire.MAX_CONTROL_PAYLOAD):
-                    self._on_message(conn, kind, message[wire.HEADER_SIZE:])
+                for conn, kind, flags, message in wire.take(buffer, wire.MAX_CONTROL_PAYLOAD):
+                    self._on_message(conn, kind, flags, message[wire.HEADER_SIZE:])
         except (OSError, wire.WireError, UnicodeDecodeError) as e:
             reason = f"link broken: {e}"
             log.error("task relay: %s", reason)
@@ -187,11 +190,11 @@ class _Link:
                 self.synced.set_exception(RelayError(f"task relay: {reason}"))
             self.ended.set_result(reason)
 
-    def _on_message(self, conn: int, kind: int, payload: bytes) -> None:
+    def _on_message(self, conn: int, kind: int, flags: int, payload: bytes) -> None:
         if kind == wire.RECEIVED:
             channel = self.channels.get(conn)
             if channel is not None:
-                channel.received(payload)
+                channel.received(payload, resumed=bool(flags & wire.RESUMED))
         elif kind == wire.OPEN:
             self._open(conn, payload.decode())
         elif kind == wire.CLOSED:
@@ -253,7 +256,7 @@ class _RelayedChannel:
         self._frames: asyncio.Queue = asyncio.Queue()  # bounded by the relay's per-connection limits
         self._ended = False
 
-    def received(self, data: bytes) -> None:
+    def received(self, data: bytes, resumed: bool = False) -> None:
         try:
             length, stream_id, msg_type, flags = fr.decode_header(data[:fr.HEADER_SIZE])
         except ProtocolError as e:
@@ -261,9 +264,14 @@ class _RelayedChannel:
             self._link.send(wire.CLOSE, self._conn)
             self.end()
             return
+        body = data[fr.HEADER_SIZE:]
         if msg_type == fr.REQUEST:
-            self._link.unanswered[self._conn, stream_id] = _method_of(data[fr.HEADER_SIZE:])
-        self._frames.put_nowait(fr.Frame(stream_id, msg_type, flags, data[fr.HEADER_SIZE:]))
+            request = _request_of(body)
+            self._link.unanswered[self._conn, stream_id] = request.method if request else ""
+            if resumed and request is not None:
+                request.metadata.add(key=RESUMED_METADATA, value="1")
+                body = request.SerializeToString()
+        self._frames.put_nowait(fr.Frame(stream_id, msg_type, flags, body))
 
     def end(self) -> None:
         """No more frames: containerd closed the connection, or the link to the relay ended."""
@@ -289,9 +297,9 @@ class _RelayedChannel:
         self.end()
 
 
-def _method_of(envelope: bytes) -> str:
-    """A request's method, for the drain ("" if undecodable: ServerConnection refuses it)."""
+def _request_of(envelope: bytes) -> Request | None:
+    """A request's envelope (None if undecodable: ServerConnection refuses it)."""
     try:
-        return Request.FromString(envelope).method
+        return Request.FromString(envelope)
     except DecodeError:
-        return ""
+        return None

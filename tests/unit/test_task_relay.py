@@ -15,8 +15,10 @@ import time
 
 import pytest
 
+from google.protobuf import wrappers_pb2
+
 from host_sandboxer.taskrelay import conn as relay_conn, wire
-from host_sandboxer.taskrelay.link import TaskRelay
+from host_sandboxer.taskrelay.link import RESUMED_METADATA, TaskRelay
 from host_sandboxer.vmm import process
 from vmm_common import ttrpc
 from vmm_common.protos.containerd.task.v3 import shim_pb2 as v3
@@ -33,18 +35,32 @@ class Daemon:
 
     def __init__(self, tmp_path, tag: int, state_bytes: int = 0, state_delay: float = 0.0):
         self.tag = tag
+        self.streamed: list[tuple[bool, bytes]] = []  # (resumed?, message) as Echo got them
         self.release = asyncio.Event()
         self.waits_cancelled = 0
         self.state_bytes = state_bytes
         self.state_delay = state_delay
         server = ttrpc.Server()
         server.register(SERVICE, {"State": ttrpc.unary(v3.StateRequest, self._state),
-                                  "Wait": ttrpc.unary(v3.WaitRequest, self._wait)})
+                                  "Wait": ttrpc.unary(v3.WaitRequest, self._wait),
+                                  "Echo": ttrpc.bidi_stream(wrappers_pb2.BytesValue, self._echo)})
         self.relay = TaskRelay(tmp_path, lambda pod: server if pod == POD else None)
 
     async def _state(self, request, ctx):
         await asyncio.sleep(self.state_delay)
         return v3.StateResponse(id=request.id, pid=self.tag, bundle="x" * self.state_bytes)
+
+    async def _echo(self, stream, ctx):
+        """A streaming call shaped like containerd's Streaming/Stream: the first message is
+        answered at once (unless the call is RESUMED), later ones are recorded; b"tag" is
+        answered with the daemon's tag."""
+        resumed = ctx.get(RESUMED_METADATA) is not None
+        first = True
+        async for message in stream:
+            self.streamed.append((resumed, message.value[:16]))
+            if (first and not resumed) or message.value == b"tag":
+                await stream.send(wrappers_pb2.BytesValue(value=b"%d" % self.tag))
+            first = False
 
     async def _wait(self, request, ctx):
         try:
@@ -149,6 +165,40 @@ def test_calls_pass_and_a_held_wait_is_answered_by_the_next_daemon(tmp_path):
 
     assert _run(tmp_path, scenario) is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == [POD]  # no record, control socket or log left
+
+
+def test_a_stream_goes_on_with_the_next_daemon_without_keeping_its_data(tmp_path):
+    """A streaming call (containerd's Streaming/Stream for `io_type = "streaming"`) outlives
+    daemons: more than MAX_KEPT_BYTES may flow (its data is not kept once a daemon has it),
+    the next daemon gets the call RESUMED with its first message (it does not ack it again)
+    and what was sent while no daemon ran, and nothing the previous daemon already had."""
+    async def scenario():
+        first = await _serving(tmp_path, 21)
+        client = await _client(tmp_path)
+        stream = await client.stream(SERVICE, "Echo", wrappers_pb2.BytesValue,
+                                     streaming_client=True, streaming_server=True)
+        await stream.send(wrappers_pb2.BytesValue(value=b"init"))
+        assert (await asyncio.wait_for(stream.recv(), 10)).value == b"21"
+        bulk = b"x" * (1 << 20)
+        for _ in range(relay_conn.MAX_KEPT_BYTES // len(bulk) + 2):
+            await stream.send(wrappers_pb2.BytesValue(value=bulk))
+        await stream.send(wrappers_pb2.BytesValue(value=b"tag"))
+        assert (await asyncio.wait_for(stream.recv(), 10)).value == b"21"  # all passed, connection kept
+        await first.relay.close()
+        await stream.send(wrappers_pb2.BytesValue(value=b"while down"))
+        await asyncio.sleep(0.2)
+
+        second = Daemon(tmp_path, 22)
+        await second.relay.resume({POD: _address(tmp_path)})
+        await stream.send(wrappers_pb2.BytesValue(value=b"tag"))
+        assert (await asyncio.wait_for(stream.recv(), 10)).value == b"22"  # no second ack before it
+        assert second.streamed == [(True, b"init"), (True, b"while down"), (True, b"tag")]
+        await stream.close_send()
+        assert await asyncio.wait_for(stream.recv(), 10) is None
+        await client.close()
+        await second.relay.unlisten(POD)
+
+    _run(tmp_path, scenario)
 
 
 def test_a_leaving_daemon_answers_the_calls_under_way_but_not_the_held_ones(tmp_path):
