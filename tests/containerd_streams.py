@@ -36,7 +36,11 @@ class ContainerdStream:
 
     @classmethod
     async def open(cls, socket_path, stream_id: str) -> "ContainerdStream":
-        client = await ttrpc.Client.connect_unix(str(socket_path))
+        return await cls.over(await ttrpc.Client.connect_unix(str(socket_path)), stream_id)
+
+    @classmethod
+    async def over(cls, client: ttrpc.Client, stream_id: str) -> "ContainerdStream":
+        """On `client`, a connection of its own (containerd dials one per stream)."""
         stream = await client.stream(STREAMING, "Stream", any_pb2.Any, streaming_client=True,
                                      streaming_server=True)
         await stream.send(pack(streaming_pb2.StreamInit(id=stream_id)))
