@@ -230,9 +230,9 @@ def register(server: ttrpc.Server, hub: StreamHub) -> None:
 
 class StreamSink:
     """A containerd stream as an output relay's sink (stdio.FifoSink's counterpart): each chunk
-    is recorded as delivered once handed to the task relay. A lost call (containerd restarted)
-    waits for the next call with the same ID, which CRI opens; what was sent on the lost one
-    is gone (containerd acknowledges nothing)."""
+    is recorded as delivered once its frame is in the task relay's socket (a daemon killed then
+    loses nothing). A lost call (containerd restarted) waits for the next call with the same ID,
+    which CRI opens; what was sent on the lost one is gone (containerd acknowledges nothing)."""
 
     def __init__(self, hub: StreamHub, ident: str):
         self._hub, self._id = hub, ident

@@ -159,7 +159,9 @@ class _Link:
         self.sock = sock
         self.services = services
         loop = asyncio.get_running_loop()
-        self.outbox = Outbox(loop, sock, lambda why: log.error("task relay link: write failed: %s", why))
+        self.outbox = Outbox(loop, sock, lambda why: log.error("task relay link: write failed: %s", why),
+                             on_written=self._written)
+        self._flush_waiters: list[tuple[int, asyncio.Future]] = []  # (outbox.written target, waiter)
         self.channels: dict[int, _RelayedChannel] = {}
         self.unanswered: dict[tuple[int, int], str] = {}  # (connection, stream) -> method
         self.listening: set[str] = set()  # pods whose listener the relay holds
@@ -170,6 +172,28 @@ class _Link:
 
     def send(self, kind: int, conn: int, payload: bytes = b"", passing: socket.socket | None = None) -> None:
         self.outbox.write(wire.message(kind, conn, payload), payload, passing=passing)
+
+    async def flushed(self) -> None:
+        """Return once everything queued so far is in the relay's socket: out of this process's
+        hands, so a daemon killed now does not lose it (the relay lives on).
+        ConnectionResetError if the link ends first."""
+        target = self.outbox.queued
+        if self.outbox.written >= target:
+            return
+        if self.ended.done():
+            raise ConnectionResetError("the link to the task relay is closed")
+        waiter = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append((target, waiter))
+        await waiter
+
+    def _written(self) -> None:
+        waiting = []
+        for target, waiter in self._flush_waiters:
+            if target > self.outbox.written:
+                waiting.append((target, waiter))
+            elif not waiter.done():
+                waiter.set_result(None)
+        self._flush_waiters = waiting
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
@@ -242,6 +266,10 @@ class _Link:
     def _end(self) -> None:
         self.outbox.close()
         self.sock.close()  # the relay keeps containerd's calls for the next link
+        for _, waiter in self._flush_waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("the link to the task relay closed"))
+        self._flush_waiters.clear()
         for channel in list(self.channels.values()):
             channel.end()
 
@@ -290,6 +318,7 @@ class _RelayedChannel:
         self._link.send(wire.SEND, self._conn, fr.encode(stream_id, msg_type, flags, data))
         if wire.ends_stream(msg_type, flags):
             self._link.unanswered.pop((self._conn, stream_id), None)
+        await self._link.flushed()  # what a caller counts as sent (a stream's mark) is with the relay
 
     async def close(self) -> None:
         if not self._ended and not self._link.ended.done():

@@ -18,7 +18,7 @@ import pytest
 from google.protobuf import wrappers_pb2
 
 from host_sandboxer.taskrelay import conn as relay_conn, wire
-from host_sandboxer.taskrelay.link import RESUMED_METADATA, TaskRelay
+from host_sandboxer.taskrelay.link import RESUMED_METADATA, TaskRelay, _Link, _RelayedChannel
 from host_sandboxer.vmm import process
 from vmm_common import ttrpc
 from vmm_common.protos.containerd.task.v3 import shim_pb2 as v3
@@ -197,6 +197,33 @@ def test_a_stream_goes_on_with_the_next_daemon_without_keeping_its_data(tmp_path
         assert await asyncio.wait_for(stream.recv(), 10) is None
         await client.close()
         await second.relay.unlisten(POD)
+
+    _run(tmp_path, scenario)
+
+
+def test_a_frame_counts_as_sent_once_the_relay_has_it(tmp_path):
+    """A relayed frame's send returns only when the frame is in the relay's socket, not queued
+    in the daemon (a stream's delivered mark advances on it: a daemon killed after that loses
+    nothing the mark counts). The relay's end of the link is a socketpair read by hand here."""
+    async def scenario():
+        ours, relays = socket.socketpair()
+        ours.setblocking(False)  # as the daemon's connection to the relay is
+        link = _Link(ours, lambda pod: None)
+        link.synced.set_result(None)  # no relay here to say so
+        send = asyncio.ensure_future(_RelayedChannel(link, 1).send(1, fr.DATA, 0, b"x" * (2 << 20)))
+        await asyncio.sleep(0.3)
+        assert not send.done() and link.outbox.size > 0  # more than the socket holds
+        got = 0
+        relays.setblocking(False)
+        while not send.done():
+            try:
+                got += len(relays.recv(1 << 20))
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        await send
+        assert got + len(relays.recv(1 << 20)) > 2 << 20
+        await link.close()
+        relays.close()
 
     _run(tmp_path, scenario)
 
