@@ -448,3 +448,45 @@ def test_the_relays_own_answer_is_a_ttrpc_status():
     assert (length, stream_id, msg_type) == (len(frame) - fr.HEADER_SIZE, 7, fr.RESPONSE)
     assert response.status.code == ttrpc.Code.RESOURCE_EXHAUSTED
     assert response.status.message.startswith("é")  # cut at 1 KiB, never inside a character
+
+
+class _QuietLoop:
+    """The relay loop's interface, doing nothing: the test drives the connection by hand."""
+
+    def add_reader(self, fd, *args):
+        pass
+
+    remove_reader = add_writer = remove_writer = add_reader
+
+
+class _Recorder:
+    """The Relay as a Conn sees it: records what it forwards and why the connection ended."""
+
+    def __init__(self):
+        self.loop, self.session = _QuietLoop(), object()
+        self.forwarded, self.dropped = [], []
+
+    def received(self, conn, frame):
+        self.forwarded.append(wire.ttrpc_header(frame))
+
+    def drop(self, conn, reason):
+        self.dropped.append(reason)
+        conn.close()
+
+
+def test_what_containerd_sent_before_closing_is_taken_when_an_answer_fails():
+    """containerd ends a stdin stream with its last Data and CloseSend and closes the connection
+    at once, while a window update may be on its way to it: that write fails (EPIPE), and what
+    containerd sent is still forwarded, its CloseSend included, before the connection goes."""
+    ours, theirs = socket.socketpair()
+    relay = _Recorder()
+    conn = relay_conn.Conn(relay, 1, POD, ours)
+    stream = Request(service="containerd.services.streaming.v1.Streaming", method="Stream")
+    theirs.sendall(fr.encode(1, fr.REQUEST, fr.FLAG_REMOTE_OPEN, stream.SerializeToString())
+                   + fr.encode(1, fr.DATA, 0, b"init") + fr.encode(1, fr.DATA, 0, b"last bytes")
+                   + fr.encode(1, fr.DATA, fr.FLAG_REMOTE_CLOSED | fr.FLAG_NO_DATA))
+    theirs.close()
+    conn.send(fr.encode(1, fr.DATA, 0, b"a window update"))
+    assert relay.forwarded == [(1, fr.REQUEST, fr.FLAG_REMOTE_OPEN), (1, fr.DATA, 0), (1, fr.DATA, 0),
+                               (1, fr.DATA, fr.FLAG_REMOTE_CLOSED | fr.FLAG_NO_DATA)]
+    assert len(relay.dropped) == 1 and "write failed" in relay.dropped[0]
