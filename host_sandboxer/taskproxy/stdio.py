@@ -172,6 +172,7 @@ class ProcessStdio:
         self._keepers: dict = {}  # by stream: the process holding its FIFO open
         self._tasks: dict[str, asyncio.Task] = {}
         self._streams: StreamHub | None = None  # the pod's Stream calls, given by start()
+        self._replayed: list[asyncio.Task] = []  # ending calls replayed for finished streams
 
     @classmethod
     def create(cls, stdin: str, stdout: str, stderr: str, ports: PortAllocator, marks_dir: Path,
@@ -205,6 +206,14 @@ class ProcessStdio:
         for name, port in self.ports.items():
             self._tasks[name] = asyncio.create_task(self._stream(name, transport, port),
                                                     name=f"stdio-{name}-{port}")
+            ident = stream_id(name, self.fifos[name])
+            if self._marks[name].finished and ident is not None:
+                self._replayed.append(asyncio.create_task(self._end_replayed(ident)))
+
+    async def _end_replayed(self, ident: str) -> None:
+        """A stream finished by a daemon killed before its end frame left it: the task relay
+        replays containerd's call, which is ended here (containerd waits for that EOF)."""
+        (await self._streams.take(ident)).finish()
 
     async def _stream(self, name: str, transport, port: int) -> None:
         """One stream's relay. Once it finished or failed its keeper goes, so containerd sees EOF
@@ -303,6 +312,8 @@ class ProcessStdio:
 
     async def close(self) -> None:
         """Stop every relay and keeper; the process is deleted, so its marks go too."""
+        for task in self._replayed:
+            task.cancel()
         for task in self._tasks.values():
             task.cancel()
         for name, task in self._tasks.items():

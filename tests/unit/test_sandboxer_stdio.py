@@ -413,3 +413,22 @@ def test_stream_strings_the_daemon_cannot_serve_are_refused(tmp_path):
         with pytest.raises(HostError, match=why) as refused:
             ProcessStdio.create("", uri, "", PortAllocator(), tmp_path)
         assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.timeout(30)
+def test_a_finished_stream_replayed_to_a_restarted_daemon_is_ended(tmp_path):
+    """The daemon recorded a stream finished but was killed before containerd's call ended:
+    the relay replays the call to the next daemon, which ends it (containerd's EOF) at once."""
+    async def scenario():
+        address = TaskAddress(tmp_path)
+        io = ProcessStdio.create("", address.uri("c3-stdout"), "", PortAllocator(), tmp_path / "marks")
+        DeliveredMark(tmp_path / "marks" / str(io.ports["stdout"])).finish()
+        again = ProcessStdio.from_record(io.record(), tmp_path / "marks")  # the next daemon
+        again.start(UnixPortTransport(str(tmp_path)), address.hub)
+        replayed = await ContainerdStream.open(address.path, "c3-stdout")
+        assert await asyncio.wait_for(replayed.read_all(), 5) == b""
+        await replayed.drop()
+        await again.close()
+        await address.close()
+
+    asyncio.run(scenario())
