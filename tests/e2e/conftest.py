@@ -1,6 +1,7 @@
 """Fixtures of the e2e layer: the node (tests/e2e/node.py) once per test module, and a scenario's
-pods on the runtime under test, `runc` (containerd's own, the baseline) or `vmm` (this project),
-both in the same run on the same containerd."""
+pods on the runtime under test, `runc` (containerd's own, the baseline), `vmm` (this project) or
+`vmm-streaming` (this project with `io_type = "streaming"`), all in the same run on the same
+containerd."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from host_sandboxer.config import DEFAULT_IMAGE_DIR
 from node import node_environment
 from pods import Pods
 
-RUNTIMES = ("runc", "vmm")
+RUNTIMES = ("runc", "vmm", "vmm-streaming")
 _HERE = "tests/e2e/"
 
 
@@ -28,7 +29,8 @@ def pytest_collection_modifyitems(items):
     def order(item):
         if item.get_closest_marker("node_restart") is None:
             return 0
-        return 2 if getattr(item, "callspec", None) and item.callspec.params.get("runtime") == "vmm" else 1
+        runtime = getattr(item, "callspec", None) and item.callspec.params.get("runtime")
+        return 2 if runtime and runtime.startswith("vmm") else 1
     for module in {item.module for item in items if item.nodeid.startswith(_HERE)}:
         slots = [i for i, item in enumerate(items) if item.module is module]
         for slot, item in zip(slots, sorted((items[i] for i in slots), key=order)):
@@ -44,7 +46,7 @@ def node():
 @pytest.fixture(params=RUNTIMES)
 def runtime(request) -> str:
     """The CRI runtime handler under test; vmm needs the guest image `make test` builds first."""
-    if request.param == "vmm":
+    if request.param.startswith("vmm"):
         missing = [p.name for p in (DEFAULT_IMAGE_DIR / "kernel", DEFAULT_IMAGE_DIR / "initrd.img")
                    if not p.is_file()]
         if missing:

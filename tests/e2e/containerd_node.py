@@ -1,12 +1,14 @@
 """containerd 2.4 as a node runs it, but everything in the test's directory: its own config
 (version 3), root, state, sockets, shim sockets, CNI config, registry mirrors; inside the node's
-network namespace; two CRI runtime handlers side by side:
+network namespace; three CRI runtime handlers side by side:
 
 - `runc`: containerd's own runtime (containerd-shim-runc-v2 + runc from the upstream binaries
   directory, first in containerd's PATH), the baseline;
 - `vmm`: this project, the `type = "sandbox"` proxy plugin served by vmm-sandboxer (README's
   containerd section), with `disable_pause_image_pull` (new in 2.4: no pause image for a
-  sandboxer that does not run one).
+  sandboxer that does not run one);
+- `vmm-streaming`: the same sandboxer with `io_type = "streaming"`: containerd opens its Streaming
+  service on the pod's task address for each stdio stream instead of making FIFOs.
 """
 from __future__ import annotations
 
@@ -65,6 +67,12 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
   runtime_type = "io.containerd.runc.v2"   # containerd requires a value; the sandboxer serves the task API
   sandboxer = "vmm"
   io_type = "fifo"
+  disable_pause_image_pull = true
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.vmm-streaming]
+  runtime_type = "io.containerd.runc.v2"
+  sandboxer = "vmm"
+  io_type = "streaming"
   disable_pause_image_pull = true
 
 [proxy_plugins.vmm]

@@ -27,7 +27,7 @@ if (reason := tools.skip_reason()) is not None:
     pytest.skip(reason, allow_module_level=True)
 
 WEB = stand_in_images.WEB_SERVER.name
-RESTART_RUNTIMES = ["runc", "vmm"]  # issue 12: both restarts pass on vmm too (docs/restarts.md)
+RESTART_RUNTIMES = ["runc", "vmm", "vmm-streaming"]  # issue 12: both restarts pass on vmm too (docs/restarts.md)
 forward_ports = itertools.count(18080)
 COUNTER = ["sh", "-c", "i=0; while :; do echo $i; i=$((i+1)); sleep 0.2; done"]
 
