@@ -5,6 +5,7 @@ containerd."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -13,12 +14,24 @@ from node import node_environment
 from pods import Pods
 
 RUNTIMES = ("runc", "vmm", "vmm-streaming")
+# io_type decides only how stdio travels: scenarios marked `stdio` run on every runtime, the
+# others (networking, stats, OOM, ...) on runc and vmm, where vmm-streaming is the same code
+STDIO_ONLY = ("vmm-streaming",)
 _HERE = "tests/e2e/"
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "node_restart: restarts containerd or vmm-sandboxer under running "
                                        "pods (runs last in its module)")
+    config.addinivalue_line("markers", "stdio: depends on how stdio travels, so runs with "
+                                       "io_type = \"streaming\" (vmm-streaming) too")
+
+
+def pytest_generate_tests(metafunc):
+    """A scenario's runtimes: all of RUNTIMES when it is marked `stdio`, else all but STDIO_ONLY."""
+    if "runtime" in metafunc.fixturenames:
+        stdio = metafunc.definition.get_closest_marker("stdio") is not None
+        metafunc.parametrize("runtime", [r for r in RUNTIMES if stdio or r not in STDIO_ONLY], indirect=True)
 
 
 def pytest_collection_modifyitems(items):
@@ -43,7 +56,7 @@ def node():
         yield up
 
 
-@pytest.fixture(params=RUNTIMES)
+@pytest.fixture
 def runtime(request) -> str:
     """The CRI runtime handler under test; vmm needs the guest image `make test` builds first."""
     if request.param.startswith("vmm"):
@@ -86,6 +99,8 @@ def figures() -> dict:
     return _figures
 
 
+# a runtime among a test's ids (which "-" joins, and "vmm-streaming" contains), longest name first
+_RUNTIME_IN_IDS = re.compile("(?:^|-)(%s)(?:-|$)" % "|".join(sorted(RUNTIMES, key=len, reverse=True)))
 # scenario -> runtime -> [outcome, seconds]: the comparison table printed after the run
 _table: dict[str, dict[str, list]] = {}
 
@@ -94,10 +109,11 @@ def pytest_runtest_logreport(report):
     if not report.nodeid.startswith(_HERE) or "[" not in report.nodeid:
         return
     name, _, ids = report.nodeid.split("::")[-1].rstrip("]").partition("[")
-    runtime = next((part for part in ids.split("-") if part in RUNTIMES), None)
-    if runtime is None:
+    found = _RUNTIME_IN_IDS.search(ids)
+    if found is None:
         return
-    others = "-".join(part for part in ids.split("-") if part != runtime)
+    runtime = found.group(1)
+    others = "-".join(part for part in (ids[:found.start()], ids[found.end():]) if part)
     scenario = f"{name}[{others}]" if others else name
     cell = _table.setdefault(scenario, {}).setdefault(runtime, ["passed", 0.0])
     cell[1] += report.duration

@@ -1,6 +1,7 @@
 """What a node does with pods, through the real containerd 2.4 and crictl, on containerd's own
 runc runtime (the baseline) and on this project's `vmm` runtime in the same run: every scenario
-is parametrised over both (conftest.RUNTIMES), on one node shared by the module (node.py)."""
+is parametrised over both, and those marked `stdio` also over `vmm-streaming` (conftest.py), on
+one node shared by the module (node.py)."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -27,7 +28,6 @@ if (reason := tools.skip_reason()) is not None:
     pytest.skip(reason, allow_module_level=True)
 
 WEB = stand_in_images.WEB_SERVER.name
-RESTART_RUNTIMES = ["runc", "vmm", "vmm-streaming"]  # issue 12: both restarts pass on vmm too (docs/restarts.md)
 forward_ports = itertools.count(18080)
 COUNTER = ["sh", "-c", "i=0; while :; do echo $i; i=$((i+1)); sleep 0.2; done"]
 
@@ -45,6 +45,7 @@ def test_http_server_reachable_at_pod_ip(node, pods):
     assert page == stand_in_images.WEB_PAGE
 
 
+@pytest.mark.stdio
 def test_logs_keep_stdout_and_stderr_apart_exactly(node, pods):
     pod = pods.run("logs")
     cid = pod.container("talk", ["sh", "-c", "echo out1; echo err1 >&2; echo; printf 'out2 \\303\\251\\t|\\n'; "
@@ -54,6 +55,7 @@ def test_logs_keep_stdout_and_stderr_apart_exactly(node, pods):
     assert (logs.stdout, logs.stderr) == (b"out1\n\nout2 \xc3\xa9\t|\n", b"err1\nerr2\n")
 
 
+@pytest.mark.stdio
 def test_logs_of_many_lines_are_complete(node, pods):
     pod = pods.run("many-lines")
     cid = pod.container("seq", ["sh", "-c", "seq 1 100000; seq 100001 120000 >&2"])
@@ -63,6 +65,7 @@ def test_logs_of_many_lines_are_complete(node, pods):
     assert logs.stderr == lines(100001, 120000)
 
 
+@pytest.mark.stdio
 def test_exec_exit_codes(node, pods):
     pod = pods.run("exec-codes")
     cid = pod.container("idle", ["sleep", "3600"])
@@ -76,6 +79,7 @@ def test_exec_exit_codes(node, pods):
     assert missing.returncode != 0 and b"/no/such/binary" in missing.stderr, missing.stderr
 
 
+@pytest.mark.stdio
 def test_exec_output_of_100k_lines_is_exact(node, pods):
     pod = pods.run("exec-lines")
     cid = pod.container("idle", ["sleep", "3600"])
@@ -84,6 +88,7 @@ def test_exec_output_of_100k_lines_is_exact(node, pods):
     assert result.stderr == lines(1, 1000)
 
 
+@pytest.mark.stdio
 def test_exec_stdin_reaches_the_process(node, pods):
     pod = pods.run("exec-stdin")
     cid = pod.container("idle", ["sleep", "3600"])
@@ -93,6 +98,7 @@ def test_exec_stdin_reaches_the_process(node, pods):
     assert counted.stdout.split() == [b"%d" % len(data)]
 
 
+@pytest.mark.stdio
 def test_exec_with_a_terminal(node, pods):
     pod = pods.run("exec-tty")
     cid = pod.container("idle", ["sleep", "3600"])
@@ -102,6 +108,7 @@ def test_exec_with_a_terminal(node, pods):
     assert b"33 77" in shown and b"/dev/pts/" in shown and b"\r\n42\r\n" in shown, shown
 
 
+@pytest.mark.stdio
 def test_attach_to_a_container_stdin_and_stdout(node, pods):
     pod = pods.run("attach")
     cid = pod.container("reader", ["sh", "-c", 'while read l; do echo "got $l"; done; echo bye'],
@@ -210,6 +217,7 @@ def test_unknown_runtime_handler_is_refused(node):
         node.crictl.runp(node.crictl.pod_config("nosuch"), "nosuch")
 
 
+@pytest.mark.stdio
 def test_stop_running_containers(node, pods):
     """kubelet's container stop: SIGTERM, then SIGKILL once the grace period is over; then
     remove. One container ends on SIGTERM, the other ignores it and is killed."""
@@ -227,6 +235,7 @@ def test_stop_running_containers(node, pods):
     assert node.crictl.run("ps", "-a", "-q", "--pod", pod.id).stdout == b""
 
 
+@pytest.mark.stdio
 def test_stop_and_remove_leave_nothing(node, pods):
     before = node_leftovers(node)
     pod = pods.run("leaves-nothing")
@@ -270,7 +279,7 @@ RESTARTS = {
 
 
 @pytest.mark.node_restart
-@pytest.mark.parametrize("runtime", RESTART_RUNTIMES, indirect=True)
+@pytest.mark.stdio
 @pytest.mark.parametrize("restart", list(RESTARTS))
 def test_pods_survive_restart(node, pods, restart):
     """A pod with a counting container and one echoing its stdin goes through `restart`; then
@@ -336,7 +345,6 @@ def send_line(node, cid: str, line: bytes) -> None:
 
 
 @pytest.mark.node_restart
-@pytest.mark.parametrize("runtime", RESTART_RUNTIMES, indirect=True)
 def test_cri_ready_after_containerd_restart_with_5_pods(node, pods, runtime, figures):
     """Issue 12's closing figures: seconds from containerd's start until its CRI serves again
     (it has recovered every pod), with 5 pods each running a container; and the Pss of what
