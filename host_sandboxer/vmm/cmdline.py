@@ -87,6 +87,11 @@ class VmSpec:
     root: PmemRoot | None = None
     # virtio-balloon with free page reporting: pages the guest frees go back to the host.
     free_page_reporting: bool = False
+    # Guest RAM in this file (memory-backend-file, shared) instead of an anonymous memfd: a
+    # template's RAM outlives its QEMU and each clone maps a copy of its own (docs/templates.md).
+    ram_file: Path | None = None
+    # Wait for the machine state from QMP `migrate-incoming` (a template's clone) instead of booting.
+    incoming: bool = False
     # Appended as they are: devices another host's layout has (the VM tests build Kuasar's
     # virtio-serial bus and pci-bridge for what they hot-plug, tests/vm/test_kuasar_vm.py).
     extra_args: tuple[str, ...] = ()
@@ -106,7 +111,7 @@ def build_argv(spec: VmSpec) -> list[str]:
         *(("-sandbox", SECCOMP) if spec.seccomp else ()),
         "-smp", f"{spec.cpus},maxcpus={spec.max_cpus}" if spec.max_cpus > spec.cpus else str(spec.cpus),
         "-m", _memory(spec),
-        "-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on",
+        "-object", _ram_backend(spec),
     ]
     if spec.accel == "kvm":
         argv += ["-cpu", "host"]
@@ -129,6 +134,8 @@ def build_argv(spec: VmSpec) -> list[str]:
     argv += _root_args(spec.root) + _balloon_args(spec.free_page_reporting)
     argv += list(spec.vsock_args) + _share_args(spec.share) + _nic_args(spec.nics, spec.machine)
     argv += list(spec.extra_args)
+    if spec.incoming:
+        argv += ["-incoming", "defer"]
     return argv if spec.machine == "q35" else _virtio_mmio(argv)
 
 
@@ -171,6 +178,12 @@ def _root_args(root: PmemRoot | None) -> list[str]:
 
 def _balloon_args(free_page_reporting: bool) -> list[str]:
     return ["-device", "virtio-balloon-pci,id=balloon,free-page-reporting=on"] if free_page_reporting else []
+
+
+def _ram_backend(spec: VmSpec) -> str:
+    if spec.ram_file is None:
+        return f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"
+    return f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={_opt(spec.ram_file)},share=on"
 
 
 def _share_args(share: ShareDevice | None) -> list[str]:
