@@ -1,7 +1,7 @@
 """The resident vmm-sandboxer process: one asyncio loop serving the Controller for all pods.
 
-`serve()` recovers the pods recorded in the state dir, listens on the Controller socket
-(0600), publishes events to containerd when an address is configured, and runs until
+`serve()` listens on the Controller socket (0600), recovers the pods recorded in the state dir
+(the Controller answers once that is done), publishes events to containerd when an address is configured, and runs until
 SIGTERM/SIGINT. Leaving does not stop pods: containerd may restart its runtime at any time, and
 their VMs run on (QEMU, virtiofsd and the vsock backend are not tied to the daemon's life); a
 new daemon on the same STATE_DIR takes them over.
@@ -35,6 +35,21 @@ def watch_children_with_pidfds() -> None:
         asyncio.set_child_watcher(watcher)
 
 
+class AfterRecovery(grpc.aio.ServerInterceptor):
+    """Holds each Controller call until the pods are recovered. The socket is there from the
+    start: containerd dials a missing socket again only until its connect deadline, and a
+    restart under load (imports, then up to RECOVERY_WAIT_S of takeover) could outlast it, after
+    which its sandbox calls fail until its next attempt; a call answered before recovery would
+    find the pod unknown."""
+
+    def __init__(self, recovered: asyncio.Event):
+        self.recovered = recovered
+
+    async def intercept_service(self, continuation, handler_call_details):
+        await self.recovered.wait()
+        return await continuation(handler_call_details)
+
+
 async def serve(listen: Path, state_dir: Path, config) -> None:
     watch_children_with_pidfds()
     stop = asyncio.Event()
@@ -44,8 +59,8 @@ async def serve(listen: Path, state_dir: Path, config) -> None:
     publisher = EventPublisher(config.containerd.address or None)
     publisher.start()
     sandboxes = Sandboxes(StateDir(state_dir), config, publisher)
-    await sandboxes.recover()
-    server = grpc.aio.server()
+    recovered = asyncio.Event()
+    server = grpc.aio.server(interceptors=[AfterRecovery(recovered)])
     sandbox_pb2_grpc.add_ControllerServicer_to_server(Controller(sandboxes), server)
     listen.parent.mkdir(parents=True, exist_ok=True)
     listen.unlink(missing_ok=True)
@@ -55,6 +70,8 @@ async def serve(listen: Path, state_dir: Path, config) -> None:
         await server.start()
     finally:
         os.umask(old_umask)
+    await sandboxes.recover()
+    recovered.set()
     log.info("vmm-sandboxer listening on %s, state in %s, %d pod(s) recovered",
              listen, state_dir, len(sandboxes.pods))
     await stop.wait()
