@@ -46,8 +46,8 @@ def test_missing_bind_source_names_the_path(tmp_path):
         mounts.mount_one("bind", str(tmp_path / "does-not-exist"), tmp_path / "t", ["rbind"])
 
 
-def test_mount_failure_names_type_source_and_target(tmp_path):
-    with pytest.raises(mounts.MountError, match=r"mount overlay overlay on .*target"):
+def test_mount_failure_names_type_source_and_the_option_refused(tmp_path):
+    with pytest.raises(mounts.MountError, match=r"overlay overlay: .*lowerdir=/nonexistent"):
         mounts.mount_one("overlay", "overlay", tmp_path / "target", ["lowerdir=/nonexistent"])
 
 

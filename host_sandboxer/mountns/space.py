@@ -1,0 +1,70 @@
+"""Where a pod's mounts are made: `Pinned`, the pods' mount namespace of a state directory (the
+daemon's), or `Here`, this process's own (tests that drive a bundle without a daemon)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from host_sandboxer import lean_python
+from host_sandboxer.mountns.ops import OPERATIONS
+from host_sandboxer.taskproxy import mounts
+from vmm_common.mount import MNT_DETACH, MS_BIND, MS_PRIVATE, mount, umount
+
+WORKER = "host_sandboxer.mountns.worker"
+WORKER_TIMEOUT_S = 60.0  # a worker only mounts, writes a config.json, or removes a bundle
+
+
+class Here:
+    """Mounts made in this process's own mount namespace."""
+
+    namespace_file: str | None = None  # helpers run in ours
+
+    def run(self, op: str, *args, fds: tuple[int, ...] = ()):
+        return OPERATIONS[op](*args)
+
+
+class Pinned:
+    """The pods' mount namespace of `state_dir`, pinned at `<state_dir>/.mntns/ns`: made (a slave
+    of ours) if it is not there, found again by a restarted daemon."""
+
+    def __init__(self, state_dir: Path):
+        self.pin_dir = Path(state_dir) / ".mntns"
+        self.namespace_file = str(self.pin_dir / "ns")
+
+    def ensure(self) -> None:
+        """Make the namespace unless it is pinned already. A namespace file may be bound only
+        on a mount that does not propagate (it would reach the namespace itself): the pin's
+        directory is a private bind of itself."""
+        if mounts.is_mountpoint(Path(self.namespace_file)):
+            return
+        self.pin_dir.mkdir(mode=0o700, exist_ok=True)
+        if not mounts.is_mountpoint(self.pin_dir):
+            mount(str(self.pin_dir), str(self.pin_dir), None, MS_BIND)
+        mount("none", str(self.pin_dir), None, MS_PRIVATE)
+        Path(self.namespace_file).touch(mode=0o600)
+        made = subprocess.run(["unshare", f"--mount={self.namespace_file}", "--propagation", "slave", "true"],
+                              capture_output=True, text=True)
+        if made.returncode != 0:
+            raise mounts.MountError(0, f"cannot make the pods' mount namespace: {made.stderr.strip()}")
+
+    def release(self) -> None:
+        """Unpin the namespace (when no pod is left: what is mounted in it goes with it)."""
+        for point in (self.namespace_file, str(self.pin_dir)):
+            if mounts.is_mountpoint(Path(point)):
+                umount(point, MNT_DETACH)
+
+    def run(self, op: str, *args, fds: tuple[int, ...] = ()):
+        """ops.`op`(*args) in the namespace; MountError(errno, message) if it fails."""
+        worker = subprocess.run(lean_python.command(WORKER, self.namespace_file), pass_fds=fds,
+                                input=json.dumps({"op": op, "args": list(args)}), capture_output=True,
+                                text=True, timeout=WORKER_TIMEOUT_S)
+        try:
+            answer = json.loads(worker.stdout)
+        except ValueError:
+            raise mounts.MountError(0, f"the mount namespace's worker failed ({op}, exit {worker.returncode}): "
+                                       f"{worker.stderr.strip()[-400:]}") from None
+        if "error" in answer:
+            raise mounts.MountError(*answer["error"])
+        return answer["result"]
