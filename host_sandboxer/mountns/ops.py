@@ -25,7 +25,10 @@ def pod_setup(mounts_dir: str, shared_dir: str, tmpfs_size_mib: int, tmpfs_inode
 def prepare_bundle(host_dir: str, rootfs: list[int], binds: list[list], config: str) -> None:
     """Make `host_dir`: the `rootfs` mounts stacked on rootfs/, each bind [fd, target, is a
     directory] attached, config.json written, then the bundle bound onto itself writable (the
-    guest may now write in it). EEXIST if it exists; removed again if anything fails."""
+    guest may now write in it). That bind is what `shared/` shows of the bundle: a slave, so
+    what the host mounts later under an `rslave` volume arrives there too (a private copy kept
+    the volume as it was at Create; the new mount reached only what the bind covers). EEXIST
+    if it exists; removed again if anything fails."""
     bundle = Path(host_dir)
     try:
         bundle.mkdir(mode=0o700)
@@ -40,7 +43,7 @@ def prepare_bundle(host_dir: str, rootfs: list[int], binds: list[list], config: 
         temporary = bundle / ".config.json.tmp"
         temporary.write_text(config)
         os.replace(temporary, bundle / "config.json")
-        mounts.bind(host_dir, bundle, recursive=True)
+        mounts.bind(host_dir, bundle, recursive=True, receive=True)
     except BaseException:
         remove_bundle(host_dir)
         raise

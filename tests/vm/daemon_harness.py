@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 from bench.netpair import sh
-from host_sandboxer.taskproxy.mounts import mountpoints_under
-from leak_guard import fail_if_left, stop_daemon
+from leak_guard import fail_if_left, mounts_left, stop_daemon
 from scripts import demo
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 
@@ -85,7 +84,7 @@ class Harness:
 
     def assert_nothing_left(self):
         assert processes_left(str(self.work), exclude=(self.daemon.proc.pid,)) == []
-        assert mountpoints_under(self.work) == []
+        assert mounts_left(self.work) == []
         assert [p.name for p in self.daemon.state.iterdir() if p.is_dir()] == []  # no pod's dir
         assert self.daemon.cgroups_left() == []
         assert host_network() == self.host_network

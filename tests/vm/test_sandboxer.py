@@ -23,8 +23,7 @@ import grpc
 import pytest
 from google.protobuf import any_pb2, empty_pb2
 
-from host_sandboxer.taskproxy.mounts import mountpoints_under
-from leak_guard import fail_if_left, stop_daemon
+from leak_guard import fail_if_left, mounts_left, stop_daemon
 from tests.unit.test_agent_podconfig import cri_userns_config
 from tests.unit.test_sandboxer_status_info import check_cri_info, crictl_reads
 from vmm_common.protos.containerd.events import task_pb2 as events
@@ -232,7 +231,7 @@ def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env):
     env.cri.remove_pod("pod1")
     assert code_of(lambda: env.status("pod1")) == grpc.StatusCode.NOT_FOUND
     assert not (env.daemon.state / "pod1").exists()
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []
 
 
 def test_five_pods_at_once(env):
@@ -250,7 +249,7 @@ def test_five_pods_at_once(env):
         assert results[sid] == (f"{sid}-c\n".encode(), b"", 0)
     for sid in ids:
         env.cri.remove_pod(sid)
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []
 
 
 def _long_running_pod(env, sid):
@@ -288,9 +287,9 @@ def test_vmm_killed(env):
                for _, t, e in exits)
     env.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="crash"), metadata=NS, timeout=60)
     assert not (env.daemon.state / "crash").exists()
-    assert all("/bystander/" in p for p in mountpoints_under(env.daemon.state))
+    assert all("/bystander/" in p for p in mounts_left(env.daemon.state))
     env.cri.remove_pod("bystander")  # Stop with a container still running, then Shutdown
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []
 
 
 @pytest.mark.parametrize("env", ["9p"], indirect=True)
@@ -300,7 +299,7 @@ def test_rootfs_and_binds_over_9p(env):
     out = demo.run_container(demo.Cri.task_client(started.address), b)
     assert out == (b"c9\n/bin/busybox\n", b"", 0)
     env.cri.remove_pod("ninep")
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []
 
 
 def test_start_refuses_a_user_namespace_a_runc_pod_refuses(env):
@@ -315,7 +314,7 @@ def test_start_refuses_a_user_namespace_a_runc_pod_refuses(env):
     assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, (
         'pod userns: user namespace configuration: unsupported user namespace mode: "CONTAINER"'))
     # containerd sends no Shutdown after a failed Start (kubelet retries with a new pod): nothing left
-    assert mountpoints_under(env.work) == [] and not (env.daemon.state / "userns").exists()
+    assert mounts_left(env.work) == [] and not (env.daemon.state / "userns").exists()
     assert code_of(lambda: env.status("userns")) == grpc.StatusCode.NOT_FOUND
 
 
@@ -331,4 +330,4 @@ def test_start_failure_carries_the_console_tail(env):
         ctl.Start(sb.ControllerStartRequest(sandbox_id="broken"), metadata=NS, timeout=90)
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "console tail" in failure.value.details() and "Kernel panic" in failure.value.details()
-    assert mountpoints_under(env.work) == [] and not (env.daemon.state / "broken").exists()
+    assert mounts_left(env.work) == [] and not (env.daemon.state / "broken").exists()
