@@ -10,7 +10,6 @@ from pathlib import Path
 
 from host_sandboxer.containment.pod_tmpfs import mount_pod_tmpfs
 from host_sandboxer.taskproxy import mounts
-from host_sandboxer.taskproxy.spec_rewrite import ROOTFS_DIR
 
 
 def pod_setup(mounts_dir: str, shared_dir: str, tmpfs_size_mib: int, tmpfs_inodes: int) -> None:
@@ -22,23 +21,20 @@ def pod_setup(mounts_dir: str, shared_dir: str, tmpfs_size_mib: int, tmpfs_inode
     mounts.export_readonly(Path(mounts_dir), Path(shared_dir))
 
 
-def prepare_bundle(host_dir: str, rootfs: list[int], binds: list[list], config: str) -> None:
-    """Make `host_dir`: the `rootfs` mounts stacked on rootfs/, each bind [fd, target, is a
-    directory] attached, config.json written, then the bundle bound onto itself writable (the
-    guest may now write in it). That bind is what `shared/` shows of the bundle: a slave, so
-    what the host mounts later under an `rslave` volume arrives there too (a private copy kept
-    the volume as it was at Create; the new mount reached only what the bind covers). EEXIST
-    if it exists; removed again if anything fails."""
+def prepare_bundle(host_dir: str, attach: list[list], config: str) -> None:
+    """Make `host_dir`: each mount [fd, target, is a directory] attached in order (the rootfs
+    first, its mounts stacked), config.json written, then the bundle bound onto itself writable
+    (the guest may now write in it). That bind is what `shared/` shows of the bundle: a slave,
+    so what the host mounts later under an `rslave` volume arrives there too (a private copy
+    kept the volume as it was at Create; the new mount reached only what the bind covers).
+    EEXIST if it exists; removed again if anything fails."""
     bundle = Path(host_dir)
     try:
         bundle.mkdir(mode=0o700)
     except FileExistsError:
         raise mounts.MountError(errno.EEXIST, f"{bundle} already exists") from None
     try:
-        (bundle / ROOTFS_DIR).mkdir()
-        for fd in rootfs:
-            mounts.attach(fd, bundle / ROOTFS_DIR, directory=True)
-        for fd, target, directory in binds:
+        for fd, target, directory in attach:
             mounts.attach(fd, Path(target), directory)
         temporary = bundle / ".config.json.tmp"
         temporary.write_text(config)

@@ -60,23 +60,22 @@ class GuestBundle:
                             f"container {self.container_id}: {exc}") from None
         fds: list[int] = []
         try:
-            rootfs = self._rootfs_mounts(host_bundle, spec, rootfs_mounts, fds)
+            rootfs = str(self.host_dir / ROOTFS_DIR)
+            attach = [[fd, rootfs, True] for fd in self._rootfs_mounts(host_bundle, spec, rootfs_mounts, fds)]
             missing = [e for e in rewritten.exposures if not os.path.exists(e.host_source)]
             unresolved = drop_missing_pod_files(rewritten.spec, missing)
             if unresolved:
                 raise HostError(grpc.StatusCode.NOT_FOUND,
                                 f"container {self.container_id}: bind source(s) missing: "
                                 + ", ".join(e.host_source for e in unresolved))
-            binds = []
             for exposure in (e for e in rewritten.exposures if e not in missing):
                 fds.append(mounts.detached("bind", exposure.host_source, exposure.options))
                 if mounts.access_of(exposure.options) == mounts.READ_ONLY:
                     recursive = mounts.split_options(exposure.options)[0] & mounts.MS_REC
                     reopen_submounts(rewritten.spec, exposure,  # what the recursive copy holds
                                      mounts.submounts_of(Path(exposure.host_source)) if recursive else [])
-                binds.append([fds[-1], str(self.root / exposure.shared_path), os.path.isdir(exposure.host_source)])
-            self.space.run("prepare_bundle", str(self.host_dir), rootfs, binds, json.dumps(rewritten.spec),
-                           fds=tuple(fds))
+                attach.append([fds[-1], str(self.root / exposure.shared_path), os.path.isdir(exposure.host_source)])
+            self.space.run("prepare_bundle", str(self.host_dir), attach, json.dumps(rewritten.spec), fds=tuple(fds))
         except mounts.MountError as exc:
             code = grpc.StatusCode.ALREADY_EXISTS if exc.errno == errno.EEXIST \
                 else grpc.StatusCode.FAILED_PRECONDITION
