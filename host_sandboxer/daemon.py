@@ -47,7 +47,6 @@ async def serve(listen: Path, state_dir: Path, config) -> None:
     publisher.start()
     state = StateDir(state_dir)
     state.mount_space = Pinned(state.root)  # the pods' mounts, out of the host's mount table
-    state.mount_space.ensure()
     sandboxes = Sandboxes(state, config, publisher)
     await sandboxes.recover()
     server = grpc.aio.server()

@@ -2,8 +2,9 @@
 daemon's), or `Here`, this process's own (tests that drive a bundle without a daemon)."""
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+import logging
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from host_sandboxer import lean_python
 from host_sandboxer.mountns.ops import OPERATIONS
 from host_sandboxer.taskproxy import mounts
 from vmm_common.mount import MNT_DETACH, MS_BIND, MS_PRIVATE, mount, umount
+
+log = logging.getLogger(__name__)
 
 WORKER = "host_sandboxer.mountns.worker"
 WORKER_TIMEOUT_S = 60.0  # a worker only mounts, writes a config.json, or removes a bundle
@@ -21,13 +24,20 @@ class Here:
 
     namespace_file: str | None = None  # helpers run in ours
 
+    def ensure(self) -> None:
+        """Nothing to make: this process' namespace exists."""
+
+    def release(self) -> None:
+        """Nothing to let go: this process' namespace is not ours to end."""
+
     def run(self, op: str, *args, fds: tuple[int, ...] = ()):
         return OPERATIONS[op](*args)
 
 
 class Pinned:
     """The pods' mount namespace of `state_dir`, pinned at `<state_dir>/.mntns/ns`: made (a slave
-    of ours) if it is not there, found again by a restarted daemon."""
+    of ours) when a pod starts and it is not there, found again by a restarted daemon, released
+    with the last pod (as the vsock backend and the task relay end with it)."""
 
     def __init__(self, state_dir: Path):
         self.pin_dir = Path(state_dir) / ".mntns"
@@ -40,9 +50,12 @@ class Pinned:
         if mounts.is_mountpoint(Path(self.namespace_file)):
             return
         self.pin_dir.mkdir(mode=0o700, exist_ok=True)
-        if not mounts.is_mountpoint(self.pin_dir):
-            mount(str(self.pin_dir), str(self.pin_dir), None, MS_BIND)
-        mount("none", str(self.pin_dir), None, MS_PRIVATE)
+        try:
+            if not mounts.is_mountpoint(self.pin_dir):
+                mount(str(self.pin_dir), str(self.pin_dir), None, MS_BIND)
+            mount("none", str(self.pin_dir), None, MS_PRIVATE)
+        except OSError as exc:
+            raise mounts.MountError(exc.errno, f"cannot pin the pods' mount namespace: {exc.strerror}") from None
         Path(self.namespace_file).touch(mode=0o600)
         made = subprocess.run(["unshare", f"--mount={self.namespace_file}", "--propagation", "slave", "true"],
                               capture_output=True, text=True)
@@ -50,10 +63,17 @@ class Pinned:
             raise mounts.MountError(0, f"cannot make the pods' mount namespace: {made.stderr.strip()}")
 
     def release(self) -> None:
-        """Unpin the namespace (when no pod is left: what is mounted in it goes with it)."""
-        for point in (self.namespace_file, str(self.pin_dir)):
-            if mounts.is_mountpoint(Path(point)):
-                umount(point, MNT_DETACH)
+        """Unpin the namespace and remove the pin (when no pod is left: what is still mounted
+        in it goes with it, once no process is in it)."""
+        try:
+            for point in (self.namespace_file, str(self.pin_dir)):
+                if mounts.is_mountpoint(Path(point)):
+                    umount(point, MNT_DETACH)
+            Path(self.namespace_file).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.pin_dir.rmdir()
+        except OSError as exc:  # the pods are gone: a pin left costs a namespace, not them
+            log.warning("cannot unpin the pods' mount namespace %s: %s", self.namespace_file, exc)
 
     def run(self, op: str, *args, fds: tuple[int, ...] = ()):
         """ops.`op`(*args) in the namespace; MountError(errno, message) if it fails."""

@@ -60,6 +60,7 @@ async def start(pod: Pod, config, vsock_backend, task_relay) -> None:
     began = time.monotonic()
     space = pod.state_dir.mount_space  # the pods' mount namespace (host_sandboxer/mountns)
     try:
+        space.ensure()  # on the loop: no other pod's Start or last Shutdown runs meanwhile
         await asyncio.to_thread(space.run, "pod_setup", str(pod.mounts_dir), str(pod.shared_dir),
                                 config.sharefs.tmpfs_size_mib, config.sharefs.tmpfs_inodes)
     except mounts.MountError as exc:
