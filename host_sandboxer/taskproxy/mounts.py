@@ -73,15 +73,6 @@ def access_of(options) -> str:
     return READ_ONLY if READ_ONLY in options else READ_WRITE
 
 
-def mount_one(fstype: str, source: str, target: Path, options) -> None:
-    """Mount one containerd mount (`overlay`, `bind`, or another filesystem) on `target`."""
-    fd = detached(fstype, source, options)
-    try:
-        attach(fd, target, directory=not is_bind(fstype, options) or os.path.isdir(source))
-    finally:
-        os.close(fd)
-
-
 def is_bind(fstype: str, options) -> bool:
     return fstype == "bind" or bool(split_options(options)[0] & MS_BIND)
 
