@@ -23,6 +23,7 @@ class Here:
     """Mounts made in this process's own mount namespace."""
 
     namespace_file: str | None = None  # helpers run in ours
+    made = True
 
     def ensure(self) -> None:
         """Nothing to make: this process' namespace exists."""
@@ -43,11 +44,16 @@ class Pinned:
         self.pin_dir = Path(state_dir) / ".mntns"
         self.namespace_file = str(self.pin_dir / "ns")
 
+    @property
+    def made(self) -> bool:
+        """Whether the namespace is there (a pod was started since the last one went)."""
+        return mounts.is_mountpoint(Path(self.namespace_file))
+
     def ensure(self) -> None:
         """Make the namespace unless it is pinned already. A namespace file may be bound only
         on a mount that does not propagate (it would reach the namespace itself): the pin's
         directory is a private bind of itself."""
-        if mounts.is_mountpoint(Path(self.namespace_file)):
+        if self.made:
             return
         self.pin_dir.mkdir(mode=0o700, exist_ok=True)
         try:
