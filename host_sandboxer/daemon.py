@@ -2,10 +2,10 @@
 
 `serve()` recovers the pods recorded in the state dir, listens on the Controller socket
 (0600), publishes events to containerd when an address is configured, and runs until
-SIGTERM/SIGINT. The pods' mounts are made in a mount namespace of the state dir
-(host_sandboxer/mountns), pinned while pods are left. Leaving does not stop pods: containerd may restart its runtime at any time, and
+SIGTERM/SIGINT. Leaving does not stop pods: containerd may restart its runtime at any time, and
 their VMs run on (QEMU, virtiofsd and the vsock backend are not tied to the daemon's life); a
-new daemon on the same STATE_DIR takes them over.
+new daemon on the same STATE_DIR takes them over, and their mounts, in the pods' mount
+namespace of the state dir (host_sandboxer/mountns), pinned while pods are left.
 """
 
 import asyncio

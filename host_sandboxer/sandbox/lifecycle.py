@@ -353,13 +353,13 @@ async def shutdown(pod: Pod, task_relay) -> None:
     await _unplug(pod)
     await _remove_cgroup(pod, strict=True)
     # Off the loop: the pod's tmpfs, freed by its unmount, holds what the guest wrote (bounded).
-    # In the host's namespace too: a pod started by a daemon from before the pods' namespace.
     space, left = pod.state_dir.mount_space, []
     try:
         if space.made:  # else no pod was started: nothing is mounted there
             left = await asyncio.to_thread(space.run, "teardown", str(pod.dir))
     except mounts.MountError as exc:
         left = [exc.strerror]
+    # In the host's namespace too: a pod started by a daemon from before the pods' namespace.
     await asyncio.to_thread(mounts.unmount_all_under, pod.dir)
     left += mounts.mountpoints_under(pod.dir)
     if left:
