@@ -23,6 +23,7 @@ import grpc
 import pytest
 from google.protobuf import any_pb2, empty_pb2
 
+from daemon_harness import exists_for_the_guest
 from leak_guard import fail_if_left, mounts_left, stop_daemon
 from tests.unit.test_agent_podconfig import cri_userns_config
 from tests.unit.test_sandboxer_status_info import check_cri_info, crictl_reads
@@ -153,7 +154,7 @@ def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env):
     assert (exit_event.container_id, exit_event.exit_status) == ("c1", 3)
     # Task.Shutdown came after Delete (as containerd does): the pod must still be up.
     assert env.status("pod1").state == "SANDBOX_READY"
-    assert not os.path.exists(env.daemon.state / "pod1" / "shared" / "c1")
+    assert not exists_for_the_guest(env.daemon.state, env.daemon.state / "pod1" / "shared" / "c1")
 
     # exec with a TTY into a running container
     b2 = env.bundle("c2", ["sleep", "300"], started.pid)
@@ -218,7 +219,7 @@ def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env):
         tasks.Create(task.CreateTaskRequest(id="c3", bundle=str(b3.path), rootfs=b3.rootfs), timeout=30)
     assert missing_volume.value.code == ttrpc.Code.NOT_FOUND
     assert "/no/such/volume" in missing_volume.value.message
-    assert not (env.daemon.state / "pod1" / "mounts" / "c3").exists()  # nothing left mounted
+    assert not exists_for_the_guest(env.daemon.state, env.daemon.state / "pod1" / "mounts" / "c3")  # nothing left
     assert code_of(lambda: tasks.Create(task.CreateTaskRequest(id="a/b", bundle=str(b2.path)), timeout=10)) \
         == ttrpc.Code.INVALID_ARGUMENT
 
@@ -280,7 +281,7 @@ def test_vmm_killed(env):
     kill = task.KillRequest(id=b.id, signal=signal.SIGKILL, all=True)
     assert code_of(lambda: tasks.Kill(kill, metadata=NS, timeout=10)) == ttrpc.Code.NOT_FOUND
     assert tasks.Delete(task.DeleteRequest(id=b.id), metadata=NS, timeout=10).exit_status == 255
-    assert not (env.daemon.state / "crash" / "mounts" / b.id).exists()
+    assert not exists_for_the_guest(env.daemon.state, env.daemon.state / "crash" / "mounts" / b.id)
     assert env.status("bystander").state == "SANDBOX_READY"
     exits = env.events.topics({"/tasks/exit"})
     assert any(t == "/tasks/exit" and events.TaskExit.FromString(e.value).container_id == b.id
