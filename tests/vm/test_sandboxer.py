@@ -106,12 +106,13 @@ def env(guest_image, request):
     """Parametrize indirectly with the share fs type, or with Env's keyword arguments (a dict),
     or "runc": the guest image with runc in place of crun (`make guest-image-runc`). After the
     test: nothing left (leak_guard) and no event published twice over the whole stream."""
-    work = Path(tempfile.mkdtemp(prefix="vsb-"))  # short: unix socket paths
     param = getattr(request, "param", "virtiofs")
+    image = request.getfixturevalue("runc_guest_image") if param == "runc" else guest_image  # may skip
+    work = Path(tempfile.mkdtemp(prefix="vsb-"))  # short: unix socket paths; after any skip
     if param == "runc":
-        e = Env(work, request.getfixturevalue("runc_guest_image"))
+        e = Env(work, image)
     else:
-        e = Env(work, guest_image, **(param if isinstance(param, dict) else {"sharefs": param}))
+        e = Env(work, image, **(param if isinstance(param, dict) else {"sharefs": param}))
     yield e
     left = stop_daemon(e.daemon, work)  # pods outlive the daemon: what the test did not remove
     e.events_server.stop(None)
