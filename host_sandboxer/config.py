@@ -116,6 +116,12 @@ class ContainmentConfig:
     vmm_user: bool = True
     vmm_uid_base: int = 2000000000
     vmm_uids: int = 65536
+    # The vsock backend (every pod's hybrid vsock, one process) runs as backend_uid (and gid),
+    # without capabilities: the daemon hands it every socket it serves. Outside the range above
+    # (it maps every guest's RAM, as no single QEMU may); no user of the host may have it.
+    # false: as root without capabilities.
+    backend_user: bool = True
+    backend_uid: int = 1999999999
 
 
 @dataclass
@@ -149,10 +155,13 @@ def _check_containment(containment: ContainmentConfig, file: str) -> None:
     """What one key's type cannot say: a cgroup parent that stays in the hierarchy, a uid range
     that fits."""
     from host_sandboxer.containment.cgroups import CgroupError, expand_parent
-    from host_sandboxer.containment.uids import UidRange, UidRangeError
+    from host_sandboxer.containment.uids import UID_MAX, UidRange, UidRangeError
     try:
         expand_parent(containment.cgroup_parent)
-        UidRange(containment.vmm_uid_base, containment.vmm_uids)
+        uids = UidRange(containment.vmm_uid_base, containment.vmm_uids)
+        if containment.backend_uid in uids or containment.backend_uid > UID_MAX:
+            raise UidRangeError(f"backend_uid {containment.backend_uid} must lie within [1, {UID_MAX}] "
+                                "and outside the vmm uid range")
     except (CgroupError, UidRangeError) as e:
         raise ConfigError(f"{file}: [containment] {e}") from None
 

@@ -68,6 +68,11 @@ class VmSpec:
     # QEMU's seccomp filter: no obsolete system calls, no set*uid, no fork/exec, no changes to
     # scheduling, affinity or limits (docs/security.md).
     seccomp: bool = False
+    # Guest RAM in this file (memory-backend-file, shared) instead of an anonymous memfd: a
+    # template's RAM outlives its QEMU and each clone maps a copy of its own (docs/templates.md).
+    ram_file: Path | None = None
+    # Wait for the machine state from QMP `migrate-incoming` (a template's clone) instead of booting.
+    incoming: bool = False
     # Appended as they are: devices another host's layout has (the VM tests build Kuasar's
     # virtio-serial bus and pci-bridge for what they hot-plug, tests/vm/test_kuasar_vm.py).
     extra_args: tuple[str, ...] = ()
@@ -83,7 +88,7 @@ def build_argv(spec: VmSpec) -> list[str]:
         *(("-sandbox", SECCOMP) if spec.seccomp else ()),
         "-smp", f"{spec.cpus},maxcpus={spec.max_cpus}" if spec.max_cpus > spec.cpus else str(spec.cpus),
         "-m", f"{spec.memory_mib}M",
-        "-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on",
+        "-object", _ram_backend(spec),
     ]
     if spec.accel == "kvm":
         argv += ["-cpu", "host"]
@@ -105,6 +110,8 @@ def build_argv(spec: VmSpec) -> list[str]:
     ]
     argv += list(spec.vsock_args) + _share_args(spec.share) + _nic_args(spec.nics, spec.machine)
     argv += list(spec.extra_args)
+    if spec.incoming:
+        argv += ["-incoming", "defer"]
     return argv if spec.machine == "q35" else _virtio_mmio(argv)
 
 
@@ -125,6 +132,12 @@ def _machine(spec: VmSpec) -> str:
     # microvm keeps its default PIC/PIT/RTC: measured, pit=off stalls boot under TCG and
     # rtc=off costs ~1 s (docs/qemu.md).
     return f"{spec.machine},accel={spec.accel},memory-backend=mem"
+
+
+def _ram_backend(spec: VmSpec) -> str:
+    if spec.ram_file is None:
+        return f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"
+    return f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={_opt(spec.ram_file)},share=on"
 
 
 def _share_args(share: ShareDevice | None) -> list[str]:

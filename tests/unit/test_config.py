@@ -73,6 +73,8 @@ def test_values_override_and_relative_paths_follow_the_file(tmp_path):
     ('[vm\n', "not valid TOML"),
     ('[containment]\ncgroup_parent = "/kubepods/../etc"\n', "[containment] cgroup parent '/kubepods/../etc'"),
     ('[containment]\nvmm_uid_base = 4294967000\n', "[containment] vmm uid range [4294967000, 4295032536)"),
+    ('[containment]\nbackend_uid = 2000000001\n', "[containment] backend_uid 2000000001 must lie within [1, "
+                                                   "4294967294] and outside the vmm uid range"),
 ])
 def test_errors_name_the_file_and_key(tmp_path, text, message):
     path = write(tmp_path, text)

@@ -52,6 +52,15 @@ def test_kvm_uses_host_cpu():
     assert option(argv, "-object")[0] == "memory-backend-memfd,id=mem,size=256M,share=on"
 
 
+def test_template_ram_in_a_shared_file_and_a_clone_waits_for_its_state():
+    """A template's RAM must outlive QEMU (a file, shared so vhost-user backends see it); a clone
+    starts waiting for the saved machine state (QMP migrate-incoming)."""
+    argv = build_argv(spec(ram_file=Path("/dev/shm/t,1.ram")))
+    assert option(argv, "-object")[0] == "memory-backend-file,id=mem,size=512M,mem-path=/dev/shm/t,,1.ram,share=on"
+    assert "-incoming" not in argv
+    assert option(build_argv(spec(ram_file=Path("/dev/shm/c.ram"), incoming=True)), "-incoming") == ["defer"]
+
+
 def test_vcpu_headroom_for_hotplug():
     assert option(build_argv(spec(cpus=1, max_cpus=4)), "-smp") == ["1,maxcpus=4"]
     assert option(build_argv(spec(cpus=4, max_cpus=2)), "-smp") == ["4"]  # a pod's resources raised cpus
