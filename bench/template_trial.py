@@ -148,7 +148,7 @@ async def floor_boot(config, work: Path) -> dict:
     initrd = floor.build_floor(FLOOR_DIR, manifest["initrd"]["compression"], kernel_build.default_cache())
     share = work / "floor-share"
     share.mkdir()
-    vm = GuestVm(dataclasses.replace(config, vm=dataclasses.replace(config.vm, initrd=initrd)),
+    vm = GuestVm(dataclasses.replace(config, vm=dataclasses.replace(config.vm, image="initrd", initrd=initrd)),
                  work / "floor", name="floor", share_dir=share)
     try:
         timeline = await vm.start()

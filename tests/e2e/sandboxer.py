@@ -18,6 +18,7 @@ UNIX_PATH_MAX = 107
 CONFIG = """[vm]
 kernel = "{kernel}"
 initrd = "{initrd}"
+rootfs = "{rootfs}"
 boot_timeout_s = 120.0
 [containerd]
 address = "{containerd}"
@@ -33,7 +34,8 @@ class Sandboxer:
         self.socket = work / "vmm.sock"
         self.state = state
         config = work / "vmm-sandboxer.toml"
-        config.write_text(CONFIG.format(kernel=kernel, initrd=initrd, containerd=containerd_socket))
+        config.write_text(CONFIG.format(kernel=kernel, initrd=initrd, rootfs=Path(initrd).with_name("rootfs.img"),
+                                        containerd=containerd_socket))
         self.service = Service("vmm-sandboxer", netns.argv(
             str(REPO_ROOT / ".venv" / "bin" / "vmm-sandboxer"), "--listen", str(self.socket),
             "--dir", str(self.state), "--config", str(config)), work / "vmm-sandboxer.log")
