@@ -4,7 +4,8 @@
 (the Controller answers once that is done), publishes events to containerd when an address is configured, and runs until
 SIGTERM/SIGINT. Leaving does not stop pods: containerd may restart its runtime at any time, and
 their VMs run on (QEMU, virtiofsd and the vsock backend are not tied to the daemon's life); a
-new daemon on the same STATE_DIR takes them over.
+new daemon on the same STATE_DIR takes them over, and their mounts, in the pods' mount
+namespace of the state dir (host_sandboxer/mountns), pinned while pods are left.
 """
 
 import asyncio
@@ -18,6 +19,7 @@ import grpc
 
 from host_sandboxer.controller import Controller
 from host_sandboxer.events import EventPublisher
+from host_sandboxer.mountns.space import Pinned
 from host_sandboxer.sandbox.manager import Sandboxes
 from host_sandboxer.sandbox.statedir import StateDir
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2_grpc
@@ -58,7 +60,9 @@ async def serve(listen: Path, state_dir: Path, config) -> None:
         loop.add_signal_handler(sig, stop.set)
     publisher = EventPublisher(config.containerd.address or None)
     publisher.start()
-    sandboxes = Sandboxes(StateDir(state_dir), config, publisher)
+    state = StateDir(state_dir)
+    state.mount_space = Pinned(state.root)  # the pods' mounts, out of the host's mount table
+    sandboxes = Sandboxes(state, config, publisher)
     recovered = asyncio.Event()
     server = grpc.aio.server(interceptors=[AfterRecovery(recovered)])
     sandbox_pb2_grpc.add_ControllerServicer_to_server(Controller(sandboxes), server)
@@ -80,6 +84,8 @@ async def serve(listen: Path, state_dir: Path, config) -> None:
     await sandboxes.close()
     await publisher.close()
     listen.unlink(missing_ok=True)
+    if not sandboxes.pods:  # else their mounts stay, for the next daemon
+        state.mount_space.release()
     # Leave without asyncio's teardown: it closes the subprocess transports still open, and a
     # transport closed while its child runs kills the child (asyncio base_subprocess close()),
     # which would take every pod's QEMU and virtiofsd down with a graceful stop.

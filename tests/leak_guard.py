@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from host_sandboxer.mountns.space import Pinned
 from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
 
 RUN_VARIABLE = "VMM_TASK_TEST_RUN"
@@ -39,6 +40,22 @@ NETNS_DIR = Path("/run/netns")
 # what is still there after this is left behind, not on its way out (a test of the guard
 # itself sets it short).
 GRACE_S = float(os.environ.get("LEAK_GUARD_GRACE_S", 15.0))
+
+
+def mounts_left(directory: Path, with_pins: bool = False) -> list[str]:
+    """Mount points at or below `directory`: the host's, and those in the pods' mount namespace
+    of each daemon state dir there (host_sandboxer/mountns). A running daemon's pin
+    (`<dir>/.mntns`, `<dir>/.mntns/ns`) is left out unless `with_pins` (a daemon that stopped
+    with no pod left has removed it)."""
+    found = mountpoints_under(directory)
+    for pin in [p for p in found if p.endswith("/.mntns/ns")]:
+        state_dir = Path(pin).parent.parent
+        inside = [p for p in Pinned(state_dir).run("mountpoints", str(directory))
+                  if not p.startswith(f"{state_dir}/.mntns")]
+        if not with_pins:
+            found = [p for p in found if not p.startswith(f"{state_dir}/.mntns")]
+        found += [f"{p} (in the pods' mount namespace)" for p in inside]
+    return found
 
 
 def mark_run() -> str:
@@ -101,7 +118,7 @@ class RunGuard:
     def _scan(self) -> Leftovers:
         return Leftovers(
             processes=self._processes(),
-            mounts=mountpoints_under(self.basetemp) + mountpoints_under(self.tmp_dir),
+            mounts=mounts_left(self.basetemp, with_pins=True) + mounts_left(self.tmp_dir, with_pins=True),
             netns=sorted(name for name in _listdir(NETNS_DIR) if f"-{self.token}-" in name),
             files=sorted(str(self.tmp_dir / name) for name in _listdir(self.tmp_dir)))
 
@@ -138,7 +155,7 @@ def take_left_in(directory: Path, cgroup: str | None = None, grace_s: float = GR
     returned. Call it after the product's own stop."""
     deadline = time.monotonic() + grace_s
     while True:
-        found = Leftovers(processes=_processes_of(directory, cgroup), mounts=mountpoints_under(directory))
+        found = Leftovers(processes=_processes_of(directory, cgroup), mounts=mounts_left(directory, with_pins=True))
         if not found or time.monotonic() >= deadline:
             break
         time.sleep(0.2)

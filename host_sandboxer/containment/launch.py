@@ -6,7 +6,9 @@ A wrapper, because no Python may run between fork and exec in the daemon (proces
 threads), and Python's subprocess cannot clone into a cgroup (CLONE_INTO_CGROUP); writing the
 pid into cgroup.procs after the spawn would leave the helper's first moments outside (its memory,
 the threads and children it makes then). `sh` writes `0` to each cgroup.procs (the writer
-itself joins: echo is a builtin), then execs setpriv, which execs the helper. Measured here:
+itself joins: echo is a builtin), then execs nsenter (a helper that serves the pod's shared
+directory joins the pods' mount namespace: host_sandboxer/mountns), then setpriv, which execs
+the helper. Measured here:
 spawning `true` directly 1.1 ms, through setpriv 2.4 ms, through sh and setpriv 4.9 ms.
 """
 from __future__ import annotations
@@ -30,6 +32,8 @@ class Confinement:
     capabilities: tuple[str, ...] | None = None
     no_new_privs: bool = False
     die_with_us: bool = False  # SIGKILL when the daemon dies (throwaway VMs: check, tests)
+    # A mount namespace to run in (a pinned nsfs file: host_sandboxer/mountns); None: ours.
+    mount_namespace: str | None = None
 
 
 NO_CAPABILITIES: tuple[str, ...] = ()
@@ -48,6 +52,8 @@ def wrap(argv: Sequence[str], confinement: Confinement) -> list[str]:
     if confinement.no_new_privs:
         options.append("--no-new-privs")
     command = ["setpriv", *options, "--", *argv] if options else list(argv)
+    if confinement.mount_namespace:  # before setpriv drops the capability setns needs
+        command = ["nsenter", f"--mount={confinement.mount_namespace}", "--", *command]
     if confinement.cgroup_procs:
         command = ["sh", "-c", _JOIN, "vmm-join-cgroup", *confinement.cgroup_procs, "--", *command]
     return command

@@ -17,7 +17,6 @@ import time
 import grpc
 from google.protobuf import empty_pb2
 
-from host_sandboxer.containment import pod_tmpfs
 from host_sandboxer.containment.cgroups import CgroupError
 from host_sandboxer.network import NetworkError
 from host_sandboxer.network import pod as pod_network
@@ -59,11 +58,13 @@ async def start(pod: Pod, config, vsock_backend, task_relay) -> None:
                         f"task socket path {pod.task_socket} is too long for a unix socket; "
                         "use a shorter --dir")
     began = time.monotonic()
-    for directory in (pod.mounts_dir, pod.shared_dir):
-        directory.mkdir(mode=0o700, exist_ok=True)
-    pod_tmpfs.mount_pod_tmpfs(pod.mounts_dir, config.sharefs.tmpfs_size_mib, config.sharefs.tmpfs_inodes)
-    mounts.make_shared_mountpoint(pod.mounts_dir)
-    mounts.export_readonly(pod.mounts_dir, pod.shared_dir)
+    space = pod.state_dir.mount_space  # the pods' mount namespace (host_sandboxer/mountns)
+    try:
+        space.ensure()  # on the loop: no other pod's Start or last Shutdown runs meanwhile
+        await asyncio.to_thread(space.run, "pod_setup", str(pod.mounts_dir), str(pod.shared_dir),
+                                config.sharefs.tmpfs_size_mib, config.sharefs.tmpfs_inodes)
+    except mounts.MountError as exc:
+        raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc.strerror}") from None
     sized = _pod_config(config, pod)
     clamped = pod.pod_config.clamped(config.vm)
     if clamped:
@@ -81,7 +82,7 @@ async def start(pod: Pod, config, vsock_backend, task_relay) -> None:
         raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc}") from None
     vm = GuestVm(sized, pod.dir, name=f"vmm-{pod.id}", share_dir=pod.shared_dir,
                  nics=attachment.nics if attachment else (), vsock_backend=vsock_backend,
-                 cgroup=pod.cgroup, vmm_uid=pod.vmm_uid)
+                 cgroup=pod.cgroup, vmm_uid=pod.vmm_uid, mount_namespace=space.namespace_file)
     try:
         timeline = await vm.start()
     except VmError as exc:
@@ -352,8 +353,15 @@ async def shutdown(pod: Pod, task_relay) -> None:
     await _unplug(pod)
     await _remove_cgroup(pod, strict=True)
     # Off the loop: the pod's tmpfs, freed by its unmount, holds what the guest wrote (bounded).
+    space, left = pod.state_dir.mount_space, []
+    try:
+        if space.made:  # else no pod was started: nothing is mounted there
+            left = await asyncio.to_thread(space.run, "teardown", str(pod.dir))
+    except mounts.MountError as exc:
+        left = [exc.strerror]
+    # In the host's namespace too: a pod started by a daemon from before the pods' namespace.
     await asyncio.to_thread(mounts.unmount_all_under, pod.dir)
-    left = mounts.mountpoints_under(pod.dir)
+    left += mounts.mountpoints_under(pod.dir)
     if left:
         raise HostError(grpc.StatusCode.INTERNAL, f"pod {pod.id}: cannot unmount {', '.join(left)}")
     await asyncio.to_thread(pod.state_dir.remove_sandbox_dir, pod.id)

@@ -98,6 +98,8 @@ class Sandboxes:
 
     def forget(self, sandbox_id: str) -> None:
         self.pods.pop(sandbox_id, None)
+        if not self.pods:  # the pods' mount namespace ends with the last pod (mountns)
+            self.state_dir.mount_space.release()
 
     def task_service(self, sandbox_id: str):
         """The pod's Task API (a ttrpc.Server), None if there is no such pod."""

@@ -133,7 +133,8 @@ class Pod:
                 saved = {"bundle": saved, "processes": {}}
             processes = {exec_id: ProcessStdio.from_record(stdio, pod.stdio_dir)
                          for exec_id, stdio in saved["processes"].items()}
-            pod.containers[cid] = Container(saved["bundle"], GuestBundle(pod.mounts_dir, cid), processes)
+            bundle = GuestBundle(pod.mounts_dir, cid, state_dir.mount_space)
+            pod.containers[cid] = Container(saved["bundle"], bundle, processes)
             pod.known_container_ids.add(cid)
         return pod
 
@@ -161,8 +162,8 @@ class Pod:
                             f"container {container_id!r} not found in pod {self.id}") from None
 
     def add_container(self, container_id: str, host_bundle: str, stdio: ProcessStdio) -> None:
-        self.containers[container_id] = Container(host_bundle, GuestBundle(self.mounts_dir, container_id),
-                                                  {"": stdio})
+        bundle = GuestBundle(self.mounts_dir, container_id, self.state_dir.mount_space)
+        self.containers[container_id] = Container(host_bundle, bundle, {"": stdio})
         self.known_container_ids.add(container_id)
         self.save()
 

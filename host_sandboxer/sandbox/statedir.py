@@ -8,6 +8,8 @@ Layout (`STATE_DIR` is `--dir`):
         mounts/                  a tmpfs of the pod's own (containment/pod_tmpfs.py): containers' bundles,
                                  rootfs and bind mounts
         shared/                  what the guest mounts (virtiofs/9p tag `kuasar`): mounts/, read-only
+      .mntns/ns                  the pods' mount namespace, where mounts/ and shared/ are mounted
+                                 (host_sandboxer/mountns): the daemon's `mount_space`
 A restarted daemon reads every `state.json` to recover its pods.
 """
 
@@ -17,6 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
+from host_sandboxer.mountns.space import Here
 from host_sandboxer.sandbox.ids import InvalidID, check_id
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,7 @@ class StateDir:
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
+        self.mount_space = Here()  # where pods' mounts are made; the daemon's: mountns.space.Pinned
 
     def sandbox_dir(self, sandbox_id: str) -> Path:
         return self.root / check_id("sandbox", sandbox_id)

@@ -9,8 +9,11 @@ A bind is made as a detached copy of its source, made ready, then attached (`bin
 propagation copies a mount as it is when it is attached (a later remount would change only
 the copy it is made on, leaving the guest's views writable), and a copy that stayed a peer of
 its source would pass our unmounts back to the host's own mounts.
-mount(2) and the new mount API are called through libc (vmm_common.mount): no helper process
-per container.
+A mount is made as a detached mount (`detached`: open_tree's clone, or fsopen/fsmount) where
+its source is seen, and attached (`attach`) where it goes: in the daemon these are two
+processes, the daemon (the host's view) and a worker in the pods' mount namespace
+(host_sandboxer/mountns). mount(2) and the new mount API are called through libc
+(vmm_common.mount).
 """
 
 import errno
@@ -18,9 +21,10 @@ import os
 from pathlib import Path
 
 from vmm_common.mount import (
-    AT_RECURSIVE, MNT_DETACH, MOUNT_ATTR_RDONLY, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID,
-    MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, MS_SHARED, MS_SLAVE, OPEN_TREE_CLOEXEC,
-    OPEN_TREE_CLONE, mount, mount_setattr, move_mount, open_tree, umount,
+    AT_RECURSIVE, MNT_DETACH, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
+    MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, MS_SHARED,
+    MS_SLAVE, OPEN_TREE_CLOEXEC, OPEN_TREE_CLONE, mount, mount_setattr, move_mount, new_filesystem,
+    open_tree, umount,
 )
 
 # "rro": recursively read-only (runc's and crun's option; containerd's CRI writes it for
@@ -69,32 +73,47 @@ def access_of(options) -> str:
     return READ_ONLY if READ_ONLY in options else READ_WRITE
 
 
-def mount_one(fstype: str, source: str, target: Path, options) -> None:
-    """Mount one containerd mount (`overlay`, `bind`, or another filesystem) on `target`."""
+def is_bind(fstype: str, options) -> bool:
+    return fstype == "bind" or bool(split_options(options)[0] & MS_BIND)
+
+
+def detached(fstype: str, source: str, options) -> int:
+    """One containerd mount (`overlay`, `bind`, another filesystem) as a detached mount (an fd
+    for `attach`), made in this process's view of the host: attached elsewhere (the pods' mount
+    namespace: host_sandboxer/mountns), it shows what the source is here."""
     flags, data = split_options(options)
-    if fstype == "bind" or flags & MS_BIND:
-        bind(source, target, recursive=bool(flags & MS_REC), access=access_of(options),
-             receive=bool(_RECEIVING.intersection(options)))
-        return
-    _call_mount(source, str(target), fstype, flags, data)
+    if is_bind(fstype, options):
+        return clone(source, recursive=bool(flags & MS_REC), access=access_of(options),
+                     receive=bool(_RECEIVING.intersection(options)))
+    attrs = (MOUNT_ATTR_RDONLY if flags & MS_RDONLY else 0) | (MOUNT_ATTR_NOSUID if flags & MS_NOSUID else 0) \
+        | (MOUNT_ATTR_NODEV if flags & MS_NODEV else 0) | (MOUNT_ATTR_NOEXEC if flags & MS_NOEXEC else 0)
+    try:
+        return new_filesystem(fstype, source, [o for o in data.split(",") if o], attrs)
+    except OSError as exc:
+        raise MountError(exc.errno, f"{fstype} {source}: {exc.strerror}") from None
 
 
 def bind(source: str, target: Path, recursive: bool = True, access: str = READ_WRITE,
          receive: bool = False) -> None:
-    """Bind `source` on `target`, creating `target` as a file or directory like the source.
+    """Bind `source` on `target` (`clone`, then `attach`), creating `target` as a file or
+    directory like the source."""
+    fd = clone(source, recursive, access, receive)
+    try:
+        attach(fd, target, directory=os.path.isdir(source))
+    finally:
+        os.close(fd)
 
-    The copy of `source` is made read-only (READ_ONLY: its top; RECURSIVE_READ_ONLY: every
-    mount in it) before it is attached, so every copy propagation makes of it (the pod's
-    `shared/`, virtiofsd's mount namespace) is as read-only. It is never a peer of the source:
-    private, or with `receive` a slave that gets the mounts the host adds under the source
-    later (not for RECURSIVE_READ_ONLY: they would arrive writable)."""
+
+def clone(source: str, recursive: bool = True, access: str = READ_WRITE, receive: bool = False) -> int:
+    """A detached copy of `source` (with its submounts if `recursive`), for `attach`.
+
+    It is made read-only (READ_ONLY: its top; RECURSIVE_READ_ONLY: every mount in it) before it
+    is attached, so every copy propagation makes of it (the pod's `shared/`, virtiofsd's mount
+    namespace) is as read-only. It is never a peer of the source: private, or with `receive` a
+    slave that gets the mounts the host adds under the source later (not for
+    RECURSIVE_READ_ONLY: they would arrive writable)."""
     if not os.path.exists(source):
         raise MountError(errno.ENOENT, f"bind source {source} does not exist")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if os.path.isdir(source):
-        target.mkdir(exist_ok=True)
-    elif not target.exists():
-        target.touch(mode=0o600)
     all_read_only = access == RECURSIVE_READ_ONLY
     try:
         fd = open_tree(source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0))
@@ -103,11 +122,25 @@ def bind(source: str, target: Path, recursive: bool = True, access: str = READ_W
                           propagation=MS_SLAVE if receive and not all_read_only else MS_PRIVATE)
             if access == READ_ONLY:
                 mount_setattr(fd, MOUNT_ATTR_RDONLY, recursive=False)
-            move_mount(fd, str(target))
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
     except OSError as exc:
-        raise MountError(exc.errno, f"bind of {source} on {target}: {exc.strerror}") from None
+        raise MountError(exc.errno, f"bind of {source}: {exc.strerror}") from None
+
+
+def attach(fd: int, target: Path, directory: bool) -> None:
+    """Attach the detached mount `fd` on `target`, made first as a directory or an empty file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        target.mkdir(exist_ok=True)
+    elif not target.exists():
+        target.touch(mode=0o600)
+    try:
+        move_mount(fd, str(target))
+    except OSError as exc:
+        raise MountError(exc.errno, f"mount on {target}: {exc.strerror}") from None
 
 
 def make_shared_mountpoint(path: Path) -> None:

@@ -129,8 +129,9 @@ class TaskProxy:
                             f"container {cid} already exists in pod {self.pod.id}")
         stdio = ProcessStdio.create(request.stdin, request.stdout, request.stderr, self.pod.ports,
                                     self.pod.stdio_dir, request.terminal)  # FIFOs checked first
-        bundle = GuestBundle(self.pod.mounts_dir, cid)
-        bundle.prepare(request.bundle, request.rootfs, self.pod.pod_namespaces())
+        bundle = GuestBundle(self.pod.mounts_dir, cid, self.pod.state_dir.mount_space)
+        # Off the loop: the mounts are attached by a worker process (host_sandboxer/mountns).
+        await asyncio.to_thread(bundle.prepare, request.bundle, request.rootfs, self.pod.pod_namespaces())
         self.pod.add_container(cid, request.bundle, stdio)
         guest_request = v3.CreateTaskRequest()
         guest_request.CopyFrom(request)

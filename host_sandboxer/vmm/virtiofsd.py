@@ -43,17 +43,18 @@ class Virtiofsd:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, cgroup_procs: tuple[str, ...] = (), die_with_us: bool = True,
-                    timeout_s: float = 5.0) -> None:
+                    timeout_s: float = 5.0, mount_namespace: str | None = None) -> None:
         """Spawn virtiofsd (joining `cgroup_procs`) and return once its socket exists; raise
         VirtiofsdError if it fails. `die_with_us=False`: it outlives this process (a daemon's
-        pod; see process.py)."""
+        pod; see process.py). `mount_namespace`: where the source's mounts are."""
         if not self.binary.is_file():
             raise VirtiofsdError(f"virtiofsd not found at {self.binary}")
         if not self.source.is_dir():
             raise VirtiofsdError(f"shared directory {self.source} is not a directory")
         self.socket_path.unlink(missing_ok=True)
         self.proc = await process.spawn(self.argv, self.output, confinement=Confinement(
-            cgroup_procs=cgroup_procs, capabilities=CAPABILITIES, no_new_privs=True, die_with_us=die_with_us))
+            cgroup_procs=cgroup_procs, capabilities=CAPABILITIES, no_new_privs=True, die_with_us=die_with_us,
+            mount_namespace=mount_namespace))
         deadline = time.monotonic() + timeout_s
         while not self.socket_path.exists():
             if self.proc.returncode is not None or time.monotonic() > deadline:

@@ -80,8 +80,12 @@ class GuestVm:
     def __init__(self, config: Config, run_dir: Path, *, name: str = "vmm-task",
                  share_dir: Path | None = None, kernel_params: Sequence[str] = (),
                  nics: Sequence[TapNic] = (), vsock_backend: VsockBackend | None = None,
-                 cgroup: Cgroup | None = None, vmm_uid: int | None = None):
+                 cgroup: Cgroup | None = None, vmm_uid: int | None = None,
+                 mount_namespace: str | None = None):
         self.config = config
+        # Where `share_dir`'s mounts are (host_sandboxer/mountns): virtiofsd, or QEMU serving
+        # 9p, runs there; None: in ours.
+        self.mount_namespace = mount_namespace
         self.cgroup = cgroup  # QEMU and virtiofsd join it (containment/cgroups.py)
         self.vmm_uid = vmm_uid  # QEMU's uid and gid (containment/uids.py); None: root
         self.vsock_backend = vsock_backend
@@ -234,7 +238,8 @@ class GuestVm:
         if isinstance(share, NinePShare) or self.vmm_uid is None:
             capabilities = NINE_P_CAPABILITIES if isinstance(share, NinePShare) else NO_CAPABILITIES
             return Confinement(cgroup_procs, capabilities=capabilities, no_new_privs=True,
-                               die_with_us=not self.detached)
+                               die_with_us=not self.detached,
+                               mount_namespace=self.mount_namespace if isinstance(share, NinePShare) else None)
         for path in (self.config.vm.kernel, *(path for _, path in self._boot_image())):
             if not readable_by_others(path):
                 raise VmError("image", f"QEMU runs as uid {self.vmm_uid} (containment.vmm_user) and cannot "
@@ -311,7 +316,7 @@ class GuestVm:
             self.virtiofsd = self._virtiofsd(share.socket_path)
             try:
                 await self.virtiofsd.start(self.cgroup.procs_files if self.cgroup else (),
-                                           die_with_us=not self.detached)
+                                           die_with_us=not self.detached, mount_namespace=self.mount_namespace)
             except VirtiofsdError as e:
                 raise VmError("sharefs", str(e)) from None
         return share

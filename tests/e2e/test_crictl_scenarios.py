@@ -20,7 +20,7 @@ import tools
 from bench.sandboxer import pss_kb
 from containerd_node import POD_SUBNET
 from crictl import CrictlError
-from host_sandboxer.taskproxy.mounts import mountpoints_under
+from leak_guard import mounts_left
 from pods import wait_for
 from terminal import run_in_terminal
 
@@ -405,5 +405,5 @@ def node_leftovers(node) -> dict:
     processes = [f"{pid}: {' '.join(argv)[:200]}" for pid, argv in node_processes(node).items()]
     taps = subprocess.run(["ip", "-n", node.netns.name, "-o", "link", "show", "type", "tun"],
                           capture_output=True, text=True).stdout.splitlines()
-    return {"processes": processes, "mounts": mountpoints_under(node.work) + mountpoints_under(node.sandboxer_dir),
+    return {"processes": processes, "mounts": mounts_left(node.work) + mounts_left(node.sandboxer_dir),
             "taps": taps, "pod_dirs": sorted(p.name for p in node.sandboxer_dir.iterdir() if p.is_dir())}

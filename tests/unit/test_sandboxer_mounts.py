@@ -10,6 +10,15 @@ from host_sandboxer.taskproxy import mounts
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount(2) needs root")
 
 
+def mount_one(fstype: str, source: str, target, options) -> None:
+    """One containerd mount made and attached in this process, as a mountns worker attaches it."""
+    fd = mounts.detached(fstype, source, options)
+    try:
+        mounts.attach(fd, target, directory=not mounts.is_bind(fstype, options) or os.path.isdir(source))
+    finally:
+        os.close(fd)
+
+
 def test_overlay_rootfs_and_readonly_bind_then_everything_unmounted(tmp_path):
     lower, upper, work = (tmp_path / n for n in ("lower", "upper", "work"))
     for d in (lower, upper, work):
@@ -20,13 +29,13 @@ def test_overlay_rootfs_and_readonly_bind_then_everything_unmounted(tmp_path):
     mounts.make_shared_mountpoint(shared)
     rootfs = shared / "c1" / "rootfs"
     rootfs.mkdir(parents=True)
-    mounts.mount_one("overlay", "overlay", rootfs,
-                     [f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}", "index=off"])
+    mount_one("overlay", "overlay", rootfs,
+              [f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}", "index=off"])
     (rootfs / "written").write_text("x")
     data = tmp_path / "data.txt"
     data.write_text("bound")
     target = shared / "c1" / "mounts" / "0"
-    mounts.mount_one("bind", str(data), target, ["rbind", "ro"])
+    mount_one("bind", str(data), target, ["rbind", "ro"])
     try:
         assert (rootfs / "hello").read_text() == "from lower"
         assert (upper / "written").read_text() == "x"
@@ -43,12 +52,12 @@ def test_overlay_rootfs_and_readonly_bind_then_everything_unmounted(tmp_path):
 
 def test_missing_bind_source_names_the_path(tmp_path):
     with pytest.raises(mounts.MountError, match="does-not-exist"):
-        mounts.mount_one("bind", str(tmp_path / "does-not-exist"), tmp_path / "t", ["rbind"])
+        mount_one("bind", str(tmp_path / "does-not-exist"), tmp_path / "t", ["rbind"])
 
 
-def test_mount_failure_names_type_source_and_target(tmp_path):
-    with pytest.raises(mounts.MountError, match=r"mount overlay overlay on .*target"):
-        mounts.mount_one("overlay", "overlay", tmp_path / "target", ["lowerdir=/nonexistent"])
+def test_mount_failure_names_type_source_and_the_option_refused(tmp_path):
+    with pytest.raises(mounts.MountError, match=r"overlay overlay: .*lowerdir=/nonexistent"):
+        mount_one("overlay", "overlay", tmp_path / "target", ["lowerdir=/nonexistent"])
 
 
 def test_split_options_separates_flags_from_filesystem_data():
@@ -66,8 +75,8 @@ def test_export_is_read_only_but_carries_later_writable_mounts(tmp_path):
     try:
         (host_side / "c1" / "rootfs").mkdir(parents=True)
         (host_side / "c1" / "config.json").write_text("{}")
-        mounts.mount_one("overlay", "overlay", host_side / "c1" / "rootfs",
-                         [f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}"])
+        mount_one("overlay", "overlay", host_side / "c1" / "rootfs",
+                  [f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}"])
         assert (guest_view / "c1" / "config.json").read_text() == "{}"
         with pytest.raises(OSError) as info:
             (guest_view / "c1" / "evil").symlink_to("/")

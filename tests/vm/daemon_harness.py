@@ -7,17 +7,27 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from bench.netpair import sh
-from host_sandboxer.taskproxy.mounts import mountpoints_under
-from leak_guard import fail_if_left, stop_daemon
+from host_sandboxer.mountns.space import Pinned
+from leak_guard import fail_if_left, mounts_left, stop_daemon
 from scripts import demo
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 
 NS = demo.NAMESPACE
+
+
+def exists_for_the_guest(state: Path, path: Path) -> bool:
+    """Whether `path` exists in the pods' mount namespace of the daemon's `state` dir, where
+    a pod's `mounts/` and `shared/` are mounted (host_sandboxer/mountns): on the host they are
+    empty directories."""
+    pin = Pinned(state)
+    enter = ["nsenter", f"--mount={pin.namespace_file}", "--"] if pin.made else []
+    return subprocess.run([*enter, "test", "-e", str(path)], timeout=30).returncode == 0
 
 
 def processes_naming(text: str, exclude: tuple[int, ...] = ()) -> list[str]:
@@ -85,8 +95,8 @@ class Harness:
 
     def assert_nothing_left(self):
         assert processes_left(str(self.work), exclude=(self.daemon.proc.pid,)) == []
-        assert mountpoints_under(self.work) == []
-        assert [p.name for p in self.daemon.state.iterdir() if p.is_dir()] == []  # no pod's dir
+        assert mounts_left(self.work) == []
+        assert [p.name for p in self.daemon.state.iterdir() if p.is_dir() and p.name != ".mntns"] == []  # no pod's dir
         assert self.daemon.cgroups_left() == []
         assert host_network() == self.host_network
 

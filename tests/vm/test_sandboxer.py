@@ -23,8 +23,8 @@ import grpc
 import pytest
 from google.protobuf import any_pb2, empty_pb2
 
-from host_sandboxer.taskproxy.mounts import mountpoints_under
-from leak_guard import fail_if_left, stop_daemon
+from daemon_harness import exists_for_the_guest
+from leak_guard import fail_if_left, mounts_left, stop_daemon
 from tests.unit.test_agent_podconfig import cri_userns_config
 from tests.unit.test_sandboxer_status_info import check_cri_info, crictl_reads
 from vmm_common.protos.containerd.events import task_pb2 as events
@@ -106,12 +106,13 @@ def env(guest_image, request):
     """Parametrize indirectly with the share fs type, or with Env's keyword arguments (a dict),
     or "runc": the guest image with runc in place of crun (`make guest-image-runc`). After the
     test: nothing left (leak_guard) and no event published twice over the whole stream."""
-    work = Path(tempfile.mkdtemp(prefix="vsb-"))  # short: unix socket paths
     param = getattr(request, "param", "virtiofs")
+    image = request.getfixturevalue("runc_guest_image") if param == "runc" else guest_image  # may skip
+    work = Path(tempfile.mkdtemp(prefix="vsb-"))  # short: unix socket paths; after any skip
     if param == "runc":
-        e = Env(work, request.getfixturevalue("runc_guest_image"))
+        e = Env(work, image)
     else:
-        e = Env(work, guest_image, **(param if isinstance(param, dict) else {"sharefs": param}))
+        e = Env(work, image, **(param if isinstance(param, dict) else {"sharefs": param}))
     yield e
     left = stop_daemon(e.daemon, work)  # pods outlive the daemon: what the test did not remove
     e.events_server.stop(None)
@@ -154,7 +155,7 @@ def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env):
     assert (exit_event.container_id, exit_event.exit_status) == ("c1", 3)
     # Task.Shutdown came after Delete (as containerd does): the pod must still be up.
     assert env.status("pod1").state == "SANDBOX_READY"
-    assert not os.path.exists(env.daemon.state / "pod1" / "shared" / "c1")
+    assert not exists_for_the_guest(env.daemon.state, env.daemon.state / "pod1" / "shared" / "c1")
 
     # exec with a TTY into a running container
     b2 = env.bundle("c2", ["sleep", "300"], started.pid)
@@ -219,7 +220,7 @@ def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env):
         tasks.Create(task.CreateTaskRequest(id="c3", bundle=str(b3.path), rootfs=b3.rootfs), timeout=30)
     assert missing_volume.value.code == ttrpc.Code.NOT_FOUND
     assert "/no/such/volume" in missing_volume.value.message
-    assert not (env.daemon.state / "pod1" / "mounts" / "c3").exists()  # nothing left mounted
+    assert not exists_for_the_guest(env.daemon.state, env.daemon.state / "pod1" / "mounts" / "c3")  # nothing left
     assert code_of(lambda: tasks.Create(task.CreateTaskRequest(id="a/b", bundle=str(b2.path)), timeout=10)) \
         == ttrpc.Code.INVALID_ARGUMENT
 
@@ -232,7 +233,7 @@ def test_cri_pod_lifecycle_exec_tty_events_and_bad_requests(env):
     env.cri.remove_pod("pod1")
     assert code_of(lambda: env.status("pod1")) == grpc.StatusCode.NOT_FOUND
     assert not (env.daemon.state / "pod1").exists()
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []
 
 
 def test_five_pods_at_once(env):
@@ -250,7 +251,7 @@ def test_five_pods_at_once(env):
         assert results[sid] == (f"{sid}-c\n".encode(), b"", 0)
     for sid in ids:
         env.cri.remove_pod(sid)
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []
 
 
 def _long_running_pod(env, sid):
@@ -281,16 +282,16 @@ def test_vmm_killed(env):
     kill = task.KillRequest(id=b.id, signal=signal.SIGKILL, all=True)
     assert code_of(lambda: tasks.Kill(kill, metadata=NS, timeout=10)) == ttrpc.Code.NOT_FOUND
     assert tasks.Delete(task.DeleteRequest(id=b.id), metadata=NS, timeout=10).exit_status == 255
-    assert not (env.daemon.state / "crash" / "mounts" / b.id).exists()
+    assert not exists_for_the_guest(env.daemon.state, env.daemon.state / "crash" / "mounts" / b.id)
     assert env.status("bystander").state == "SANDBOX_READY"
     exits = env.events.topics({"/tasks/exit"})
     assert any(t == "/tasks/exit" and events.TaskExit.FromString(e.value).container_id == b.id
                for _, t, e in exits)
     env.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="crash"), metadata=NS, timeout=60)
     assert not (env.daemon.state / "crash").exists()
-    assert all("/bystander/" in p for p in mountpoints_under(env.daemon.state))
+    assert all("/bystander/" in p for p in mounts_left(env.daemon.state))
     env.cri.remove_pod("bystander")  # Stop with a container still running, then Shutdown
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []
 
 
 @pytest.mark.parametrize("env", ["9p"], indirect=True)
@@ -300,7 +301,7 @@ def test_rootfs_and_binds_over_9p(env):
     out = demo.run_container(demo.Cri.task_client(started.address), b)
     assert out == (b"c9\n/bin/busybox\n", b"", 0)
     env.cri.remove_pod("ninep")
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []
 
 
 def test_start_refuses_a_user_namespace_a_runc_pod_refuses(env):
@@ -315,7 +316,7 @@ def test_start_refuses_a_user_namespace_a_runc_pod_refuses(env):
     assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, (
         'pod userns: user namespace configuration: unsupported user namespace mode: "CONTAINER"'))
     # containerd sends no Shutdown after a failed Start (kubelet retries with a new pod): nothing left
-    assert mountpoints_under(env.work) == [] and not (env.daemon.state / "userns").exists()
+    assert mounts_left(env.work) == [] and not (env.daemon.state / "userns").exists()
     assert code_of(lambda: env.status("userns")) == grpc.StatusCode.NOT_FOUND
 
 
@@ -332,4 +333,4 @@ def test_start_failure_carries_the_console_tail(env):
         ctl.Start(sb.ControllerStartRequest(sandbox_id="broken"), metadata=NS, timeout=90)
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "console tail" in failure.value.details() and "Kernel panic" in failure.value.details()
-    assert mountpoints_under(env.work) == [] and not (env.daemon.state / "broken").exists()
+    assert mounts_left(env.work) == [] and not (env.daemon.state / "broken").exists()

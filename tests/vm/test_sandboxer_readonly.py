@@ -11,10 +11,11 @@ crun in the guest; containerd's Events service is the stand-in from test_sandbox
 import json
 
 import pytest
+from leak_guard import mounts_left
 from test_sandboxer import env  # noqa: F401  (the fixture)
 from test_sandboxer import demo
 
-from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
+from host_sandboxer.taskproxy.mounts import unmount_all_under
 from vmm_common.mount import mount
 
 EROFS = "Read-only file system"
@@ -62,4 +63,4 @@ def test_container_cannot_write_its_read_only_volumes(env):
         "/ro/file": EROFS, "/ro/new": EROFS, "/rro/file": EROFS, "/rro/sub/file": EROFS}, out
     assert host == {"ro/file": "host data\n", "ro/sub/file": "host data\nguest\n",
                     "rro/file": "host data\n", "rro/sub/file": "host data\n"}
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []

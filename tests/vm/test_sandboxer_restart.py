@@ -17,10 +17,10 @@ import time
 import grpc
 import pytest
 
+from leak_guard import mounts_left
 from test_sandboxer import NS, _long_running_pod, demo, env  # noqa: F401  (env: the fixture)
 
 from host_sandboxer.sandbox import manager
-from host_sandboxer.taskproxy.mounts import mountpoints_under
 from vmm_common.protos.containerd.events import task_pb2 as events
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from vmm_common.protos.containerd.task.v3 import shim_pb2 as task
@@ -109,7 +109,7 @@ def test_daemon_killed_running_pods_are_taken_over(env):
     env.cri.remove_pod("bystander")
     assert _gone([helpers["vsock"]]), "the backend ends with the last VM"
     assert list(env.daemon.state.iterdir()) == []
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []
 
 
 def test_daemon_stopped_with_sigterm_leaves_its_pods_running(env):
@@ -229,7 +229,7 @@ def test_vmm_died_while_the_daemon_was_down(env):
     env.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="lost"), metadata=NS, timeout=60)
     assert _gone(helpers.values()), f"left running: {helpers}"
     assert not (env.daemon.state / "lost").exists()
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []
 
 
 def test_vsock_backend_death_ends_the_pod(env):
@@ -244,7 +244,7 @@ def test_vsock_backend_death_ends_the_pod(env):
     assert tasks.Wait(task.WaitRequest(id=b.id), metadata=NS, timeout=10).exit_status == 255
     assert _gone(helpers.values()), "the unreachable VM is stopped"
     env.cri.controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id="cutoff"), metadata=NS, timeout=60)
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []
 
 
 def _processes_naming(directory) -> list[int]:

@@ -10,10 +10,10 @@ import signal
 import time
 
 import pytest
+from leak_guard import mounts_left
 from test_sandboxer import _long_running_pod, env  # noqa: F401  (env: the fixture)
 from test_sandboxer_restart import _exec, _helpers
 
-from host_sandboxer.taskproxy.mounts import mountpoints_under
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")]
 
@@ -45,4 +45,4 @@ def test_a_stopped_virtiofsd_makes_the_pod_notready_until_it_serves_again(env):
     assert (status.state, status.info["unhealthy"]) == ("SANDBOX_READY", "")
     assert _exec(tasks, b, "after", ["cat", "/etc/hostname"]) == (b"hung-c\n", 0)  # the rootfs is served
     env.cri.remove_pod("hung")
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []

@@ -10,10 +10,10 @@ import concurrent.futures
 import os
 import signal
 
+from leak_guard import mounts_left
 from test_sandboxer import NS, _long_running_pod, env  # noqa: F401  (env: the fixture)
 from test_sandboxer_restart import _crash_daemon, _exit_statuses, _gone, _helpers
 
-from host_sandboxer.taskproxy.mounts import mountpoints_under
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from vmm_common.protos.containerd.task.v3 import shim_pb2 as task
 
@@ -50,9 +50,9 @@ def test_virtiofsd_killed_ends_the_pod(env):
     assert (state.status, state.exit_status) == (3, UNKNOWN_EXIT)  # STOPPED, answered without the VM
     assert env.status("bystander").state == "SANDBOX_READY"
     _shutdown(env, "fsd")
-    assert all("/bystander/" in p for p in mountpoints_under(env.daemon.state))
+    assert all("/bystander/" in p for p in mounts_left(env.daemon.state))
     env.cri.remove_pod("bystander")
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []
 
 
 def test_adopted_virtiofsd_killed_ends_the_pod(env):
@@ -67,4 +67,4 @@ def test_adopted_virtiofsd_killed_ends_the_pod(env):
     _assert_ended_by_virtiofsd(env, "adopted", helpers["qemu"])
     assert _exit_statuses(env, b.id) == [UNKNOWN_EXIT]
     _shutdown(env, "adopted")
-    assert mountpoints_under(env.work) == []
+    assert mounts_left(env.work) == []
