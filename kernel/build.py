@@ -145,6 +145,10 @@ def _build(root: Path, out: Path, source: Source, version: str, progress) -> Non
     staging.mkdir()
     log_path = staging / "build.log"
     progress(f"kernel: building {out.name} (a few minutes; log {log_path})")
+    # The built-in initramfs (/dev/console, /root) carries KBUILD_BUILD_TIMESTAMP as its mtimes, but
+    # kbuild does not remake it when only the environment changed: one left in the shared object
+    # dir by an earlier build kept that build's clock (a cold rebuild then differed in it).
+    (obj / "usr" / "initramfs_data.cpio").unlink(missing_ok=True)
     with open(log_path, "w") as log:
         final = configure(tree, obj, log)
         try:
