@@ -253,7 +253,10 @@ class VmTarget(Target):
         await self.client.call(TASK, "Create", pb.CreateTaskRequest(
             id=name, bundle=bundle, stdout=f"{bundle}/out"), pb.CreateTaskResponse, timeout=60)
         await self.client.call(TASK, "Start", pb.StartRequest(id=name), pb.StartResponse)
-        await remove(self.client, name)
+        # Its end awaited before the delete: `remove` kills at once, which on a slow guest came
+        # before the script had printed anything.
+        await self.client.call(TASK, "Wait", pb.WaitRequest(id=name), pb.WaitResponse, timeout=60)
+        await self.client.call(TASK, "Delete", pb.DeleteRequest(id=name), pb.DeleteResponse)
         for _ in range(50):  # the shared directory may show the write a moment later
             values = parse((self.share / name / "out").read_text())
             if values:

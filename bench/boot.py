@@ -1,14 +1,16 @@
-"""Boot benchmark: QEMU start -> "vmm-task ready" for the guest image and for the floor.
+"""Boot benchmark: QEMU start -> "vmm-task ready" for the guest image in each mode (the initrd,
+the pmem root: vm.image) and for the floor.
 
     python -m bench.boot [--runs 5] [--machine q35|microvm] [--sharefs virtiofs|9p]
     python -m bench.boot --compressions gzip,xz,zstd,lz4 [--runs 5]
 
-Both images boot with the same kernel, the same launcher (host_sandboxer.vmm.vm.GuestVm) and the
+Every image boots with the same kernel, the same launcher (host_sandboxer.vmm.vm.GuestVm) and the
 same devices (hybrid vsock, the shared directory); the floor's /init is a static busybox that
 prints the ready line at once (initrd/floor.py, built here if absent). Prints one JSON object:
-per image the median, min, max and spread over the runs (seconds from QEMU's spawn to the line
-arriving on the host), the guest's uptime when the kernel ran /init, the ratio agent/floor of the
-medians, and the sizes of kernel, initrd, floor initrd and agent dist.
+per mode and for the floor the median, min, max and spread over the runs (seconds from QEMU's
+spawn to the line arriving on the host), the guest's uptime when the kernel ran /init, the ratio
+mode/floor of the medians, and the sizes of kernel, initrd, root image, floor initrd and agent
+dist. microvm has no virtio-pmem: only the initrd mode boots there.
 
 With --compressions, the guest initrd's cpio is recompressed with each method instead and each
 variant is booted: boot time against size, the measurement behind initrd/compress.DEFAULT.
@@ -32,6 +34,12 @@ from initrd import compress, floor
 from kernel import build as kernel_build
 
 FLOOR_DIR = DEFAULT_IMAGE_DIR.parent / "guest-floor"
+# The guest image's boot modes: the VmConfig fields each sets.
+MODES = {"initrd": {"image": "initrd"}, "pmem": {"image": "pmem"}}
+
+
+def modes_for(machine: str) -> dict[str, dict]:
+    return {name: fields for name, fields in MODES.items() if machine == "q35" or name == "initrd"}
 
 
 async def boot_once(config, name: str):
@@ -87,13 +95,14 @@ def bench_config(args):
     return config
 
 
-async def boot_images(config, images: dict[str, Path], runs: int) -> dict[str, dict]:
-    """Each image booted `runs` times, interleaved so machine load drifts hit all alike."""
+async def boot_images(config, images: dict[str, dict], runs: int) -> dict[str, dict]:
+    """Each image (the VmConfig fields that select it) booted `runs` times, interleaved so
+    machine load drifts hit all alike."""
     base_vm = config.vm
     results: dict[str, list] = {name: [] for name in images}
     for i in range(runs):
-        for name, initrd in images.items():
-            config.vm = dataclasses.replace(base_vm, initrd=initrd)
+        for name, fields in images.items():
+            config.vm = dataclasses.replace(base_vm, **fields)
             results[name].append(await boot_once(config, f"bench-{name}-{i}"))
     return {name: summary(samples) for name, samples in results.items()}
 
@@ -108,7 +117,8 @@ async def compare_compressions(args, methods: list[str]) -> dict:
         for method in methods:
             images[method] = work / f"initrd.{method}"
             images[method].write_bytes(compress.compress(raw, method))
-        results = await boot_images(bench_config(args), images, args.runs)
+        results = await boot_images(bench_config(args), {
+            method: {"image": "initrd", "initrd": path} for method, path in images.items()}, args.runs)
         for method, path in images.items():
             results[method]["size_bytes"] = path.stat().st_size
     finally:
@@ -120,25 +130,29 @@ async def compare_compressions(args, methods: list[str]) -> dict:
 async def run(args) -> dict:
     config = bench_config(args)
     floor_initrd = floor.build_floor(FLOOR_DIR, args.compression, kernel_build.default_cache())
-    results = await boot_images(config, {"agent": DEFAULT_IMAGE_DIR / "initrd.img",
-                                         "floor": floor_initrd}, args.runs)
+    modes = modes_for(args.machine)
+    results = await boot_images(config, {**modes, "floor": {"image": "initrd", "initrd": floor_initrd}},
+                                args.runs)
     manifest = json.loads((DEFAULT_IMAGE_DIR / "manifest.json").read_text())
-    agent, floor_ = results["agent"], results["floor"]
+    floor_ = results.pop("floor")
     return {
         "runs": args.runs,
         "machine": args.machine,
         "accel": resolve_accel(config.vm.accel).accel,
         "sharefs": args.sharefs,
-        "agent": agent,
+        "modes": results,
         "floor": floor_,
-        "ratio_median": round(agent["median_s"] / floor_["median_s"], 3),
-        "ratio_ready_uptime": _ratio(agent["ready_uptime_median_s"], floor_["ready_uptime_median_s"]),
-        "ratio_qemu_cpu": _ratio(agent["qemu_cpu_median_s"], floor_["qemu_cpu_median_s"]),
+        "ratio_median": {m: round(r["median_s"] / floor_["median_s"], 3) for m, r in results.items()},
+        "ratio_ready_uptime": {m: _ratio(r["ready_uptime_median_s"], floor_["ready_uptime_median_s"])
+                               for m, r in results.items()},
+        "ratio_qemu_cpu": {m: _ratio(r["qemu_cpu_median_s"], floor_["qemu_cpu_median_s"])
+                           for m, r in results.items()},
         "sizes_bytes": {
             "kernel": manifest["kernel"]["size"],
             "initrd": manifest["initrd"]["size"],
             "initrd_uncompressed": manifest["initrd"]["uncompressed_size"],
             "initrd_compression": manifest["initrd"]["compression"],
+            "rootfs": manifest["rootfs"]["size"],
             "floor_initrd": floor_initrd.stat().st_size,
             "agent_dist": manifest["agent"]["dist_size"],
         },

@@ -1,13 +1,16 @@
-"""Guest memory in use at idle: MemTotal - MemAvailable inside the guest, our image vs the floor.
+"""Guest memory in use at idle: MemTotal - MemAvailable inside the guest, our image in each mode
+(initrd, pmem root) vs the floor; and how much of the guest's RAM the host holds.
 
     python -m bench.guest_mem [--runs 3] [--settle 2]
 
-Both images boot with the same kernel, launcher and devices (bench.boot's config). `--settle`
+Every image boots with the same kernel, launcher and devices (bench.boot's config). `--settle`
 seconds after the ready line, /proc/meminfo is read: in our guest by a busybox probe container
 (bench.agent_task's VmTarget; crun and the probe have exited when the file is read, their page
 cache stays counted), in the floor by its /init itself (the floor image with an /init that mounts
-/proc, sleeps the same time and prints the two lines on the console). Prints one JSON object:
-kB per run for each image.
+/proc, sleeps the same time and prints the two lines on the console). Then the resident size of
+the guest RAM's memfd in QEMU (/proc/PID/smaps): what the host really spends on the guest's
+RAM, measured with virtio-balloon free page reporting on and off. Prints one JSON object: kB per
+run for each image.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from initrd.guest_image import compressed_image, write_atomic
 from kernel import build as kernel_build
 
 MEMINFO_MARK = "bench-meminfo"
+RAM_MAPPING = "/memfd:memory-backend-memfd"  # QEMU's name for the guest RAM (vmm/cmdline.py)
 GUEST_BUSYBOX = "/usr/bin/busybox"  # where initrd.floor puts it
 FLOOR_MEM_DIR = DEFAULT_IMAGE_DIR.parent / "guest-floor-meminfo"
 
@@ -43,6 +47,18 @@ def used_kb(meminfo: str) -> int | None:
     if len(values) < 2:
         return None
     return values["MemTotal:"] - values["MemAvailable:"]
+
+
+def ram_resident_kb(smaps: str) -> int:
+    """Rss (kB) of the guest RAM's memfd mappings in QEMU's /proc/PID/smaps text."""
+    total, in_ram = 0, False
+    for line in smaps.splitlines():
+        fields = line.split()
+        if fields and not fields[0].endswith(":"):  # a mapping's header
+            in_ram = len(fields) > 5 and fields[5] == RAM_MAPPING
+        elif in_ram and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
 
 
 def floor_meminfo_init(settle_s: float) -> bytes:
@@ -78,16 +94,19 @@ async def _booted(config, name: str, work: Path) -> GuestVm:
     return vm
 
 
-async def ours_once(config, settle_s: float) -> int:
+async def ours_once(config, settle_s: float) -> tuple[int, int]:
+    """(kB in use in the guest, kB of its RAM resident on the host) `settle_s` after ready."""
     work = Path(tempfile.mkdtemp(prefix="bench-mem-"))
     vm = await _booted(config, "bench-mem", work)
     try:
         await asyncio.sleep(settle_s)
         client = await vm.ttrpc_client()
         try:
-            return await VmTarget(vm, client, work / "share").probe("cat /proc/meminfo", used_kb)
+            used = await VmTarget(vm, client, work / "share").probe("cat /proc/meminfo", used_kb)
         finally:
             await client.close()
+        await asyncio.sleep(settle_s)  # free page reporting works in batches, ~2 s apart
+        return used, ram_resident_kb(Path(f"/proc/{vm.qemu.proc.pid}/smaps").read_text())
     finally:
         await vm.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -95,7 +114,7 @@ async def ours_once(config, settle_s: float) -> int:
 
 async def floor_once(config, initrd: Path, settle_s: float) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-mem-"))
-    config = dataclasses.replace(config, vm=dataclasses.replace(config.vm, initrd=initrd))
+    config = dataclasses.replace(config, vm=dataclasses.replace(config.vm, image="initrd", initrd=initrd))
     vm = await _booted(config, "bench-mem-floor", work)
     try:
         line = await asyncio.wait_for(vm.console.line_containing(MEMINFO_MARK), settle_s + 60)
@@ -112,12 +131,21 @@ async def run(runs: int, settle_s: float) -> dict:
     config = boot.bench_config(argparse.Namespace(sharefs="virtiofs", machine="q35"))
     manifest = json.loads((DEFAULT_IMAGE_DIR / "manifest.json").read_text())
     floor_initrd = build_floor_meminfo(settle_s, manifest["initrd"]["compression"])
-    ours, floors = [], []
-    for _ in range(runs):  # interleaved, so load drifts hit both alike
-        ours.append(await ours_once(config, settle_s))
-        floors.append(await floor_once(config, floor_initrd, settle_s))
+    used: dict[str, list] = {mode: [] for mode in boot.MODES}
+    resident: dict[str, list] = {f"{mode}{variant}": [] for mode in boot.MODES for variant in ("", "_no_fpr")}
+    used["floor"] = []
+    for _ in range(runs):  # interleaved, so load drifts hit all alike
+        for mode, fields in boot.MODES.items():
+            for variant, fpr in (("", True), ("_no_fpr", False)):
+                vm = dataclasses.replace(config.vm, free_page_reporting=fpr, **fields)
+                kb, ram_kb = await ours_once(dataclasses.replace(config, vm=vm), settle_s)
+                resident[mode + variant].append(ram_kb)
+                if fpr == config.vm.free_page_reporting:
+                    used[mode].append(kb)
+        used["floor"].append(await floor_once(config, floor_initrd, settle_s))
     return {"settle_s": settle_s, "memory_mib": config.vm.memory_mib,
-            "used_kb": {"agent": ours, "floor": floors}}
+            "free_page_reporting": config.vm.free_page_reporting,
+            "used_kb": used, "ram_resident_kb": resident}
 
 
 def main() -> None:

@@ -9,6 +9,10 @@ Groups (the report's top-level keys, and the benchmark behind each):
   guest      bench.guest_mem: MemTotal - MemAvailable in the guest at idle, ours vs the floor
   rpc        bench.check_rtt: Check round trips over hybrid vsock to a booted guest
   sandboxer  bench.sandboxer: the daemon's Pss with 1/5/10 pods, and the pod and io keys
+  pods       bench.sandboxer --pod-starts: pod start, single and five at once, in each boot mode
+  host       bench.sandboxer --per-pod: host memory per pod with 1/10/30 pods, TCG cache apart
+Keys of a boot mode M (initrd, pmem: vm.image) are boot.M.*, pod.M.*, guest.M.*; the
+unqualified ones (boot.ready_s, ...) are the default mode's.
 Each measured key is {"median", "min", "max", "n"} over the runs (docs/benchmarks.md). A
 benchmark that fails is recorded under "errors" and its keys under "missing"; the exit status
 is then 1.
@@ -26,11 +30,12 @@ import time
 from pathlib import Path
 
 from bench import agent_task, boot, check_rtt, guest_mem, report, sandboxer
-from host_sandboxer.config import DEFAULT_IMAGE_DIR, load_config
+from host_sandboxer.config import DEFAULT_IMAGE_DIR, boot_image, load_config
 from host_sandboxer.vmm.accel import resolve_accel
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("image", "boot", "agent", "guest", "rpc", "sandboxer")
+GROUPS = ("image", "boot", "agent", "guest", "rpc", "sandboxer", "pods", "host")
+PER_POD_COUNTS = (1, 10, 30)
 RPC_CALLS = 300
 STDOUT_MIB = 100
 
@@ -38,6 +43,7 @@ STDOUT_MIB = 100
 def image(runs: int) -> tuple[dict, dict]:
     manifest = json.loads((DEFAULT_IMAGE_DIR / "manifest.json").read_text())
     return {}, {"image.initrd_bytes": manifest["initrd"]["size"],
+                "image.rootfs_bytes": manifest["rootfs"]["size"],
                 "image.kernel_bytes": manifest["kernel"]["size"],
                 "image.agent_bytes": manifest["agent"]["dist_size"],
                 "image.initrd_compression": manifest["initrd"]["compression"]}
@@ -48,9 +54,18 @@ def boot_times(runs: int) -> tuple[dict, dict]:
                               compression=json.loads((DEFAULT_IMAGE_DIR / "manifest.json")
                                                      .read_text())["initrd"]["compression"])
     result = asyncio.run(boot.run(args))
-    ours, floor = result["agent"]["samples_s"], result["floor"]["samples_s"]
-    return {"boot.ready_s": ours, "boot.floor_s": floor,
-            "boot.ratio": [a / f for a, f in zip(ours, floor)]}, {}
+    floor = result["floor"]["samples_s"]
+    samples = {"boot.floor_s": floor}
+    for mode, summary in result["modes"].items():
+        samples[f"boot.{mode}.ready_s"] = summary["samples_s"]
+        samples[f"boot.{mode}.ratio"] = [a / f for a, f in zip(summary["samples_s"], floor)]
+    return {**samples, **_default_mode(samples, "boot", ("ready_s", "ratio"))}, {}
+
+
+def _default_mode(samples: dict, group: str, names) -> dict:
+    """The unqualified keys (`boot.ready_s`) are the default mode's (vm.image)."""
+    mode = boot_image(load_config(None).vm)
+    return {f"{group}.{name}": samples[f"{group}.{mode}.{name}"] for name in names}
 
 
 def agent_memory(runs: int) -> tuple[dict, dict]:
@@ -66,8 +81,14 @@ def agent_memory(runs: int) -> tuple[dict, dict]:
 
 def guest_memory(runs: int) -> tuple[dict, dict]:
     result = asyncio.run(guest_mem.run(runs, settle_s=2.0))
-    return {"guest.mem_used_kb": result["used_kb"]["agent"],
-            "guest.mem_used_floor_kb": result["used_kb"]["floor"]}, {"guest.memory_mib": result["memory_mib"]}
+    samples = {"guest.mem_used_floor_kb": result["used_kb"]["floor"]}
+    for mode in boot.MODES:
+        samples[f"guest.{mode}.mem_used_kb"] = result["used_kb"][mode]
+        samples[f"guest.{mode}.ram_resident_kb"] = result["ram_resident_kb"][mode]
+        samples[f"guest.{mode}.ram_resident_no_fpr_kb"] = result["ram_resident_kb"][mode + "_no_fpr"]
+    return ({**samples, **_default_mode(samples, "guest", ("mem_used_kb",))},
+            {"guest.memory_mib": result["memory_mib"],
+             "guest.free_page_reporting": result["free_page_reporting"]})
 
 
 def rpc(runs: int) -> tuple[dict, dict]:
@@ -92,8 +113,26 @@ def daemon(runs: int) -> tuple[dict, dict]:
     return samples, exact
 
 
+def pod_modes(runs: int) -> tuple[dict, dict]:
+    samples = {}
+    for mode in boot.MODES:
+        result = sandboxer.pod_starts(mode, runs)
+        samples[f"pod.{mode}.start_s_single"] = result["single_s"]
+        samples[f"pod.{mode}.start_s_parallel_5"] = result["parallel_5_s"]
+    return samples, {}
+
+
+def host_memory(runs: int) -> tuple[dict, dict]:
+    """One run whatever `runs` (30 TCG guests at once are minutes of boot on 2 cores)."""
+    result = sandboxer.per_pod(list(PER_POD_COUNTS))
+    samples = {f"host.per_pod_kb.{n}": [result[str(n)]["per_pod_kb"]] for n in PER_POD_COUNTS}
+    samples["host.tcg_cache_kb"] = [result[str(max(PER_POD_COUNTS))]["tcg_cache_kb"]]
+    return samples, {"host.image": boot_image(load_config(None).vm),
+                     "host.totals_kb": {str(n): result[str(n)]["totals_kb"] for n in PER_POD_COUNTS}}
+
+
 BENCHES = {"image": image, "boot": boot_times, "agent": agent_memory, "guest": guest_memory,
-           "rpc": rpc, "sandboxer": daemon}
+           "rpc": rpc, "sandboxer": daemon, "pods": pod_modes, "host": host_memory}
 
 
 def machine(args, argv: list[str]) -> dict:
@@ -142,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _groups_keys(groups: list[str]) -> set[str]:
     """Top-level report keys the chosen benchmarks produce."""
-    return {key for g in groups for key in ({"sandboxer": ("sandboxer", "pod", "io")}.get(g, (g,)))}
+    renamed = {"sandboxer": ("sandboxer", "pod", "io"), "pods": ("pod",)}
+    return {key for g in groups for key in renamed.get(g, (g,))}
 
 
 if __name__ == "__main__":

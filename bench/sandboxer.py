@@ -20,6 +20,14 @@ Pss (/proc/PID/smaps_rollup) of the daemon process alone, and with its helper pr
 hybrid vsock backend and the task relay, which run apart from the daemon so VMs and containerd's
 task connections outlive a daemon restart); QEMU and virtiofsd are not counted; the daemon's
 Pss_Anon; the task relay's own Pss. Prints one JSON object.
+
+    python -m bench.sandboxer --pod-starts MODE [--runs 1]   # vm.image = MODE: initrd | pmem
+    python -m bench.sandboxer --per-pod 1,10,30
+
+--pod-starts: one pod, then five at once, with the daemon booting guests from MODE.
+--per-pod: host memory per pod with N pods running: the Pss of every pod's QEMU and virtiofsd,
+plus the daemon's and its helpers', over N; QEMU's TCG translation cache (its anonymous rwx
+mapping; a KVM host has none) counted apart.
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 
 BOOT_TIMEOUT_S = 300.0  # five TCG guests booting at once on a loaded 2-core host
 MiB = 1 << 20
+POD_EXES = ("qemu-system", "virtiofsd")  # the processes each pod has of its own
 
 
 def pss_kb(pid: int, field: str = "Pss") -> int:
@@ -49,9 +58,22 @@ def pss_kb(pid: int, field: str = "Pss") -> int:
     raise RuntimeError(f"no {field} in /proc/{pid}/smaps_rollup")
 
 
-def helpers_of(pid: int) -> list[int]:
-    """The daemon's child processes other than VMMs and virtiofsd (the hybrid vsock backend
-    process): host memory of the sandboxer that a per-pod figure must count."""
+def qemu_pss_kb(smaps: str) -> tuple[int, int]:
+    """(Pss of all mappings, Pss of TCG's translation cache: the anonymous rwx mapping) in kB."""
+    total = tcg = 0
+    in_tcg = False
+    for line in smaps.splitlines():
+        fields = line.split()
+        if fields and not fields[0].endswith(":"):  # range perms offset dev inode [name]
+            in_tcg = fields[1].startswith("rwx") and len(fields) == 5
+        elif fields and fields[0] == "Pss:":
+            total += int(fields[1])
+            tcg += int(fields[1]) if in_tcg else 0
+    return total, tcg
+
+
+def children(pid: int) -> list[tuple[str, int]]:
+    """(executable name, pid) of each child process of `pid`."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -61,20 +83,27 @@ def helpers_of(pid: int) -> list[int]:
             exe = os.path.basename(os.readlink(f"/proc/{entry}/exe"))
         except OSError:
             continue
-        if f"\nPPid:\t{pid}\n" in status and not exe.startswith(("qemu-system", "virtiofsd")):
-            found.append(int(entry))
+        if f"\nPPid:\t{pid}\n" in status:
+            found.append((exe, int(entry)))
     return found
+
+
+def helpers_of(pid: int) -> list[int]:
+    """The daemon's child processes other than VMMs and virtiofsd (the hybrid vsock backend
+    process): host memory of the sandboxer that a per-pod figure must count."""
+    return [child for exe, child in children(pid) if not exe.startswith(POD_EXES)]
 
 
 class Bench:
     """One daemon on a private socket and state dir, a CRI-like client, a busybox lower layer."""
 
-    def __init__(self):
+    def __init__(self, image: str | None = None):
+        """`image`: vm.image for every pod (None: the default)."""
         self.work = Path(tempfile.mkdtemp(prefix="bsb-"))  # short: unix socket paths
         self.daemon = demo.Daemon(self.work)
         text = self.daemon.config.read_text()
-        self.daemon.config.write_text(text.replace("boot_timeout_s = 60.0",
-                                                   f"boot_timeout_s = {BOOT_TIMEOUT_S}"))
+        vm = f"boot_timeout_s = {BOOT_TIMEOUT_S}" + (f'\nimage = "{image}"' if image else "")
+        self.daemon.config.write_text(text.replace("boot_timeout_s = 60.0", vm))
         self.daemon.start()
         self.cri = demo.Cri(self.daemon.socket)
         self.lower = demo.busybox_tree()
@@ -111,6 +140,23 @@ class Bench:
         relay = json.loads((self.daemon.state / "task-relay.json").read_text())["pid"]
         return {"daemon": own, "with_helpers": own + sum(pss_kb(p) for p in helpers_of(pid)),
                 "daemon_anon": pss_kb(pid, "Pss_Anon"), "task_relay": pss_kb(relay)}
+
+    def host_kb(self) -> dict:
+        """Pss (kB) of the pods' QEMUs (their TCG translation cache apart) and virtiofsds, and of
+        the daemon with its helpers."""
+        pid = self.daemon.proc.pid
+        totals = {"qemu": 0, "tcg_cache": 0, "virtiofsd": 0,
+                  "daemon_with_helpers": self.pss_kb()["with_helpers"]}
+        for exe, child_pid in children(pid):
+            if not exe.startswith(POD_EXES):
+                continue
+            if exe.startswith("virtiofsd"):
+                totals["virtiofsd"] += pss_kb(child_pid)
+            else:
+                whole, tcg = qemu_pss_kb(Path(f"/proc/{child_pid}/smaps").read_text())
+                totals["qemu"] += whole - tcg
+                totals["tcg_cache"] += tcg
+        return totals
 
     def restart(self) -> dict:
         """kill -9 the daemon with its pods running and start it again: seconds until the
@@ -188,6 +234,44 @@ def run_once(bench: Bench, run: int, stdout_mib: int) -> dict:
             "stdout": stdout, "restart": restart}
 
 
+def pod_starts(image: str, runs: int) -> dict:
+    """Seconds to start one pod, and five at once, booting from `image` (vm.image)."""
+    bench = Bench(image)
+    try:
+        single, parallel = [], []
+        for run in range(runs):
+            single.append(round(bench.start_pods([f"s{run}"]), 3))
+            bench.remove_pods([f"s{run}"])
+            five = [f"p{run}-{i}" for i in range(5)]
+            parallel.append(round(bench.start_pods(five), 3))
+            bench.remove_pods(five)
+        return {"image": image, "single_s": single, "parallel_5_s": parallel}
+    finally:
+        bench.close()
+
+
+def per_pod(counts: list[int], batch: int = 5) -> dict:
+    """Host kB per pod with each count of pods running (started `batch` at a time): QEMU (without
+    its TCG cache) + virtiofsd + the daemon and its helpers, over the pods; the TCG cache per pod."""
+    bench = Bench()
+    try:
+        result = {}
+        running = 0
+        for count in sorted(counts):
+            while running < count:
+                ids = [f"m{i}" for i in range(running, min(count, running + batch))]
+                bench.start_pods(ids)
+                running += len(ids)
+            time.sleep(2.0)  # the last guests settle (free page reporting, lazy work)
+            host = bench.host_kb()
+            result[str(count)] = {
+                "per_pod_kb": round((host["qemu"] + host["virtiofsd"] + host["daemon_with_helpers"]) / count),
+                "tcg_cache_kb": round(host["tcg_cache"] / count), "totals_kb": host}
+        return result
+    finally:
+        bench.close()
+
+
 def run(runs: int, stdout_mib: int) -> dict:
     bench = Bench()
     try:
@@ -200,8 +284,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--stdout-mib", type=int, default=100)
+    parser.add_argument("--pod-starts", choices=["initrd", "pmem"], default=None, metavar="MODE")
+    parser.add_argument("--per-pod", default=None, metavar="N,N,...")
     args = parser.parse_args()
-    print(json.dumps(run(args.runs, args.stdout_mib)))
+    if args.pod_starts:
+        print(json.dumps(pod_starts(args.pod_starts, args.runs)))
+    elif args.per_pod:
+        print(json.dumps(per_pod([int(n) for n in args.per_pod.split(",")])))
+    else:
+        print(json.dumps(run(args.runs, args.stdout_mib)))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from host_sandboxer.config import Config
+from host_sandboxer.config import Config, boot_image
 from host_sandboxer.vmm.vm import GuestVm, VmError
 
 CHECK_CALLS = 10  # the first call is reported alone (cold), the rest as a median
@@ -48,7 +48,8 @@ async def run_check(config: Config) -> dict:
         "boot": timeline.as_dict(),
         "shutdown_s": round(shutdown_s, 3),
         "kernel": str(config.vm.kernel),
-        "initrd": str(config.vm.initrd),
+        "image": boot_image(config.vm),
+        "image_path": str(config.vm.initrd if boot_image(config.vm) == "initrd" else config.vm.rootfs),
     }
 
 

@@ -7,7 +7,8 @@ defaults point at the image `make guest-image` writes (`build/guest/` in the rep
 To add a section, add a dataclass and a field of that type to `Config`.
 
 Kuasar's names are accepted too: a `[hypervisor]` table (`path`, `kernel_path`, `initrd_path`,
-`kernel_params`, `vcpus`, `memory_in_mb`, `share_fs`, `vsock`, `accel`, `machine`) is folded
+`image_path`, `image`, `kernel_params`, `vcpus`, `memory_in_mb`, `share_fs`, `vsock`, `accel`,
+`machine`) is folded
 into the sections above before checking, so a Kuasar-style file works as it is.
 """
 from __future__ import annotations
@@ -51,11 +52,26 @@ class VmConfig:
     # The most guest RAM a pod's memory limit gets (podconfig.py); 0: the host's RAM.
     max_memory_mib: int = 0
     kernel: Path = DEFAULT_IMAGE_DIR / "kernel"
+    # What the guest boots from: "initrd" (unpacked into the guest's RAM) or "pmem" (`rootfs`,
+    # a read-only erofs image on virtio-pmem mounted with DAX: one copy in the host's page cache
+    # for every VM; q35 only). "auto": pmem on q35, initrd on microvm (`boot_image()`; pmem
+    # chosen by measurement: docs/guest-image.md).
+    image: Literal["auto", "initrd", "pmem"] = "auto"
     initrd: Path = DEFAULT_IMAGE_DIR / "initrd.img"
+    rootfs: Path = DEFAULT_IMAGE_DIR / "rootfs.img"
+    # virtio-balloon free page reporting: pages the guest frees return to the host.
+    free_page_reporting: bool = True
     # Appended after the launcher's own parameters (console, task.*).
     kernel_params: str = ""
     # Seconds from QEMU start until the agent prints "vmm-task ready".
     boot_timeout_s: float = 30.0
+
+
+def boot_image(vm: VmConfig) -> str:
+    """"initrd" or "pmem": what a guest launched with `vm` boots from."""
+    if vm.image == "auto":
+        return "pmem" if vm.machine == "q35" else "initrd"
+    return vm.image
 
 
 @dataclass
@@ -116,6 +132,12 @@ class ContainmentConfig:
     vmm_user: bool = True
     vmm_uid_base: int = 2000000000
     vmm_uids: int = 65536
+    # The vsock backend (every pod's hybrid vsock, one process) runs as backend_uid (and gid),
+    # without capabilities: the daemon hands it every socket it serves. Outside the range above
+    # (it maps every guest's RAM, as no single QEMU may); no user of the host may have it.
+    # false: as root without capabilities.
+    backend_user: bool = True
+    backend_uid: int = 1999999999
 
 
 @dataclass
@@ -142,6 +164,9 @@ def load_config(path: Path | str | None) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     config = _build(Config, _fold_kuasar_names(data, str(path)), str(path), "", path.resolve().parent)
     _check_containment(config.containment, str(path))
+    if config.vm.image == "pmem" and config.vm.machine != "q35":
+        raise ConfigError(f"{path}: vm.image = \"pmem\" needs vm.machine = \"q35\" "
+                          f"(QEMU's virtio-pmem is a PCI device), not {config.vm.machine!r}")
     return config
 
 
@@ -149,10 +174,13 @@ def _check_containment(containment: ContainmentConfig, file: str) -> None:
     """What one key's type cannot say: a cgroup parent that stays in the hierarchy, a uid range
     that fits."""
     from host_sandboxer.containment.cgroups import CgroupError, expand_parent
-    from host_sandboxer.containment.uids import UidRange, UidRangeError
+    from host_sandboxer.containment.uids import UID_MAX, UidRange, UidRangeError
     try:
         expand_parent(containment.cgroup_parent)
-        UidRange(containment.vmm_uid_base, containment.vmm_uids)
+        uids = UidRange(containment.vmm_uid_base, containment.vmm_uids)
+        if containment.backend_uid in uids or containment.backend_uid > UID_MAX:
+            raise UidRangeError(f"backend_uid {containment.backend_uid} must lie within [1, {UID_MAX}] "
+                                "and outside the vmm uid range")
     except (CgroupError, UidRangeError) as e:
         raise ConfigError(f"{file}: [containment] {e}") from None
 
@@ -162,6 +190,8 @@ KUASAR_HYPERVISOR_KEYS = {
     "path": ("vm", "qemu"),
     "kernel_path": ("vm", "kernel"),
     "initrd_path": ("vm", "initrd"),
+    "image_path": ("vm", "rootfs"),
+    "image": ("vm", "image"),
     "kernel_params": ("vm", "kernel_params"),
     "vcpus": ("vm", "cpus"),
     "memory_in_mb": ("vm", "memory_mib"),

@@ -1,9 +1,11 @@
-"""`make guest-image`: kernel + agent + userland -> build/guest/{kernel,initrd.img,manifest.json}.
+"""`make guest-image`: kernel + agent + userland ->
+build/guest/{kernel,initrd.img,rootfs.img,manifest.json}.
 
 Stages: kernel (cached build from Debian's source), agent (cached Nuitka build), userland
 (crun/runc + libraries from pinned Debian 13 packages, cached by sha256, + /etc), initrd
-(deterministic cpio, compressed; the compressed image is cached by the cpio's hash), manifest. Each stage prints one line; with nothing changed the whole
-run takes seconds.
+(deterministic cpio, compressed; the compressed image is cached by the cpio's hash), rootfs (the
+same files as a read-only erofs image for a virtio-pmem root with DAX, cached by the same hash),
+manifest. Each stage prints one line; with nothing changed the whole run takes seconds.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 
 from initrd import agent as agent_build
-from initrd import compress, cpio, guest_runtime, image, manifest
+from initrd import compress, cpio, guest_runtime, image, manifest, rootfs_image
 from kernel import build as kernel_build
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,6 +45,15 @@ def compressed_image(raw: bytes, method: str, cache: Path) -> bytes:
     tmp.write_bytes(data)
     tmp.replace(cached)
     return data
+
+
+def rootfs(tree, raw: bytes, cache: Path) -> Path:
+    """The erofs image of `tree` (whose cpio is `raw`), reusing an earlier identical build."""
+    cached = cache / "rootfs" / f"{hashlib.sha256(raw).hexdigest()}.erofs"
+    if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        rootfs_image.build_image(tree, cached)
+    return cached
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -90,6 +101,13 @@ def build(out: Path, runtime: str, debug: bool, method: str, cache: Path) -> dic
     say(f"initrd   {method}: {mb(len(data))} ({mb(raw.tell())} uncompressed)"
         f"  [{stages['initrd']:.1f} s]")
 
+    t = time.monotonic()
+    shutil.copyfile(rootfs(tree, raw.getvalue(), cache), out / "rootfs.img.partial")
+    (out / "rootfs.img.partial").replace(out / "rootfs.img")
+    rootfs_size = (out / "rootfs.img").stat().st_size
+    stages["rootfs"] = time.monotonic() - t
+    say(f"rootfs   erofs for virtio-pmem + DAX: {mb(rootfs_size)}  [{stages['rootfs']:.1f} s]")
+
     result = {
         "kernel": {"file": "kernel", "release": kernel.release, "size": kernel_size,
                    "sha256": manifest.sha256_file(out / "kernel"),
@@ -97,6 +115,8 @@ def build(out: Path, runtime: str, debug: bool, method: str, cache: Path) -> dic
         "initrd": {"file": "initrd.img", "compression": method, "size": len(data),
                    "uncompressed_size": raw.tell(), "sha256": hashlib.sha256(data).hexdigest(),
                    "source_date_epoch": cpio.source_date_epoch()},
+        "rootfs": {"file": "rootfs.img", "filesystem": "erofs", "size": rootfs_size,
+                   "sha256": manifest.sha256_file(out / "rootfs.img")},
         "agent": {"build_mode": "nuitka-standalone", "path": f"/{image.AGENT_DIR}/{agent.binary}",
                   "cache_key": agent.key, "dist_size": agent.size, "modules": agent.modules},
         "runtime": runtime,

@@ -174,7 +174,9 @@ class Daemon:
         # A cgroup parent of its own: tests run daemons side by side, with the same pod IDs.
         self.cgroup_parent = f"vmm-demo-{workdir.name}"
         self.config.write_text(
-            f'[vm]\nkernel = "{kernel}"\ninitrd = "{initrd}"\nboot_timeout_s = 60.0\n'
+            # the image's root for vm.image = pmem (the default on q35) is the one beside its initrd
+            f'[vm]\nkernel = "{kernel}"\ninitrd = "{initrd}"\nrootfs = "{initrd.with_name("rootfs.img")}"\n'
+            f'boot_timeout_s = 60.0\n'
             f'[vsock]\ntransport = "auto"\n[containerd]\naddress = "{containerd_address}"\n'
             f'[containment]\ncgroup_parent = "{self.cgroup_parent}"\n')
         self.proc = None

@@ -36,17 +36,19 @@ class AgentContext:
     `run_dir`: where the agent keeps its own runtime files (pod namespaces, resolv.conf, ...).
     `runtime`: path of crun or runc. `manage_network`: the network namespace is the pod's to
     configure (always in the VM; dev mode only with --manage-network). `boot_problems`: what
-    failed while booting (PID 1). `started_boottime`: CLOCK_BOOTTIME when main() began. `services`: names registered on the
+    failed while booting (PID 1). `sharefs_type`: the shared directory's filesystem (PID 1: boot
+    mounts it at `state_dir`, SetupSandbox again if boot could not, as in a VM template's clone
+    that gets the device later). `started_boottime`: CLOCK_BOOTTIME when main() began. `services`: names registered on the
     server. `cleanups`: callables run when the server stops (dev mode: unmount what we mounted)."""
 
     __slots__ = ("reaper", "events", "sandbox", "debug", "dev_mode", "state_dir", "run_dir",
-                 "runtime", "manage_network", "boot_problems", "started_boottime", "services",
-                 "cleanups")
+                 "runtime", "manage_network", "boot_problems", "sharefs_type", "started_boottime",
+                 "services", "cleanups")
 
     def __init__(self, *, reaper: Reaper, events: EventQueue, dev_mode: bool, debug: bool = False,
                  state_dir: str = STATE_DIR, run_dir: str = "/run", runtime: str = "crun",
                  manage_network: bool = False, boot_problems: list[str] | None = None,
-                 started_boottime: float = 0.0):
+                 sharefs_type: str | None = None, started_boottime: float = 0.0):
         self.reaper = reaper
         self.events = events
         self.sandbox = SandboxState()
@@ -57,6 +59,7 @@ class AgentContext:
         self.runtime = runtime
         self.manage_network = manage_network
         self.boot_problems = [] if boot_problems is None else boot_problems
+        self.sharefs_type = sharefs_type
         self.started_boottime = started_boottime
         self.services: list[str] = []
         self.cleanups: list = []

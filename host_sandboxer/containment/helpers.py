@@ -1,8 +1,8 @@
-"""The confinement of the daemon's own helpers, the vsock backend and the FIFO keepers: no
-capabilities and no_new_privs (they need none: the backend listens and connects in directories
-root owns, the keepers hold an fd), in the daemon's helpers cgroup once the daemon made it
-(`use_cgroup`, at start; one daemon per process). They stay uid 0, the owner of the state
-directory's files (docs/security.md)."""
+"""The confinement of the daemon's own helpers, the vsock backend, the task relay and the FIFO
+keepers: no capabilities and no_new_privs (they need none), in the daemon's helpers cgroup once
+the daemon made it (`use_cgroup`, at start; one daemon per process). The vsock backend also gets
+a uid of its own (`user`; the daemon hands it its sockets); the others stay uid 0, the owner of
+the state directory's files they open by path (docs/security.md)."""
 from __future__ import annotations
 
 from host_sandboxer.containment.cgroups import Cgroup
@@ -16,5 +16,7 @@ def use_cgroup(cgroup: Cgroup | None) -> None:
     _cgroup = cgroup
 
 
-def confinement() -> Confinement:
-    return Confinement(_cgroup.procs_files if _cgroup else (), capabilities=NO_CAPABILITIES, no_new_privs=True)
+def confinement(user: int | None = None) -> Confinement:
+    """`user`: run as that uid and gid (None: stay root)."""
+    return Confinement(_cgroup.procs_files if _cgroup else (), user=user, capabilities=NO_CAPABILITIES,
+                       no_new_privs=True)

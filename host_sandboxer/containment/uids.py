@@ -22,6 +22,9 @@ class UidRange:
         self.base = base
         self.count = count
 
+    def __contains__(self, uid: int) -> bool:
+        return self.base <= uid < self.base + self.count
+
     def pick(self, taken: set[int]) -> int:
         """The lowest uid of the range not in `taken` (the uids of the daemon's pods)."""
         for uid in range(self.base, self.base + self.count):

@@ -40,8 +40,9 @@ class Sandboxes:
         self.config = config
         self.publisher = publisher
         self.pods: dict[str, Pod] = {}
-        self.vsock_backend = VsockBackend(state_dir.root)  # every pod's hybrid vsock, in one process
         containment = config.containment
+        self.vsock_backend = VsockBackend(  # every pod's hybrid vsock, in one process
+            state_dir.root, user=containment.backend_uid if containment.backend_user else None)
         self.uids = UidRange(containment.vmm_uid_base, containment.vmm_uids) if containment.vmm_user else None
         self.cgroup_layout = Layout.probe() if containment.cgroups else None
         if self.cgroup_layout is not None:

@@ -22,6 +22,7 @@ from host_sandboxer.sandbox.statedir import StateDir
 from host_sandboxer.taskproxy.bundle import GuestBundle
 from host_sandboxer.taskproxy.errors import HostError
 from host_sandboxer.taskproxy.stdio import PortAllocator, ProcessStdio
+from host_sandboxer.taskproxy.streaming import StreamHub
 from vmm_common.protos.containerd.events import task_pb2
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class Pod:
         self.vm_record: dict | None = None  # GuestVm.record(): its processes, for a restarted daemon
         self.agent = None        # AgentLink
         self.task_service = None  # its Task API (taskproxy.service.task_service), made on first use
+        self.streams = StreamHub()  # containerd's Stream calls for its stdio (io_type = "streaming")
         self.port_forward = None  # host_sandboxer.portforward.PortForwarder (pods with a netns)
         self.boot_info: dict[str, object] = {}  # Status verbose info (sandbox/status_info.py)
         self.ports = PortAllocator()
@@ -191,7 +193,7 @@ class Pod:
         """A restarted daemon: relay again every process's stdio, from where each stream got."""
         for container in self.containers.values():
             for stdio in container.processes.values():
-                stdio.start(self.transport)
+                stdio.start(self.transport, self.streams)
 
     async def release_stdio(self) -> None:
         """The VM is gone while no daemon relayed its stdio: end every stream for containerd."""

@@ -22,6 +22,7 @@ from google.protobuf import empty_pb2, message_factory
 from host_sandboxer.taskproxy.bundle import GuestBundle
 from host_sandboxer.taskproxy.errors import HostError
 from host_sandboxer.taskproxy.spec_rewrite import guest_bundle
+from host_sandboxer.taskproxy import streaming
 from host_sandboxer.taskproxy.stdio import ProcessStdio
 from host_sandboxer.sandbox.ids import InvalidID, check_id
 from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, timestamp
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 GUEST_TASK_SERVICE = "containerd.task.v2.Task"
 TASK_SERVICE = "containerd.task.v3.Task"
-HELD_CALLS = frozenset({"Wait"})  # held open for a process's life: a leaving daemon does not await them
+HELD_CALLS = frozenset({"Wait", "Stream"})  # held open for a process's life: a leaving daemon does not await them
 STDIO_DRAIN_S = 5.0
 LINK_LOST_GRACE_S = 3.0  # how long a lost guest link may precede the VMM's noticed death
 _V2_METHODS = v2.DESCRIPTOR.services_by_name["Task"].methods_by_name
@@ -50,7 +51,8 @@ def _v2_types(method: str):
 
 def task_service(pod) -> ttrpc.Server:
     """containerd.task.v3.Task of `pod`: TaskProxy's handlers, each waiting for the pod's
-    takeover by a restarted daemon first. Methods TaskProxy lacks answer UNIMPLEMENTED."""
+    takeover by a restarted daemon first. Methods TaskProxy lacks answer UNIMPLEMENTED. Next to
+    it containerd's Streaming service, for runtimes with `io_type = "streaming"`."""
     proxy = TaskProxy(pod)
 
     def after_recovery(handler):
@@ -64,6 +66,7 @@ def task_service(pod) -> ttrpc.Server:
         name: ttrpc.unary(message_factory.GetMessageClass(method.input_type),
                           after_recovery(getattr(proxy, name)))
         for name, method in _V3_METHODS.items() if hasattr(proxy, name)})
+    streaming.register(server, pod.streams)
     return server
 
 
@@ -140,7 +143,7 @@ class TaskProxy:
         except BaseException:
             await self.pod.remove_container(cid)
             raise
-        stdio.start(self.pod.transport)  # the agent listens on the stdio ports from now on
+        stdio.start(self.pod.transport, self.pod.streams)  # the agent listens on the stdio ports from now on
         return reply
 
     async def Exec(self, request, context):
@@ -164,7 +167,7 @@ class TaskProxy:
         except BaseException:
             await self.pod.remove_process(container, request.exec_id)
             raise
-        stdio.start(self.pod.transport)
+        stdio.start(self.pod.transport, self.pod.streams)
         return reply
 
     async def Kill(self, request, context):

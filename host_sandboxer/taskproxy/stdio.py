@@ -5,10 +5,14 @@ the acknowledged protocol of vmm_common.stdio_ack); the agent listens on that po
 of the process and the host connects through the pod's transport (`open_connection(port)`).
 Output: guest → FIFO with plain writes, the delivered offset recorded after each one
 (delivered.py) and acknowledged to the guest, which resends the rest to a restarted daemon.
-Stdin: FIFO → guest in frames, a frame of length 0 for containerd's EOF. While a stream runs a
-keeper process holds its FIFO open (fifo_keeper.py), so containerd sees no EOF while the daemon
-is down. What a process's relays are (FIFOs, ports) is in the pod's record: `record()` /
-`from_record()`.
+Stdin: FIFO → guest in frames, a frame of length 0 for the FIFO's EOF, which comes once
+containerd closed its writer and CloseIO came: until then the relay holds a writer of its own, as
+containerd's runc shim does, so a containerd restart (which closes containerd's writer and opens
+a new one) does not end the process's stdin. While a stream runs a keeper process holds its FIFO
+open (fifo_keeper.py), so containerd sees no EOF while the daemon is down. With `io_type =
+"streaming"` a stdio string names a Stream call of containerd's on the task address instead of a
+FIFO (streaming.py), relayed the same way. What a process's relays are (stdio strings, ports) is
+in the pod's record: `record()` / `from_record()`.
 """
 
 import asyncio
@@ -20,6 +24,7 @@ from pathlib import Path
 from host_sandboxer.taskproxy import fifo_keeper
 from host_sandboxer.taskproxy.delivered import DeliveredMark
 from host_sandboxer.taskproxy.fifos import check_fifo, open_fifo
+from host_sandboxer.taskproxy.streaming import StreamHub, StreamSink, StreamSource, stream_id
 from host_sandboxer.vmm import process
 from vmm_common.fdio import read_chunk, write_some
 from vmm_common.stdio_ack import ACK_EVERY, ACK_SUFFIX, OFFSET, frame
@@ -104,6 +109,9 @@ class FifoSink:
             mark.advance(written)
             view = view[written:]
 
+    async def end(self) -> None:
+        """The stream's EOF is the keeper's release (ProcessStdio._release)."""
+
     def close(self) -> None:
         for fd in (self.fd, self.held):
             if fd >= 0:
@@ -111,7 +119,23 @@ class FifoSink:
         self.fd = self.held = -1
 
 
-async def _deliver_output(reader, writer, sink: FifoSink, mark: DeliveredMark) -> None:
+class FifoSource:
+    """containerd's stdin FIFO: bytes until containerd closed its writer."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    async def read(self) -> bytes:
+        return await read_chunk(self.fd, CHUNK)
+
+    async def delivered(self, count: int) -> None:
+        """The FIFO's own buffer is containerd's flow control."""
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+async def _deliver_output(reader, writer, sink, mark: DeliveredMark) -> None:
     """One connection: the guest resends from `mark.offset`; each write is recorded, then acked."""
     writer.write(OFFSET.pack(mark.offset))
     acked = mark.offset
@@ -126,13 +150,15 @@ async def _deliver_output(reader, writer, sink: FifoSink, mark: DeliveredMark) -
     if mark.offset != acked:
         writer.write(OFFSET.pack(mark.offset))
         await writer.drain()
+    await sink.end()
 
 
-async def _send_stdin(source: int, reader, writer) -> None:
-    """One connection: FIFO bytes in frames until containerd's EOF, then the end frame."""
-    while data := await read_chunk(source, CHUNK):
+async def _send_stdin(source, reader, writer) -> None:
+    """One connection: containerd's bytes in frames until its EOF, then the end frame."""
+    while data := await source.read():
         writer.write(frame(data))
         await writer.drain()
+        await source.delivered(len(data))
     writer.write(frame(b""))
     await writer.drain()
     await _until_closed(reader)  # the guest closes once it closed the process's stdin
@@ -147,7 +173,11 @@ class ProcessStdio:
         self.ports = ports
         self._marks = {name: DeliveredMark(marks_dir / str(port)) for name, port in ports.items()}
         self._keepers: dict = {}  # by stream: the process holding its FIFO open
+        self._stdin_writer: int | None = None  # our own writer of the stdin FIFO, until CloseIO
+        self._stdin_closed = False  # CloseIO came: no writer of our own any more
         self._tasks: dict[str, asyncio.Task] = {}
+        self._streams: StreamHub | None = None  # the pod's Stream calls, given by start()
+        self._replayed: list[asyncio.Task] = []  # ending calls replayed for finished streams
 
     @classmethod
     def create(cls, stdin: str, stdout: str, stderr: str, ports: PortAllocator, marks_dir: Path,
@@ -155,7 +185,7 @@ class ProcessStdio:
         # With a terminal, stdout carries everything: the agent ignores a stderr stream.
         fifos = {"stdin": stdin, "stdout": stdout, "stderr": "" if terminal else stderr}
         for name, path in fifos.items():
-            if path:
+            if path and stream_id(name, path) is None:
                 check_fifo(name, path)
         return cls(fifos, {name: ports.take() for name, path in fifos.items() if path}, marks_dir)
 
@@ -173,12 +203,22 @@ class ProcessStdio:
         return {name: guest_uri(self.ports[name]) if name in self.ports else ""
                 for name in self.fifos}
 
-    def start(self, transport) -> None:
+    def start(self, transport, streams: StreamHub | None = None) -> None:
         """Begin (or, in a restarted daemon, resume) relaying; connections are retried until the
-        guest listens (after Create/Exec), and made again when one is lost."""
+        guest listens (after Create/Exec), and made again when one is lost. `streams`: the
+        pod's Stream calls, for stdio strings that name one."""
+        self._streams = streams
         for name, port in self.ports.items():
             self._tasks[name] = asyncio.create_task(self._stream(name, transport, port),
                                                     name=f"stdio-{name}-{port}")
+            ident = stream_id(name, self.fifos[name])
+            if self._marks[name].finished and ident is not None:
+                self._replayed.append(asyncio.create_task(self._end_replayed(ident)))
+
+    async def _end_replayed(self, ident: str) -> None:
+        """A stream finished by a daemon killed before its end frame left it: the task relay
+        replays containerd's call, which is ended here (containerd waits for that EOF)."""
+        (await self._streams.take(ident)).finish()
 
     async def _stream(self, name: str, transport, port: int) -> None:
         """One stream's relay. Once it finished or failed its keeper goes, so containerd sees EOF
@@ -195,9 +235,14 @@ class ProcessStdio:
 
     async def _output_relay(self, name: str, transport, port: int) -> None:
         mark = self._marks[name]
-        sink = await FifoSink.open(name, self.fifos[name])
+        ident = stream_id(name, self.fifos[name])
+        if ident is None:
+            sink = await FifoSink.open(name, self.fifos[name])
+        else:
+            sink = StreamSink(self._streams, ident)
         try:
-            await self._keep(name, sink.fd)
+            if ident is None:
+                await self._keep(name, sink.fd)
             await self._reconnecting(name, transport, port,
                                      lambda reader, writer: _deliver_output(reader, writer, sink, mark))
         finally:
@@ -206,13 +251,26 @@ class ProcessStdio:
     async def _stdin_relay(self, name: str, transport, port: int) -> None:
         # At once, writer or not: a read waits for readability first (vmm_common.fdio), which
         # a FIFO never had a writer does not report, so EOF means containerd closed stdin.
-        source = open_fifo(name, self.fifos[name], os.O_RDONLY)
+        ident = stream_id(name, self.fifos[name])
+        if ident is None:
+            source = FifoSource(open_fifo(name, self.fifos[name], os.O_RDONLY))
+            if not self._stdin_closed:
+                self._stdin_writer = open_fifo(name, self.fifos[name], os.O_WRONLY)
+        else:
+            source = StreamSource(self._streams, ident)
         try:
-            await self._keep(name, source)
+            if ident is None:
+                await self._keep(name, source.fd)
             await self._reconnecting(name, transport, port,
                                      lambda reader, writer: _send_stdin(source, reader, writer))
         finally:
-            os.close(source)
+            self._close_stdin_writer()
+            source.close()
+
+    def _close_stdin_writer(self) -> None:
+        if self._stdin_writer is not None:
+            os.close(self._stdin_writer)
+            self._stdin_writer = None
 
     async def _keep(self, name: str, fd: int) -> None:
         """Make sure a keeper holds the stream's FIFO: the one a previous daemon left, or a new one."""
@@ -253,7 +311,10 @@ class ProcessStdio:
             await asyncio.sleep(RECONNECT_DELAY_S)
 
     async def stdin_done(self, timeout: float) -> None:
-        """Wait until stdin's FIFO reached EOF and was forwarded (before CloseIO goes on)."""
+        """CloseIO: containerd closed its writer; close ours, and wait until the FIFO reached EOF
+        and it was forwarded (before CloseIO goes on)."""
+        self._stdin_closed = True
+        self._close_stdin_writer()
         await self._wait(["stdin"], timeout)
 
     async def outputs_done(self, timeout: float) -> None:
@@ -267,6 +328,8 @@ class ProcessStdio:
 
     async def close(self) -> None:
         """Stop every relay and keeper; the process is deleted, so its marks go too."""
+        for task in self._replayed:
+            task.cancel()
         for task in self._tasks.values():
             task.cancel()
         for name, task in self._tasks.items():

@@ -25,8 +25,8 @@ class Session(Peer):
     def lost(self, reason: str) -> None:
         self.relay.end_session(self, reason)
 
-    def send(self, kind: int, conn: int, payload: bytes = b"") -> None:
-        self.outbox.write(wire.message(kind, conn, payload), payload)
+    def send(self, kind: int, conn: int, payload: bytes = b"", flags: int = 0) -> None:
+        self.outbox.write(wire.message(kind, conn, payload, flags), payload)
 
     def _on_readable(self) -> None:
         try:

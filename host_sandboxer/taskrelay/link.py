@@ -29,6 +29,9 @@ from vmm_common.ttrpc.connection import ServerConnection
 log = logging.getLogger(__name__)
 
 SYNC_TIMEOUT_S = 10.0
+# Request metadata a replayed call carries when an earlier daemon had begun answering it
+# (wire.RESUMED): its handler goes on with it (taskproxy/streaming.py does not ack a stream twice).
+RESUMED_METADATA = "vmm-sandboxer-resumed"
 RECV_CHUNK = 256 * 1024
 LISTEN_BACKLOG = 128  # containerd's dials wait here while no relay accepts (one is being started)
 
@@ -156,7 +159,9 @@ class _Link:
         self.sock = sock
         self.services = services
         loop = asyncio.get_running_loop()
-        self.outbox = Outbox(loop, sock, lambda why: log.error("task relay link: write failed: %s", why))
+        self.outbox = Outbox(loop, sock, lambda why: log.error("task relay link: write failed: %s", why),
+                             on_written=self._written)
+        self._flush_waiters: list[tuple[int, asyncio.Future]] = []  # (outbox.written target, waiter)
         self.channels: dict[int, _RelayedChannel] = {}
         self.unanswered: dict[tuple[int, int], str] = {}  # (connection, stream) -> method
         self.listening: set[str] = set()  # pods whose listener the relay holds
@@ -168,6 +173,28 @@ class _Link:
     def send(self, kind: int, conn: int, payload: bytes = b"", passing: socket.socket | None = None) -> None:
         self.outbox.write(wire.message(kind, conn, payload), payload, passing=passing)
 
+    async def flushed(self) -> None:
+        """Return once everything queued so far is in the relay's socket: out of this process's
+        hands, so a daemon killed now does not lose it (the relay lives on).
+        ConnectionResetError if the link ends first."""
+        target = self.outbox.queued
+        if self.outbox.written >= target:
+            return
+        if self.ended.done():
+            raise ConnectionResetError("the link to the task relay is closed")
+        waiter = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append((target, waiter))
+        await waiter
+
+    def _written(self) -> None:
+        waiting = []
+        for target, waiter in self._flush_waiters:
+            if target > self.outbox.written:
+                waiting.append((target, waiter))
+            elif not waiter.done():
+                waiter.set_result(None)
+        self._flush_waiters = waiting
+
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
         buffer = bytearray()
@@ -175,8 +202,8 @@ class _Link:
         try:
             while data := await loop.sock_recv(self.sock, RECV_CHUNK):
                 buffer += data
-                for conn, kind, _, message in wire.take(buffer, wire.MAX_CONTROL_PAYLOAD):
-                    self._on_message(conn, kind, message[wire.HEADER_SIZE:])
+                for conn, kind, flags, message in wire.take(buffer, wire.MAX_CONTROL_PAYLOAD):
+                    self._on_message(conn, kind, flags, message[wire.HEADER_SIZE:])
         except (OSError, wire.WireError, UnicodeDecodeError) as e:
             reason = f"link broken: {e}"
             log.error("task relay: %s", reason)
@@ -187,11 +214,11 @@ class _Link:
                 self.synced.set_exception(RelayError(f"task relay: {reason}"))
             self.ended.set_result(reason)
 
-    def _on_message(self, conn: int, kind: int, payload: bytes) -> None:
+    def _on_message(self, conn: int, kind: int, flags: int, payload: bytes) -> None:
         if kind == wire.RECEIVED:
             channel = self.channels.get(conn)
             if channel is not None:
-                channel.received(payload)
+                channel.received(payload, resumed=bool(flags & wire.RESUMED))
         elif kind == wire.OPEN:
             self._open(conn, payload.decode())
         elif kind == wire.CLOSED:
@@ -239,6 +266,10 @@ class _Link:
     def _end(self) -> None:
         self.outbox.close()
         self.sock.close()  # the relay keeps containerd's calls for the next link
+        for _, waiter in self._flush_waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("the link to the task relay closed"))
+        self._flush_waiters.clear()
         for channel in list(self.channels.values()):
             channel.end()
 
@@ -253,7 +284,7 @@ class _RelayedChannel:
         self._frames: asyncio.Queue = asyncio.Queue()  # bounded by the relay's per-connection limits
         self._ended = False
 
-    def received(self, data: bytes) -> None:
+    def received(self, data: bytes, resumed: bool = False) -> None:
         try:
             length, stream_id, msg_type, flags = fr.decode_header(data[:fr.HEADER_SIZE])
         except ProtocolError as e:
@@ -261,9 +292,14 @@ class _RelayedChannel:
             self._link.send(wire.CLOSE, self._conn)
             self.end()
             return
+        body = data[fr.HEADER_SIZE:]
         if msg_type == fr.REQUEST:
-            self._link.unanswered[self._conn, stream_id] = _method_of(data[fr.HEADER_SIZE:])
-        self._frames.put_nowait(fr.Frame(stream_id, msg_type, flags, data[fr.HEADER_SIZE:]))
+            request = _request_of(body)
+            self._link.unanswered[self._conn, stream_id] = request.method if request else ""
+            if resumed and request is not None:
+                request.metadata.add(key=RESUMED_METADATA, value="1")
+                body = request.SerializeToString()
+        self._frames.put_nowait(fr.Frame(stream_id, msg_type, flags, body))
 
     def end(self) -> None:
         """No more frames: containerd closed the connection, or the link to the relay ended."""
@@ -282,6 +318,7 @@ class _RelayedChannel:
         self._link.send(wire.SEND, self._conn, fr.encode(stream_id, msg_type, flags, data))
         if wire.ends_stream(msg_type, flags):
             self._link.unanswered.pop((self._conn, stream_id), None)
+        await self._link.flushed()  # what a caller counts as sent (a stream's mark) is with the relay
 
     async def close(self) -> None:
         if not self._ended and not self._link.ended.done():
@@ -289,9 +326,9 @@ class _RelayedChannel:
         self.end()
 
 
-def _method_of(envelope: bytes) -> str:
-    """A request's method, for the drain ("" if undecodable: ServerConnection refuses it)."""
+def _request_of(envelope: bytes) -> Request | None:
+    """A request's envelope (None if undecodable: ServerConnection refuses it)."""
     try:
-        return Request.FromString(envelope).method
+        return Request.FromString(envelope)
     except DecodeError:
-        return ""
+        return None

@@ -5,7 +5,8 @@ does not take now is queued, the loop's writability callback sends the rest, and
 the owner bound the queue (a peer that stops reading is dropped, not buffered for without end).
 Chunks are kept as given (a kept request frame is queued, not copied). Works on the relay's
 Reactor and on asyncio's loop alike (add_writer/remove_writer); the daemon's side also passes
-listening sockets with a chunk (SCM_RIGHTS).
+listening sockets with a chunk (SCM_RIGHTS). `written` counts the bytes the socket took, so an
+owner can tell when something it queued is out of its hands.
 """
 import array
 import collections
@@ -13,13 +14,17 @@ import socket
 
 
 class Outbox:
-    def __init__(self, loop, sock: socket.socket, on_error):
-        """`on_error(reason)` runs (once) when the socket fails; the owner closes it."""
+    def __init__(self, loop, sock: socket.socket, on_error, on_written=None):
+        """`on_error(reason)` runs (once) when the socket fails; the owner closes it.
+        `on_written()`, if given, runs after queued bytes were written from the loop."""
         self._loop = loop
         self._sock = sock
         self._on_error = on_error
+        self._on_written = on_written
         self._chunks: collections.deque[list] = collections.deque()  # [memoryview, socket to pass]
         self.size = 0
+        self.queued = 0   # bytes ever queued
+        self.written = 0  # bytes ever taken by the socket
         self._watching = False
         self._failed = False
 
@@ -31,12 +36,18 @@ class Outbox:
             if chunk:
                 self._chunks.append([memoryview(chunk), passing])
                 self.size += len(chunk)
+                self.queued += len(chunk)
                 passing = None
         if idle and self._chunks and not self._failed:
             self._flush()  # nothing was waiting: try at once (a queue waits for the loop)
             if self._chunks and not self._failed:
                 self._watching = True
-                self._loop.add_writer(self._sock.fileno(), self._flush)
+                self._loop.add_writer(self._sock.fileno(), self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush()
+        if self._on_written is not None:
+            self._on_written()
 
     def _flush(self) -> None:
         while self._chunks:
@@ -57,6 +68,7 @@ class Outbox:
                 self._on_error(str(e))
                 return
             self.size -= sent
+            self.written += sent
             if sent == len(chunk):
                 self._chunks.popleft()
             else:

@@ -11,7 +11,7 @@ class Peer:
         self.sock = sock
         self.inbound = bytearray()  # a frame not received whole yet
         self.closed = False
-        self.outbox = Outbox(relay.loop, sock, lambda why: self.lost(f"write failed: {why}"))
+        self.outbox = Outbox(relay.loop, sock, self._write_failed)
         sock.setblocking(False)
         relay.loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -21,6 +21,9 @@ class Peer:
     def lost(self, reason: str) -> None:
         """The socket failed: the relay lets go of this peer."""
         raise NotImplementedError
+
+    def _write_failed(self, why: str) -> None:
+        self.lost(f"write failed: {why}")
 
     def state(self) -> dict:
         """What a re-exec keeps of it (reexec.py); bytes as hex."""

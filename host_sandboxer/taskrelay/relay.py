@@ -36,8 +36,8 @@ class Relay:
             session.send(wire.LISTENING, 0, pod.encode())
         for conn in self.conns.values():
             session.send(wire.OPEN, conn.id, conn.pod.encode())
-            for frame in conn.kept_frames():
-                session.send(wire.RECEIVED, conn.id, frame)
+            for flags, frame in conn.replay():
+                session.send(wire.RECEIVED, conn.id, frame, flags)
         session.send(wire.SYNCED, 0)
         log.info("daemon connected: %d listener(s), %d connection(s), %d call(s) replayed",
                  len(self.listeners), len(self.conns), sum(len(c.kept) for c in self.conns.values()))

@@ -4,7 +4,8 @@ containerd's connections carry ttrpc frames (containerd/ttrpc PROTOCOL.md, as
 vmm_common/ttrpc/frame.py reads them in the daemon; not imported here: that package loads
 asyncio and protobuf, which the relay process does without). The relay's control connection to
 the daemon uses the same 10-byte header shape: payload length (u32), connection id (u32),
-message kind (u8), flags (u8, 0); the payload of SEND/RECEIVED is one whole ttrpc frame.
+message kind (u8), flags (u8: RESUMED, else 0); the payload of SEND/RECEIVED is one whole
+ttrpc frame.
 """
 import struct
 
@@ -26,6 +27,9 @@ OPEN = 6        # connection `conn` was accepted on pod (payload)'s listener
 RECEIVED = 7    # from connection `conn`: one ttrpc frame (a request or data)
 CLOSED = 8      # connection `conn` is gone (containerd closed it, or it broke the protocol)
 SYNCED = 9      # the state and every unanswered request have been sent: live from here on
+# Flag of a replayed RECEIVED request: a stream an earlier daemon had begun to answer (it sent
+# frames on it, e.g. a Streaming call's ack): the new daemon goes on with it, it does not begin it.
+RESUMED = 0x01
 CONTROL_KINDS = range(LISTEN, SYNCED + 1)
 MAX_CONTROL_PAYLOAD = HEADER_SIZE + TTRPC_MAX_DATA
 
@@ -34,9 +38,9 @@ class WireError(Exception):
     """A peer broke the framing: its connection is closed."""
 
 
-def message(kind: int, conn: int, payload: bytes = b"") -> bytes:
+def message(kind: int, conn: int, payload: bytes = b"", flags: int = 0) -> bytes:
     """A control message's header (send the payload after it)."""
-    return HEADER.pack(len(payload), conn, kind, 0)
+    return HEADER.pack(len(payload), conn, kind, flags)
 
 
 def take(buffer: bytearray, max_payload: int):

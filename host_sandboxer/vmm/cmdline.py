@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal, Union
 
 SHARE_TAG = "kuasar"
+MIB = 1 << 20
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -45,9 +46,24 @@ class TapNic:
 
 
 @dataclass(frozen=True)
+class PmemRoot:
+    """The guest's root file system: a read-only erofs image (initrd/rootfs_image.py) on
+    virtio-pmem, mounted with DAX, in place of an initrd. QEMU maps the file read-only and shared,
+    so its pages are the host's page cache, one copy for every VM. virtio-pmem is a PCI memory
+    device: q35 only, with a memory slot and `maxmem` room for it."""
+
+    image: Path
+    size: int  # bytes, a multiple of 2 MiB
+
+
+PMEM_ROOT_PARAMS = ("root=/dev/pmem0", "rootfstype=erofs", "rootflags=dax=always", "ro", "rootwait",
+                    "init=/init")
+
+
+@dataclass(frozen=True)
 class VmSpec:
     kernel: Path
-    initrd: Path
+    initrd: Path | None  # None with `root`
     console_socket: Path  # QEMU listens on these two, so a restarted daemon connects again
     qmp_socket: Path
     console_fd: int | None = None  # the two listening sockets, made for QEMU (vmm/qemu_fds.py)
@@ -68,6 +84,14 @@ class VmSpec:
     # QEMU's seccomp filter: no obsolete system calls, no set*uid, no fork/exec, no changes to
     # scheduling, affinity or limits (docs/security.md).
     seccomp: bool = False
+    root: PmemRoot | None = None
+    # virtio-balloon with free page reporting: pages the guest frees go back to the host.
+    free_page_reporting: bool = False
+    # Guest RAM in this file (memory-backend-file, shared) instead of an anonymous memfd: a
+    # template's RAM outlives its QEMU and each clone maps a copy of its own (docs/templates.md).
+    ram_file: Path | None = None
+    # Wait for the machine state from QMP `migrate-incoming` (a template's clone) instead of booting.
+    incoming: bool = False
     # Appended as they are: devices another host's layout has (the VM tests build Kuasar's
     # virtio-serial bus and pci-bridge for what they hot-plug, tests/vm/test_kuasar_vm.py).
     extra_args: tuple[str, ...] = ()
@@ -75,6 +99,10 @@ class VmSpec:
 
 def build_argv(spec: VmSpec) -> list[str]:
     """The full argv (argv[0] = the QEMU binary) for `spec`."""
+    if (spec.root is None) == (spec.initrd is None):
+        raise ValueError("a VM boots from an initrd or from a pmem root image, exactly one")
+    if spec.root is not None and spec.machine != "q35":
+        raise ValueError(f"a pmem root image needs machine q35 (virtio-pmem is PCI), not {spec.machine}")
     argv = [
         spec.qemu,
         "-name", spec.name,
@@ -82,14 +110,14 @@ def build_argv(spec: VmSpec) -> list[str]:
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         *(("-sandbox", SECCOMP) if spec.seccomp else ()),
         "-smp", f"{spec.cpus},maxcpus={spec.max_cpus}" if spec.max_cpus > spec.cpus else str(spec.cpus),
-        "-m", f"{spec.memory_mib}M",
-        "-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on",
+        "-m", _memory(spec),
+        "-object", _ram_backend(spec),
     ]
     if spec.accel == "kvm":
         argv += ["-cpu", "host"]
     argv += [
         "-kernel", str(spec.kernel),
-        "-initrd", str(spec.initrd),
+        *(("-initrd", str(spec.initrd)) if spec.initrd is not None else ()),
         "-append", " ".join(kernel_params(spec)),
         # QEMU serves console and QMP (one client each, replaced when it goes): the daemon
         # connects, and a restarted daemon connects again. -S: the guest runs once the daemon
@@ -103,8 +131,11 @@ def build_argv(spec: VmSpec) -> list[str]:
         "-object", "rng-random,id=rng,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng",
     ]
+    argv += _root_args(spec.root) + _balloon_args(spec.free_page_reporting)
     argv += list(spec.vsock_args) + _share_args(spec.share) + _nic_args(spec.nics, spec.machine)
     argv += list(spec.extra_args)
+    if spec.incoming:
+        argv += ["-incoming", "defer"]
     return argv if spec.machine == "q35" else _virtio_mmio(argv)
 
 
@@ -115,6 +146,8 @@ def kernel_params(spec: VmSpec) -> list[str]:
         # microvm has no HPET or ACPI PM timer to calibrate the TSC against; under TCG on a busy
         # host the PIT calibration fails and boot stalls (docs/qemu.md).  KVM has kvmclock.
         params.append(f"tsc_early_khz={spec.tsc_khz}")
+    if spec.root is not None:
+        params += PMEM_ROOT_PARAMS
     if spec.share is not None:
         params.append("task.sharefs_type=" + ("virtiofs" if isinstance(spec.share, VirtiofsShare) else "9p"))
     return params + list(spec.kernel_params)
@@ -125,6 +158,32 @@ def _machine(spec: VmSpec) -> str:
     # microvm keeps its default PIC/PIT/RTC: measured, pit=off stalls boot under TCG and
     # rtc=off costs ~1 s (docs/qemu.md).
     return f"{spec.machine},accel={spec.accel},memory-backend=mem"
+
+
+def _memory(spec: VmSpec) -> str:
+    """-m: the RAM, and with a pmem root one slot and its size on top (QEMU places memory
+    devices in the room between RAM and maxmem)."""
+    if spec.root is None:
+        return f"{spec.memory_mib}M"
+    return f"{spec.memory_mib}M,slots=1,maxmem={spec.memory_mib + -(-spec.root.size // MIB)}M"
+
+
+def _root_args(root: PmemRoot | None) -> list[str]:
+    if root is None:
+        return []
+    return ["-object", f"memory-backend-file,id=rootfs,mem-path={_opt(root.image)},size={root.size},"
+                       "share=on,readonly=on",
+            "-device", "virtio-pmem-pci,memdev=rootfs,id=rootfs"]
+
+
+def _balloon_args(free_page_reporting: bool) -> list[str]:
+    return ["-device", "virtio-balloon-pci,id=balloon,free-page-reporting=on"] if free_page_reporting else []
+
+
+def _ram_backend(spec: VmSpec) -> str:
+    if spec.ram_file is None:
+        return f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"
+    return f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={_opt(spec.ram_file)},share=on"
 
 
 def _share_args(share: ShareDevice | None) -> list[str]:

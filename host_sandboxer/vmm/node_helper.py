@@ -1,10 +1,12 @@
 """A helper process the daemon runs once per state directory (per node) and that outlives it:
 the hybrid vsock backend, the task relay.
 
-Its files sit in the state directory: `<name>.sock` (its control socket, which it creates),
-`<name>.json` (its pid and start time: a restarted daemon adopts the very process, never a
-reused pid), `<name>.log` (its output, capped: helper_output.py). It is started lean
-(lean_python.py) in its own session (process.py), so it does not end with the daemon.
+Its files sit in the state directory: `<name>.sock` (its control socket, which it creates, or
+which the daemon creates and hands it as an fd: a helper running as a user of its own may not
+write the state directory), `<name>.json` (its pid and start time: a restarted daemon adopts
+the very process, never a reused pid), `<name>.log` (its output, capped: helper_output.py). It
+is started lean (lean_python.py) in its own session (process.py), so it does not end with the
+daemon.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from host_sandboxer import lean_python
 from host_sandboxer.containment import helpers
+from host_sandboxer.private_socket import listen_unix
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.helper_output import HelperOutput
 
@@ -26,10 +29,15 @@ class HelperError(RuntimeError):
 
 
 class NodeHelper:
-    def __init__(self, state_dir: Path, name: str, module: str):
-        """`module`'s main() takes the control socket's path as its one argument."""
+    def __init__(self, state_dir: Path, name: str, module: str, user: int | None = None,
+                 listen_backlog: int | None = None):
+        """`module`'s main() takes the control socket's path as its one argument, or with
+        `listen_backlog` the fd of the control socket the daemon made listening; `user`: the
+        uid and gid it runs as (None: root)."""
         self.what = name.replace("-", " ")  # in messages: "the vsock backend"
         self.module = module
+        self.user = user
+        self.listen_backlog = listen_backlog
         self.control = state_dir / f"{name}.sock"
         self.record_path = state_dir / f"{name}.json"
         self.output = HelperOutput(state_dir / f"{name}.log")
@@ -52,8 +60,14 @@ class NodeHelper:
         if self.adopt():
             return False
         self.control.unlink(missing_ok=True)
-        self.proc = await process.spawn(lean_python.command(self.module, str(self.control)), self.output,
-                                        confinement=helpers.confinement())
+        if self.listen_backlog is None:
+            self.proc = await process.spawn(lean_python.command(self.module, str(self.control)), self.output,
+                                            confinement=helpers.confinement(self.user))
+        else:
+            with listen_unix(str(self.control), self.listen_backlog) as listener:
+                self.proc = await process.spawn(lean_python.command(self.module, str(listener.fileno())),
+                                                self.output, pass_fds=[listener.fileno()],
+                                                confinement=helpers.confinement(self.user))
         self.record_path.write_text(json.dumps(process.identity(self.proc)))
         self.record_path.chmod(0o600)
         return True

@@ -51,16 +51,17 @@ class Qemu:
         self.proc: asyncio.subprocess.Process | None = None
         self._exit_watch: asyncio.Task | None = None
 
-    async def start(self, confinement: Confinement, timeout_s: float = 10.0) -> None:
-        """Spawn QEMU, confined, and return once the guest runs with QMP and the console
-        connected; raise QemuError otherwise."""
+    async def start(self, confinement: Confinement, timeout_s: float = 10.0, run: bool = True) -> None:
+        """Spawn QEMU, confined, and return once the guest runs (`run`; else still paused, e.g.
+        to receive a template's state) with QMP and the console connected; raise QemuError
+        otherwise."""
         self.started_at = time.monotonic()
         try:
             self.proc = await process.spawn(self.argv, self.output, pass_fds(self.spec), confinement)
         except OSError as e:
             await self.close()
             raise QemuError(f"cannot run {self.argv[0]}: {e.strerror}") from None
-        await self._connect("QEMU failed to start", timeout_s, run=True)
+        await self._connect("QEMU failed to start", timeout_s, run=run)
 
     async def attach(self, proc, timeout_s: float = 10.0) -> None:
         """Take over a QEMU left running by an earlier daemon (`proc` from process.adopt())."""

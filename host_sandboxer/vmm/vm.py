@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from host_sandboxer.config import Config
+from host_sandboxer.config import Config, boot_image
 from host_sandboxer.containment.cgroups import Cgroup
 from host_sandboxer.containment.launch import NO_CAPABILITIES, Confinement
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.accel import HostFacts, resolve_accel
-from host_sandboxer.vmm.cmdline import NinePShare, TapNic, VirtiofsShare, VmSpec
+from host_sandboxer.vmm.cmdline import NinePShare, PmemRoot, TapNic, VirtiofsShare, VmSpec
 from host_sandboxer.vmm.qemu import Qemu, QemuError
 from host_sandboxer.vmm.qemu_fds import QemuFds
 from host_sandboxer.vmm.virtiofsd import Virtiofsd, VirtiofsdError
@@ -169,7 +169,9 @@ class GuestVm:
 
     async def _start(self) -> BootTimeline:
         vm = self.config.vm
-        for what, path in (("kernel", vm.kernel), ("initrd", vm.initrd)):
+        if boot_image(vm) == "pmem" and vm.machine != "q35":
+            raise VmError("config", f"vm.image = pmem needs vm.machine = q35, not {vm.machine}")
+        for what, path in (("kernel", vm.kernel), *self._boot_image()):
             if not path.is_file():
                 raise VmError("image", f"no {what} at {path} (run `make guest-image` or set vm.{what})")
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -202,11 +204,18 @@ class GuestVm:
             qemu=vm.qemu, machine=vm.machine, accel=self.accel.accel, cpus=vm.cpus, max_cpus=vm.max_cpus,
             memory_mib=vm.memory_mib,
             tsc_khz=self.host.tsc_khz,
-            kernel=vm.kernel, initrd=vm.initrd, name=self.name,
+            kernel=vm.kernel, initrd=vm.initrd if boot_image(vm) == "initrd" else None,
+            root=PmemRoot(vm.rootfs, vm.rootfs.stat().st_size) if boot_image(vm) == "pmem" else None,
+            free_page_reporting=vm.free_page_reporting, name=self.name,
             console_socket=self._socket_path("console.sock"), qmp_socket=self._socket_path("qmp.sock"), **sockets,
             vsock_args=tuple(self.transport.qemu_args() if vsock_args is None else vsock_args),
             share=share, nics=self.nics, seccomp=self.config.containment.seccomp,
             kernel_params=self._agent_params() + self.kernel_params)
+
+    def _boot_image(self) -> tuple[tuple[str, Path]]:
+        """(config key, path) of what the guest boots from besides the kernel."""
+        vm = self.config.vm
+        return (("rootfs", vm.rootfs),) if boot_image(vm) == "pmem" else (("initrd", vm.initrd),)
 
     async def _spec_with_fds(self, share, fds: QemuFds) -> VmSpec:
         """The spec with every socket QEMU uses made for it in `fds` (qemu_fds.py)."""
@@ -234,7 +243,7 @@ class GuestVm:
             capabilities = NINE_P_CAPABILITIES if isinstance(share, NinePShare) else NO_CAPABILITIES
             return Confinement(cgroup_procs, capabilities=capabilities, no_new_privs=True,
                                die_with_us=not self.detached)
-        for path in (self.config.vm.kernel, self.config.vm.initrd):
+        for path in (self.config.vm.kernel, *(path for _, path in self._boot_image())):
             if not readable_by_others(path):
                 raise VmError("image", f"QEMU runs as uid {self.vmm_uid} (containment.vmm_user) and cannot "
                                        f"read {path}: make it and its directories readable by others")

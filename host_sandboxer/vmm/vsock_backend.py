@@ -6,6 +6,10 @@ restarted daemon (its pid and start time are in `<state dir>/vsock-backend.json`
 stopped when its last VM goes. `BackendVsock` is one VM's transport through it, with the face
 of the in-process transports (host_sandboxer/vsock/__init__.py): the daemon reaches the guest
 as any hybrid-vsock client does (`CONNECT <port>\\n` on `vsock.sock`, `OK <n>\\n` back).
+
+The backend runs as a uid of its own (`[containment] backend_uid`), which may not write the
+state directory: the daemon makes its control socket and each VM's two listening sockets (root's,
+0600) and hands them over as fds, and removes them.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import logging
 import socket
 from pathlib import Path
 
+from host_sandboxer.private_socket import listen_unix
 from host_sandboxer.vmm.node_helper import HelperError, NodeHelper
 from host_sandboxer.vsock import qemu_args
 from host_sandboxer.vsock.hybrid_client import take_answer
@@ -23,6 +28,7 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 10.0
+CLIENT_BACKLOG = 128  # connections to a VM's vsock.sock waiting for the backend
 
 
 class VsockBackendError(RuntimeError):
@@ -30,8 +36,10 @@ class VsockBackendError(RuntimeError):
 
 
 class VsockBackend:
-    def __init__(self, state_dir: Path):
-        self.helper = NodeHelper(state_dir, "vsock-backend", "host_sandboxer.vsock.serve")
+    def __init__(self, state_dir: Path, user: int | None = None):
+        """`user`: the uid and gid the process runs as (None: root, still without capabilities)."""
+        self.helper = NodeHelper(state_dir, "vsock-backend", "host_sandboxer.vsock.serve", user=user,
+                                 listen_backlog=64)
         self.vms: dict[str, BackendVsock] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
@@ -43,7 +51,9 @@ class VsockBackend:
     async def add(self, vm: "BackendVsock") -> None:
         async with self._lock:
             await self._ensure_running()
-            answer = await self._request(f"ADD {vm.vm_dir}")
+            with listen_unix(str(vm.vhost_socket), 1) as frontend, \
+                    listen_unix(str(vm.uds_path), CLIENT_BACKLOG) as clients:
+                answer = await self._request(f"ADD {vm.vm_dir}", (frontend.fileno(), clients.fileno()))
             if answer != "OK":
                 raise VsockBackendError(f"vsock backend: {answer}")
             self.vms[str(vm.vm_dir)] = vm
@@ -116,10 +126,18 @@ class VsockBackend:
         for vm in vms.values():
             vm.lost(self.helper.describe_end())
 
-    async def _request(self, line: str) -> str:
-        reader, writer = await asyncio.open_unix_connection(str(self.helper.control))
+    async def _request(self, line: str, fds: tuple[int, ...] = ()) -> str:
+        """One answer line to `line`, sent with `fds` (SCM_RIGHTS)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
         try:
-            writer.write(line.encode() + b"\n")
+            await asyncio.get_running_loop().sock_connect(sock, str(self.helper.control))
+            socket.send_fds(sock, [line.encode() + b"\n"], fds)  # into a fresh socket's empty buffer
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        try:
             return (await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT_S)).decode().rstrip("\n")
         finally:
             writer.close()
@@ -178,4 +196,6 @@ class BackendVsock:
     async def close(self) -> None:
         with contextlib.suppress(OSError, ValueError, IndexError, asyncio.TimeoutError):
             await self.backend.remove(self)
+        for path in (self.vhost_socket, self.uds_path):  # ours: the backend may not remove them
+            path.unlink(missing_ok=True)
         self.lost("backend closed")

@@ -2,8 +2,14 @@
 
 Guest memory is untrusted: every address and length that came from the guest goes through
 `view()` or `locate_uva()`, which refuse anything not wholly inside one mapped region.
+
+Only writable regions are mapped: QEMU's table also lists what it maps from a read-only file
+(the guest's root image on virtio-pmem, `memory-backend-file,readonly=on`), whose fd cannot be
+mapped for writing and which holds no virtqueue or buffer of ours; an address in it is refused
+like any other address outside guest RAM.
 """
 
+import fcntl
 import mmap
 import os
 from collections import namedtuple
@@ -29,6 +35,8 @@ class GuestMemory:
         regions = []
         try:
             for entry, fd in zip(entries, fds):
+                if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+                    continue
                 if entry.memory_size <= 0 or entry.mmap_offset % mmap.ALLOCATIONGRANULARITY:
                     raise GuestMemoryError(f"region size {entry.memory_size:#x} / offset "
                                            f"{entry.mmap_offset:#x} cannot be mapped")

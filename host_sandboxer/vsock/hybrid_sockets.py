@@ -40,14 +40,20 @@ class HybridSockets:
         self._listeners = []
         self._handshakes = {}        # socket -> (bytes of its CONNECT line so far, timeout handle)
         self._dead = False
+        self._own_paths = False      # whether the socket files are ours to remove
 
-    def start(self) -> None:
-        """Listens on both sockets; must run before QEMU starts (QEMU connects at startup)."""
+    def start(self, frontend: socket.socket | None = None, clients: socket.socket | None = None) -> None:
+        """Listens on both sockets, or serves the two listening at them already (`frontend`,
+        `clients`: made by whoever removes them); must run before QEMU starts (QEMU connects
+        at startup)."""
         self.device = VsockDevice(self.guest_cid, self._dial, self.loop,
                                   on_fail=lambda reason: self._died(f"device reset by a malformed ring: {reason}"))
-        frontend = _listen(self.vhost_socket, backlog=1)
-        clients = _listen(self.uds_path, backlog=128)
+        if frontend is None:
+            self._own_paths = True
+            frontend, clients = _listen(self.vhost_socket, backlog=1), _listen(self.uds_path, backlog=128)
         self._listeners = [frontend, clients]
+        for listener in self._listeners:
+            listener.setblocking(False)
         self.loop.add_reader(frontend.fileno(), self._accept_frontend, frontend)
         self.loop.add_reader(clients.fileno(), self._accept_client, clients)
 
@@ -64,8 +70,9 @@ class HybridSockets:
         elif self.device is not None:
             self.device.stop("backend closed")
         self._died("backend closed")
-        for path in (self.vhost_socket, self.uds_path):
-            _unlink(path)
+        if self._own_paths:
+            for path in (self.vhost_socket, self.uds_path):
+                _unlink(path)
 
     # -- internals --------------------------------------------------------------------
 
@@ -92,7 +99,8 @@ class HybridSockets:
         self.loop.remove_reader(listener.fileno())
         self._listeners.remove(listener)
         listener.close()
-        _unlink(self.vhost_socket)
+        if self._own_paths:
+            _unlink(self.vhost_socket)
         self.backend = VhostUserBackend(sock, self.device, on_close=self._died)
 
     def _accept_client(self, listener: socket.socket) -> None:

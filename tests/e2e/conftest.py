@@ -1,7 +1,11 @@
 """Fixtures of the e2e layer: the node (tests/e2e/node.py) once per test module, and a scenario's
-pods on the runtime under test, `runc` (containerd's own, the baseline) or `vmm` (this project),
-both in the same run on the same containerd."""
+pods on the runtime under test, `runc` (containerd's own, the baseline), `vmm` (this project) or
+`vmm-streaming` (this project with `io_type = "streaming"`), all in the same run on the same
+containerd."""
 from __future__ import annotations
+
+import json
+import re
 
 import pytest
 
@@ -9,13 +13,25 @@ from host_sandboxer.config import DEFAULT_IMAGE_DIR
 from node import node_environment
 from pods import Pods
 
-RUNTIMES = ("runc", "vmm")
+RUNTIMES = ("runc", "vmm", "vmm-streaming")
+# io_type decides only how stdio travels: scenarios marked `stdio` run on every runtime, the
+# others (networking, stats, OOM, ...) on runc and vmm, where vmm-streaming is the same code
+STDIO_ONLY = ("vmm-streaming",)
 _HERE = "tests/e2e/"
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "node_restart: restarts containerd or vmm-sandboxer under running "
                                        "pods (runs last in its module)")
+    config.addinivalue_line("markers", "stdio: depends on how stdio travels, so runs with "
+                                       "io_type = \"streaming\" (vmm-streaming) too")
+
+
+def pytest_generate_tests(metafunc):
+    """A scenario's runtimes: all of RUNTIMES when it is marked `stdio`, else all but STDIO_ONLY."""
+    if "runtime" in metafunc.fixturenames:
+        stdio = metafunc.definition.get_closest_marker("stdio") is not None
+        metafunc.parametrize("runtime", [r for r in RUNTIMES if stdio or r not in STDIO_ONLY], indirect=True)
 
 
 def pytest_collection_modifyitems(items):
@@ -26,7 +42,8 @@ def pytest_collection_modifyitems(items):
     def order(item):
         if item.get_closest_marker("node_restart") is None:
             return 0
-        return 2 if getattr(item, "callspec", None) and item.callspec.params.get("runtime") == "vmm" else 1
+        runtime = getattr(item, "callspec", None) and item.callspec.params.get("runtime")
+        return 2 if runtime and runtime.startswith("vmm") else 1
     for module in {item.module for item in items if item.nodeid.startswith(_HERE)}:
         slots = [i for i, item in enumerate(items) if item.module is module]
         for slot, item in zip(slots, sorted((items[i] for i in slots), key=order)):
@@ -39,10 +56,10 @@ def node():
         yield up
 
 
-@pytest.fixture(params=RUNTIMES)
+@pytest.fixture
 def runtime(request) -> str:
     """The CRI runtime handler under test; vmm needs the guest image `make test` builds first."""
-    if request.param == "vmm":
+    if request.param.startswith("vmm"):
         missing = [p.name for p in (DEFAULT_IMAGE_DIR / "kernel", DEFAULT_IMAGE_DIR / "initrd.img")
                    if not p.is_file()]
         if missing:
@@ -72,6 +89,18 @@ def pods(node, runtime, request):
         print(f"after the failure: {e}")
 
 
+# name -> figure: measurements scenarios report (`figures` fixture), printed as JSON after the run
+_figures: dict[str, object] = {}
+
+
+@pytest.fixture
+def figures() -> dict:
+    """Where a scenario records the figures it measured; they are printed after the run."""
+    return _figures
+
+
+# a runtime among a test's ids (which "-" joins, and "vmm-streaming" contains), longest name first
+_RUNTIME_IN_IDS = re.compile("(?:^|-)(%s)(?:-|$)" % "|".join(sorted(RUNTIMES, key=len, reverse=True)))
 # scenario -> runtime -> [outcome, seconds]: the comparison table printed after the run
 _table: dict[str, dict[str, list]] = {}
 
@@ -79,7 +108,13 @@ _table: dict[str, dict[str, list]] = {}
 def pytest_runtest_logreport(report):
     if not report.nodeid.startswith(_HERE) or "[" not in report.nodeid:
         return
-    scenario, _, runtime = report.nodeid.split("::")[-1].rstrip("]").partition("[")
+    name, _, ids = report.nodeid.split("::")[-1].rstrip("]").partition("[")
+    found = _RUNTIME_IN_IDS.search(ids)
+    if found is None:
+        return
+    runtime = found.group(1)
+    others = "-".join(part for part in (ids[:found.start()], ids[found.end():]) if part)
+    scenario = f"{name}[{others}]" if others else name
     cell = _table.setdefault(scenario, {}).setdefault(runtime, ["passed", 0.0])
     cell[1] += report.duration
     if report.when == "call" and hasattr(report, "wasxfail"):
@@ -91,6 +126,9 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if _figures:
+        terminalreporter.section("e2e: figures measured")
+        terminalreporter.write_line(json.dumps(_figures, indent=1, sort_keys=True))
     if not _table:
         return
     width = max(map(len, _table))

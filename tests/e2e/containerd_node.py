@@ -1,12 +1,14 @@
 """containerd 2.4 as a node runs it, but everything in the test's directory: its own config
 (version 3), root, state, sockets, shim sockets, CNI config, registry mirrors; inside the node's
-network namespace; two CRI runtime handlers side by side:
+network namespace; three CRI runtime handlers side by side:
 
 - `runc`: containerd's own runtime (containerd-shim-runc-v2 + runc from the upstream binaries
   directory, first in containerd's PATH), the baseline;
 - `vmm`: this project, the `type = "sandbox"` proxy plugin served by vmm-sandboxer (README's
   containerd section), with `disable_pause_image_pull` (new in 2.4: no pause image for a
-  sandboxer that does not run one).
+  sandboxer that does not run one);
+- `vmm-streaming`: the same sandboxer with `io_type = "streaming"`: containerd opens its Streaming
+  service on the pod's task address for each stdio stream instead of making FIFOs.
 """
 from __future__ import annotations
 
@@ -67,6 +69,12 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
   io_type = "fifo"
   disable_pause_image_pull = true
 
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.vmm-streaming]
+  runtime_type = "io.containerd.runc.v2"
+  sandboxer = "vmm"
+  io_type = "streaming"
+  disable_pause_image_pull = true
+
 [proxy_plugins.vmm]
   type = "sandbox"
   address = "{sandboxer_socket}"
@@ -118,18 +126,18 @@ class Containerd:
         return f"unix://{self.socket}"
 
     def start(self, timeout: float = 60.0) -> None:
-        self.service.start(self._serves_cri, timeout=timeout)
+        self.service.start(self.serves_cri, timeout=timeout)
+
+    def launch(self) -> None:
+        """Start without waiting for CRI (which a restart scenario waits for later)."""
+        self.service.start(lambda: True)
 
     def stop(self) -> None:
         self.service.stop()
 
-    def restart(self, timeout: float = 30.0) -> None:
-        """Stop and start again; CRI must have recovered its pods within `timeout` (runc's
-        recover in well under a second here)."""
-        self.stop()
-        self.start(timeout)
-
-    def _serves_cri(self) -> bool:
+    def serves_cri(self) -> bool:
+        """CRI answers `crictl info` with the runtime and the network ready (it answers "server
+        is not initialized yet" until it has recovered every pod)."""
         if not self.socket.exists():
             return False
         info = subprocess.run([str(tools.upstream("crictl")), "--runtime-endpoint", self.endpoint,

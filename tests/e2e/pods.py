@@ -57,7 +57,7 @@ class Pod:
 
 
 class Pods:
-    """The pods of one scenario on `runtime` ("runc" or "vmm")."""
+    """The pods of one scenario on `runtime` (conftest.RUNTIMES)."""
 
     def __init__(self, crictl: Crictl, runtime: str):
         self.crictl, self.runtime = crictl, runtime

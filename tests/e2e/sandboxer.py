@@ -2,6 +2,7 @@
 namespace, publishing task events to the node's containerd."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ UNIX_PATH_MAX = 107
 CONFIG = """[vm]
 kernel = "{kernel}"
 initrd = "{initrd}"
+rootfs = "{rootfs}"
 boot_timeout_s = 120.0
 [containerd]
 address = "{containerd}"
@@ -32,7 +34,8 @@ class Sandboxer:
         self.socket = work / "vmm.sock"
         self.state = state
         config = work / "vmm-sandboxer.toml"
-        config.write_text(CONFIG.format(kernel=kernel, initrd=initrd, containerd=containerd_socket))
+        config.write_text(CONFIG.format(kernel=kernel, initrd=initrd, rootfs=Path(initrd).with_name("rootfs.img"),
+                                        containerd=containerd_socket))
         self.service = Service("vmm-sandboxer", netns.argv(
             str(REPO_ROOT / ".venv" / "bin" / "vmm-sandboxer"), "--listen", str(self.socket),
             "--dir", str(self.state), "--config", str(config)), work / "vmm-sandboxer.log")
@@ -42,9 +45,17 @@ class Sandboxer:
         self.service.start(self.socket.exists, timeout=60)
 
     def stop(self) -> None:
+        """SIGTERM: the graceful stop of an upgrade (the pods run on; a new daemon takes them over)."""
         self.service.stop()
 
-    def kill_and_restart(self) -> None:
-        """kill -9, then a new daemon on the same --dir (it re-attaches running pods)."""
+    def kill(self) -> None:
+        """kill -9, as a crash ends it (a new daemon on the same --dir re-attaches the pods)."""
         self.service.kill()
-        self.start()
+
+    @property
+    def pid(self) -> int:
+        return self.service.proc.pid
+
+    def relay_pid(self) -> int:
+        """The task relay's pid, from the record the daemon keeps in its --dir."""
+        return json.loads((self.state / "task-relay.json").read_text())["pid"]

@@ -1,17 +1,23 @@
 """What a node does with pods, through the real containerd 2.4 and crictl, on containerd's own
 runc runtime (the baseline) and on this project's `vmm` runtime in the same run: every scenario
-is parametrised over both (conftest.RUNTIMES), on one node shared by the module (node.py)."""
+is parametrised over both, and those marked `stdio` also over `vmm-streaming` (conftest.py), on
+one node shared by the module (node.py)."""
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import itertools
+import json
 import os
 import subprocess
+import threading
+import time
 
 import pytest
 
 import stand_in_images
 import tools
+from bench.sandboxer import pss_kb
 from containerd_node import POD_SUBNET
 from crictl import CrictlError
 from host_sandboxer.taskproxy.mounts import mountpoints_under
@@ -22,7 +28,6 @@ if (reason := tools.skip_reason()) is not None:
     pytest.skip(reason, allow_module_level=True)
 
 WEB = stand_in_images.WEB_SERVER.name
-RESTART_RUNTIMES = ["runc", "vmm"]  # issue 12: both restarts pass on vmm too (docs/restarts.md)
 forward_ports = itertools.count(18080)
 COUNTER = ["sh", "-c", "i=0; while :; do echo $i; i=$((i+1)); sleep 0.2; done"]
 
@@ -40,6 +45,7 @@ def test_http_server_reachable_at_pod_ip(node, pods):
     assert page == stand_in_images.WEB_PAGE
 
 
+@pytest.mark.stdio
 def test_logs_keep_stdout_and_stderr_apart_exactly(node, pods):
     pod = pods.run("logs")
     cid = pod.container("talk", ["sh", "-c", "echo out1; echo err1 >&2; echo; printf 'out2 \\303\\251\\t|\\n'; "
@@ -49,6 +55,7 @@ def test_logs_keep_stdout_and_stderr_apart_exactly(node, pods):
     assert (logs.stdout, logs.stderr) == (b"out1\n\nout2 \xc3\xa9\t|\n", b"err1\nerr2\n")
 
 
+@pytest.mark.stdio
 def test_logs_of_many_lines_are_complete(node, pods):
     pod = pods.run("many-lines")
     cid = pod.container("seq", ["sh", "-c", "seq 1 100000; seq 100001 120000 >&2"])
@@ -58,6 +65,7 @@ def test_logs_of_many_lines_are_complete(node, pods):
     assert logs.stderr == lines(100001, 120000)
 
 
+@pytest.mark.stdio
 def test_exec_exit_codes(node, pods):
     pod = pods.run("exec-codes")
     cid = pod.container("idle", ["sleep", "3600"])
@@ -71,6 +79,7 @@ def test_exec_exit_codes(node, pods):
     assert missing.returncode != 0 and b"/no/such/binary" in missing.stderr, missing.stderr
 
 
+@pytest.mark.stdio
 def test_exec_output_of_100k_lines_is_exact(node, pods):
     pod = pods.run("exec-lines")
     cid = pod.container("idle", ["sleep", "3600"])
@@ -79,6 +88,7 @@ def test_exec_output_of_100k_lines_is_exact(node, pods):
     assert result.stderr == lines(1, 1000)
 
 
+@pytest.mark.stdio
 def test_exec_stdin_reaches_the_process(node, pods):
     pod = pods.run("exec-stdin")
     cid = pod.container("idle", ["sleep", "3600"])
@@ -88,6 +98,7 @@ def test_exec_stdin_reaches_the_process(node, pods):
     assert counted.stdout.split() == [b"%d" % len(data)]
 
 
+@pytest.mark.stdio
 def test_exec_with_a_terminal(node, pods):
     pod = pods.run("exec-tty")
     cid = pod.container("idle", ["sleep", "3600"])
@@ -97,6 +108,7 @@ def test_exec_with_a_terminal(node, pods):
     assert b"33 77" in shown and b"/dev/pts/" in shown and b"\r\n42\r\n" in shown, shown
 
 
+@pytest.mark.stdio
 def test_attach_to_a_container_stdin_and_stdout(node, pods):
     pod = pods.run("attach")
     cid = pod.container("reader", ["sh", "-c", 'while read l; do echo "got $l"; done; echo bye'],
@@ -205,6 +217,7 @@ def test_unknown_runtime_handler_is_refused(node):
         node.crictl.runp(node.crictl.pod_config("nosuch"), "nosuch")
 
 
+@pytest.mark.stdio
 def test_stop_running_containers(node, pods):
     """kubelet's container stop: SIGTERM, then SIGKILL once the grace period is over; then
     remove. One container ends on SIGTERM, the other ignores it and is killed."""
@@ -222,6 +235,7 @@ def test_stop_running_containers(node, pods):
     assert node.crictl.run("ps", "-a", "-q", "--pod", pod.id).stdout == b""
 
 
+@pytest.mark.stdio
 def test_stop_and_remove_leave_nothing(node, pods):
     before = node_leftovers(node)
     pod = pods.run("leaves-nothing")
@@ -237,53 +251,158 @@ def test_stop_and_remove_leave_nothing(node, pods):
 # Restarts run after every other scenario, the baseline's first (conftest.py orders them): a
 # runtime that does not survive one may leave containerd unable to recover its pods.
 
+CRI_RECOVERY_S = 30.0  # containerd's CRI must have recovered every pod this soon after its start
+ECHO = ["sh", "-c", 'while read l; do echo "got $l"; done']
+
+# What a restart step does to the node; vmm-sandboxer's `stop` is SIGTERM (a graceful stop, as an
+# upgrade does), its `kill` is kill -9 (a crash); `containerd launch` starts containerd without
+# waiting, `containerd ready` waits for its CRI.
+STEPS = {
+    "containerd stop": lambda node: node.containerd.stop(),
+    "containerd start": lambda node: node.containerd.start(CRI_RECOVERY_S),
+    "containerd launch": lambda node: node.containerd.launch(),
+    "containerd ready": lambda node: wait_for(node.containerd.serves_cri, "containerd's CRI", CRI_RECOVERY_S),
+    "sandboxer kill": lambda node: node.sandboxer.kill(),
+    "sandboxer stop": lambda node: node.sandboxer.stop(),
+    "sandboxer start": lambda node: node.sandboxer.start(),
+}
+# Issue 12's matrix: each restart, and both in either order or together, as steps in order.
+RESTARTS = {
+    "containerd": ("containerd stop", "containerd start"),
+    "sandboxer_killed": ("sandboxer kill", "sandboxer start"),
+    "sandboxer_upgraded": ("sandboxer stop", "sandboxer start"),
+    "containerd_then_sandboxer": ("containerd stop", "containerd start", "sandboxer kill", "sandboxer start"),
+    "sandboxer_then_containerd": ("sandboxer kill", "sandboxer start", "containerd stop", "containerd start"),
+    "both_down_at_once": ("sandboxer kill", "containerd stop", "containerd launch", "sandboxer start",
+                          "containerd ready"),
+}
+
 
 @pytest.mark.node_restart
-@pytest.mark.parametrize("runtime", RESTART_RUNTIMES, indirect=True)
-def test_sandboxer_killed_and_restarted_keeps_pods(node, pods):
-    """vmm-sandboxer dies (kill -9) and comes back on its --dir; on runc this checks that the
-    baseline's pods are untouched by it."""
-    assert_pods_survive(node, pods, "vmm-restart", node.sandboxer.kill_and_restart)
-
-
-@pytest.mark.node_restart
-@pytest.mark.parametrize("runtime", RESTART_RUNTIMES, indirect=True)
-def test_containerd_restart_keeps_pods(node, pods):
-    assert_pods_survive(node, pods, "ctd-restart", node.containerd.restart)
-
-
-def assert_pods_survive(node, pods, name: str, restart) -> None:
-    """A pod with a counting container, `restart()`, then: the pod is ready, the container runs,
-    answers exec, its log goes on from where it was (no line lost or repeated), and the pod can
-    be removed."""
-    pod = pods.run(name)
-    cid = pod.container("counter", COUNTER)
-    wait_for(lambda: node.crictl.logs(cid).stdout.count(b"\n") > 3, "the counter's first lines")
-    restart()
-    assert node.crictl.inspectp(pod.id, verbose=False)["status"]["state"] == "SANDBOX_READY"
-    assert node.crictl.state(cid) == "CONTAINER_RUNNING"
-    assert node.crictl.exec(cid, "echo", "alive", check=True).stdout == b"alive\n"
-    seen = node.crictl.logs(cid).stdout.count(b"\n")
-    wait_for(lambda: node.crictl.logs(cid).stdout.count(b"\n") > seen + 5, "the counter going on")
-    out = node.crictl.logs(cid).stdout.split(b"\n")[:-1]
+@pytest.mark.stdio
+@pytest.mark.parametrize("restart", list(RESTARTS))
+def test_pods_survive_restart(node, pods, restart):
+    """A pod with a counting container and one echoing its stdin goes through `restart`; then
+    containerd lists the pod ready and both containers running, exec answers, a line sent by
+    attach reaches the echo container's stdin, both logs go on with no line lost or repeated,
+    stop works and removing the pod leaves nothing. On runc: the baseline, whose pods the
+    sandboxer's restarts do not touch."""
+    before = node_leftovers(node)
+    pod = pods.run(restart.replace("_", "-"))
+    counter = pod.container("counter", COUNTER)
+    echo = pod.container("echo", ECHO, stdin=True)
+    wait_for(lambda: node.crictl.logs(counter).stdout.count(b"\n") > 3, "the counter's first lines")
+    send_line(node, echo, b"before")
+    for step in RESTARTS[restart]:
+        STEPS[step](node)
+    # containerd reconnects to a restarted daemon's Controller with a backoff (docs/restarts.md),
+    # as kubelet retries a failed status call: the pod must be READY within CRI_RECOVERY_S
+    wait_for(lambda: node.crictl.inspectp(pod.id, verbose=False)["status"]["state"] == "SANDBOX_READY",
+             "the pod READY", CRI_RECOVERY_S)
+    listed = json.loads(node.crictl.run("ps", "-o", "json", "--pod", pod.id).stdout)["containers"]
+    assert sorted((c["id"], c["state"]) for c in listed) == \
+        sorted((cid, "CONTAINER_RUNNING") for cid in (counter, echo))
+    assert node.crictl.exec(counter, "echo", "alive", check=True).stdout == b"alive\n"
+    send_line(node, echo, b"after")
+    assert node.crictl.logs(echo).stdout == b"got before\ngot after\n"
+    seen = node.crictl.logs(counter).stdout.count(b"\n")
+    wait_for(lambda: node.crictl.logs(counter).stdout.count(b"\n") > seen + 5, "the counter going on")
+    out = node.crictl.logs(counter).stdout.split(b"\n")[:-1]
     assert out == [b"%d" % n for n in range(len(out))]
+    node.crictl.stop(counter, timeout_s=2)
+    assert node.crictl.state(counter) == "CONTAINER_EXITED"
     pods.remove(pod)
+    after = node_leftovers(node)
+    assert {kind: sorted(set(after[kind]) - set(before[kind])) for kind in after} == \
+        {"processes": [], "mounts": [], "taps": [], "pod_dirs": []}
+
+
+def send_line(node, cid: str, line: bytes) -> None:
+    """`crictl attach -i` to the container, send `line` on its stdin and see the container's
+    echo of it both in attach's output and in its log; then detach (the container's stdin stays
+    open: not stdin_once)."""
+    attach = node.crictl.popen("attach", "-i", cid, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    shown = bytearray()
+
+    def read_output() -> None:
+        while chunk := attach.stdout.read1(4096):
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=read_output)
+    reader.start()
+    echoed = b"got %s\n" % line
+    try:
+        attach.stdin.write(line + b"\n")
+        attach.stdin.flush()
+        wait_for(lambda: (echoed in shown and echoed in node.crictl.logs(cid).stdout) or attach.poll() is not None,
+                 f"{line!r} echoed through attach (shown: {bytes(shown)!r})")
+        assert attach.poll() is None, f"crictl attach exited {attach.returncode}: {bytes(shown)!r}"
+    finally:
+        attach.kill()
+        attach.wait(30)
+        reader.join(30)
+
+
+@pytest.mark.node_restart
+def test_cri_ready_after_containerd_restart_with_5_pods(node, pods, runtime, figures):
+    """Issue 12's closing figures: seconds from containerd's start until its CRI serves again
+    (it has recovered every pod), with 5 pods each running a container; and the Pss of what
+    carries pods across restarts with 1 and with 5 such pods (restart_pss_kb: the relay runs
+    from the first pod to the last, so per pod is the difference over 4, per node the rest)."""
+    first = pods.run("five-0")
+    cids = [first.container("idle", ["sleep", "3600"])]
+    pss = {"1_pod": restart_pss_kb(node, runtime)}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        others = list(pool.map(lambda i: pods.run(f"five-{i}"), range(1, 5)))
+    cids += [pod.container("idle", ["sleep", "3600"]) for pod in others]
+    pss["5_pods"] = restart_pss_kb(node, runtime)
+    node.containerd.stop()
+    begin = time.monotonic()
+    node.containerd.start(CRI_RECOVERY_S)
+    ready_s = time.monotonic() - begin
+    assert [node.crictl.state(cid) for cid in cids] == ["CONTAINER_RUNNING"] * 5
+    figures[f"containerd_restart_with_5_pods.{runtime}"] = {"cri_ready_s": round(ready_s, 2), "pss_kb": pss}
+
+
+def restart_pss_kb(node, runtime: str) -> dict:
+    """Pss (kB, /proc/PID/smaps_rollup) of what keeps pods running and reachable across restarts.
+    vmm: the task relay (one per node), the stdio keepers (one per container stream) and, for
+    scale, the daemon; runc: containerd's shims (one per pod)."""
+    running = node_processes(node)
+
+    def named(name: str) -> int:
+        # a keeper's argv[0] is "vmm-stdio-keeper <mark path>", a shim's may be a path
+        return sum(pss_kb(pid) for pid, argv in running.items()
+                   if argv[0] and os.path.basename(argv[0].split()[0]) == name)
+
+    if runtime == "runc":
+        return {"runc_shims": named("containerd-shim-runc-v2")}
+    return {"task_relay": pss_kb(node.sandboxer.relay_pid()), "stdio_keepers": named("vmm-stdio-keeper"),
+            "daemon": pss_kb(node.sandboxer.pid)}
+
+
+def node_processes(node) -> dict[int, list[str]]:
+    """pid -> argv of the processes naming the node's directories, the node's services and this
+    test process left out: what pods run on the host (shims, QEMU, virtiofsd, stdio keepers)."""
+    services = {s.proc.pid for s in (node.registry.service, node.containerd.service, node.sandboxer.service)}
+    markers = [str(node.work) + "/", str(node.sandboxer_dir) + "/"]
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace").split("\0")[:-1]
+        except OSError:
+            continue
+        if any(m in arg for arg in argv for m in markers) and int(entry) not in services | {os.getpid()}:
+            found[int(entry)] = argv
+    return found
 
 
 def node_leftovers(node) -> dict:
-    """What pods may leave on the node: processes naming the node's directories besides its own
-    services (shims, QEMU, virtiofsd, stdio keepers), mounts under them (rootfs, shared dirs,
-    pod network namespaces), taps in its namespace, pod directories of the sandboxer."""
-    services = {s.proc.pid for s in (node.registry.service, node.containerd.service, node.sandboxer.service)}
-    markers = [str(node.work) + "/", str(node.sandboxer_dir) + "/"]
-    processes = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(m in cmdline for m in markers) and int(entry) not in services | {os.getpid()}:
-            processes.append(f"{entry}: {cmdline[:200]}")
+    """What pods may leave on the node: their processes (node_processes), mounts under its
+    directories (rootfs, shared dirs, pod network namespaces), taps in its namespace, pod
+    directories of the sandboxer."""
+    processes = [f"{pid}: {' '.join(argv)[:200]}" for pid, argv in node_processes(node).items()]
     taps = subprocess.run(["ip", "-n", node.netns.name, "-o", "link", "show", "type", "tun"],
                           capture_output=True, text=True).stdout.splitlines()
     return {"processes": processes, "mounts": mountpoints_under(node.work) + mountpoints_under(node.sandboxer_dir),

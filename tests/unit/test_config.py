@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from host_sandboxer import config
-from host_sandboxer.config import DEFAULT_IMAGE_DIR, Config, ConfigError, load_config
+from host_sandboxer.config import DEFAULT_IMAGE_DIR, Config, ConfigError, boot_image, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -73,6 +73,8 @@ def test_values_override_and_relative_paths_follow_the_file(tmp_path):
     ('[vm\n', "not valid TOML"),
     ('[containment]\ncgroup_parent = "/kubepods/../etc"\n', "[containment] cgroup parent '/kubepods/../etc'"),
     ('[containment]\nvmm_uid_base = 4294967000\n', "[containment] vmm uid range [4294967000, 4295032536)"),
+    ('[containment]\nbackend_uid = 2000000001\n', "[containment] backend_uid 2000000001 must lie within [1, "
+                                                   "4294967294] and outside the vmm uid range"),
 ])
 def test_errors_name_the_file_and_key(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -107,6 +109,26 @@ def test_kuasar_hypervisor_names_map_onto_our_sections(tmp_path):
     assert cfg.vm.initrd == Path("/var/lib/kuasar/initrd.img")
     assert (cfg.vm.kernel_params, cfg.vm.cpus, cfg.vm.memory_mib, cfg.vm.accel) == ("quiet", 2, 1024, "tcg")
     assert (cfg.sharefs.type, cfg.vsock.transport) == ("9p", "hybrid")
+
+
+def test_the_boot_image_is_pmem_on_q35_and_the_initrd_on_microvm_unless_named(tmp_path):
+    assert Config().vm.image == "auto"
+    assert boot_image(Config().vm) == "pmem"
+    assert boot_image(load_config(write(tmp_path, '[vm]\nmachine = "microvm"\n')).vm) == "initrd"
+    assert boot_image(load_config(write(tmp_path, '[vm]\nimage = "initrd"\n')).vm) == "initrd"
+
+
+def test_the_boot_image_is_chosen_by_name_and_pmem_needs_q35(tmp_path):
+    cfg = load_config(write(tmp_path, """
+        [hypervisor]
+        image = "pmem"
+        image_path = "img/rootfs.img"
+    """))
+    assert (cfg.vm.image, cfg.vm.rootfs) == ("pmem", tmp_path / "img" / "rootfs.img")
+    with pytest.raises(ConfigError, match=re.escape('vm.image = "pmem" needs vm.machine = "q35"')):
+        load_config(write(tmp_path, '[vm]\nimage = "pmem"\nmachine = "microvm"\n'))
+    with pytest.raises(ConfigError, match="vm.image = 'dax': must be one of"):
+        load_config(write(tmp_path, '[vm]\nimage = "dax"\n'))
 
 
 @pytest.mark.parametrize("text, message", [

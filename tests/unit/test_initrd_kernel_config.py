@@ -44,3 +44,13 @@ def test_the_real_fragments_parse_and_ask_for_the_transports():
     assert requests["CONFIG_MODULES"] == "n"
     # only the host may reach the agent's vsock ports: no guest-local (loopback) vsock
     assert requests["CONFIG_VSOCKETS_LOOPBACK"] == "n"
+
+
+def test_the_fragments_ask_for_a_dax_root_on_virtio_pmem_and_free_page_reporting():
+    """Checked against Kconfig once by hand (olddefconfig on linux-source-6.1): FS_DAX needs
+    ZONE_DEVICE, which needs SPARSEMEM_VMEMMAP, which tinyconfig leaves off."""
+    requests = config.requested_options(config.fragment_paths())
+    for name in ("CONFIG_LIBNVDIMM", "CONFIG_BLK_DEV_PMEM", "CONFIG_VIRTIO_PMEM",
+                 "CONFIG_SPARSEMEM_VMEMMAP", "CONFIG_ZONE_DEVICE", "CONFIG_FS_DAX",
+                 "CONFIG_EROFS_FS", "CONFIG_VIRTIO_BALLOON", "CONFIG_PAGE_REPORTING"):
+        assert requests[name] == "y", name

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from host_sandboxer.vmm.cmdline import NinePShare, TapNic, VirtiofsShare, VmSpec, build_argv, pass_fds
+from host_sandboxer.vmm.cmdline import (NinePShare, PmemRoot, TapNic, VirtiofsShare, VmSpec, build_argv,
+                                        pass_fds)
 
 # What the vsock transports' qemu_args() return (host_sandboxer/vsock): virtio-pci names.
 HYBRID_ARGS = ("-chardev", "socket,id=vsock0,path=/run/vm/vhost-vsock.sock",
@@ -50,6 +51,15 @@ def test_kvm_uses_host_cpu():
     assert option(argv, "-machine") == ["q35,accel=kvm,memory-backend=mem"]
     assert option(argv, "-smp") == ["2"]
     assert option(argv, "-object")[0] == "memory-backend-memfd,id=mem,size=256M,share=on"
+
+
+def test_template_ram_in_a_shared_file_and_a_clone_waits_for_its_state():
+    """A template's RAM must outlive QEMU (a file, shared so vhost-user backends see it); a clone
+    starts waiting for the saved machine state (QMP migrate-incoming)."""
+    argv = build_argv(spec(ram_file=Path("/dev/shm/t,1.ram")))
+    assert option(argv, "-object")[0] == "memory-backend-file,id=mem,size=512M,mem-path=/dev/shm/t,,1.ram,share=on"
+    assert "-incoming" not in argv
+    assert option(build_argv(spec(ram_file=Path("/dev/shm/c.ram"), incoming=True)), "-incoming") == ["defer"]
 
 
 def test_vcpu_headroom_for_hotplug():
@@ -116,3 +126,31 @@ def test_sockets_made_for_qemu_are_named_by_fd_and_inherited():
                                         "socket,id=vsock0,fd=12", "socket,id=fs,fd=13"]
     assert not any("/run/vm" in arg for arg in argv)
     assert pass_fds(s) == [20, 10, 11, 12, 13]
+
+
+def test_pmem_root_replaces_the_initrd_with_a_read_only_dax_image():
+    argv = build_argv(spec(initrd=None, root=PmemRoot(Path("/img/root,fs.img"), 40 << 20)))
+    assert "-initrd" not in argv
+    assert option(argv, "-m") == ["512M,slots=1,maxmem=552M"]
+    assert ("memory-backend-file,id=rootfs,mem-path=/img/root,,fs.img,size=41943040,share=on,"
+            "readonly=on") in option(argv, "-object")
+    assert "virtio-pmem-pci,memdev=rootfs,id=rootfs" in option(argv, "-device")
+    params = option(argv, "-append")[0].split()
+    for param in ("root=/dev/pmem0", "rootfstype=erofs", "rootflags=dax=always", "ro", "init=/init"):
+        assert param in params
+
+
+@pytest.mark.parametrize("changes, why", [
+    (dict(initrd=None), "exactly one"),
+    (dict(root=PmemRoot(Path("/img/rootfs.img"), 2 << 20)), "exactly one"),
+    (dict(initrd=None, root=PmemRoot(Path("/img/rootfs.img"), 2 << 20), machine="microvm"), "q35"),
+])
+def test_a_vm_boots_from_exactly_one_image_and_pmem_needs_q35(changes, why):
+    with pytest.raises(ValueError, match=why):
+        build_argv(spec(**changes))
+
+
+def test_free_page_reporting_adds_a_balloon():
+    assert "virtio-balloon-pci,id=balloon,free-page-reporting=on" in option(
+        build_argv(spec(free_page_reporting=True)), "-device")
+    assert not any("balloon" in d for d in option(build_argv(spec()), "-device"))

@@ -15,7 +15,8 @@ def config_with_image(tmp_path, kernel_exists=True) -> Config:
     if kernel_exists:
         (tmp_path / "kernel").write_bytes(b"kernel")
     config = Config()
-    config.vm = dataclasses.replace(config.vm, kernel=tmp_path / "kernel", initrd=tmp_path / "initrd.img")
+    config.vm = dataclasses.replace(config.vm, kernel=tmp_path / "kernel", initrd=tmp_path / "initrd.img",
+                                    image="initrd")
     config.vsock = dataclasses.replace(config.vsock, transport="hybrid")  # needs no /dev/vhost-vsock
     return config
 
@@ -31,6 +32,14 @@ def test_missing_kernel_is_named(tmp_path):
     assert err.stage == "image"
     assert str(err) == f"no kernel at {tmp_path / 'kernel'} (run `make guest-image` or set vm.kernel)"
     assert not (tmp_path / "run").exists()
+
+
+def test_missing_root_image_is_named_when_booting_from_pmem(tmp_path):
+    config = config_with_image(tmp_path)
+    config.vm = dataclasses.replace(config.vm, image="pmem", rootfs=tmp_path / "rootfs.img")
+    err = start(GuestVm(config, tmp_path / "run"))
+    assert err.stage == "image"
+    assert str(err) == f"no rootfs at {tmp_path / 'rootfs.img'} (run `make guest-image` or set vm.rootfs)"
 
 
 def test_run_dir_too_deep_for_unix_sockets(tmp_path):

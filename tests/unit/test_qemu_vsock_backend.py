@@ -5,9 +5,11 @@ import contextlib
 import json
 import os
 import signal
+import socket
 
 import pytest
 
+from host_sandboxer.config import ContainmentConfig
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.vsock_backend import BackendVsock, VsockBackend
 
@@ -78,10 +80,48 @@ def test_bad_requests_are_refused(tmp_path):
         backend = VsockBackend(tmp_path)
         vm = BackendVsock(backend, _vm_dirs(tmp_path, "a")[0])
         await vm.start()
-        answers = [await backend._request(line) for line in ("ADD relative/dir", "FROB /x")]
+        answers = [await backend._request(line) for line in ("ADD relative/dir", "FROB /x", f"ADD {tmp_path}/b")]
+        with open(__file__) as not_a_socket, socket.socket(socket.AF_INET) as not_unix:
+            answers.append(await backend._request(f"ADD {tmp_path}/b", (not_a_socket.fileno(), not_unix.fileno())))
+        answers.append(await backend._request("LIST"))  # still serving
         await vm.close()
         return answers
-    assert asyncio.run(scenario()) == ["ERR bad VM directory 'relative/dir'", "ERR unknown request 'FROB'"]
+    assert asyncio.run(scenario()) == ["ERR bad VM directory 'relative/dir'", "ERR unknown request 'FROB'",
+                                       "ERR ADD needs 2 unix stream sockets (SCM_RIGHTS), got 0",
+                                       "ERR ADD needs 2 unix stream sockets (SCM_RIGHTS), got 1",
+                                       f"OK {tmp_path}/a"]
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing uid needs root")
+def test_the_backend_runs_as_a_uid_of_its_own_without_capabilities(tmp_path):
+    """As the daemon starts it (`[containment] backend_uid`): a uid that may not even look into
+    the state directory (0700, root's), served nonetheless through the fds the daemon hands it;
+    the files are root's and the daemon's to remove."""
+    uid = ContainmentConfig().backend_uid
+
+    async def scenario():
+        backend = VsockBackend(tmp_path, user=uid)
+        vm = BackendVsock(backend, *_vm_dirs(tmp_path, "a"))
+        await vm.start()
+        seen = _status(backend.proc.pid)
+        owners = {p.name: p.stat().st_uid for p in (tmp_path / "vsock-backend.sock", vm.vhost_socket, vm.uds_path)}
+        with pytest.raises(ConnectionRefusedError):  # served: no guest behind it, CONNECT is refused
+            await vm.open_connection(1024)
+        await vm.close()
+        return seen, owners, backend.proc.returncode
+
+    os.chmod(tmp_path, 0o700)
+    seen, owners, returncode = asyncio.run(scenario())
+    assert seen["Uid"].split() == [str(uid)] * 4 and seen["Gid"].split() == [str(uid)] * 4
+    assert (seen["CapEff"], seen["CapBnd"], seen["NoNewPrivs"]) == ("0" * 16, "0" * 16, "1")
+    assert owners == {"vsock-backend.sock": 0, "vhost-vsock.sock": 0, "vsock.sock": 0}
+    assert returncode is not None and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert list((tmp_path / "a").iterdir()) == []
 
 
 def _ended(pid: int) -> bool:

@@ -8,13 +8,20 @@ the delivered marks a restarted daemon resumes from and the keepers holding FIFO
 
 import asyncio
 import os
+import socket
 
+import grpc
 import pytest
 
+from containerd_streams import WINDOW, ContainerdStream
 from leak_guard import fail_if_left, take_left_in
 
+from host_sandboxer.taskproxy import streaming
 from host_sandboxer.taskproxy.delivered import DeliveredMark
+from host_sandboxer.taskproxy.errors import HostError
 from host_sandboxer.taskproxy.stdio import FifoSink, PortAllocator, ProcessStdio, _deliver_output
+from host_sandboxer.taskproxy.streaming import StreamHub
+from vmm_common import ttrpc
 from vmm_common.fdio import write_all
 from vmm_common.stdio_ack import ACK_EVERY, OFFSET
 from vmm_task.container.endpoints import parse_endpoint
@@ -272,6 +279,34 @@ def test_output_waits_for_a_restarted_containerd_to_read_on(tmp_path):
     asyncio.run(scenario())
 
 
+@pytest.mark.timeout(30)
+def test_stdin_stays_open_across_a_containerd_restart(tmp_path):
+    """containerd restarting closes its writer of the stdin FIFO and opens a new one: the
+    process's stdin must not see EOF meanwhile (the relay holds a writer of its own until CloseIO,
+    as containerd's runc shim does); what the new containerd writes reaches it, and CloseIO ends it."""
+    async def scenario():
+        stdin = str(tmp_path / "in")
+        os.mkfifo(stdin)
+        io = ProcessStdio.create(stdin, "", "", PortAllocator(), tmp_path / "marks")
+        guest = Guest(tmp_path)
+        got = guest.stdin(io.ports["stdin"])
+        io.start(UnixPortTransport(str(tmp_path)))
+        first = await asyncio.to_thread(os.open, stdin, os.O_WRONLY)
+        os.write(first, b"before\n")
+        os.close(first)  # containerd stops
+        await asyncio.sleep(0.5)
+        assert not got.done(), "the process's stdin was closed by containerd's restart"
+        second = await asyncio.to_thread(os.open, stdin, os.O_WRONLY)  # the new containerd
+        os.write(second, b"after\n")
+        os.close(second)
+        await io.stdin_done(5)  # CloseIO
+        assert await asyncio.wait_for(got, 5) == b"before\nafter\n"
+        await io.close()
+        guest.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.timeout(20)
 def test_close_unblocks_fifos_nobody_opened(tmp_path):
     async def scenario():
@@ -310,5 +345,118 @@ def test_fifos_nobody_opens_yet_do_not_hold_up_other_relays(tmp_path):
         for io in idle + [live]:
             await asyncio.wait_for(io.close(), 5)
         guest.close()
+
+    asyncio.run(scenario())
+
+
+class TaskAddress:
+    """The pod's task address as containerd reaches it for `io_type = "streaming"`: a ttrpc
+    server with the daemon's Streaming service (the task relay in between is tested in
+    tests/unit/test_task_relay*.py), and the stream strings CRI puts in Create/Exec."""
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, "task.sock")
+        self.hub = StreamHub()
+        self._server = ttrpc.Server()
+        streaming.register(self._server, self.hub)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(self.path)
+        self._sock.listen()
+        self._task = asyncio.ensure_future(self._server.serve(self._sock))
+
+    def uri(self, stream_id: str) -> str:
+        return f"ttrpc+unix://{self.path}?streaming_id={stream_id}"
+
+    async def close(self):
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._sock.close()
+
+
+@pytest.mark.timeout(30)
+def test_containerd_streams_carry_stdin_stdout_stderr_exactly(tmp_path):
+    """CRI's order: the streams are opened (and acknowledged) before Create; the relays take
+    them and bridge them to the guest's acknowledged ports, within containerd's windows."""
+    async def scenario():
+        address = TaskAddress(tmp_path)
+        streams = {n: await ContainerdStream.open(address.path, f"c1-{n}") for n in ("stdin", "stdout", "stderr")}
+        io = ProcessStdio.create(*(address.uri(f"c1-{n}") for n in ("stdin", "stdout", "stderr")),
+                                 PortAllocator(), tmp_path / "marks")
+        payload = os.urandom(3 << 20)  # many windows, more than the agent's 2 MiB
+        typed = os.urandom(60_000)  # two Data; within the stand-in pipe nobody reads meanwhile
+        guest = Guest(tmp_path)
+        got_stdin = guest.stdin(io.ports["stdin"])
+        guest.output(io.ports["stdout"], payload)
+        guest.output(io.ports["stderr"], b"err\n")
+        io.start(UnixPortTransport(str(tmp_path)), address.hub)
+        out = asyncio.ensure_future(streams["stdout"].read_all())
+        err = asyncio.ensure_future(streams["stderr"].read_all())
+        await streams["stdin"].write_all(typed)
+        await streams["stdin"].close()
+        assert await asyncio.wait_for(got_stdin, 10) == typed
+        assert await asyncio.wait_for(out, 10) == payload
+        assert await asyncio.wait_for(err, 10) == b"err\n"
+        await io.outputs_done(5)
+        for stream in streams.values():
+            await stream.drop()
+        await io.close()
+        guest.close()
+        await address.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(30)
+def test_a_stream_lost_with_containerd_goes_on_in_the_next_one(tmp_path):
+    """containerd restarted: its connection closes without CloseSend, CRI opens the stream
+    again with the same ID. The output goes on there; only what was in flight on the lost
+    connection (at most the windows containerd had granted) is missing."""
+    async def scenario():
+        address = TaskAddress(tmp_path)
+        first = await ContainerdStream.open(address.path, "c2-stdout")
+        io = ProcessStdio.create("", address.uri("c2-stdout"), "", PortAllocator(), tmp_path / "marks")
+        payload = b"".join(b"%d\n" % i for i in range(300_000))
+        guest = Guest(tmp_path)
+        guest.output(io.ports["stdout"], payload)
+        io.start(UnixPortTransport(str(tmp_path)), address.hub)
+        head = await first.read_all(until=b"\n")
+        await first.drop()
+        second = await ContainerdStream.open(address.path, "c2-stdout")
+        tail = await asyncio.wait_for(second.read_all(), 10)
+        assert payload.startswith(head) and payload.endswith(tail)
+        assert len(payload) - 4 * WINDOW <= len(head) + len(tail) <= len(payload)
+        await io.outputs_done(5)
+        await second.drop()
+        await io.close()
+        guest.close()
+        await address.close()
+
+    asyncio.run(scenario())
+
+
+def test_stream_strings_the_daemon_cannot_serve_are_refused(tmp_path):
+    for uri, why in (("grpc+unix:///run/t.sock?streaming_id=x", "only streams over ttrpc"),
+                     ("ttrpc+unix:///run/t.sock", "exactly one non-empty streaming_id"),
+                     ("ttrpc+unix:///run/t.sock?streaming_id=a&streaming_id=b", "exactly one")):
+        with pytest.raises(HostError, match=why) as refused:
+            ProcessStdio.create("", uri, "", PortAllocator(), tmp_path)
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.timeout(30)
+def test_a_finished_stream_replayed_to_a_restarted_daemon_is_ended(tmp_path):
+    """The daemon recorded a stream finished but was killed before containerd's call ended:
+    the relay replays the call to the next daemon, which ends it (containerd's EOF) at once."""
+    async def scenario():
+        address = TaskAddress(tmp_path)
+        io = ProcessStdio.create("", address.uri("c3-stdout"), "", PortAllocator(), tmp_path / "marks")
+        DeliveredMark(tmp_path / "marks" / str(io.ports["stdout"])).finish()
+        again = ProcessStdio.from_record(io.record(), tmp_path / "marks")  # the next daemon
+        again.start(UnixPortTransport(str(tmp_path)), address.hub)
+        replayed = await ContainerdStream.open(address.path, "c3-stdout")
+        assert await asyncio.wait_for(replayed.read_all(), 5) == b""
+        await replayed.drop()
+        await again.close()
+        await address.close()
 
     asyncio.run(scenario())

@@ -15,8 +15,10 @@ import time
 
 import pytest
 
+from google.protobuf import wrappers_pb2
+
 from host_sandboxer.taskrelay import conn as relay_conn, wire
-from host_sandboxer.taskrelay.link import TaskRelay
+from host_sandboxer.taskrelay.link import RESUMED_METADATA, TaskRelay, _Link, _RelayedChannel
 from host_sandboxer.vmm import process
 from vmm_common import ttrpc
 from vmm_common.protos.containerd.task.v3 import shim_pb2 as v3
@@ -33,18 +35,32 @@ class Daemon:
 
     def __init__(self, tmp_path, tag: int, state_bytes: int = 0, state_delay: float = 0.0):
         self.tag = tag
+        self.streamed: list[tuple[bool, bytes]] = []  # (resumed?, message) as Echo got them
         self.release = asyncio.Event()
         self.waits_cancelled = 0
         self.state_bytes = state_bytes
         self.state_delay = state_delay
         server = ttrpc.Server()
         server.register(SERVICE, {"State": ttrpc.unary(v3.StateRequest, self._state),
-                                  "Wait": ttrpc.unary(v3.WaitRequest, self._wait)})
+                                  "Wait": ttrpc.unary(v3.WaitRequest, self._wait),
+                                  "Echo": ttrpc.bidi_stream(wrappers_pb2.BytesValue, self._echo)})
         self.relay = TaskRelay(tmp_path, lambda pod: server if pod == POD else None)
 
     async def _state(self, request, ctx):
         await asyncio.sleep(self.state_delay)
         return v3.StateResponse(id=request.id, pid=self.tag, bundle="x" * self.state_bytes)
+
+    async def _echo(self, stream, ctx):
+        """A streaming call shaped like containerd's Streaming/Stream: the first message is
+        answered at once (unless the call is RESUMED), later ones are recorded; b"tag" is
+        answered with the daemon's tag."""
+        resumed = ctx.get(RESUMED_METADATA) is not None
+        first = True
+        async for message in stream:
+            self.streamed.append((resumed, message.value[:16]))
+            if (first and not resumed) or message.value == b"tag":
+                await stream.send(wrappers_pb2.BytesValue(value=b"%d" % self.tag))
+            first = False
 
     async def _wait(self, request, ctx):
         try:
@@ -149,6 +165,67 @@ def test_calls_pass_and_a_held_wait_is_answered_by_the_next_daemon(tmp_path):
 
     assert _run(tmp_path, scenario) is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == [POD]  # no record, control socket or log left
+
+
+def test_a_stream_goes_on_with_the_next_daemon_without_keeping_its_data(tmp_path):
+    """A streaming call (containerd's Streaming/Stream for `io_type = "streaming"`) outlives
+    daemons: more than MAX_KEPT_BYTES may flow (its data is not kept once a daemon has it),
+    the next daemon gets the call RESUMED with its first message (it does not ack it again)
+    and what was sent while no daemon ran, and nothing the previous daemon already had."""
+    async def scenario():
+        first = await _serving(tmp_path, 21)
+        client = await _client(tmp_path)
+        stream = await client.stream(SERVICE, "Echo", wrappers_pb2.BytesValue,
+                                     streaming_client=True, streaming_server=True)
+        await stream.send(wrappers_pb2.BytesValue(value=b"init"))
+        assert (await asyncio.wait_for(stream.recv(), 10)).value == b"21"
+        bulk = b"x" * (1 << 20)
+        for _ in range(relay_conn.MAX_KEPT_BYTES // len(bulk) + 2):
+            await stream.send(wrappers_pb2.BytesValue(value=bulk))
+        await stream.send(wrappers_pb2.BytesValue(value=b"tag"))
+        assert (await asyncio.wait_for(stream.recv(), 10)).value == b"21"  # all passed, connection kept
+        await first.relay.close()
+        await stream.send(wrappers_pb2.BytesValue(value=b"while down"))
+        await asyncio.sleep(0.2)
+
+        second = Daemon(tmp_path, 22)
+        await second.relay.resume({POD: _address(tmp_path)})
+        await stream.send(wrappers_pb2.BytesValue(value=b"tag"))
+        assert (await asyncio.wait_for(stream.recv(), 10)).value == b"22"  # no second ack before it
+        assert second.streamed == [(True, b"init"), (True, b"while down"), (True, b"tag")]
+        await stream.close_send()
+        assert await asyncio.wait_for(stream.recv(), 10) is None
+        await client.close()
+        await second.relay.unlisten(POD)
+
+    _run(tmp_path, scenario)
+
+
+def test_a_frame_counts_as_sent_once_the_relay_has_it(tmp_path):
+    """A relayed frame's send returns only when the frame is in the relay's socket, not queued
+    in the daemon (a stream's delivered mark advances on it: a daemon killed after that loses
+    nothing the mark counts). The relay's end of the link is a socketpair read by hand here."""
+    async def scenario():
+        ours, relays = socket.socketpair()
+        ours.setblocking(False)  # as the daemon's connection to the relay is
+        link = _Link(ours, lambda pod: None)
+        link.synced.set_result(None)  # no relay here to say so
+        send = asyncio.ensure_future(_RelayedChannel(link, 1).send(1, fr.DATA, 0, b"x" * (2 << 20)))
+        await asyncio.sleep(0.3)
+        assert not send.done() and link.outbox.size > 0  # more than the socket holds
+        got = 0
+        relays.setblocking(False)
+        while not send.done():
+            try:
+                got += len(relays.recv(1 << 20))
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        await send
+        assert got + len(relays.recv(1 << 20)) > 2 << 20
+        await link.close()
+        relays.close()
+
+    _run(tmp_path, scenario)
 
 
 def test_a_leaving_daemon_answers_the_calls_under_way_but_not_the_held_ones(tmp_path):
@@ -371,3 +448,45 @@ def test_the_relays_own_answer_is_a_ttrpc_status():
     assert (length, stream_id, msg_type) == (len(frame) - fr.HEADER_SIZE, 7, fr.RESPONSE)
     assert response.status.code == ttrpc.Code.RESOURCE_EXHAUSTED
     assert response.status.message.startswith("é")  # cut at 1 KiB, never inside a character
+
+
+class _QuietLoop:
+    """The relay loop's interface, doing nothing: the test drives the connection by hand."""
+
+    def add_reader(self, fd, *args):
+        pass
+
+    remove_reader = add_writer = remove_writer = add_reader
+
+
+class _Recorder:
+    """The Relay as a Conn sees it: records what it forwards and why the connection ended."""
+
+    def __init__(self):
+        self.loop, self.session = _QuietLoop(), object()
+        self.forwarded, self.dropped = [], []
+
+    def received(self, conn, frame):
+        self.forwarded.append(wire.ttrpc_header(frame))
+
+    def drop(self, conn, reason):
+        self.dropped.append(reason)
+        conn.close()
+
+
+def test_what_containerd_sent_before_closing_is_taken_when_an_answer_fails():
+    """containerd ends a stdin stream with its last Data and CloseSend and closes the connection
+    at once, while a window update may be on its way to it: that write fails (EPIPE), and what
+    containerd sent is still forwarded, its CloseSend included, before the connection goes."""
+    ours, theirs = socket.socketpair()
+    relay = _Recorder()
+    conn = relay_conn.Conn(relay, 1, POD, ours)
+    stream = Request(service="containerd.services.streaming.v1.Streaming", method="Stream")
+    theirs.sendall(fr.encode(1, fr.REQUEST, fr.FLAG_REMOTE_OPEN, stream.SerializeToString())
+                   + fr.encode(1, fr.DATA, 0, b"init") + fr.encode(1, fr.DATA, 0, b"last bytes")
+                   + fr.encode(1, fr.DATA, fr.FLAG_REMOTE_CLOSED | fr.FLAG_NO_DATA))
+    theirs.close()
+    conn.send(fr.encode(1, fr.DATA, 0, b"a window update"))
+    assert relay.forwarded == [(1, fr.REQUEST, fr.FLAG_REMOTE_OPEN), (1, fr.DATA, 0), (1, fr.DATA, 0),
+                               (1, fr.DATA, fr.FLAG_REMOTE_CLOSED | fr.FLAG_NO_DATA)]
+    assert len(relay.dropped) == 1 and "write failed" in relay.dropped[0]

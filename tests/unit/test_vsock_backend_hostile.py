@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import any_pb2
 
-from host_sandboxer.config import Config, VsockConfig
+from host_sandboxer.config import Config, ContainmentConfig, VsockConfig
 from host_sandboxer.sandbox import lifecycle
 from host_sandboxer.sandbox.pod import UNKNOWN_EXIT_STATUS, Pod
 from host_sandboxer.sandbox.podconfig import PodConfig
@@ -113,7 +113,7 @@ class Node:
 
     def __init__(self, root: Path):
         self.root = root
-        self.backend = VsockBackend(root)
+        self.backend = VsockBackend(root, user=ContainmentConfig().backend_uid)  # as the daemon runs it
         self.vms: dict[str, BackendVsock] = {}
         self.qemus: list[Qemu] = []
 

@@ -137,6 +137,29 @@ def test_mapping_a_region_beyond_the_file_fails_and_closes_fds():
         os.fstat(fd)
 
 
+def test_a_read_only_region_is_left_unmapped_and_its_fd_closed(tmp_path):
+    """The guest's root image on virtio-pmem: QEMU hands over a read-only fd (mapping it for
+    writing would fail the whole table); addresses in it are outside what the device may use."""
+    image = tmp_path / "rootfs.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    ram = os.memfd_create("ram")
+    os.ftruncate(ram, 1 << 20)
+    readonly = os.open(image, os.O_RDONLY)
+    mem = GuestMemory.map([vu.MemoryRegionEntry(0, 1 << 20, 0x10000000, 0),
+                           vu.MemoryRegionEntry(1 << 32, 1 << 20, 0x20000000, 0)], [ram, readonly])
+    try:
+        assert len(mem.regions) == 1
+        mem.view(0, 16)[:] = b"y" * 16
+        with pytest.raises(GuestMemoryError):
+            mem.view(1 << 32, 16)
+        with pytest.raises(GuestMemoryError):
+            mem.locate_uva(0x20000000, 16)
+    finally:
+        mem.close()
+    with pytest.raises(OSError):
+        os.fstat(readonly)
+
+
 class Ring:
     """A queue of `num` entries at guest address 0 of `memory`, laid out by hand."""
 

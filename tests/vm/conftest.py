@@ -52,6 +52,7 @@ class GuestImage:
     kernel: Path
     initrd: Path
     manifest: Path
+    rootfs: Path
 
 
 class BackgroundLoop:
@@ -112,8 +113,9 @@ class RunningVm:
 
 
 def _image(directory: Path, target: str) -> GuestImage:
-    image = GuestImage(directory / "kernel", directory / "initrd.img", directory / "manifest.json")
-    missing = [str(p) for p in (image.kernel, image.initrd) if not p.is_file()]
+    image = GuestImage(directory / "kernel", directory / "initrd.img", directory / "manifest.json",
+                       directory / "rootfs.img")
+    missing = [str(p) for p in (image.kernel, image.initrd, image.rootfs) if not p.is_file()]
     if missing:
         pytest.skip(f"guest image absent ({', '.join(missing)}): run `make {target}`")
     return image
@@ -147,7 +149,7 @@ def vm_config(guest_image) -> Config:
     """Defaults (accel auto: TCG here) with the built image and the hybrid vsock transport."""
     config = load_config(None)
     config.vm = dataclasses.replace(config.vm, kernel=guest_image.kernel, initrd=guest_image.initrd,
-                                    boot_timeout_s=BOOT_TIMEOUT_S)
+                                    rootfs=guest_image.rootfs, boot_timeout_s=BOOT_TIMEOUT_S)
     config.vsock = dataclasses.replace(config.vsock, transport="hybrid")
     return config
 

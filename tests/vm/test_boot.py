@@ -23,6 +23,8 @@ def test_manifest_describes_the_booted_image(guest_image):
     manifest = json.loads(guest_image.manifest.read_text())
     assert manifest["initrd"]["size"] == guest_image.initrd.stat().st_size
     assert manifest["kernel"]["size"] == guest_image.kernel.stat().st_size
+    assert manifest["rootfs"]["size"] == guest_image.rootfs.stat().st_size
+    assert manifest["rootfs"]["filesystem"] == "erofs"
     assert re.fullmatch(r"6\.1\.\d+", manifest["kernel"]["release"])
     paths = {f["path"]: f for f in manifest["files"]}
     assert paths["/init"]["target"] == "sbin/init"
@@ -52,7 +54,7 @@ def test_the_kernel_names_no_build_machine_date_or_count(guest_image):
                         rf"#1 SMP( PREEMPT\w*)* {re.escape(env['KBUILD_BUILD_TIMESTAMP'])}", version), version
 
 
-def test_rebuilding_from_the_same_inputs_gives_the_same_initrd(guest_image, tmp_path):
+def test_rebuilding_from_the_same_inputs_gives_the_same_initrd_and_root_image(guest_image, tmp_path):
     from initrd import agent, guest_image as builder
     from kernel import build as kernel_build
 
@@ -63,3 +65,4 @@ def test_rebuilding_from_the_same_inputs_gives_the_same_initrd(guest_image, tmp_
                             manifest["initrd"]["compression"], kernel_build.default_cache())
     assert rebuilt["initrd"]["sha256"] == manifest["initrd"]["sha256"]
     assert (tmp_path / "initrd.img").read_bytes() == guest_image.initrd.read_bytes()
+    assert rebuilt["rootfs"]["sha256"] == manifest["rootfs"]["sha256"]

@@ -63,8 +63,10 @@ def test_check_names_a_bad_config_key(tmp_path):
 
 
 def test_guest_panic_is_reported_and_everything_torn_down(vm_config, vm_loop, tmp_path):
-    # No /init to run: the kernel panics, panic=-1 + -no-reboot end QEMU.
-    guest = GuestVm(vm_config, tmp_path / "run", share_dir=tmp_path, kernel_params=["rdinit=/no-such-init"])
+    # No init to run (rdinit= for an initrd, init= for the pmem root): the kernel panics,
+    # panic=-1 + -no-reboot end QEMU.
+    guest = GuestVm(vm_config, tmp_path / "run", share_dir=tmp_path,
+                    kernel_params=["rdinit=/no-such-init", "init=/no-such-init"])
     with pytest.raises(VmError) as err:
         vm_loop.run(guest.start())
     assert err.value.stage == "qemu"

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import empty_pb2
 
+from containerd_streams import ContainerdStream
 from host_sandboxer.vmm.vm import GuestVm
 from tests.kuasar_host import KuasarHost
 from tests.vm.conftest import RunningVm
@@ -118,6 +119,15 @@ def oci_spec(cid: str, script: str) -> dict:
     }
 
 
+def overlay_rootfs(lower: Path, snapshot: Path) -> list[dict]:
+    """containerd's rootfs mounts for a container: an overlay snapshot of `lower`."""
+    (snapshot / "fs").mkdir(parents=True)
+    (snapshot / "work").mkdir()
+    return [{"type": "overlay", "source": "overlay", "options": [
+        f"lowerdir={lower}", f"upperdir={snapshot / 'fs'}", f"workdir={snapshot / 'work'}",
+        "index=off"]}]
+
+
 def volume(destination: str, source: Path, mode: str = "rw") -> dict:
     return {"destination": destination, "type": "bind", "source": str(source),
             "options": ["rbind", "rprivate", mode]}
@@ -181,12 +191,7 @@ def test_kuasar_host_runs_containers_in_our_guest(kuasar_vm, host, host_volumes,
     vm = kuasar_vm
     volumes = host_volumes
     cid = f"k{uuid.uuid4().hex[:12]}"
-    snapshot = tmp_path / "snapshot"
-    (snapshot / "fs").mkdir(parents=True)
-    (snapshot / "work").mkdir()
-    rootfs = [{"type": "overlay", "source": "overlay", "options": [
-        f"lowerdir={volumes['lower']}", f"upperdir={snapshot / 'fs'}",
-        f"workdir={snapshot / 'work'}", "index=off"]}]
+    rootfs = overlay_rootfs(volumes["lower"], tmp_path / "snapshot")
     spec = oci_spec(cid, INIT)
     disk_mount = volume("/disk", volumes["disk"], "ro")
     spec["mounts"] += [volume("/cache", volumes["cache"]), volume("/data", volumes["data"], "ro"),
@@ -267,3 +272,55 @@ def test_kuasar_host_runs_containers_in_our_guest(kuasar_vm, host, host_volumes,
     assert exec_output == b"hi\nexec-done\n"
     assert (exec_exit.exit_status, init_exit.exit_status) == (3, 5)
     assert b"no shell in this guest" in console
+
+
+def test_kuasar_host_streams_a_containers_stdio(kuasar_vm, host, host_volumes, tmp_path):
+    """`io_type = "streaming"` with Kuasar's host: containerd dials the agent's task address
+    itself for each stream (a connection of its own), before Create, and the io file passes
+    the stream strings through (handler/io.rs); stdin, stdout and stderr over those streams."""
+    vm = kuasar_vm
+    cid = f"s{uuid.uuid4().hex[:12]}"
+    address = "ttrpc+hvsock:///run/kuasar/task.vsock:1024"  # a hybrid-vsock task address; the agent ignores it
+    io = {"stdin": f"{address}?streaming_id={cid}-stdin", "stdout": f"{address}?streaming_id={cid}-stdout",
+          "stderr": f"{address}?streaming_id={cid}-stderr", "terminal": False}
+    rootfs = overlay_rootfs(host_volumes["lower"], tmp_path / "snapshot")
+    host.write_sandbox_files("kuasar-vm", "nameserver 192.0.2.53\n")
+    host.append_container(cid, oci_spec(cid, "echo started; cat; echo to-stderr >&2; exit 7"), rootfs, io)
+    typed = b"".join(b"line %d\n" % i for i in range(20_000))  # ~200 kB: many windows both ways
+
+    async def scenario():
+        client = await vm.client()
+        connections = {name: await vm.client() for name in ("stdin", "stdout", "stderr")}
+
+        async def call(method, request, response=empty_pb2.Empty):
+            return await client.call(TASK, method, request, response, timeout=120.0)
+        try:
+            setup = sandbox_pb.SetupSandboxRequest()
+            setup.config.type_url = "PodSandboxConfig"
+            setup.config.value = json.dumps({"hostname": "kuasar-vm"}).encode()
+            await client.call("grpc.SandboxService", "SetupSandbox", setup, empty_pb2.Empty,
+                              timeout=30)
+            streams = {name: await ContainerdStream.over(connection, io[name].rsplit("=", 1)[1])
+                       for name, connection in connections.items()}  # CRI: before Create
+            await call("Create", pb.CreateTaskRequest(
+                id=cid, bundle=f"/run/containerd/io.containerd.runtime.v2.task/k8s.io/{cid}",
+                stdin=io["stdin"], stdout=io["stdout"], stderr=io["stderr"],
+                rootfs=[mount_pb2.Mount(type=m["type"], source=m["source"], options=m["options"])
+                        for m in rootfs]), pb.CreateTaskResponse)
+            await call("Start", pb.StartRequest(id=cid), pb.StartResponse)
+            out = asyncio.ensure_future(streams["stdout"].read_all())
+            err = asyncio.ensure_future(streams["stderr"].read_all())
+            await streams["stdin"].write_all(typed)
+            await streams["stdin"].close()
+            outputs = await asyncio.wait_for(asyncio.gather(out, err), 300)
+            exit_status = (await call("Wait", pb.WaitRequest(id=cid), pb.WaitResponse)).exit_status
+            await call("Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
+            return outputs, exit_status
+        finally:
+            for connection in [client, *connections.values()]:
+                await connection.close()
+
+    (stdout, stderr), exit_status = vm.run(scenario(), timeout=600)
+    host.remove_container(cid)
+    assert stdout == b"started\n" + typed
+    assert (stderr, exit_status) == (b"to-stderr\n", 7)

@@ -320,10 +320,11 @@ def test_start_refuses_a_user_namespace_a_runc_pod_refuses(env):
 
 
 def test_start_failure_carries_the_console_tail(env):
-    """A guest that cannot run its agent: Start fails in bounded time quoting the console."""
+    """A guest that cannot run its agent: Start fails in bounded time quoting the console.
+    (rdinit= for an initrd, init= for the pmem root: the last init= on the command line wins.)"""
     env.daemon.stop()
     env.daemon.config.write_text(env.daemon.config.read_text().replace(
-        "[vm]\n", '[vm]\nkernel_params = "rdinit=/no-such-init"\n', 1))
+        "[vm]\n", '[vm]\nkernel_params = "rdinit=/no-such-init init=/no-such-init"\n', 1))
     env.daemon.start()
     ctl = env.cri.controller
     ctl.Create(sb.ControllerCreateRequest(sandbox_id="broken"), metadata=NS, timeout=10)

@@ -1,8 +1,9 @@
 """A pod's VM runs confined (issue 13, finding 6): sized no larger than the configured maxima;
-QEMU and virtiofsd in a cgroup under the pod's cgroup_parent, charged there; QEMU as a uid of its own without capabilities, with its
-seccomp filter; virtiofsd with the capabilities its sandbox needs only; the vsock backend and
-the FIFO keepers without capabilities in the daemon's helpers cgroup. A restarted daemon finds
-the pod's cgroup, and Shutdown removes it.
+QEMU and virtiofsd in a cgroup under the pod's cgroup_parent, charged there; QEMU as a uid of
+its own without capabilities, with its seccomp filter; virtiofsd with the capabilities its
+sandbox needs only; the vsock backend and the FIFO keepers without capabilities in the daemon's
+helpers cgroup, the backend as a uid of its own. A restarted daemon finds the pod's cgroup, and
+Shutdown removes it.
 
 Real daemon, real QEMU (TCG), virtiofsd, vsock backend, guest and crun.
 """
@@ -126,6 +127,7 @@ def test_a_pods_vm_runs_confined_and_its_cgroup_outlives_a_daemon_restart(env):
         assert keepers and all(_in_cgroup(pid, helpers) for pid in [backend, *keepers])
         assert all(_status(pid)["CapEff"] == "0" * 16 and _status(pid)["NoNewPrivs"] == "1"
                    for pid in [backend, *keepers])
+        assert _status(backend)["Uid"].split() == [str(ContainmentConfig().backend_uid)] * 4
 
         # A restarted daemon takes the pod over; Shutdown removes the cgroup it recorded.
         _crash_daemon(env)

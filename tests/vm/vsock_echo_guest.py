@@ -91,7 +91,7 @@ def make_vm(run_dir: Path, name: str = "vsock-echo", memory_mib: int = 256):
     from host_sandboxer.config import load_config
     from host_sandboxer.vmm.vm import GuestVm
     config = load_config(None)
-    config.vm = dataclasses.replace(config.vm, kernel=guest_kernel(), initrd=echo_initrd(),
+    config.vm = dataclasses.replace(config.vm, kernel=guest_kernel(), initrd=echo_initrd(), image="initrd",
                                     memory_mib=memory_mib, boot_timeout_s=60.0)
     config.vsock = dataclasses.replace(config.vsock, transport="hybrid")
     return GuestVm(config, run_dir, name=name)

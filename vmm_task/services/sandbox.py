@@ -60,6 +60,9 @@ class SandboxService:
                 raise RpcError(Code.INVALID_ARGUMENT, str(e)) from None
             if request.interfaces or request.routes:
                 self._require_own_network("SetupSandbox with interfaces or routes")
+            if not self.ctx.dev_mode:  # the host's kernel is not ours to reseed
+                await _reseed_crng()
+            self._mount_share_late()
             try:
                 namespaces = await setup.setup_pod(self.ctx, config)
             except ValueError as e:
@@ -78,6 +81,18 @@ class SandboxService:
             log.info("sandbox set up: hostname=%r namespaces=%s", config.hostname,
                      self.ctx.sandbox.namespaces)
         return empty_pb2.Empty()
+
+    def _mount_share_late(self) -> None:
+        """The shared directory, if boot could not mount it (a VM template's clone gets its
+        device hot-plugged after the restore). Logged, not fatal: a pod without a share fails
+        later, naming the missing files."""
+        ctx = self.ctx
+        if ctx.sharefs_type is None or os.path.ismount(ctx.state_dir):
+            return
+        from vmm_task.init.mounts import mount_shared_dir
+
+        for problem in mount_shared_dir(ctx.sharefs_type, ctx.state_dir):
+            log.warning("shared directory still not mounted: %s", problem)
 
     # -- network -------------------------------------------------------------------------------
 
@@ -173,6 +188,19 @@ class SandboxService:
             raise RpcError(Code.UNKNOWN, f"command {request.command!r} exited with {result.code}:"
                                          f" {result.stderr.decode(errors='replace').strip()}")
         return pb.ExecVMProcessResponse(out=result.stdout.decode(errors="backslashreplace"))
+
+
+async def _reseed_crng() -> None:
+    """Before anything of the pod runs: a guest cloned from a template must not share the
+    template's random numbers (vmm_task/pod/entropy.py)."""
+    from vmm_task.pod import entropy
+
+    try:
+        await asyncio.to_thread(entropy.reseed)
+    except FileNotFoundError as e:  # no virtio-rng (another host's VM): booted, never cloned by us
+        log.warning("no CRNG reseed: %s", e)
+    except OSError as e:
+        raise RpcError(Code.INTERNAL, f"cannot reseed the kernel's random number generator: {e}") from None
 
 
 def _command_argv(command: str) -> list[str]:
