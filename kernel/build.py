@@ -27,6 +27,11 @@ from kernel import config
 SOURCE_DIR = Path("/usr/src")
 _SOURCE_TARBALL = re.compile(r"(linux-source-(\d+)\.(\d+))\.tar\.xz")
 MAKE = ["nice", "-n", "10", "make", "ARCH=x86_64", "-j2"]
+# What the kernel would take from the clock, the object directory and the machine into its
+# version string (`6.1.x (user@host) #N SMP <date>`): fixed, so that the same inputs give the same
+# bzImage on any machine, cold or incremental (the date is the initrd's default SOURCE_DATE_EPOCH).
+REPRODUCIBLE_ENV = {"KBUILD_BUILD_TIMESTAMP": "Tue Nov 14 22:13:20 UTC 2023", "KBUILD_BUILD_VERSION": "1",
+                    "KBUILD_BUILD_USER": "vmm-task", "KBUILD_BUILD_HOST": "vmm-task"}
 
 
 class KernelConfigError(RuntimeError):
@@ -94,7 +99,7 @@ def _extract_source(src_root: Path, source: Source, version: str) -> Path:
 
 def _make(tree: Path, obj: Path, log, *targets: str) -> None:
     subprocess.run(MAKE + ["-C", str(tree), f"O={obj}", *targets], check=True,
-                   stdout=log, stderr=subprocess.STDOUT)
+                   stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **REPRODUCIBLE_ENV))
 
 
 def configure(tree: Path, obj: Path, log) -> str:
@@ -140,6 +145,10 @@ def _build(root: Path, out: Path, source: Source, version: str, progress) -> Non
     staging.mkdir()
     log_path = staging / "build.log"
     progress(f"kernel: building {out.name} (a few minutes; log {log_path})")
+    # The built-in initramfs (/dev/console, /root) carries KBUILD_BUILD_TIMESTAMP as its mtimes, but
+    # kbuild does not remake it when only the environment changed: one left in the shared object
+    # dir by an earlier build kept that build's clock (a cold rebuild then differed in it).
+    (obj / "usr" / "initramfs_data.cpio").unlink(missing_ok=True)
     with open(log_path, "w") as log:
         final = configure(tree, obj, log)
         try:

@@ -346,6 +346,7 @@ async def shutdown(pod: Pod, task_relay) -> None:
     if not pod.vm_exited.done() and pod.state == "ready":
         await stop(pod, 1.0)
     pod.stopping = True
+    await _close_vm(pod)  # a VM that ended by itself is closed by its watch, maybe still: wait for that
     pod.mark_exited(0, "shut down")  # a pod never started: release its Waits too
     for cid in list(pod.containers):
         await pod.remove_container(cid)

@@ -101,6 +101,7 @@ class GuestVm:
         self.virtiofsd: Virtiofsd | None = None
         self.qemu: Qemu | None = None
         self.timeline: BootTimeline | None = None
+        self._closing: asyncio.Future | None = None
 
     @property
     def console(self):
@@ -154,7 +155,14 @@ class GuestVm:
                 else {"kind": "kernel", "cid": self.transport.guest_cid}}
 
     async def close(self) -> None:
-        """Stop QEMU, then virtiofsd and the transport; safe to call more than once."""
+        """Stop QEMU, then virtiofsd and the transport. One close runs, however many ask (the
+        VM's watch and a Shutdown may at once): each returns when it is done, and a caller
+        cancelled meanwhile does not cut it short."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         if self.qemu is not None:
             await self.qemu.close()
         if self.virtiofsd is not None:

@@ -1,5 +1,6 @@
 """GuestVm's start-up failures that need no guest image: missing image files, socket paths too
-long, no QEMU binary, QEMU refusing the kernel (real QEMU, a file that is no kernel)."""
+long, no QEMU binary, QEMU refusing the kernel (real QEMU, a file that is no kernel); and its
+close, asked for by several at once."""
 import asyncio
 import dataclasses
 
@@ -65,3 +66,30 @@ def test_qemu_exiting_at_start_is_reported_with_its_output(tmp_path):
     assert rest[0] == "QEMU output:" and "kernel" in rest[1]
     assert rest[-2:] == ["console tail:", "(no console output)"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["console.log", "qemu.log"]
+
+
+def test_close_runs_once_for_every_caller_and_a_cancelled_one_does_not_cut_it_short(tmp_path):
+    """A pod's VM watch and its Shutdown may close the VM at once (sandbox/lifecycle.py): the
+    close runs once, each caller returns when it is done, and cancelling one (stop() cancels the
+    watch) does not stop it halfway (the vsock backend is told last: cut short, it was left
+    running). The transport is a stand-in: what is measured is GuestVm's own ordering."""
+    class SlowTransport:
+        def __init__(self):
+            self.begun = self.finished = 0
+
+        async def close(self):
+            self.begun += 1
+            await asyncio.sleep(0.2)
+            self.finished += 1
+
+    async def main():
+        vm = GuestVm(config_with_image(tmp_path), tmp_path / "run")
+        vm.transport = SlowTransport()
+        first = asyncio.ensure_future(vm.close())
+        await asyncio.sleep(0.05)
+        first.cancel()
+        await vm.close()
+        return vm.transport
+
+    transport = asyncio.run(main())
+    assert (transport.begun, transport.finished) == (1, 1)

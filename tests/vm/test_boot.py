@@ -6,6 +6,7 @@ import re
 import pytest
 
 from initrd import debian, guest_runtime
+from kernel import build as kernel_build
 
 
 def test_guest_boots_to_vmm_task_ready(vm, guest_image):
@@ -38,6 +39,19 @@ def test_manifest_describes_the_booted_image(guest_image):
     assert all(re.fullmatch(r"[0-9a-f]{64}", p["sha256"]) for p in packages.values())
     assert paths[f"/{guest_runtime.RUNTIMES[manifest['runtime']]}"]["size"] > 0
     assert paths[f"{guest_runtime.GUEST_LIB_DIR}/ld-linux-x86-64.so.2"]["size"] > 0
+
+
+def test_the_kernel_names_no_build_machine_date_or_count(guest_image):
+    """The version string in the bzImage (its setup header's kernel_version) takes the clock, the
+    object directory's build count and user@host unless kernel/build.py fixes them: a cold
+    rebuild then differed from the cached kernel (the first cold `make reproducible-check`)."""
+    image = guest_image.kernel.read_bytes()
+    start = int.from_bytes(image[0x20E:0x210], "little") + 0x200
+    version = image[start:image.index(b"\0", start)].decode()
+    env = kernel_build.REPRODUCIBLE_ENV
+    release = json.loads(guest_image.manifest.read_text())["kernel"]["release"]
+    assert re.fullmatch(rf"{re.escape(release)} \({env['KBUILD_BUILD_USER']}@{env['KBUILD_BUILD_HOST']}\) "
+                        rf"#1 SMP( PREEMPT\w*)* {re.escape(env['KBUILD_BUILD_TIMESTAMP'])}", version), version
 
 
 def test_rebuilding_from_the_same_inputs_gives_the_same_initrd_and_root_image(guest_image, tmp_path):

@@ -12,7 +12,7 @@ import signal
 
 from leak_guard import mounts_left
 from test_sandboxer import NS, _long_running_pod, env  # noqa: F401  (env: the fixture)
-from test_sandboxer_restart import _crash_daemon, _exit_statuses, _gone, _helpers
+from test_sandboxer_restart import _alive, _crash_daemon, _exit_statuses, _gone, _helpers
 
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from vmm_common.protos.containerd.task.v3 import shim_pb2 as task
@@ -67,4 +67,8 @@ def test_adopted_virtiofsd_killed_ends_the_pod(env):
     _assert_ended_by_virtiofsd(env, "adopted", helpers["qemu"])
     assert _exit_statuses(env, b.id) == [UNKNOWN_EXIT]
     _shutdown(env, "adopted")
+    # The pod's VM is closed by then (its watch closes it after the exit: Shutdown waits for that),
+    # and with it the node's vsock backend, its last VM gone. Looked at at once, not waited for:
+    # a daemon stopped now would leave whatever is still running.
+    assert not _alive(helpers["vsock"]), "the vsock backend outlived the Shutdown of its last pod"
     assert mounts_left(env.work) == []
