@@ -203,6 +203,15 @@ class KuasarHost:
             target.unlink()
 
 
+def overlay_rootfs(lower: Path, snapshot: Path) -> list[dict]:
+    """containerd's rootfs mounts for a container: an overlay snapshot of `lower`."""
+    (snapshot / "fs").mkdir(parents=True)
+    (snapshot / "work").mkdir()
+    return [{"type": "overlay", "source": "overlay", "options": [
+        f"lowerdir={lower}", f"upperdir={snapshot / 'fs'}", f"workdir={snapshot / 'work'}",
+        "index=off"]}]
+
+
 def _is_for(storage: dict, mount: dict) -> bool:
     return (storage["host_source"], storage["type"]) == (mount.get("source", ""),
                                                          mount.get("type", ""))

@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from tests.agent.conftest import Agent, oci_spec
-from tests.kuasar_host import KuasarHost
+from tests.kuasar_host import KuasarHost, overlay_rootfs
 from vmm_common.protos.containerd.runc.v1 import oci_pb2
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as pb
 from vmm_common.protos.containerd.types import mount_pb2
@@ -74,14 +74,6 @@ def containerd_create(cid: str, rootfs: list[dict], options=None) -> pb.CreateTa
         request.options.type_url = "containerd.runc.v1.Options"  # containerd's typeurl name
         request.options.value = options.SerializeToString()
     return request
-
-
-def overlay_rootfs(lower: Path, snapshot: Path) -> list[dict]:
-    (snapshot / "fs").mkdir(parents=True)
-    (snapshot / "work").mkdir()
-    return [{"type": "overlay", "source": "overlay", "options": [
-        f"lowerdir={lower}", f"upperdir={snapshot / 'fs'}", f"workdir={snapshot / 'work'}",
-        "index=off"]}]
 
 
 def volume(destination: str, source: Path, mode: str = "rw") -> dict:

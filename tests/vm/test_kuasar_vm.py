@@ -25,7 +25,7 @@ from google.protobuf import empty_pb2
 
 from containerd_streams import ContainerdStream
 from host_sandboxer.vmm.vm import GuestVm
-from tests.kuasar_host import KuasarHost
+from tests.kuasar_host import KuasarHost, overlay_rootfs
 from tests.vm.conftest import RunningVm
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as pb
 from vmm_common.protos.containerd.types import mount_pb2
@@ -119,15 +119,6 @@ def oci_spec(cid: str, script: str) -> dict:
     }
 
 
-def overlay_rootfs(lower: Path, snapshot: Path) -> list[dict]:
-    """containerd's rootfs mounts for a container: an overlay snapshot of `lower`."""
-    (snapshot / "fs").mkdir(parents=True)
-    (snapshot / "work").mkdir()
-    return [{"type": "overlay", "source": "overlay", "options": [
-        f"lowerdir={lower}", f"upperdir={snapshot / 'fs'}", f"workdir={snapshot / 'work'}",
-        "index=off"]}]
-
-
 def volume(destination: str, source: Path, mode: str = "rw") -> dict:
     return {"destination": destination, "type": "bind", "source": str(source),
             "options": ["rbind", "rprivate", mode]}
@@ -186,6 +177,14 @@ async def read_until(fifo: Path, marker: bytes, timeout: float = 120.0) -> bytes
         os.close(fd)
     return data
 
+async def setup_sandbox(client) -> None:
+    """Kuasar's SetupSandbox with a PodSandboxConfig naming only the hostname (no network)."""
+    setup = sandbox_pb.SetupSandboxRequest()
+    setup.config.type_url = "PodSandboxConfig"
+    setup.config.value = json.dumps({"hostname": "kuasar-vm"}).encode()
+    await client.call("grpc.SandboxService", "SetupSandbox", setup, empty_pb2.Empty, timeout=30)
+
+
 
 def test_kuasar_host_runs_containers_in_our_guest(kuasar_vm, host, host_volumes, tmp_path):
     vm = kuasar_vm
@@ -207,11 +206,7 @@ def test_kuasar_host_runs_containers_in_our_guest(kuasar_vm, host, host_volumes,
         async def call(method, request, response=empty_pb2.Empty, timeout=120.0):
             return await client.call(TASK, method, request, response, timeout=timeout)
         try:
-            setup = sandbox_pb.SetupSandboxRequest()
-            setup.config.type_url = "PodSandboxConfig"
-            setup.config.value = json.dumps({"hostname": "kuasar-vm"}).encode()
-            await client.call("grpc.SandboxService", "SetupSandbox", setup, empty_pb2.Empty,
-                              timeout=30)
+            await setup_sandbox(client)
 
             # the disk: blockdev-add + device_add on the bridge, as handle_block_device
             qmp = vm.guest.qemu.qmp
@@ -295,11 +290,7 @@ def test_kuasar_host_streams_a_containers_stdio(kuasar_vm, host, host_volumes, t
         async def call(method, request, response=empty_pb2.Empty):
             return await client.call(TASK, method, request, response, timeout=120.0)
         try:
-            setup = sandbox_pb.SetupSandboxRequest()
-            setup.config.type_url = "PodSandboxConfig"
-            setup.config.value = json.dumps({"hostname": "kuasar-vm"}).encode()
-            await client.call("grpc.SandboxService", "SetupSandbox", setup, empty_pb2.Empty,
-                              timeout=30)
+            await setup_sandbox(client)
             streams = {name: await ContainerdStream.over(connection, io[name].rsplit("=", 1)[1])
                        for name, connection in connections.items()}  # CRI: before Create
             await call("Create", pb.CreateTaskRequest(
