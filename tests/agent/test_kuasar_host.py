@@ -115,7 +115,8 @@ def test_containers_the_kuasar_way(kuasar_agent, host, empty_dir, busybox_rootfs
     mounts = [volume("/cache", empty_dir), volume("/data", data, "ro")]
     specs = {}
     for cid, script in ((first, INIT.format(keyring=KEYRING.format(cid=first))),
-                        (second, "cat /cache/x; " + KEYRING.format(cid=second))):
+                        (second, "until [ -e /cache/x ]; do sleep 0.05; done; cat /cache/x; "
+                                 + KEYRING.format(cid=second))):
         args = ["sh", "-c", script]
         specs[cid] = oci_spec(args, cid)
         specs[cid]["mounts"] += mounts
