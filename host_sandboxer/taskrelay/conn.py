@@ -37,45 +37,16 @@ class Conn(Peer):
         self.kept_bytes = 0
         self.answered: set[int] = set()       # kept streams the daemon has sent frames on
         self.last_request = 0                 # request stream ids must increase (as ttrpc's)
-        self._taking = False                  # inside _take (its frames are being handled)
         super().__init__(relay, sock)
 
     def lost(self, reason: str) -> None:
         self.relay.drop(self, reason)
 
-    def _on_readable(self) -> None:
-        try:
-            data = self.sock.recv(RECV_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self.lost(f"read failed: {e}")
-            return
-        if not data:
-            partial = f" ({len(self.inbound)} bytes of a frame unfinished)" if self.inbound else ""
-            self.lost("closed by the peer" + partial)
-            return
-        self._take(data)
-
-    def _write_failed(self, why: str) -> None:
-        """containerd closed while we answered: it closes a stream's connection right after its
-        last message and CloseSend, while a window update may be on its way to it. What it sent
-        before closing is still in the socket: it is taken (and forwarded) before letting go,
-        else a stdin stream would lose its end. (Not when the write was the relay's own answer
-        to a frame being taken: that frame's successors are then left.)"""
-        while not self.closed and not self._taking:
-            try:
-                data = self.sock.recv(RECV_CHUNK)
-            except OSError:  # BlockingIOError: all taken; ECONNRESET and the like: nothing more
-                break
-            if not data:
-                break
-            self._take(data)
-        super()._write_failed(why)
+    def _receive(self) -> bytes:
+        return self.sock.recv(RECV_CHUNK)
 
     def _take(self, data: bytes) -> None:
         self.inbound += data
-        self._taking = True
         try:
             for stream_id, msg_type, flags, frame in wire.take(self.inbound, wire.TTRPC_MAX_DATA):
                 self._from_peer(stream_id, msg_type, flags, frame)
@@ -83,8 +54,6 @@ class Conn(Peer):
                     return
         except wire.WireError as e:
             self.lost(f"protocol error: {e}")
-        finally:
-            self._taking = False
 
     def _from_peer(self, stream_id: int, msg_type: int, flags: int, frame: bytes) -> None:
         if stream_id % 2 == 0:

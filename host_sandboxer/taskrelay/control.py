@@ -28,33 +28,24 @@ class Session(Peer):
     def send(self, kind: int, conn: int, payload: bytes = b"", flags: int = 0) -> None:
         self.outbox.write(wire.message(kind, conn, payload, flags), payload)
 
-    def _on_readable(self) -> None:
-        try:
-            data, fds, flags, _ = socket.recv_fds(self.sock, RECV_CHUNK, MAX_FDS)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self.lost(f"read failed: {e}")
-            return
+    def _receive(self) -> bytes:
+        data, fds, flags, _ = socket.recv_fds(self.sock, RECV_CHUNK, MAX_FDS)
         self.fds.extend(fds)
         if flags & socket.MSG_CTRUNC:
-            self.lost("a message's file descriptors were cut off")
-        elif not data:
-            self.lost("closed by the daemon")
-        else:
-            self.inbound += data
-            self._handle_messages()
+            raise OSError("a message's file descriptors were cut off")
+        return data
 
-    def _handle_messages(self) -> None:
+    def _take(self, data: bytes) -> None:
+        self.inbound += data
         try:
             for conn, kind, _, message in wire.take(self.inbound, wire.MAX_CONTROL_PAYLOAD):
-                self._handle(conn, kind, message[wire.HEADER_SIZE:])
+                self._message(conn, kind, message[wire.HEADER_SIZE:])
                 if self.closed:
                     return
         except (wire.WireError, UnicodeDecodeError, OSError) as e:
             self.lost(f"bad message from the daemon: {e}")
 
-    def _handle(self, conn: int, kind: int, payload: bytes) -> None:
+    def _message(self, conn: int, kind: int, payload: bytes) -> None:
         if kind == wire.SEND:
             self.relay.send(conn, _checked_frame(payload))
         elif kind == wire.LISTEN:

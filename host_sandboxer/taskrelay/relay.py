@@ -29,8 +29,10 @@ class Relay:
 
     def start_session(self, sock: socket.socket) -> None:
         """A daemon connected: it replaces any other, learns the state, gets the kept calls."""
-        if self.session is not None:
-            self.end_session(self.session, "another daemon connected")
+        old = self.session
+        if old is not None:
+            old.take_rest()  # a killed daemon's last SENDs, its end not yet seen
+            self.end_session(old, "another daemon connected")
         session = self.session = Session(self, sock)
         for pod in self.listeners:
             session.send(wire.LISTENING, 0, pod.encode())

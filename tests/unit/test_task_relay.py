@@ -17,7 +17,8 @@ import pytest
 
 from google.protobuf import wrappers_pb2
 
-from host_sandboxer.taskrelay import conn as relay_conn, wire
+from host_sandboxer.taskrelay import conn as relay_conn, control as relay_session, wire
+from host_sandboxer.taskrelay.relay import Relay
 from host_sandboxer.taskrelay.link import RESUMED_METADATA, TaskRelay, _Link, _RelayedChannel
 from host_sandboxer.vmm import process
 from vmm_common import ttrpc
@@ -490,3 +491,48 @@ def test_what_containerd_sent_before_closing_is_taken_when_an_answer_fails():
     assert relay.forwarded == [(1, fr.REQUEST, fr.FLAG_REMOTE_OPEN), (1, fr.DATA, 0), (1, fr.DATA, 0),
                                (1, fr.DATA, fr.FLAG_REMOTE_CLOSED | fr.FLAG_NO_DATA)]
     assert len(relay.dropped) == 1 and "write failed" in relay.dropped[0]
+
+
+class _SessionRecorder(_Recorder):
+    """The Relay as a daemon's Session sees it: records the SENDs it forwards."""
+
+    def send(self, conn, frame):
+        self.forwarded.append((conn, frame))
+
+    def end_session(self, session, reason):
+        self.dropped.append(reason)
+        session.close()
+
+
+def test_what_a_killed_daemon_sent_is_forwarded_when_a_write_to_it_fails():
+    """A daemon killed right after its last SEND (a container's output it counted as delivered)
+    while containerd's next frame is forwarded to it: that write fails (EPIPE), and the SEND
+    still goes to containerd before the session ends."""
+    ours, theirs = socket.socketpair()
+    relay = _SessionRecorder()
+    session = relay_session.Session(relay, ours)
+    output = fr.encode(1, fr.DATA, 0, b"6\n")
+    theirs.sendall(wire.message(wire.SEND, 7, output) + output)
+    theirs.close()
+    session.send(wire.RECEIVED, 7, fr.encode(1, fr.DATA, 0, b"a window update"))
+    assert relay.forwarded == [(7, output)]
+    assert len(relay.dropped) == 1 and "write failed" in relay.dropped[0]
+
+
+def test_a_new_daemon_takes_over_after_what_the_old_one_sent_is_forwarded():
+    """The relay may see a restarted daemon connect before the end of the killed one: the old
+    session's last SENDs are forwarded before it is replaced."""
+    relay = Relay(_QuietLoop())
+    forwarded = []
+    relay.send = lambda conn, frame: forwarded.append((conn, frame))
+    old, old_daemon = socket.socketpair()
+    new, new_daemon = socket.socketpair()
+    relay.start_session(old)
+    last = fr.encode(1, fr.DATA, 0, b"last line\n")
+    old_daemon.sendall(wire.message(wire.SEND, 3, last) + last)
+    old_daemon.close()
+    relay.start_session(new)
+    assert forwarded == [(3, last)]
+    assert relay.session is not None and relay.session.sock is new
+    relay.close_all()
+    new_daemon.close()
