@@ -31,9 +31,11 @@ _spec.loader.exec_module(demo)
 class Daemon:
     """vmm-sandboxer on a private state dir; pods are created with a netns_path."""
 
-    def __init__(self, kernel: Path, initrd: Path):
+    def __init__(self, kernel: Path, initrd: Path, vm_options: str = ""):
+        """`vm_options`: TOML lines added to the daemon's [vm] table."""
         self.work = Path(tempfile.mkdtemp(prefix="vnet-"))  # short: unix socket paths
         self.daemon = demo.Daemon(self.work, kernel, initrd)
+        self.daemon.config.write_text(self.daemon.config.read_text().replace("[vm]\n", "[vm]\n" + vm_options, 1))
         self.daemon.start()
         self.cri = demo.Cri(self.daemon.socket)
         self.lower = demo.busybox_tree()

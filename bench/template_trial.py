@@ -44,9 +44,9 @@ from pathlib import Path
 from bench.boot import FLOOR_DIR, bench_config
 from host_sandboxer.config import DEFAULT_IMAGE_DIR
 from host_sandboxer.containment.launch import Confinement
-from host_sandboxer.vmm.cmdline import SHARE_TAG, VmSpec
+from host_sandboxer.vmm import hotplug, snapshot
+from host_sandboxer.vmm.cmdline import HOTPLUG_FS_PORT, HOTPLUG_NIC_PORTS, HOTPLUG_VSOCK_PORT, SHARE_TAG, VmSpec
 from host_sandboxer.vmm.qemu import Qemu
-from host_sandboxer.vmm.qemu_fds import connected_unix_socket
 from host_sandboxer.vmm.virtiofsd import Virtiofsd
 from host_sandboxer.vmm.vm import READY_LINE, GuestVm
 from host_sandboxer.vsock.hybrid import HybridVsock
@@ -59,12 +59,6 @@ from vmm_common.protos.kuasar import sandbox_pb2 as pb
 
 SANDBOX = "grpc.SandboxService"
 AGENT_PORT = 1024
-# Where a clone's per-pod devices go: q35's root bus takes no hot-plug, a root port does
-# (ACPI PCI hot-plug, on by default for q35 since QEMU 6.1; the guest has CONFIG_HOTPLUG_PCI_ACPI).
-HOTPLUG_PORTS = ("hp-vsock", "hp-fs", "hp-net")
-TEMPLATE_DEVICES = tuple(arg for i, port in enumerate(HOTPLUG_PORTS, 1)
-                         for arg in ("-device", f"pcie-root-port,id={port},chassis={i},slot={i}")) \
-    + ("-device", "vmgenid,guid=auto")
 AGENT_TIMEOUT_S = 20.0
 UUID = "cat /proc/sys/kernel/random/uuid"  # 16 bytes of the kernel's CRNG
 # The host's static busybox, put in each clone's share: commands after SetupSandbox (which mounts
@@ -77,19 +71,8 @@ def _spec(config, run_dir: Path, name: str, **kw) -> VmSpec:
     vm = config.vm
     return VmSpec(kernel=vm.kernel, initrd=vm.initrd, console_socket=run_dir / "console.sock",
                   qmp_socket=run_dir / "qmp.sock", machine="q35", accel="tcg", cpus=vm.cpus,
-                  memory_mib=vm.memory_mib, name=name, extra_args=TEMPLATE_DEVICES,
+                  memory_mib=vm.memory_mib, name=name, clonable=True,
                   kernel_params=("task.debug", "task.sharefs_type=virtiofs"), **kw)
-
-
-async def _wait_migration(qemu: Qemu, done: tuple[str, ...]) -> dict:
-    """query-migrate until its status is final; RuntimeError naming QEMU's error if it failed."""
-    while True:
-        info = await qemu.qmp.execute("query-migrate")
-        if info.get("status") in done:
-            return info
-        if info.get("status") in ("failed", "cancelled"):
-            raise RuntimeError(f"migration {info.get('status')}: {info.get('error-desc')}")
-        await asyncio.sleep(0.005)
 
 
 async def cold_boot(config, work: Path) -> dict:
@@ -125,12 +108,8 @@ async def make_template(config, work: Path, ram_mode: str) -> dict:
         await asyncio.wait_for(ready, AGENT_TIMEOUT_S)
         ready_s = ready.result().host_time - qemu.started_at
         t = time.monotonic()
-        await qemu.qmp.execute("stop")
-        await qemu.qmp.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": ram_mode != "stream"}]})
         state = work / "template.state"
-        await qemu.qmp.execute("migrate", {"uri": f"exec:cat > {state}"})
-        await _wait_migration(qemu, ("completed",))
+        await snapshot.save(qemu, state, ignore_shared=ram_mode != "stream")
         save_s = time.monotonic() - t
     except BaseException:
         print(qemu.failure("template failed"))
@@ -185,21 +164,15 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
         await virtiofsd.start()
         await qemu.start(Confinement(die_with_us=True), run=False)
         spawn = qemu.started_at
-        await qemu.qmp.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": ram_mode != "stream"}]})
-        await qemu.qmp.execute("migrate-incoming", {"uri": f"exec:cat {template['state_file']}"})
-        while (await qemu.status()) == "inmigrate":
-            await asyncio.sleep(0.005)
-        marks["state_loaded"] = time.monotonic() - spawn
-        await qemu.qmp.execute("cont")
+        await snapshot.restore(qemu, Path(template["state_file"]), ignore_shared=ram_mode != "stream")
         marks["running"] = time.monotonic() - spawn
-        await _hotplug(qemu, "vsock0", transport.vhost_socket,
-                       {"driver": "vhost-user-vsock-pci", "id": "vsock", "chardev": "vsock0", "bus": "hp-vsock"})
+        await hotplug.add_vhost_user(qemu, "vsock0", transport.vhost_socket,
+                                     {"driver": "vhost-user-vsock-pci", "id": "vsock", "bus": HOTPLUG_VSOCK_PORT})
         marks["vsock_added"] = time.monotonic() - spawn
         # The share goes in before the agent is first asked anything: the guest sets both
         # devices up while the host waits.
-        await _hotplug(qemu, "fs0", virtiofsd.socket_path,
-                       {"driver": "vhost-user-fs-pci", "id": "fs", "chardev": "fs0", "tag": SHARE_TAG, "bus": "hp-fs"})
+        await hotplug.add_vhost_user(qemu, "fs0", virtiofsd.socket_path,
+                                     {"driver": "vhost-user-fs-pci", "id": "fs", "tag": SHARE_TAG, "bus": HOTPLUG_FS_PORT})
         marks["share_added"] = time.monotonic() - spawn
         client = await _agent(transport)
         marks["agent_answered"] = time.monotonic() - spawn
@@ -232,21 +205,6 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
         if ram_mode == "copy":
             ram.unlink(missing_ok=True)
     return result
-
-
-async def _hotplug(qemu: Qemu, chardev: str, socket_path, device: dict) -> None:
-    """A vhost-user device added to the running guest, its backend's socket connected by us and
-    handed to QEMU over QMP (`getfd`): as the daemon must, since its QEMU may not open the pod's
-    paths (vmm/qemu_fds.py)."""
-    sock = await connected_unix_socket(socket_path)
-    try:
-        qemu.qmp.send_fd_scm(sock.fileno())
-        await qemu.qmp.execute("getfd", {"fdname": chardev})
-    finally:
-        sock.close()
-    await qemu.qmp.execute("chardev-add", {"id": chardev, "backend": {"type": "socket", "data": {
-        "addr": {"type": "fd", "data": {"str": chardev}}, "server": False}}})
-    await qemu.qmp.execute("device_add", device)
 
 
 async def _agent(transport: HybridVsock) -> ttrpc.Client:
@@ -289,7 +247,7 @@ async def _add_nic(qemu: Qemu, client: ttrpc.Client, mac: str) -> str:
     what the guest then lists as its interfaces' addresses."""
     await qemu.qmp.execute("netdev_add", {"type": "user", "id": "net0"})
     await qemu.qmp.execute("device_add", {"driver": "virtio-net-pci", "id": "nic0", "netdev": "net0",
-                                          "mac": mac, "bus": "hp-net"})
+                                          "mac": mac, "bus": HOTPLUG_NIC_PORTS[0]})
     for _ in range(100):
         seen = await _exec(client, f"{SHARED_BUSYBOX} cat /sys/class/net/eth0/address")
         if not seen.startswith("error"):
@@ -301,8 +259,8 @@ async def _add_nic(qemu: Qemu, client: ttrpc.Client, mac: str) -> str:
 async def _try_migrate(qemu: Qemu) -> str:
     """QEMU's answer to saving a clone that has the vhost-user devices in (a template with them)."""
     try:
-        await qemu.qmp.execute("migrate", {"uri": "exec:cat > /dev/null"})
-        return (await _wait_migration(qemu, ("completed",)))["status"]
+        await snapshot.save(qemu, Path("/dev/null"))
+        return "completed"
     except Exception as e:  # QMP's refusal is the measurement
         return str(e)
 

@@ -8,7 +8,7 @@ To add a section, add a dataclass and a field of that type to `Config`.
 
 Kuasar's names are accepted too: a `[hypervisor]` table (`path`, `kernel_path`, `initrd_path`,
 `image_path`, `image`, `kernel_params`, `vcpus`, `memory_in_mb`, `share_fs`, `vsock`, `accel`,
-`machine`) is folded
+`machine`, `template`) is folded
 into the sections above before checking, so a Kuasar-style file works as it is.
 """
 from __future__ import annotations
@@ -63,8 +63,11 @@ class VmConfig:
     free_page_reporting: bool = True
     # Appended after the launcher's own parameters (console, task.*).
     kernel_params: str = ""
-    # Seconds from QEMU start until the agent prints "vmm-task ready".
+    # Seconds from QEMU start until the agent prints "vmm-task ready" (a clone: until it answers).
     boot_timeout_s: float = 30.0
+    # Pods' VMs restored from a template (one per VM size, booted once and saved under the
+    # state dir) instead of booted: q35, hybrid vsock and virtiofs only (docs/templates.md).
+    template: bool = False
 
 
 def boot_image(vm: VmConfig) -> str:
@@ -167,7 +170,21 @@ def load_config(path: Path | str | None) -> Config:
     if config.vm.image == "pmem" and config.vm.machine != "q35":
         raise ConfigError(f"{path}: vm.image = \"pmem\" needs vm.machine = \"q35\" "
                           f"(QEMU's virtio-pmem is a PCI device), not {config.vm.machine!r}")
+    _check_template(config, str(path))
     return config
+
+
+def _check_template(config: Config, file: str) -> None:
+    """What a clone needs: PCIe root ports to hot-plug into, vhost-user devices QEMU can add."""
+    if not config.vm.template:
+        return
+    needs = {"vm.machine": ("q35", config.vm.machine), "sharefs.type": ("virtiofs", config.sharefs.type)}
+    if config.vsock.transport == "kernel":
+        needs["vsock.transport"] = ("hybrid", "kernel")
+    for key, (wanted, value) in needs.items():
+        if value != wanted:
+            raise ConfigError(f"{file}: vm.template = true needs {key} = {wanted!r}, not {value!r} "
+                              "(a clone's devices are hot-plugged after the restore: docs/templates.md)")
 
 
 def _check_containment(containment: ContainmentConfig, file: str) -> None:
@@ -197,6 +214,7 @@ KUASAR_HYPERVISOR_KEYS = {
     "memory_in_mb": ("vm", "memory_mib"),
     "accel": ("vm", "accel"),
     "machine": ("vm", "machine"),
+    "template": ("vm", "template"),
     "share_fs": ("sharefs", "type"),
     "vsock": ("vsock", "transport"),
 }

@@ -64,7 +64,7 @@ class Controller(api_grpc.ControllerServicer):
             if pod.state == "created":
                 try:
                     await lifecycle.start(pod, self.sandboxes.config, self.sandboxes.vsock_backend,
-                                          self.sandboxes.task_relay)
+                                          self.sandboxes.task_relay, self.sandboxes.templates)
                 except HostError:
                     await self._discard(pod)
                     raise

@@ -161,6 +161,12 @@ class FifoReader:
         return bytes(self.data)
 
 
+def template_line() -> str:
+    """`[vm] template = true` when VMM_TASK_TEST_TEMPLATE=1: the tests' daemons restore pods
+    from templates (docs/templates.md), else nothing."""
+    return "template = true\n" if os.environ.get("VMM_TASK_TEST_TEMPLATE") == "1" else ""
+
+
 class Daemon:
     """vmm-sandboxer as a child process on a private socket and state dir."""
 
@@ -176,7 +182,7 @@ class Daemon:
         self.config.write_text(
             # the image's root for vm.image = pmem (the default on q35) is the one beside its initrd
             f'[vm]\nkernel = "{kernel}"\ninitrd = "{initrd}"\nrootfs = "{initrd.with_name("rootfs.img")}"\n'
-            f'boot_timeout_s = 60.0\n'
+            f'boot_timeout_s = 60.0\n{template_line()}'
             f'[vsock]\ntransport = "auto"\n[containerd]\naddress = "{containerd_address}"\n'
             f'[containment]\ncgroup_parent = "{self.cgroup_parent}"\n')
         self.proc = None

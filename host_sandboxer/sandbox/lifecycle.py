@@ -49,10 +49,10 @@ def _pod_config(config, pod: Pod):
     return dataclasses.replace(config, vm=vm)
 
 
-async def start(pod: Pod, config, vsock_backend, task_relay) -> None:
+async def start(pod: Pod, config, vsock_backend, task_relay, templates=None) -> None:
     """Boot the pod's VM (detached: it outlives the daemon; hybrid vsock through the daemon's
-    `vsock_backend` process), check and set up the agent, serve the task address (through
-    `task_relay`)."""
+    `vsock_backend` process), or restore it from `templates` (vmm/template.py) when given,
+    check and set up the agent, serve the task address (through `task_relay`)."""
     if len(os.fsencode(pod.task_socket)) > UNIX_PATH_MAX:
         raise HostError(grpc.StatusCode.FAILED_PRECONDITION,
                         f"task socket path {pod.task_socket} is too long for a unix socket; "
@@ -82,7 +82,8 @@ async def start(pod: Pod, config, vsock_backend, task_relay) -> None:
         raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc}") from None
     vm = GuestVm(sized, pod.dir, name=f"vmm-{pod.id}", share_dir=pod.shared_dir,
                  nics=attachment.nics if attachment else (), vsock_backend=vsock_backend,
-                 cgroup=pod.cgroup, vmm_uid=pod.vmm_uid, mount_namespace=space.namespace_file)
+                 cgroup=pod.cgroup, vmm_uid=pod.vmm_uid, mount_namespace=space.namespace_file,
+                 templates=templates)
     try:
         timeline = await vm.start()
     except VmError as exc:

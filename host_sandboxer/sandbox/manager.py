@@ -18,6 +18,7 @@ from host_sandboxer.taskproxy.errors import HostError
 from host_sandboxer.taskproxy.service import HELD_CALLS, task_service
 from host_sandboxer.taskrelay.link import RelayError, TaskRelay
 from host_sandboxer.vmm import process
+from host_sandboxer.vmm.template import TemplateStore
 from host_sandboxer.vmm.vsock_backend import VsockBackend
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class Sandboxes:
         containment = config.containment
         self.vsock_backend = VsockBackend(  # every pod's hybrid vsock, in one process
             state_dir.root, user=containment.backend_uid if containment.backend_user else None)
+        # [vm] template: pods' VMs restored from the daemon's templates (vmm/template.py).
+        self.templates = TemplateStore(state_dir.root) if config.vm.template else None
         self.uids = UidRange(containment.vmm_uid_base, containment.vmm_uids) if containment.vmm_user else None
         self.cgroup_layout = Layout.probe() if containment.cgroups else None
         if self.cgroup_layout is not None:

@@ -56,6 +56,12 @@ class PmemRoot:
     size: int  # bytes, a multiple of 2 MiB
 
 
+# A template's (and so every clone's) spare PCIe root ports: a clone hot-plugs its pod's devices
+# there (q35's root bus takes no hot-plug; ACPI PCI hot-plug on root ports is QEMU 7.2's default).
+HOTPLUG_VSOCK_PORT, HOTPLUG_FS_PORT = "hp-vsock", "hp-fs"
+HOTPLUG_NIC_PORTS = ("hp-net0", "hp-net1", "hp-net2", "hp-net3")
+
+
 PMEM_ROOT_PARAMS = ("root=/dev/pmem0", "rootfstype=erofs", "rootflags=dax=always", "ro", "rootwait",
                     "init=/init")
 
@@ -92,6 +98,9 @@ class VmSpec:
     ram_file: Path | None = None
     # Wait for the machine state from QMP `migrate-incoming` (a template's clone) instead of booting.
     incoming: bool = False
+    # A template or its clone: spare root ports for the per-pod devices, and vmgenid, whose new
+    # generation ID on each restore makes the guest kernel reseed its CRNG (docs/templates.md).
+    clonable: bool = False
     # Appended as they are: devices another host's layout has (the VM tests build Kuasar's
     # virtio-serial bus and pci-bridge for what they hot-plug, tests/vm/test_kuasar_vm.py).
     extra_args: tuple[str, ...] = ()
@@ -101,6 +110,8 @@ def build_argv(spec: VmSpec) -> list[str]:
     """The full argv (argv[0] = the QEMU binary) for `spec`."""
     if (spec.root is None) == (spec.initrd is None):
         raise ValueError("a VM boots from an initrd or from a pmem root image, exactly one")
+    if spec.clonable and spec.machine != "q35":
+        raise ValueError(f"a template needs machine q35 (its clones hot-plug into PCIe root ports), not {spec.machine}")
     if spec.root is not None and spec.machine != "q35":
         raise ValueError(f"a pmem root image needs machine q35 (virtio-pmem is PCI), not {spec.machine}")
     argv = [
@@ -133,6 +144,7 @@ def build_argv(spec: VmSpec) -> list[str]:
     ]
     argv += _root_args(spec.root) + _balloon_args(spec.free_page_reporting)
     argv += list(spec.vsock_args) + _share_args(spec.share) + _nic_args(spec.nics, spec.machine)
+    argv += _clonable_args() if spec.clonable else []
     argv += list(spec.extra_args)
     if spec.incoming:
         argv += ["-incoming", "defer"]
@@ -176,6 +188,13 @@ def _root_args(root: PmemRoot | None) -> list[str]:
             "-device", "virtio-pmem-pci,memdev=rootfs,id=rootfs"]
 
 
+def _clonable_args() -> list[str]:
+    ports = (HOTPLUG_VSOCK_PORT, HOTPLUG_FS_PORT, *HOTPLUG_NIC_PORTS)
+    return [arg for slot, port in enumerate(ports, 1)
+            for arg in ("-device", f"pcie-root-port,id={port},chassis={slot},slot={slot}")] \
+        + ["-device", "vmgenid,guid=auto"]
+
+
 def _balloon_args(free_page_reporting: bool) -> list[str]:
     return ["-device", "virtio-balloon-pci,id=balloon,free-page-reporting=on"] if free_page_reporting else []
 
@@ -196,17 +215,23 @@ def _share_args(share: ShareDevice | None) -> list[str]:
             "-device", f"virtio-9p-pci,fsdev=fs,mount_tag={SHARE_TAG}"]
 
 
+def nic_properties(nic: TapNic, machine: str) -> dict:
+    """virtio-net's properties for `nic` (on the command line, or hot-plugged by QMP)."""
+    props = {"netdev": nic.id, "mac": nic.mac}
+    if len(nic.fds) > 1:
+        props["mq"] = True
+        if machine == "q35":  # MSI-X: one vector per queue each way, + config + control
+            props["vectors"] = 2 * len(nic.fds) + 2
+    return props
+
+
 def _nic_args(nics: tuple[TapNic, ...], machine: str) -> list[str]:
     args = []
     for nic in nics:
         fds = ":".join(map(str, nic.fds))
-        device = f"virtio-net-pci,netdev={nic.id},mac={nic.mac}"
-        if len(nic.fds) > 1:
-            device += ",mq=on"
-            if machine == "q35":  # MSI-X: one vector per queue each way, + config + control
-                device += f",vectors={2 * len(nic.fds) + 2}"
+        props = ",".join(f"{k}={'on' if v is True else v}" for k, v in nic_properties(nic, machine).items())
         args += ["-netdev", f"tap,id={nic.id},{'fds' if len(nic.fds) > 1 else 'fd'}={fds}",
-                 "-device", device]
+                 "-device", f"virtio-net-pci,{props}"]
     return args
 
 

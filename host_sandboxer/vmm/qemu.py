@@ -111,7 +111,7 @@ class Qemu:
         try:
             return len(await self.qmp.execute("query-cpus-fast"))
         except QMPError as e:
-            raise QemuError(f"QMP query-cpus-fast failed: {_qmp_error(e)}") from None
+            raise QemuError(f"QMP query-cpus-fast failed: {qmp_error(e)}") from None
 
     async def add_vcpus(self, count: int) -> None:
         """Hot-add `count` vCPUs into free slots (`-smp N,maxcpus=M`), in slot order; the guest
@@ -127,7 +127,13 @@ class Qemu:
                 device_id = "vcpu-" + "-".join(str(props[key]) for key in sorted(props))
                 await self.qmp.execute("device_add", {"driver": slot["type"], "id": device_id, **props})
         except QMPError as e:
-            raise QemuError(f"QEMU did not add the vCPUs: {_qmp_error(e)}") from None
+            raise QemuError(f"QEMU did not add the vCPUs: {qmp_error(e)}") from None
+
+    async def pass_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU a copy of `fd` (SCM_RIGHTS on the QMP socket) under `name`, for a later
+        command to use (`fd:NAME`, a chardev's fd address, a tap's fd=)."""
+        self.qmp.send_fd_scm(fd)
+        await self.qmp.execute("getfd", {"fdname": name})
 
     async def powerdown(self) -> None:
         """ACPI power button; the guest decides what to do with it."""
@@ -183,6 +189,6 @@ class Qemu:
         self.exited.set_result(status)
 
 
-def _qmp_error(error: QMPError) -> str:
+def qmp_error(error: QMPError) -> str:
     """A QMP failure in words: QEMU's own description for a refused command."""
-    return error.error.desc if isinstance(error, ExecuteError) else f"{type(error).__name__}: {error}"
+    return str(error) if isinstance(error, ExecuteError) else f"{type(error).__name__}: {error}"  # str: QEMU's desc

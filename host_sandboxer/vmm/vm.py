@@ -36,6 +36,7 @@ from host_sandboxer.vmm.accel import HostFacts, resolve_accel
 from host_sandboxer.vmm.cmdline import NinePShare, PmemRoot, TapNic, VirtiofsShare, VmSpec
 from host_sandboxer.vmm.qemu import Qemu, QemuError
 from host_sandboxer.vmm.qemu_fds import QemuFds
+from host_sandboxer.vmm.template import TemplateStore
 from host_sandboxer.vmm.virtiofsd import Virtiofsd, VirtiofsdError
 from host_sandboxer.vmm.vsock_backend import BackendVsock, VsockBackend, VsockBackendError
 
@@ -50,7 +51,7 @@ NINE_P_CAPABILITIES = ("chown", "dac_override", "dac_read_search", "fowner", "fs
 
 class VmError(RuntimeError):
     """Starting or running the VM failed; `stage` is one of image, config, transport, sharefs,
-    qemu, agent."""
+    template, qemu, agent."""
 
     def __init__(self, stage: str, message: str):
         super().__init__(message)
@@ -71,6 +72,10 @@ class BootTimeline:
     qemu_cpu_s: float | None  # CPU time QEMU used until the agent was ready
     # The numbers the agent put on its ready line ("started=2.301s main=2.410s ready=3.2s rss=14.1MB").
     agent_reported: dict[str, float]
+    # A VM restored from a template (vmm/clone.py): the template's key, and the restore's steps
+    # (seconds from QEMU's spawn; template_s, ram_copy_s: before it). agent_ready_s: the agent answered.
+    template: str | None = None
+    restore: dict[str, float] | None = None
 
     def as_dict(self) -> dict:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -81,8 +86,12 @@ class GuestVm:
                  share_dir: Path | None = None, kernel_params: Sequence[str] = (),
                  nics: Sequence[TapNic] = (), vsock_backend: VsockBackend | None = None,
                  cgroup: Cgroup | None = None, vmm_uid: int | None = None,
-                 mount_namespace: str | None = None):
+                 mount_namespace: str | None = None, templates: TemplateStore | None = None):
         self.config = config
+        # Restore from the daemon's template of this size instead of booting (vmm/clone.py);
+        # `ram_file`: the clone's own copy of the template's RAM, removed with the VM.
+        self.templates = templates
+        self.ram_file: Path | None = None
         # Where `share_dir`'s mounts are (host_sandboxer/mountns): virtiofsd, or QEMU serving
         # 9p, runs there; None: in ours.
         self.mount_namespace = mount_namespace
@@ -152,7 +161,8 @@ class GuestVm:
         return {"qemu": process.identity(self.qemu.proc),
                 "virtiofsd": process.identity(self.virtiofsd.proc) if self.virtiofsd else None,
                 "vsock": self.transport.record() if hasattr(self.transport, "record")
-                else {"kind": "kernel", "cid": self.transport.guest_cid}}
+                else {"kind": "kernel", "cid": self.transport.guest_cid},
+                "ram_file": str(self.ram_file) if self.ram_file else None}
 
     async def close(self) -> None:
         """Stop QEMU, then virtiofsd and the transport. One close runs, however many ask (the
@@ -170,6 +180,8 @@ class GuestVm:
         if self.transport is not None:
             with contextlib.suppress(Exception):
                 await self.transport.close()
+        if self.ram_file is not None:
+            self.ram_file.unlink(missing_ok=True)
 
     async def _start(self) -> BootTimeline:
         vm = self.config.vm
@@ -189,7 +201,10 @@ class GuestVm:
         except Exception as e:
             raise VmError("transport", f"vsock transport {self.config.vsock.transport}: {e}") from e
         share = await self._start_sharefs()
-        confinement = self._qemu_confinement(share)
+        if self.templates is not None:
+            from host_sandboxer.vmm import clone
+            return await clone.start(self, share)
+        confinement = self.qemu_confinement(share)
         fds = QemuFds()
         try:
             self.qemu = Qemu(await self._spec_with_fds(share, fds), self.run_dir)
@@ -216,6 +231,14 @@ class GuestVm:
             share=share, nics=self.nics, seccomp=self.config.containment.seccomp,
             kernel_params=self._agent_params() + self.kernel_params)
 
+    def clonable_spec(self, ram_file: Path, run_dir: Path, **sockets) -> VmSpec:
+        """A template's command line, and its clones' (with `incoming`): RAM in `ram_file`, no
+        vsock, share or NIC (the clone's are hot-plugged), the agent told its share is virtiofs."""
+        spec = self._spec(None, (), **sockets)
+        return replace(spec, nics=(), clonable=True, ram_file=ram_file,
+                       console_socket=run_dir / "console.sock", qmp_socket=run_dir / "qmp.sock",
+                       kernel_params=("task.sharefs_type=virtiofs", *spec.kernel_params))
+
     def _boot_image(self) -> tuple[tuple[str, Path]]:
         """(config key, path) of what the guest boots from besides the kernel."""
         vm = self.config.vm
@@ -239,7 +262,7 @@ class GuestVm:
         console, qmp = fds.listen(self._socket_path("console.sock")), fds.listen(self._socket_path("qmp.sock"))
         return self._spec(share, vsock_args, console_fd=console, qmp_fd=qmp, inherited_fds=tuple(fds.fds))
 
-    def _qemu_confinement(self, share) -> Confinement:
+    def qemu_confinement(self, share) -> Confinement:
         """The pod's cgroup, and no capabilities (9p: its file capabilities, as root); as
         `vmm_uid` if it may read the image and use /dev/kvm, else VmError."""
         cgroup_procs = self.cgroup.procs_files if self.cgroup else ()
@@ -269,6 +292,7 @@ class GuestVm:
 
     async def _attach(self, record: dict) -> None:
         from host_sandboxer.vsock import KernelVsock
+        self.ram_file = Path(record["ram_file"]) if record.get("ram_file") else None
         vsock = record.get("vsock") or {}
         if vsock.get("kind") == "kernel":
             self.transport = KernelVsock(vsock["cid"])

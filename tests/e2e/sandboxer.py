@@ -8,6 +8,7 @@ from pathlib import Path
 
 from host_sandboxer.config import REPO_ROOT
 from netns import NodeNetns
+from scripts.demo import template_line
 from service import Service
 
 # containerd's sandbox IDs are 64 characters and a pod's longest socket is `vhost-vsock.sock`
@@ -20,7 +21,7 @@ kernel = "{kernel}"
 initrd = "{initrd}"
 rootfs = "{rootfs}"
 boot_timeout_s = 120.0
-[containerd]
+{template}[containerd]
 address = "{containerd}"
 """
 
@@ -35,7 +36,7 @@ class Sandboxer:
         self.state = state
         config = work / "vmm-sandboxer.toml"
         config.write_text(CONFIG.format(kernel=kernel, initrd=initrd, rootfs=Path(initrd).with_name("rootfs.img"),
-                                        containerd=containerd_socket))
+                                        containerd=containerd_socket, template=template_line()))
         self.service = Service("vmm-sandboxer", netns.argv(
             str(REPO_ROOT / ".venv" / "bin" / "vmm-sandboxer"), "--listen", str(self.socket),
             "--dir", str(self.state), "--config", str(config)), work / "vmm-sandboxer.log")

@@ -160,3 +160,16 @@ def test_containment_is_on_by_default_and_can_be_set(tmp_path):
     assert (cfg.containment.cgroups, cfg.containment.cgroup_parent) == (False, "vmm.slice")
     assert (cfg.containment.vmm_uid_base, cfg.containment.vmm_uids) == (300000, 10)
     assert (cfg.vm.max_memory_mib, cfg.sharefs.tmpfs_size_mib, cfg.sharefs.tmpfs_inodes) == (4096, 8, 1000)
+
+
+def test_templates_are_off_by_default_and_need_q35_virtiofs_and_hybrid_vsock(tmp_path):
+    assert Config().vm.template is False
+    assert load_config(write(tmp_path, "[hypervisor]\ntemplate = true\n")).vm.template is True
+    for text, message in (('[vm]\ntemplate = true\nmachine = "microvm"\nimage = "initrd"\n',
+                           "vm.template = true needs vm.machine = 'q35', not 'microvm'"),
+                          ('[vm]\ntemplate = true\n[sharefs]\ntype = "9p"\n',
+                           "vm.template = true needs sharefs.type = 'virtiofs', not '9p'"),
+                          ('[vm]\ntemplate = true\n[vsock]\ntransport = "kernel"\n',
+                           "vm.template = true needs vsock.transport = 'hybrid', not 'kernel'")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(write(tmp_path, text))

@@ -154,3 +154,16 @@ def test_free_page_reporting_adds_a_balloon():
     assert "virtio-balloon-pci,id=balloon,free-page-reporting=on" in option(
         build_argv(spec(free_page_reporting=True)), "-device")
     assert not any("balloon" in d for d in option(build_argv(spec()), "-device"))
+
+
+def test_a_template_has_spare_root_ports_and_vmgenid_and_only_on_q35():
+    """A clone hot-plugs its pod's vsock, share and NICs into the template's spare root ports;
+    vmgenid makes its kernel reseed its CRNG on the restore."""
+    devices = option(build_argv(spec(clonable=True)), "-device")
+    assert [d for d in devices if d.startswith("pcie-root-port")] == [
+        "pcie-root-port,id=hp-vsock,chassis=1,slot=1", "pcie-root-port,id=hp-fs,chassis=2,slot=2",
+        *(f"pcie-root-port,id=hp-net{i},chassis={i + 3},slot={i + 3}" for i in range(4))]
+    assert "vmgenid,guid=auto" in devices
+    assert not any("pcie-root-port" in d or "vmgenid" in d for d in option(build_argv(spec()), "-device"))
+    with pytest.raises(ValueError, match="a template needs machine q35"):
+        build_argv(spec(clonable=True, machine="microvm"))

@@ -50,3 +50,13 @@ def test_a_failed_qmp_handshake_still_logs_and_raises(tmp_path, caplog):
     asyncio.run(scenario())
     assert any(r.levelno == logging.ERROR and r.name.startswith("qemu.qmp") and "Failed to establish session"
                in r.getMessage() for r in caplog.records)
+
+
+def test_a_refused_qmp_command_is_told_in_qemus_words():
+    from qemu.qmp import ExecuteError
+    from qemu.qmp.message import Message
+    from qemu.qmp.models import ErrorResponse
+    from host_sandboxer.vmm.qemu import qmp_error
+    reply = {"error": {"class": "GenericError", "desc": "State blocked by non-migratable device"}}
+    refused = ExecuteError(ErrorResponse(reply), Message({"execute": "migrate"}), Message(reply))
+    assert qmp_error(refused) == "State blocked by non-migratable device"

@@ -3,7 +3,8 @@ once SetupSandbox ran. Each gets its own vsock CID, shared directory and MAC by 
 the restore; the agent reseeds the kernel CRNG (without that both clones print the template's
 next UUID: measured) and mounts the late share (without that the share's busybox is not there).
 
-The restore steps are bench/template_trial.py's (the daemon does not use templates yet).
+The template and restore steps are bench/template_trial.py's, on the daemon's snapshot.py and hotplug.py
+(the daemon's own path: tests/vm/test_template_pods.py).
 """
 import asyncio
 import shutil

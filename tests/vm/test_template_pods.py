@@ -1,0 +1,73 @@
+"""VM templates in the daemon ([vm] template = true, docs/templates.md): two pods started
+through the daemon's own path are restored from one template, and are distinct guests: their
+kernels' random bytes differ, each NIC carries its pod's MAC, each share serves its own files;
+a daemon killed and restarted takes a clone over; a clone's RAM file goes with its pod.
+
+Real daemon, QEMU (TCG), virtiofsd, vsock backend, busybox containers in network namespaces
+(bench/netpod.py, as tests/vm/test_network_vm.py). Every guest's vsock CID is 3 here, cold
+booted or not: the daemon's hybrid vsock backend gives each VM a link of its own.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from bench.netpair import NetnsPair
+from bench.netpod import Daemon, NetPod, demo
+from host_sandboxer.vmm.template import TemplateStore
+from leak_guard import fail_if_left, stop_daemon
+
+pytestmark = [pytest.mark.vm, pytest.mark.skipif(os.geteuid() != 0, reason="netns and mounts need root")]
+# What a container prints: 16 bytes of its kernel's CRNG, its NIC's MAC, and a file the host
+# wrote into the pod's share (the bundle's /etc/hostname: the container's ID).
+PROBE = "cat /proc/sys/kernel/random/uuid /sys/class/net/eth0/address /etc/hostname"
+
+
+@pytest.fixture
+def daemon(guest_image):
+    # VMM_TASK_TEST_TEMPLATE=1 puts the line in already (scripts/demo.py).
+    d = Daemon(guest_image.kernel, guest_image.initrd, "" if demo.template_line() else "template = true\n")
+    yield d
+    left = stop_daemon(d.daemon, d.work)
+    ram_dir = TemplateStore(d.daemon.state).ram_dir
+    d.close()
+    shutil.rmtree(ram_dir, ignore_errors=True)  # the template's RAM outlives the daemon by design
+    fail_if_left(left)
+
+
+def _probe(pod: NetPod, cid: str) -> list[str]:
+    out, err, status = pod.run(cid, PROBE)
+    assert status == 0, err
+    return out.split()
+
+
+def test_two_pods_from_one_template_differ_and_their_ram_goes_with_them(daemon):
+    store = TemplateStore(daemon.daemon.state)
+    with NetnsPair() as first, NetnsPair() as second:
+        pods = []
+        try:
+            for name, pair in (("tpl-a", first), ("tpl-b", second)):
+                pods.append(NetPod(daemon, pair, name))
+            infos = [daemon.info(pod.id) for pod in pods]
+            assert infos[0]["boot_template"] == infos[1]["boot_template"], infos  # restored, one template
+            assert {f"vmm-{pod.id}.ram" for pod in pods} <= {p.name for p in store.ram_dir.iterdir()}
+            seen = {}
+            for pod, pair in zip(pods, (first, second)):
+                uuid, mac, hostname = _probe(pod, f"probe-{pod.id}")
+                assert mac == pair.mac(pair.pod)
+                assert hostname == f"probe-{pod.id}"
+                seen[pod.id] = (uuid, mac)
+            assert seen["tpl-a"][0] != seen["tpl-b"][0]
+            assert seen["tpl-a"][1] != seen["tpl-b"][1]
+
+            daemon.daemon.proc.kill()  # a crash: the new daemon takes the clones over
+            daemon.daemon.proc.wait()
+            daemon.daemon.start()
+            uuid, mac, _ = _probe(pods[0], "after-restart")
+            assert mac == first.mac(first.pod) and uuid not in (seen["tpl-a"][0], seen["tpl-b"][0])
+        finally:
+            for pod in pods:
+                pod.remove()
+    assert [p.name for p in store.ram_dir.iterdir() if p.name.startswith("vmm-")] == []
