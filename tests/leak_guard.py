@@ -31,6 +31,7 @@ import pytest
 
 from host_sandboxer.mountns.space import Pinned
 from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
+from host_sandboxer.vmm.template import TemplateStore
 
 RUN_VARIABLE = "VMM_TASK_TEST_RUN"
 CONTAINER_CGROUP = "/vmm-task-test/"  # tests/agent/conftest.py oci_spec's cgroupsPath
@@ -177,6 +178,8 @@ def stop_daemon(daemon, work: Path) -> Leftovers:
     found.other += [f"pod cgroup {daemon.cgroup_parent}/{name}"  # once, not once per v1 hierarchy
                     for name in sorted({Path(path).name for path in daemon.cgroups_left()})]
     daemon.remove_cgroups()  # and whatever still ran there
+    # [vm] template: the templates' RAM outlives the daemon by design (vmm/template.py).
+    shutil.rmtree(TemplateStore(daemon.state).ram_dir, ignore_errors=True)
     if ignored:
         found.other.append(f"vmm-sandboxer {pid} ignored SIGTERM for 10 s (SIGKILLed)")
     return found

@@ -75,13 +75,17 @@ class TemplateStore:
         key = digest(inputs)
         template = Template(slot, key, self.dir / slot, self.ram_dir / f"{slot}-{key[:16]}.ram",
                             self.dir / slot / "template.state")
-        while not self._usable(template):
+        for _ in range(2):  # the slot may be building another key (an image replaced meanwhile)
+            if self._usable(template):
+                return template
             building = self._builds.get(slot)
             if building is None:
                 building = asyncio.ensure_future(self._build(template, image, build))
                 self._builds[slot] = building
                 building.add_done_callback(lambda _: self._builds.pop(slot, None))
             await asyncio.shield(building)  # a pod given up on does not stop the others' build
+        if not self._usable(template):
+            raise TemplateError(f"template {slot} was built but is not there: {template.dir}")
         return template
 
     def _usable(self, template: Template) -> bool:

@@ -20,6 +20,7 @@ from crictl import Crictl
 from host_sandboxer.config import DEFAULT_IMAGE_DIR
 from host_sandboxer.taskproxy.mounts import unmount_all_under
 from host_sandboxer.vmm.process import kill_strays
+from host_sandboxer.vmm.template import TemplateStore
 from netns import NodeNetns
 from registry import LocalRegistry
 from sandboxer import Sandboxer
@@ -53,6 +54,8 @@ def node_environment(kernel: Path = DEFAULT_IMAGE_DIR / "kernel",
             stack.callback(shutil.rmtree, directory, ignore_errors=True)
             stack.callback(unmount_all_under, directory)
             stack.callback(kill_strays, directory)  # shims and VMs that outlived a failed teardown
+        # [vm] template (VMM_TASK_TEST_TEMPLATE=1): the templates' RAM outlives the daemon by design.
+        stack.callback(shutil.rmtree, TemplateStore(sandboxer_dir).ram_dir, ignore_errors=True)
         netns = stack.enter_context(NodeNetns())
         registry = LocalRegistry(netns, work)
         registry.start()

@@ -96,7 +96,7 @@ class Harness:
     def assert_nothing_left(self):
         assert processes_left(str(self.work), exclude=(self.daemon.proc.pid,)) == []
         assert mounts_left(self.work) == []
-        assert [p.name for p in self.daemon.state.iterdir() if p.is_dir() and p.name != ".mntns"] == []  # no pod's dir
+        assert [p.name for p in self.daemon.state.iterdir() if p.is_dir() and p.name not in (".mntns", ".templates")] == []  # no pod's dir
         assert self.daemon.cgroups_left() == []
         assert host_network() == self.host_network
 
