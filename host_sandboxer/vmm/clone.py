@@ -28,7 +28,7 @@ from host_sandboxer.vmm.cmdline import (HOTPLUG_FS_PORT, HOTPLUG_NIC_PORTS, HOTP
 from host_sandboxer.vmm.qemu import Qemu, QemuError, qmp_error
 from host_sandboxer.vmm.qemu_fds import QemuFds
 from host_sandboxer.vmm.template import Template, TemplateError, file_digest
-from host_sandboxer.vmm.vm import READY_LINE, BootTimeline, GuestVm, VmError
+from host_sandboxer.vmm.vm import READY_LINE, BootTimeline, GuestVm, VmError, reported_numbers
 from vmm_common import ttrpc
 from vmm_common.protos.kuasar import sandbox_pb2 as pb
 
@@ -93,7 +93,7 @@ async def start(vm: GuestVm, share) -> BootTimeline:
     vm.timeline = BootTimeline(
         qmp_connected_s=0.0, first_console_s=None, kernel_init_s=None, kernel_init_guest_s=None,
         agent_ready_s=answered - qemu.started_at, agent_ready_guest_s=None, qemu_cpu_s=qemu.cpu_seconds(),
-        agent_reported={}, template=template.key[:16], restore={k: round(v, 3) for k, v in marks.items()})
+        agent_reported=template.reported, template=template.key[:16], restore={k: round(v, 3) for k, v in marks.items()})
     return vm.timeline
 
 
@@ -126,9 +126,10 @@ def _inputs(vm: GuestVm) -> tuple[dict, str]:
     return {"argv": argv, "files": files}, "-".join(files.values())
 
 
-async def _build(vm: GuestVm, template: Template) -> None:
-    """Boot the template's guest to ready and save it. Its QEMU runs as root without
-    capabilities in the daemon's cgroup: it belongs to no pod (template.py)."""
+async def _build(vm: GuestVm, template: Template) -> dict:
+    """Boot the template's guest to ready and save it; the numbers on the agent's ready line.
+    Its QEMU runs as root without capabilities in the daemon's cgroup: it belongs to no pod
+    (template.py)."""
     fds = QemuFds()
     try:
         spec = replace(vm.clonable_spec(template.ram, template.dir, console_fd=fds.listen(template.dir / "console.sock"),
@@ -147,6 +148,7 @@ async def _build(vm: GuestVm, template: Template) -> None:
         await snapshot.save(qemu, template.state)
     finally:
         await qemu.close()
+    return reported_numbers(ready.result().text)
 
 
 async def _agent(vm: GuestVm) -> ttrpc.Client:

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -42,6 +42,9 @@ class Template:
     dir: Path  # where it is built (the sockets of its QEMU) and kept
     ram: Path
     state: Path
+    # What the template's agent printed on its ready line (pid, rss, boot times): the agent of
+    # every clone is that very process.
+    reported: dict = field(default_factory=dict)
 
 
 def digest(value) -> str:
@@ -68,32 +71,36 @@ class TemplateStore:
         self._builds: dict[str, asyncio.Future] = {}
 
     async def get(self, slot: str, inputs: dict, image: str,
-                  build: Callable[[Template], Awaitable[None]]) -> Template:
+                  build: Callable[[Template], Awaitable[dict]]) -> Template:
         """The template of `slot` made from `inputs` (everything its guest depends on; `image`:
-        the digest of its files), built by `build` (boot, then save to template.state) unless
-        kept from before. TemplateError, or what `build` raised, if it cannot be had."""
+        the digest of its files), built by `build` (boot, save to template.state, return the
+        agent's ready-line numbers) unless kept from before. TemplateError, or what `build`
+        raised, if it cannot be had."""
         key = digest(inputs)
         template = Template(slot, key, self.dir / slot, self.ram_dir / f"{slot}-{key[:16]}.ram",
                             self.dir / slot / "template.state")
         for _ in range(2):  # the slot may be building another key (an image replaced meanwhile)
-            if self._usable(template):
-                return template
+            if (usable := self._load(template)) is not None:
+                return usable
             building = self._builds.get(slot)
             if building is None:
                 building = asyncio.ensure_future(self._build(template, image, build))
                 self._builds[slot] = building
                 building.add_done_callback(lambda _: self._builds.pop(slot, None))
             await asyncio.shield(building)  # a pod given up on does not stop the others' build
-        if not self._usable(template):
+        if (usable := self._load(template)) is None:
             raise TemplateError(f"template {slot} was built but is not there: {template.dir}")
-        return template
+        return usable
 
-    def _usable(self, template: Template) -> bool:
+    def _load(self, template: Template) -> Template | None:
+        """`template` as kept, if it is complete and of its key."""
         try:
             meta = json.loads((template.dir / META).read_text())
         except (OSError, ValueError):
-            return False
-        return meta.get("key") == template.key and template.ram.is_file() and template.state.is_file()
+            return None
+        if meta.get("key") != template.key or not template.ram.is_file() or not template.state.is_file():
+            return None
+        return replace(template, reported=meta.get("reported") or {})
 
     async def _build(self, template: Template, image: str, build) -> None:
         self._remove_stale(template, image)
@@ -103,9 +110,9 @@ class TemplateStore:
         template.dir.mkdir(mode=0o700)
         try:
             os.close(os.open(template.ram, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-            await build(template)
+            reported = await build(template)
             (template.dir / META).write_text(json.dumps({"key": template.key, "image": image,
-                                                          "ram": str(template.ram)}))
+                                                          "ram": str(template.ram), "reported": reported}))
         except BaseException:
             self._remove(template.dir, template.ram)
             raise

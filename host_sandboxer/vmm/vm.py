@@ -372,7 +372,7 @@ class GuestVm:
         first = qemu.console.first_output.result() if qemu.console.first_output.done() else None
         init = kernel_init.result() if kernel_init.done() else None
         line = ready.result()
-        reported = {key: float(value) for key, value in _REPORTED.findall(line.text.partition(READY_LINE)[2])}
+        reported = reported_numbers(line.text)
         self.timeline = BootTimeline(
             qmp_connected_s=qmp_connected - start,
             first_console_s=first - start if first is not None else None,
@@ -389,6 +389,11 @@ class GuestVm:
         if len(os.fsencode(path)) > UNIX_PATH_MAX:
             raise VmError("config", f"socket path {path} is longer than {UNIX_PATH_MAX} bytes; use a shorter state dir")
         return path
+
+
+def reported_numbers(ready_line: str) -> dict[str, float]:
+    """The key=number pairs the agent put on its ready line."""
+    return {key: float(value) for key, value in _REPORTED.findall(ready_line.partition(READY_LINE)[2])}
 
 
 def readable_by_others(path: Path) -> bool:

@@ -27,6 +27,7 @@ def builder(calls: list, fail: bool = False):
             raise RuntimeError("agent not ready")
         template.ram.write_bytes(b"ram")
         template.state.write_bytes(b"state")
+        return {"pid": 1.0}
     return build
 
 
@@ -42,7 +43,8 @@ def test_concurrent_first_pods_wait_for_one_build_and_later_ones_reuse_it(tmp_pa
         return got, again
 
     got, again = run(scenario())
-    assert len(calls) == 1 and len(set(got)) == 1 and again == got[0]
+    assert len(calls) == 1 and len(set(map(repr, got))) == 1 and again == got[0]
+    assert again.reported == {"pid": 1.0}  # the template's agent is every clone's
     assert oct(os.stat(templates.ram_dir).st_mode & 0o777) == "0o711"
 
 
