@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench.netpair import sh
 from host_sandboxer.mountns.space import Pinned
+from host_sandboxer.vmm.template import TEMPLATES_DIR
 from leak_guard import fail_if_left, mounts_left, stop_daemon
 from scripts import demo
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
@@ -96,7 +97,7 @@ class Harness:
     def assert_nothing_left(self):
         assert processes_left(str(self.work), exclude=(self.daemon.proc.pid,)) == []
         assert mounts_left(self.work) == []
-        assert [p.name for p in self.daemon.state.iterdir() if p.is_dir() and p.name not in (".mntns", ".templates")] == []  # no pod's dir
+        assert [p.name for p in self.daemon.state.iterdir() if p.is_dir() and p.name not in (".mntns", TEMPLATES_DIR)] == []  # no pod's dir
         assert self.daemon.cgroups_left() == []
         assert host_network() == self.host_network
 

@@ -21,11 +21,18 @@ from leak_guard import mounts_left
 from test_sandboxer import NS, _long_running_pod, demo, env  # noqa: F401  (env: the fixture)
 
 from host_sandboxer.sandbox import manager
+from host_sandboxer.vmm.template import TEMPLATES_DIR
 from vmm_common.protos.containerd.events import task_pb2 as events
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from vmm_common.protos.containerd.task.v3 import shim_pb2 as task
 
 RUNNING, STOPPED = 2, 3
+
+
+def _state_left(env) -> list:
+    """The state dir's entries once every pod is gone; the node's templates stay by design
+    ([vm] template, host_sandboxer/vmm/template.py)."""
+    return [p for p in env.daemon.state.iterdir() if p.name != TEMPLATES_DIR]
 
 
 def _helpers(env, sid) -> dict[str, int]:
@@ -108,7 +115,7 @@ def test_daemon_killed_running_pods_are_taken_over(env):
     assert env.status("bystander").state == "SANDBOX_READY" and _alive(helpers["vsock"])
     env.cri.remove_pod("bystander")
     assert _gone([helpers["vsock"]]), "the backend ends with the last VM"
-    assert list(env.daemon.state.iterdir()) == []
+    assert _state_left(env) == []
     assert mounts_left(env.work) == []
 
 
@@ -161,7 +168,7 @@ def test_a_wait_held_across_a_daemon_kill_returns_the_real_exit_status(env):
     tasks.Delete(task.DeleteRequest(id=b.id), metadata=NS, timeout=60)
     env.cri.remove_pod("held")
     assert _gone([relay]), "the relay ends with the last pod"
-    assert list(env.daemon.state.iterdir()) == []
+    assert _state_left(env) == []
 
 
 def _qmp(env, sid, command):
@@ -208,7 +215,7 @@ def test_a_restart_serves_the_controller_without_waiting_for_a_guest_that_does_n
     assert env.status("paused").state == "SANDBOX_READY"
     for sid in ("paused", "fine"):
         env.cri.remove_pod(sid)
-    assert list(env.daemon.state.iterdir()) == []
+    assert _state_left(env) == []
 
 
 def test_vmm_died_while_the_daemon_was_down(env):
@@ -280,4 +287,4 @@ def test_daemon_killed_inside_start_leaves_nothing_running(env):
     env.cri.controller.Start(sb.ControllerStartRequest(sandbox_id="halfway"), metadata=NS, timeout=120)
     assert env.status("halfway").state == "SANDBOX_READY"
     env.cri.remove_pod("halfway")
-    assert _processes_naming(pod_dir) == [] and list(env.daemon.state.iterdir()) == []
+    assert _processes_naming(pod_dir) == [] and _state_left(env) == []
