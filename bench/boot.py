@@ -1,5 +1,5 @@
 """Boot benchmark: QEMU start -> "vmm-task ready" for the guest image in each mode (the initrd,
-the pmem root: vm.image) and for the floor.
+the pmem root: vm.image; a clone of a template: vm.template) and for the floor.
 
     python -m bench.boot [--runs 5] [--machine q35|microvm] [--sharefs virtiofs|9p]
     python -m bench.boot --compressions gzip,xz,zstd,lz4 [--runs 5]
@@ -10,7 +10,9 @@ prints the ready line at once (initrd/floor.py, built here if absent). Prints on
 per mode and for the floor the median, min, max and spread over the runs (seconds from QEMU's
 spawn to the line arriving on the host), the guest's uptime when the kernel ran /init, the ratio
 mode/floor of the medians, and the sizes of kernel, initrd, root image, floor initrd and agent
-dist. microvm has no virtio-pmem: only the initrd mode boots there.
+dist. microvm has no virtio-pmem: only the initrd mode boots there. A clone (the template mode) is
+ready when its agent answers over the hot-plugged vsock, counted from the copy of the template's
+RAM; the template, built by the first clone of the process (template_store()), is not counted.
 
 With --compressions, the guest initrd's cpio is recompressed with each method instead and each
 variant is booted: boot time against size, the measurement behind initrd/compress.DEFAULT.
@@ -22,6 +24,7 @@ import asyncio
 import dataclasses
 import json
 import shutil
+import atexit
 import statistics
 import sys
 import tempfile
@@ -29,27 +32,45 @@ from pathlib import Path
 
 from host_sandboxer.config import DEFAULT_IMAGE_DIR, load_config
 from host_sandboxer.vmm.accel import resolve_accel
+from host_sandboxer.vmm.template import TemplateStore
 from host_sandboxer.vmm.vm import GuestVm
 from initrd import compress, floor
 from kernel import build as kernel_build
 
 FLOOR_DIR = DEFAULT_IMAGE_DIR.parent / "guest-floor"
 # The guest image's boot modes: the VmConfig fields each sets.
-MODES = {"initrd": {"image": "initrd"}, "pmem": {"image": "pmem"}}
+MODES = {"initrd": {"image": "initrd"}, "pmem": {"image": "pmem"}, "template": {"image": "pmem", "template": True}}
+_templates: list[TemplateStore] = []
 
 
 def modes_for(machine: str) -> dict[str, dict]:
     return {name: fields for name, fields in MODES.items() if machine == "q35" or name == "initrd"}
 
 
+def template_store(config) -> TemplateStore | None:
+    """The process's template store for a config with vm.template (its files go at exit)."""
+    if not config.vm.template:
+        return None
+    if not _templates:
+        root = Path(tempfile.mkdtemp(prefix="bench-tpl-"))
+        _templates.append(TemplateStore(root))
+        atexit.register(shutil.rmtree, _templates[0].ram_dir, True)
+        atexit.register(shutil.rmtree, root, True)
+    return _templates[0]
+
+
 async def boot_once(config, name: str):
-    """The boot timeline (host seconds since QEMU's spawn, guest uptimes) of one boot."""
+    """The boot timeline (host seconds since QEMU's spawn, guest uptimes) of one boot; a clone's
+    ready time counts from its RAM copy."""
     run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
     share = run_dir / "share"
     share.mkdir()
-    vm = GuestVm(config, run_dir / "vm", name=name, share_dir=share)
+    vm = GuestVm(config, run_dir / "vm", name=name, share_dir=share, templates=template_store(config))
     try:
-        return await vm.start()
+        timeline = await vm.start()
+        if timeline.restore is None:
+            return timeline
+        return dataclasses.replace(timeline, agent_ready_s=timeline.agent_ready_s + timeline.restore["ram_copy_s"])
     finally:
         await vm.close()
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bench import boot
 from bench.agent_task import VmTarget
+from bench.template_trial import setup_sandbox
 from host_sandboxer.config import DEFAULT_IMAGE_DIR
 from host_sandboxer.vmm.vm import GuestVm
 from initrd import cpio, floor
@@ -49,13 +50,14 @@ def used_kb(meminfo: str) -> int | None:
     return values["MemTotal:"] - values["MemAvailable:"]
 
 
-def ram_resident_kb(smaps: str) -> int:
-    """Rss (kB) of the guest RAM's memfd mappings in QEMU's /proc/PID/smaps text."""
+def ram_resident_kb(smaps: str, mapping: str = RAM_MAPPING) -> int:
+    """Rss (kB) of the guest RAM's mappings (its memfd; a clone's: its RAM file) in QEMU's
+    /proc/PID/smaps text."""
     total, in_ram = 0, False
     for line in smaps.splitlines():
         fields = line.split()
         if fields and not fields[0].endswith(":"):  # a mapping's header
-            in_ram = len(fields) > 5 and fields[5] == RAM_MAPPING
+            in_ram = len(fields) > 5 and fields[5] == mapping
         elif in_ram and fields[0] == "Rss:":
             total += int(fields[1])
     return total
@@ -87,10 +89,19 @@ def build_floor_meminfo(settle_s: float, method: str) -> Path:
 
 
 async def _booted(config, name: str, work: Path) -> GuestVm:
+    """A booted guest; a clone (vm.template) after SetupSandbox, which mounts its share."""
     share = work / "share"
     share.mkdir()
-    vm = GuestVm(config, work / "vm", name=name, share_dir=share)
+    vm = GuestVm(config, work / "vm", name=name, share_dir=share, templates=boot.template_store(config))
     await vm.start()
+    if vm.templates is not None:
+        client = await vm.ttrpc_client()
+        try:
+            answer = await setup_sandbox(client, name)
+        finally:
+            await client.close()
+        if answer != "ok":
+            raise RuntimeError(f"SetupSandbox in the clone: {answer}")
     return vm
 
 
@@ -106,7 +117,8 @@ async def ours_once(config, settle_s: float) -> tuple[int, int]:
         finally:
             await client.close()
         await asyncio.sleep(settle_s)  # free page reporting works in batches, ~2 s apart
-        return used, ram_resident_kb(Path(f"/proc/{vm.qemu.proc.pid}/smaps").read_text())
+        return used, ram_resident_kb(Path(f"/proc/{vm.qemu.proc.pid}/smaps").read_text(),
+                                     str(vm.ram_file) if vm.ram_file else RAM_MAPPING)
     finally:
         await vm.close()
         shutil.rmtree(work, ignore_errors=True)

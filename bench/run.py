@@ -11,7 +11,8 @@ Groups (the report's top-level keys, and the benchmark behind each):
   sandboxer  bench.sandboxer: the daemon's Pss with 1/5/10 pods, and the pod and io keys
   pods       bench.sandboxer --pod-starts: pod start, single and five at once, in each boot mode
   host       bench.sandboxer --per-pod: host memory per pod with 1/10/30 pods, TCG cache apart
-Keys of a boot mode M (initrd, pmem: vm.image) are boot.M.*, pod.M.*, guest.M.*; the
+Keys of a boot mode M (initrd, pmem: vm.image; template: pmem clones, vm.template) are
+boot.M.*, pod.M.*, guest.M.*; the
 unqualified ones (boot.ready_s, ...) are the default mode's.
 Each measured key is {"median", "min", "max", "n"} over the runs (docs/benchmarks.md). A
 benchmark that fails is recorded under "errors" and its keys under "missing"; the exit status

@@ -21,7 +21,7 @@ hybrid vsock backend and the task relay, which run apart from the daemon so VMs 
 task connections outlive a daemon restart); QEMU and virtiofsd are not counted; the daemon's
 Pss_Anon; the task relay's own Pss. Prints one JSON object.
 
-    python -m bench.sandboxer --pod-starts MODE [--runs 1]   # vm.image = MODE: initrd | pmem
+    python -m bench.sandboxer --pod-starts MODE [--runs 1]   # initrd | pmem | template (bench.boot.MODES)
     python -m bench.sandboxer --per-pod 1,10,30
 
 --pod-starts: one pod, then five at once, with the daemon booting guests from MODE.
@@ -43,6 +43,7 @@ from pathlib import Path
 
 from bench.netpair import NetnsPair
 from host_sandboxer.taskproxy.mounts import unmount_all_under
+from host_sandboxer.vmm.template import TemplateStore
 from scripts import demo
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 
@@ -97,12 +98,13 @@ def helpers_of(pid: int) -> list[int]:
 class Bench:
     """One daemon on a private socket and state dir, a CRI-like client, a busybox lower layer."""
 
-    def __init__(self, image: str | None = None):
-        """`image`: vm.image for every pod (None: the default)."""
+    def __init__(self, vm_fields: dict | None = None):
+        """`vm_fields`: [vm] keys for every pod (a boot mode of bench.boot.MODES; None: the default)."""
         self.work = Path(tempfile.mkdtemp(prefix="bsb-"))  # short: unix socket paths
         self.daemon = demo.Daemon(self.work)
         text = self.daemon.config.read_text()
-        vm = f"boot_timeout_s = {BOOT_TIMEOUT_S}" + (f'\nimage = "{image}"' if image else "")
+        vm = f"boot_timeout_s = {BOOT_TIMEOUT_S}" + "".join(f"\n{key} = {json.dumps(value)}"
+                                                             for key, value in (vm_fields or {}).items())
         self.daemon.config.write_text(text.replace("boot_timeout_s = 60.0", vm))
         self.daemon.start()
         self.cri = demo.Cri(self.daemon.socket)
@@ -214,6 +216,7 @@ class Bench:
             pair.close()
         self.daemon.stop()
         self.daemon.remove_cgroups()
+        shutil.rmtree(TemplateStore(self.daemon.state).ram_dir, ignore_errors=True)  # vm.template's RAM
         unmount_all_under(self.work)
         shutil.rmtree(self.work, ignore_errors=True)
 
@@ -234,10 +237,15 @@ def run_once(bench: Bench, run: int, stdout_mib: int) -> dict:
             "stdout": stdout, "restart": restart}
 
 
-def pod_starts(image: str, runs: int) -> dict:
-    """Seconds to start one pod, and five at once, booting from `image` (vm.image)."""
-    bench = Bench(image)
+def pod_starts(mode: str, runs: int) -> dict:
+    """Seconds to start one pod, and five at once, in boot `mode` (bench.boot.MODES). Templates:
+    the node's template is built by a first pod, not counted."""
+    from bench.boot import MODES
+    bench = Bench(MODES[mode])
     try:
+        if MODES[mode].get("template"):
+            bench.start_pods(["warm"])
+            bench.remove_pods(["warm"])
         single, parallel = [], []
         for run in range(runs):
             single.append(round(bench.start_pods([f"s{run}"]), 3))
@@ -245,7 +253,7 @@ def pod_starts(image: str, runs: int) -> dict:
             five = [f"p{run}-{i}" for i in range(5)]
             parallel.append(round(bench.start_pods(five), 3))
             bench.remove_pods(five)
-        return {"image": image, "single_s": single, "parallel_5_s": parallel}
+        return {"mode": mode, "single_s": single, "parallel_5_s": parallel}
     finally:
         bench.close()
 
@@ -284,7 +292,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--stdout-mib", type=int, default=100)
-    parser.add_argument("--pod-starts", choices=["initrd", "pmem"], default=None, metavar="MODE")
+    parser.add_argument("--pod-starts", choices=["initrd", "pmem", "template"], default=None, metavar="MODE")
     parser.add_argument("--per-pod", default=None, metavar="N,N,...")
     args = parser.parse_args()
     if args.pod_starts:

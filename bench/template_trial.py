@@ -85,7 +85,7 @@ async def cold_boot(config, work: Path) -> dict:
         client = await vm.ttrpc_client()
         await client.call(SANDBOX, "Check", pb.CheckRequest(), pb.CheckRequest().__class__)
         answered = time.monotonic() - vm.qemu.started_at
-        setup = await _setup_sandbox(client, "cold")
+        setup = await setup_sandbox(client, "cold")
         pod_ready = time.monotonic() - vm.qemu.started_at
         cpu = vm.qemu.cpu_seconds()
         await client.close()
@@ -179,7 +179,7 @@ async def restore_clone(config, work: Path, template: dict, index: int, ram_mode
         marks["agent_answered_since_request"] = time.monotonic() - t0  # the RAM copy included
         if full:
             result["kernel_uuid"] = await _exec(client, UUID)
-        result["setup_sandbox"] = await _setup_sandbox(client, f"clone{index}")
+        result["setup_sandbox"] = await setup_sandbox(client, f"clone{index}")
         marks["pod_ready"] = time.monotonic() - spawn
         marks["pod_ready_since_request"] = time.monotonic() - t0
         result["qemu_cpu_s_at_pod_ready"] = qemu.cpu_seconds()  # emulation work, least blurred by load
@@ -221,7 +221,7 @@ async def _agent(transport: HybridVsock) -> ttrpc.Client:
             await asyncio.sleep(0.02)
 
 
-async def _setup_sandbox(client: ttrpc.Client, hostname: str) -> str:
+async def setup_sandbox(client: ttrpc.Client, hostname: str) -> str:
     """SetupSandbox as the daemon sends it: the agent reseeds its CRNG and mounts the share."""
     request = pb.SetupSandboxRequest()
     request.config.type_url = "PodSandboxConfig"

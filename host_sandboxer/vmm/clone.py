@@ -48,6 +48,8 @@ async def start(vm: GuestVm, share) -> BootTimeline:
         vm.ram_file = await vm.templates.clone_ram(template, vm.name, vm.vmm_uid)
     except (TemplateError, QemuError, OSError) as e:
         raise VmError("template", str(e)) from None
+    except asyncio.TimeoutError:
+        raise VmError("template", "saving the template took too long") from None
     except QMPError as e:
         raise VmError("template", f"building the template failed: {qmp_error(e)}") from None
     copied = time.monotonic()
@@ -59,6 +61,7 @@ async def start(vm: GuestVm, share) -> BootTimeline:
                                 qmp_fd=fds.listen(vm.run_dir / "qmp.sock"), inherited_fds=tuple(fds.fds))
         vm.qemu = Qemu(spec, vm.run_dir)
         await vm.qemu.start(vm.qemu_confinement(share), run=False)
+        connected = time.monotonic()
     except QemuError as e:
         raise VmError("qemu", str(e)) from None
     finally:
@@ -91,7 +94,7 @@ async def start(vm: GuestVm, share) -> BootTimeline:
         await client.close()
     marks.update(template_s=got - began, ram_copy_s=copied - got, clock_synced_s=time.monotonic() - qemu.started_at)
     vm.timeline = BootTimeline(
-        qmp_connected_s=0.0, first_console_s=None, kernel_init_s=None, kernel_init_guest_s=None,
+        qmp_connected_s=connected - vm.qemu.started_at, first_console_s=None, kernel_init_s=None, kernel_init_guest_s=None,
         agent_ready_s=answered - qemu.started_at, agent_ready_guest_s=None, qemu_cpu_s=qemu.cpu_seconds(),
         agent_reported=template.reported, template=template.key[:16], restore={k: round(v, 3) for k, v in marks.items()})
     return vm.timeline

@@ -109,6 +109,7 @@ class TemplateStore:
         os.chmod(self.ram_dir, 0o711)  # a clone's QEMU opens its own file here, lists nothing
         template.dir.mkdir(mode=0o700)
         try:
+            template.ram.unlink(missing_ok=True)  # a build the daemon died in left it
             os.close(os.open(template.ram, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
             reported = await build(template)
             (template.dir / META).write_text(json.dumps({"key": template.key, "image": image,

@@ -81,3 +81,11 @@ def test_a_clone_gets_a_private_copy_of_the_template_ram(tmp_path):
     template, ram = run(scenario())
     assert ram.read_bytes() == b"ram" and ram != template.ram
     assert oct(os.stat(ram).st_mode & 0o777) == "0o600"
+
+
+def test_a_build_the_daemon_died_in_is_redone(tmp_path):
+    """What a killed daemon leaves of a build: the slot's directory without meta.json, the RAM file."""
+    calls, templates = [], store(tmp_path)
+    first = run(templates.get("s", {"k": 1}, "img", builder(calls)))
+    (first.dir / "meta.json").unlink()
+    assert run(templates.get("s", {"k": 1}, "img", builder(calls))).ram.exists() and len(calls) == 2
