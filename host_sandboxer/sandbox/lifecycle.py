@@ -42,6 +42,10 @@ VMM_EXIT_GRACE_S = 2.0  # a VMM that dies takes its vsock link and virtiofsd alo
 UNIX_PATH_MAX = 107
 
 
+def vm_name(pod: Pod) -> str:
+    return f"vmm-{pod.id}"
+
+
 def _pod_config(config, pod: Pod):
     """The daemon config with the VM sized from the pod's resources (clamped: podconfig.py)."""
     vm = dataclasses.replace(config.vm, cpus=pod.pod_config.vcpus(config.vm),
@@ -80,7 +84,7 @@ async def start(pod: Pod, config, vsock_backend, task_relay, templates=None) -> 
     except NetworkError as exc:
         await _remove_cgroup(pod)
         raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc}") from None
-    vm = GuestVm(sized, pod.dir, name=f"vmm-{pod.id}", share_dir=pod.shared_dir,
+    vm = GuestVm(sized, pod.dir, name=vm_name(pod), share_dir=pod.shared_dir,
                  nics=attachment.nics if attachment else (), vsock_backend=vsock_backend,
                  cgroup=pod.cgroup, vmm_uid=pod.vmm_uid, mount_namespace=space.namespace_file,
                  templates=templates)
@@ -142,7 +146,7 @@ async def recover(pod: Pod, config, vsock_backend) -> None:
     try:
         try:
             vm = await GuestVm.attach(_pod_config(config, pod), pod.dir, pod.vm_record or {},
-                                      name=f"vmm-{pod.id}", share_dir=pod.shared_dir,
+                                      name=vm_name(pod), share_dir=pod.shared_dir,
                                       vsock_backend=vsock_backend)
         except VmError as exc:
             pod.unhealthy = ""

@@ -142,6 +142,8 @@ class Sandboxes:
                 for pid in killed:
                     log.warning("sandbox %s: killed process %d left by a Start the daemon did not finish",
                                 sandbox_id, pid)
+                if self.templates is not None:  # a clone's RAM file, which no record names yet
+                    self.templates.clone_ram_path(lifecycle.vm_name(pod)).unlink(missing_ok=True)
             elif pod.state == "stopped":
                 pod.vm_exited.set_result(pod.exit_status)
         try:

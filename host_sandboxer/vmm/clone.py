@@ -43,7 +43,8 @@ async def start(vm: GuestVm, share) -> BootTimeline:
     _check_supported(vm, share)
     began = time.monotonic()
     try:
-        template = await vm.templates.get(_slot(vm), *_inputs(vm), build=lambda t: _build(vm, t))
+        inputs, image = await asyncio.to_thread(_inputs, vm)  # hashes files: once per file per process
+        template = await vm.templates.get(_slot(vm), inputs, image, build=lambda t: _build(vm, t))
         got = time.monotonic()
         vm.ram_file = await vm.templates.clone_ram(template, vm.name, vm.vmm_uid)
     except (TemplateError, QemuError, OSError) as e:

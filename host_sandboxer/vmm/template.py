@@ -136,9 +136,13 @@ class TemplateStore:
         if ram is not None:
             ram.unlink(missing_ok=True)
 
+    def clone_ram_path(self, name: str) -> Path:
+        """Where the RAM of the clone VM `name` is."""
+        return self.ram_dir / f"{name}.ram"
+
     async def clone_ram(self, template: Template, name: str, uid: int | None) -> Path:
         """A sparse copy of the template's RAM for one clone, owned by `uid` (its QEMU's)."""
-        ram = self.ram_dir / f"{name}.ram"
+        ram = self.clone_ram_path(name)
         ram.unlink(missing_ok=True)
         cp = await asyncio.create_subprocess_exec("cp", "--sparse=always", str(template.ram), str(ram),
                                                   stderr=asyncio.subprocess.PIPE)

@@ -21,7 +21,7 @@ from leak_guard import mounts_left
 from test_sandboxer import NS, _long_running_pod, demo, env  # noqa: F401  (env: the fixture)
 
 from host_sandboxer.sandbox import manager
-from host_sandboxer.vmm.template import TEMPLATES_DIR
+from host_sandboxer.vmm.template import TEMPLATES_DIR, TemplateStore
 from vmm_common.protos.containerd.events import task_pb2 as events
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from vmm_common.protos.containerd.task.v3 import shim_pb2 as task
@@ -284,6 +284,7 @@ def test_daemon_killed_inside_start_leaves_nothing_running(env):
     assert _gone(_processes_naming(pod_dir))
     assert not (env.daemon.state / "vsock-backend.json").exists()
     assert env.status("halfway").state == "SANDBOX_NOTREADY"
+    assert not TemplateStore(env.daemon.state).clone_ram_path("vmm-halfway").exists()  # [vm] template
     env.cri.controller.Start(sb.ControllerStartRequest(sandbox_id="halfway"), metadata=NS, timeout=120)
     assert env.status("halfway").state == "SANDBOX_READY"
     env.cri.remove_pod("halfway")
