@@ -2,9 +2,10 @@
 
 `GuestVm.start()` brings up, in order, the vsock transport (it must listen before QEMU starts),
 the shared-directory server (virtiofsd; 9p needs none), then QEMU, and waits for the agent's
-"vmm-task ready" console line.  Any failure tears down what was started and raises `VmError`
-whose `stage` says what failed and whose message ends with the console tail.  All sockets and
-logs live in `run_dir` (0700).
+"vmm-task ready" console line; given the daemon's template store ([vm] template), it restores
+the VM from a template instead (vmm/clone.py).  Any failure tears down what was started and
+raises `VmError` whose `stage` says what failed and whose message ends with the console tail.
+All sockets and logs live in `run_dir` (0700).
 
 A VM given the daemon's `vsock_backend` (the daemon's pods) is detached: it outlives the
 process that started it. QEMU and virtiofsd are not tied to our life, hybrid vsock is served by
