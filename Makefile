@@ -16,7 +16,7 @@ DEBUG ?= 0
 # naming what is missing.
 export VMM_TASK_CONTAINERD_BIN ?= $(wildcard $(abspath ../shared/containerd/bin))
 
-.PHONY: setup protos guest-image guest-image-runc floor-image test test-unit test-agent test-vm test-e2e \
+.PHONY: setup protos guest-image guest-image-runc guest-image-debug floor-image test test-unit test-agent test-vm test-e2e \
         critest demo bench stress reproducible-check debian13-check clean
 
 setup:
@@ -35,12 +35,16 @@ guest-image: setup
 guest-image-runc: setup
 	@$(PY) -m initrd.guest_image --runtime runc --out build/guest-runc
 
+# The same with a static busybox (DEBUG=1) in build/guest-debug: what tests run by ExecVMProcess.
+guest-image-debug: setup
+	@$(PY) -m initrd.guest_image --runtime $(RUNTIME) --debug 1 --out build/guest-debug
+
 # The boot benchmark's floor: same kernel, an initrd whose /init is static busybox printing a line.
 floor-image: setup
 	@$(PY) -m initrd.floor
 
 # The agent layer runs a second time with runc: the guest's other runtime (RUNTIME=runc).
-test: setup guest-image guest-image-runc
+test: setup guest-image guest-image-runc guest-image-debug
 	$(PY) -m pytest -q -ra tests
 	VMM_TASK_TEST_RUNTIME=runc $(PY) -m pytest -q -ra tests/agent
 
@@ -51,7 +55,7 @@ test-agent: setup
 	$(PY) -m pytest -q -ra tests/agent
 	VMM_TASK_TEST_RUNTIME=runc $(PY) -m pytest -q -ra tests/agent
 
-test-vm: setup guest-image guest-image-runc
+test-vm: setup guest-image guest-image-runc guest-image-debug
 	$(PY) -m pytest -q -ra tests/vm
 
 # containerd 2.4 + crictl with both runtimes, runc (the baseline) and vmm: docs/e2e.md.

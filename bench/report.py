@@ -20,8 +20,8 @@ REQUIRED_KEYS = (
     "pod.start_s_single", "pod.start_s_parallel_5",
     "rpc.check_p50_ms", "rpc.check_p99_ms",
     "io.stdout_mb_s", "io.stdout_integrity",
-    # per boot mode (vm.image; the keys above are the default mode's)
-    *(f"{group}.{mode}.{name}" for mode in ("initrd", "pmem")
+    # per boot mode (vm.image, vm.template: bench.boot.MODES; the keys above are the default mode's)
+    *(f"{group}.{mode}.{name}" for mode in ("initrd", "pmem", "template")
       for group, name in (("boot", "ready_s"), ("boot", "ratio"), ("pod", "start_s_single"),
                           ("pod", "start_s_parallel_5"), ("guest", "mem_used_kb"))),
     "host.per_pod_kb.1", "host.per_pod_kb.10", "host.per_pod_kb.30", "host.tcg_cache_kb",

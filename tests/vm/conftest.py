@@ -138,6 +138,12 @@ def runc_guest_image() -> GuestImage:
 
 
 @pytest.fixture(scope="session")
+def debug_guest_image() -> GuestImage:
+    """The image with busybox (`make guest-image-debug`): commands for ExecVMProcess."""
+    return _image(DEFAULT_IMAGE_DIR.parent / "guest-debug", "guest-image-debug")
+
+
+@pytest.fixture(scope="session")
 def vm_loop():
     loop = BackgroundLoop()
     yield loop
@@ -147,6 +153,16 @@ def vm_loop():
 @pytest.fixture
 def vm_config(guest_image) -> Config:
     """Defaults (accel auto: TCG here) with the built image and the hybrid vsock transport."""
+    return config_for(guest_image)
+
+
+@pytest.fixture
+def debug_vm_config(debug_guest_image) -> Config:
+    """vm_config with the debug image."""
+    return config_for(debug_guest_image)
+
+
+def config_for(guest_image: GuestImage) -> Config:
     config = load_config(None)
     config.vm = dataclasses.replace(config.vm, kernel=guest_image.kernel, initrd=guest_image.initrd,
                                     rootfs=guest_image.rootfs, boot_timeout_s=BOOT_TIMEOUT_S)
