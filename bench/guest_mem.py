@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import io
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,14 +51,13 @@ def used_kb(meminfo: str) -> int | None:
     return values["MemTotal:"] - values["MemAvailable:"]
 
 
-def ram_resident_kb(smaps: str, mapping: str = RAM_MAPPING) -> int:
-    """Rss (kB) of the guest RAM's mappings (its memfd; a clone's: its RAM file) in QEMU's
-    /proc/PID/smaps text."""
+def ram_resident_kb(smaps: str) -> int:
+    """Rss (kB) of the guest RAM's memfd mappings in QEMU's /proc/PID/smaps text."""
     total, in_ram = 0, False
     for line in smaps.splitlines():
         fields = line.split()
         if fields and not fields[0].endswith(":"):  # a mapping's header
-            in_ram = len(fields) > 5 and fields[5] == mapping
+            in_ram = len(fields) > 5 and fields[5] == RAM_MAPPING
         elif in_ram and fields[0] == "Rss:":
             total += int(fields[1])
     return total
@@ -117,8 +117,9 @@ async def ours_once(config, settle_s: float) -> tuple[int, int]:
         finally:
             await client.close()
         await asyncio.sleep(settle_s)  # free page reporting works in batches, ~2 s apart
-        return used, ram_resident_kb(Path(f"/proc/{vm.qemu.proc.pid}/smaps").read_text(),
-                                     str(vm.ram_file) if vm.ram_file else RAM_MAPPING)
+        if vm.ram_file is not None:  # a clone's RAM file holds its copy of the template's pages too
+            return used, os.stat(vm.ram_file).st_blocks * 512 // 1024
+        return used, ram_resident_kb(Path(f"/proc/{vm.qemu.proc.pid}/smaps").read_text())
     finally:
         await vm.close()
         shutil.rmtree(work, ignore_errors=True)
