@@ -164,6 +164,8 @@ def main() -> None:
     if args.pods:
         print_kinds(per_pod_by_kind(args.pods), args.pods)
         return
+    if not args.targets:
+        parser.error("give PIDs, modules with --imports, or --pods N")
     if args.imports:
         for module, kb in by_module(args.targets).most_common(args.top):
             print(f"{kb:8d} kB  {module}")
