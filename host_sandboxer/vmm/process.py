@@ -23,7 +23,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from host_sandboxer.containment.launch import Confinement, wrap
 from host_sandboxer.vmm.helper_output import HelperOutput
@@ -32,10 +32,11 @@ UNKNOWN_STATUS = 255  # the exit status of an adopted helper: only its parent (i
 
 
 async def spawn(argv: list[str], output: HelperOutput, pass_fds: Sequence[int] = (),
-                confinement: Confinement = Confinement()) -> asyncio.subprocess.Process:
+                confinement: Confinement = Confinement(),
+                env: Mapping[str, str] | None = None) -> asyncio.subprocess.Process:
     """Start argv, confined, with stdin from /dev/null and stdout+stderr into `output`; the fds
-    in `pass_fds` are inherited at the same numbers (every other fd is closed). A missing
-    binary is OSError here, as without the wrapper."""
+    in `pass_fds` are inherited at the same numbers (every other fd is closed); `env`: set in
+    its environment on top of ours. A missing binary is OSError here, as without the wrapper."""
     command = wrap(argv, confinement)
     if len(command) > len(argv) and shutil.which(argv[0]) is None:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
@@ -43,7 +44,8 @@ async def spawn(argv: list[str], output: HelperOutput, pass_fds: Sequence[int] =
     try:
         return await asyncio.create_subprocess_exec(
             *command, stdin=asyncio.subprocess.DEVNULL, stdout=child_end,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True, pass_fds=tuple(pass_fds))
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True, pass_fds=tuple(pass_fds),
+            env={**os.environ, **env} if env else None)
     finally:
         os.close(child_end)  # the child has it: EOF comes when the helper (and its children) end
 

@@ -68,11 +68,33 @@ def runtime(request) -> str:
     return request.param
 
 
+LOG_TAIL_LINES = 60  # of each node log, shown under a failed scenario
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     if call.when == "call":
-        item.e2e_call_failed = outcome.get_result().failed or hasattr(outcome.get_result(), "wasxfail")
+        report = outcome.get_result()
+        item.e2e_call_failed = report.failed or hasattr(report, "wasxfail")
+        if report.failed:
+            for title, text in _logs_since(getattr(item, "e2e_log_marks", {})):
+                report.sections.append((title, text))
+
+
+def _logs_since(marks: dict) -> list[tuple[str, str]]:
+    """The last lines each node log (containerd, vmm-sandboxer) got since the scenario began:
+    a failure in CI is then explained by the daemons' own words, the node being gone after."""
+    sections = []
+    for log, offset in marks.items():
+        try:
+            with open(log, "rb") as file:
+                file.seek(offset if offset <= log.stat().st_size else 0)  # a restart may rewrite it
+                lines = file.read().decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        except OSError:
+            continue
+        sections.append((f"{log.name} (last {len(lines)} lines of the scenario)", "\n".join(lines)))
+    return sections
 
 
 @pytest.fixture
@@ -80,6 +102,8 @@ def pods(node, runtime, request):
     """The scenario's pods, removed after it. When the scenario itself failed, removal still runs
     but its errors only go to the log: the scenario's failure already says what went wrong."""
     made = Pods(node.crictl, runtime)
+    request.node.e2e_log_marks = {log: log.stat().st_size for log in
+                                  (node.work / "containerd.log", node.work / "vmm-sandboxer.log") if log.exists()}
     yield made
     try:
         made.close()

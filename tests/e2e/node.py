@@ -7,6 +7,7 @@ vmm-sandboxer, and crictl pointed at them. Pods get the cgroup parent `/<netns n
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -56,6 +57,8 @@ def node_environment(kernel: Path = DEFAULT_IMAGE_DIR / "kernel",
             stack.callback(kill_strays, directory)  # shims and VMs that outlived a failed teardown
         # [vm] template (VMM_TASK_TEST_TEMPLATE=1): the templates' RAM outlives the daemon by design.
         stack.callback(shutil.rmtree, TemplateStore(sandboxer_dir).ram_dir, ignore_errors=True)
+        if os.environ.get("VMM_TASK_E2E_LOGS"):  # keep the daemons' logs of a run for a post-mortem
+            stack.callback(keep_logs, work, Path(os.environ["VMM_TASK_E2E_LOGS"]))
         netns = stack.enter_context(NodeNetns())
         registry = LocalRegistry(netns, work)
         registry.start()
@@ -77,6 +80,14 @@ def node_environment(kernel: Path = DEFAULT_IMAGE_DIR / "kernel",
         images_file = work / "test-images.yaml"
         images_file.write_text(stand_in_images.critest_images_yaml())
         yield Node(work, sandboxer_dir, netns, registry, containerd, sandboxer, crictl, images_file)
+
+
+def keep_logs(work: Path, into: Path) -> None:
+    """Copy the node's logs (containerd, vmm-sandboxer, the registry) to `into`/<work's name>."""
+    kept = into / work.name
+    kept.mkdir(parents=True, exist_ok=True)
+    for log in work.glob("*.log"):
+        shutil.copy2(log, kept)
 
 
 def remove_cgroups(parent: str, root: Path = Path("/sys/fs/cgroup")) -> None:

@@ -307,8 +307,16 @@ def test_pods_survive_restart(node, pods, restart):
     assert node.crictl.logs(echo).stdout == b"got before\ngot after\n"
     seen = node.crictl.logs(counter).stdout.count(b"\n")
     wait_for(lambda: node.crictl.logs(counter).stdout.count(b"\n") > seen + 5, "the counter going on")
-    out = node.crictl.logs(counter).stdout.split(b"\n")[:-1]
-    assert out == [b"%d" % n for n in range(len(out))]
+    counted = [int(line) for line in node.crictl.logs(counter).stdout.split(b"\n")[:-1]]
+    gaps = [(a + 1, b - 1) for a, b in zip(counted, counted[1:]) if b != a + 1]
+    if pods.runtime == "vmm-streaming" and "containerd stop" in RESTARTS[restart]:
+        # containerd's Streaming protocol acknowledges nothing: what was in flight to the stopped
+        # containerd is lost with it (docs/stdio.md), one run of lines per stop at most; nothing
+        # may repeat or come out of order
+        assert counted[0] == 0 and all(b > a for a, b in zip(counted, counted[1:])), counted
+        assert len(gaps) <= RESTARTS[restart].count("containerd stop"), f"lines lost: {gaps}"
+    else:
+        assert counted == list(range(len(counted))), f"lines lost: {gaps}"
     node.crictl.stop(counter, timeout_s=2)
     assert node.crictl.state(counter) == "CONTAINER_EXITED"
     pods.remove(pod)

@@ -16,7 +16,7 @@ def option(argv, flag):
 def test_single_queue_tap():
     argv = build_argv(spec(nics=(TapNic("tap0_vmm", "02:00:00:00:00:01", (9,)),)))
     assert option(argv, "-netdev") == ["tap,id=tap0_vmm,fd=9"]
-    assert "virtio-net-pci,netdev=tap0_vmm,mac=02:00:00:00:00:01" in option(argv, "-device")
+    assert "virtio-net-pci,netdev=tap0_vmm,mac=02:00:00:00:00:01,romfile=" in option(argv, "-device")
 
 
 def test_multiqueue_taps_on_q35_get_msix_vectors():
@@ -25,7 +25,7 @@ def test_multiqueue_taps_on_q35_get_msix_vectors():
     s = spec(nics=nics, cpus=2)
     argv = build_argv(s)
     assert option(argv, "-netdev") == ["tap,id=tap0_vmm,fds=9:10", "tap,id=tap1_vmm,fds=11:12"]
-    assert "virtio-net-pci,netdev=tap1_vmm,mac=02:00:00:00:00:02,mq=on,vectors=6" in option(argv, "-device")
+    assert "virtio-net-pci,netdev=tap1_vmm,mac=02:00:00:00:00:02,mq=on,vectors=6,romfile=" in option(argv, "-device")
     assert pass_fds(s) == [9, 10, 11, 12]
 
 

@@ -26,7 +26,7 @@ def option(argv: list[str], flag: str) -> list[str]:
 def test_q35_tcg_defaults():
     argv = build_argv(spec())
     assert argv[0] == "qemu-system-x86_64"
-    assert option(argv, "-machine") == ["q35,accel=tcg,memory-backend=mem"]
+    assert option(argv, "-machine") == ["q35,accel=tcg,memory-backend=mem,sata=off"]
     assert option(argv, "-object")[0] == "memory-backend-memfd,id=mem,size=512M,share=on"
     assert option(argv, "-m") == ["512M"]
     for flag in ("-nodefaults", "-no-user-config", "-nographic", "-no-reboot"):
@@ -48,7 +48,7 @@ def test_q35_tcg_defaults():
 def test_kvm_uses_host_cpu():
     argv = build_argv(spec(accel="kvm", cpus=2, memory_mib=256))
     assert option(argv, "-cpu") == ["host"]
-    assert option(argv, "-machine") == ["q35,accel=kvm,memory-backend=mem"]
+    assert option(argv, "-machine") == ["q35,accel=kvm,memory-backend=mem,sata=off"]
     assert option(argv, "-smp") == ["2"]
     assert option(argv, "-object")[0] == "memory-backend-memfd,id=mem,size=256M,share=on"
 

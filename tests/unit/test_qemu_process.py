@@ -122,6 +122,22 @@ def test_a_missing_binary_is_an_oserror_with_or_without_the_wrapper(tmp_path):
     assert asyncio.run(scenario(True)) == asyncio.run(scenario(False)) == "No such file or directory"
 
 
+def test_env_is_set_on_top_of_ours_through_the_wrapper(tmp_path, monkeypatch):
+    """QEMU gets MALLOC_ARENA_MAX this way (vmm/qemu.py): the wrapper must pass it on."""
+    monkeypatch.setenv("OURS", "kept")
+
+    async def scenario():
+        output = HelperOutput(tmp_path / "out.log")
+        proc = await process.spawn(["sh", "-c", 'echo "$OURS $MALLOC_ARENA_MAX"'], output,
+                                   confinement=Confinement(die_with_us=True),
+                                   env={"MALLOC_ARENA_MAX": "1"})
+        await proc.wait()
+        output.close()
+
+    asyncio.run(scenario())
+    assert (tmp_path / "out.log").read_text().split() == ["kept", "1"]
+
+
 def test_adopt_checks_the_start_time_and_watches_the_exit(tmp_path):
     sleeper = subprocess.Popen(["sleep", "60"])
     try:

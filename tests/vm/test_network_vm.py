@@ -104,12 +104,14 @@ def _localhost_exchange(pair: NetnsPair, port: int, payload: bytes) -> bytes:
 
 
 def _until_served(pair: NetnsPair, port: int, payload: bytes, deadline_s: float = 60) -> bytes:
-    """_localhost_exchange, again while nothing listens yet in the guest (the client is reset)."""
+    """_localhost_exchange, again while nothing listens yet in the guest (the client is reset)
+    or, in a restarted daemon still taking its pods over, the port-forward listener is not back
+    (refused: the daemon serves before its takeover is done, docs/restarts.md)."""
     deadline = time.monotonic() + deadline_s
     while True:
         try:
             return _localhost_exchange(pair, port, payload)
-        except ConnectionResetError:
+        except (ConnectionResetError, ConnectionRefusedError):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.3)
