@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -105,8 +106,7 @@ class TemplateStore:
     async def _build(self, template: Template, image: str, build) -> None:
         self._remove_stale(template, image)
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.ram_dir.mkdir(mode=0o711, exist_ok=True)
-        os.chmod(self.ram_dir, 0o711)  # a clone's QEMU opens its own file here, lists nothing
+        self._make_ram_dir()
         template.dir.mkdir(mode=0o700)
         try:
             template.ram.unlink(missing_ok=True)  # a build the daemon died in left it
@@ -117,6 +117,15 @@ class TemplateStore:
         except BaseException:
             self._remove(template.dir, template.ram)
             raise
+
+    def _make_ram_dir(self) -> None:
+        """Ours, 0711: a clone's QEMU opens its own file there and lists nothing. /dev/shm is
+        everyone's: a directory someone else made first (or a link) is refused, not used."""
+        self.ram_dir.mkdir(mode=0o711, exist_ok=True)
+        st = os.lstat(self.ram_dir)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise TemplateError(f"{self.ram_dir} is not a directory of ours (uid {st.st_uid}): remove it")
+        os.chmod(self.ram_dir, 0o711)
 
     def _remove_stale(self, template: Template, image: str) -> None:
         """The slot's old template, and every template of another image."""

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from host_sandboxer.vmm.template import TemplateStore
+from host_sandboxer.vmm.template import TemplateError, TemplateStore
 
 
 def run(coro):
@@ -89,3 +89,13 @@ def test_a_build_the_daemon_died_in_is_redone(tmp_path):
     first = run(templates.get("s", {"k": 1}, "img", builder(calls)))
     (first.dir / "meta.json").unlink()
     assert run(templates.get("s", {"k": 1}, "img", builder(calls))).ram.exists() and len(calls) == 2
+
+
+def test_a_ram_directory_someone_else_made_is_refused(tmp_path):
+    """/dev/shm is writable by every user: one could make the directory first, or a link."""
+    templates = store(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    templates.ram_dir.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(TemplateError, match="not a directory of ours"):
+        run(templates.get("s", {"k": 1}, "img", builder([])))
+    assert list((tmp_path / "elsewhere").iterdir()) == []
