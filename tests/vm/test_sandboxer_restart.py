@@ -282,8 +282,10 @@ def test_daemon_killed_inside_start_leaves_nothing_running(env):
             start.result()
     env.daemon.start()
     assert _gone(_processes_naming(pod_dir))
-    assert not (env.daemon.state / "vsock-backend.json").exists()
+    # the Controller answers once the takeover is done (daemon.AfterRecovery), whose last step
+    # stops the idle backend: asked before, the backend could still be there
     assert env.status("halfway").state == "SANDBOX_NOTREADY"
+    assert not (env.daemon.state / "vsock-backend.json").exists()
     assert not TemplateStore(env.daemon.state).clone_ram_path("vmm-halfway").exists()  # [vm] template
     env.cri.controller.Start(sb.ControllerStartRequest(sandbox_id="halfway"), metadata=NS, timeout=120)
     assert env.status("halfway").state == "SANDBOX_READY"
