@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: leak_guard's names
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))     # the checkout: scripts.demo, as pytest has it
 
 import tools  # noqa: E402
 from host_sandboxer.config import DEFAULT_IMAGE_DIR  # noqa: E402
