@@ -12,7 +12,7 @@ from pathlib import Path
 
 from google.protobuf import empty_pb2
 
-from test_task_vm import GUEST_SHARE, TASK, make_bundle
+from test_task_vm import GUEST_SHARE, TASK, create_task, make_bundle
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as pb
 from vmm_common.protos.kuasar import sandbox_pb2 as sandbox_pb
 
@@ -31,9 +31,7 @@ def test_guest_processes_cannot_reach_the_agent_or_a_stdio_port(vm_factory, tmp_
     async def scenario():
         client = await vm.client()
         try:
-            await client.call(TASK, "Create", pb.CreateTaskRequest(
-                id=cid, bundle=f"{GUEST_SHARE}/{cid}", stdout=f"vsock://{STDOUT_PORT}"),
-                pb.CreateTaskResponse, timeout=60)
+            await create_task(client, cid, stdout=f"vsock://{STDOUT_PORT}")
             probed = await client.call("grpc.SandboxService", "ExecVMProcess",
                                        sandbox_pb.ExecVMProcessRequest(
                                            command=f"{GUEST_SHARE}/vsock_probe 1024 {STDOUT_PORT}"),

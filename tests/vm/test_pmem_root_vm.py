@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 
-from test_task_vm import GUEST_SHARE, TASK, make_bundle
+from test_task_vm import TASK, create_task, make_bundle
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as pb
 
 STDOUT_PORT = 40002
@@ -41,9 +41,7 @@ def test_the_agent_boots_from_the_dax_root_and_runs_a_container(vm_factory):
     async def scenario():
         client = await vm.client()
         try:
-            await client.call(TASK, "Create", pb.CreateTaskRequest(
-                id=cid, bundle=f"{GUEST_SHARE}/{cid}", stdout=f"vsock://{STDOUT_PORT}"),
-                pb.CreateTaskResponse, timeout=60)
+            await create_task(client, cid, stdout=f"vsock://{STDOUT_PORT}")
             reader, writer = await vm.guest.open_connection(STDOUT_PORT)
             await client.call(TASK, "Start", pb.StartRequest(id=cid), pb.StartResponse, timeout=60)
             waited = await client.call(TASK, "Wait", pb.WaitRequest(id=cid), pb.WaitResponse,

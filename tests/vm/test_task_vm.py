@@ -38,6 +38,13 @@ def make_bundle(share: Path, args: list[str], memory_limit: int = 0) -> tuple[st
     return cid, bundle
 
 
+async def create_task(client, cid: str, **stdio: str) -> pb.CreateTaskResponse:
+    """Task.Create of the bundle `make_bundle` put in the shared directory as `cid`, with the
+    given stdio strings (e.g. stdout=f"vsock://{port}")."""
+    return await client.call(TASK, "Create", pb.CreateTaskRequest(id=cid, bundle=f"{GUEST_SHARE}/{cid}", **stdio),
+                             pb.CreateTaskResponse, timeout=60)
+
+
 def test_lifecycle_in_the_vm(vm):
     first, first_dir = make_bundle(vm.share_dir, ["sh", "-c", "echo hello from the guest; exit 3"])
     second, _ = make_bundle(vm.share_dir, ["sh", "-c", "seq 1 20000; sleep 1000"])
@@ -60,9 +67,7 @@ def test_lifecycle_in_the_vm(vm):
             deleted = await call("Delete", pb.DeleteRequest(id=first), pb.DeleteResponse)
 
             # 2: stdout over vsock, exec, stats (cgroup v2), pause/resume, kill
-            await call("Create", pb.CreateTaskRequest(
-                id=second, bundle=f"{GUEST_SHARE}/{second}", stdout=f"vsock://{STDOUT_PORT}"),
-                pb.CreateTaskResponse)
+            await create_task(client, second, stdout=f"vsock://{STDOUT_PORT}")
             reader, writer = await vm.guest.open_connection(STDOUT_PORT)
             await call("Start", pb.StartRequest(id=second), pb.StartResponse)
             expected = "".join(f"{i}\n" for i in range(1, 20001)).encode()
