@@ -56,6 +56,7 @@ async def run_check(config: Config) -> dict:
 async def _call_check(vm: GuestVm) -> tuple[float, list[float]]:
     """Connect to the agent and call Check CHECK_CALLS times: (connect ms, [rtt ms])."""
     from google.protobuf.empty_pb2 import Empty
+    from vmm_common.protos.kuasar import SANDBOX_SERVICE
     from vmm_common.protos.kuasar.sandbox_pb2 import CheckRequest
 
     started = time.monotonic()
@@ -69,10 +70,10 @@ async def _call_check(vm: GuestVm) -> tuple[float, list[float]]:
     try:
         for _ in range(CHECK_CALLS):
             started = time.monotonic()
-            await client.call("grpc.SandboxService", "Check", CheckRequest(), Empty, timeout=CHECK_TIMEOUT_S)
+            await client.call(SANDBOX_SERVICE, "Check", CheckRequest(), Empty, timeout=CHECK_TIMEOUT_S)
             rtts.append((time.monotonic() - started) * 1000)
     except Exception as e:
-        raise VmError("check", vm.qemu.failure(f"grpc.SandboxService/Check failed: {e}")) from None
+        raise VmError("check", vm.qemu.failure(f"{SANDBOX_SERVICE}/Check failed: {e}")) from None
     finally:
         await client.close()
     return connect_ms, rtts

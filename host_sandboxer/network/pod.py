@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 from google.protobuf import empty_pb2
 
 from host_sandboxer.network.messages import interfaces_request, routes_request
+from vmm_common.protos.kuasar import SANDBOX_SERVICE
 
 if TYPE_CHECKING:
     from host_sandboxer.network.plumbing import Attachment
 
 log = logging.getLogger(__name__)
 RECORD = "network.json"
-SANDBOX_SERVICE = "grpc.SandboxService"
 # The agent imports pyroute2 on its first network call: 5-7 s under TCG on a loaded 2-core host.
 GUEST_TIMEOUT_S = 60.0
 

@@ -24,10 +24,10 @@ from vmm_common import ttrpc
 from vmm_common.capped_text import capped
 from vmm_common.protos.containerd.events import task_pb2
 from vmm_common.protos.containerd.services.ttrpc.events.v1 import events_pb2 as guest_events
+from vmm_common.protos.kuasar import SANDBOX_SERVICE
 
 log = logging.getLogger(__name__)
 
-SANDBOX_SERVICE = "grpc.SandboxService"
 MAX_EVENT_BYTES = 64 * 1024  # a real task event is a few hundred bytes
 RATE_PER_S = 100.0           # sustained events a pod may send (exec probes: ~4 per exec)
 BURST = 500                  # a pod starting many containers at once

@@ -28,11 +28,10 @@ from host_sandboxer.taskproxy.errors import HostError
 from host_sandboxer.vmm.vm import GuestVm, VmError
 from vmm_common import portforward, ttrpc
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as task_v2
-from vmm_common.protos.kuasar import sandbox_pb2
+from vmm_common.protos.kuasar import SANDBOX_SERVICE, sandbox_pb2
 
 log = logging.getLogger(__name__)
 
-SANDBOX_SERVICE = "grpc.SandboxService"
 TASK_SERVICE = "containerd.task.v2.Task"
 CHECK_TIMEOUT_S = 10.0
 RECHECK_INTERVAL_S = 5.0  # a recovered pod whose agent does not answer is asked again this often
