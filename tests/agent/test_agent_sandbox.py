@@ -13,6 +13,8 @@ import pytest
 from google.protobuf import empty_pb2
 
 from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
+from initrd import pod_pause
+from kernel.build import default_cache
 from leak_guard import Leftovers, fail_if_left
 from vmm_common import ttrpc
 from vmm_common.protos.kuasar import sandbox_pb2 as pb
@@ -36,7 +38,8 @@ class DevAgent:
         with open(self.output, "wb") as out:
             self.process = subprocess.Popen(
                 [*wrapper, str(VMM_TASK), "--listen", f"unix://{self.socket}",
-                 "--run-dir", str(self.run_dir), *flags], stdout=out, stderr=subprocess.STDOUT)
+                 "--run-dir", str(self.run_dir), "--pod-pause", str(pod_pause.build(default_cache())), *flags],
+                stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while b"vmm-task ready" not in self.output.read_bytes():
             assert self.process.poll() is None and time.monotonic() < deadline, self.log()
