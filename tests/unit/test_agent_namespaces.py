@@ -56,6 +56,8 @@ def test_ipc_uts_pid_namespaces_hostname_sysctl_and_holder(tmp_path):
             "holder": open(f"/proc/{holder}/comm").read().strip(),
             # it is pod-pause itself, not a fork of this Python process keeping a copy of its heap
             "holder exe": os.readlink(f"/proc/{holder}/exe"),
+            "holder fds": {fd: os.readlink(f"/proc/{holder}/fd/{fd}")
+                           for fd in os.listdir(f"/proc/{holder}/fd")},
             # a process in the pod PID namespace sees the holder as its PID 1
             "pid 1": await run("nsenter", f"--pid={pod.paths['pid']}", "sh", "-c",
                                "cat /proc/1/comm 2>/dev/null; echo $$"),
@@ -80,6 +82,9 @@ def test_ipc_uts_pid_namespaces_hostname_sysctl_and_holder(tmp_path):
     assert seen["ipc"] == "1234" and seen["our shmmni"]
     assert seen["pid ns"] and seen["holder"] == "pod-pause"
     assert seen["holder exe"] == POD_PAUSE
+    fds = seen["holder fds"]  # stdio, the agent-alive pipe, its signalfd; nothing else
+    assert [fds[fd] for fd in "012"] == ["/dev/null"] * 3 and fds["3"].startswith("pipe:")
+    assert sorted(fds) == ["0", "1", "2", "3", "4"] and "signalfd" in fds["4"]
     assert seen["pid 1"].split()[-1] == "2"  # nsenter's child is the namespace's second process
     assert seen["orphan reaped"] and seen["holder zombies"] == 0
     assert seen["holder exit"] == 128 + 9

@@ -116,10 +116,13 @@ def _spawn_holder(binary: str, alive_r: int) -> int:
     fork. The child gets `alive_r` as fd 3, a pipe whose write end only the agent holds: it
     exits on EOF there, when the agent died without killing it (dev mode). Not PR_SET_PDEATHSIG:
     it would fire when this short-lived thread ends, and it cannot be set without code in the
-    child. Raises OSError naming `binary` if it cannot be run."""
+    child. Its stdio is /dev/null, not the agent's console or log. Raises OSError naming
+    `binary` if it cannot be run."""
+    stdio = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
+             (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
     try:
         return os.posix_spawn(binary, [binary, "3"], {},
-                              file_actions=[(os.POSIX_SPAWN_DUP2, alive_r, 3)])
+                              file_actions=[(os.POSIX_SPAWN_DUP2, alive_r, 3), *stdio])
     except OSError as e:
         raise OSError(e.errno, f"cannot run the pod's PID-namespace init {binary}: "
                                f"{e.strerror}") from None
