@@ -176,6 +176,22 @@ def _userns(mode: str, mapping: dict | None = None) -> dict:
     return {"security_context": {"namespace_options": {"userns_options": options}}}
 
 
+def test_setup_sandbox_without_pod_pause_is_an_error_naming_it(start_agent, tmp_path):
+    """The pod's PID-namespace init missing: SetupSandbox fails naming it, the agent lives on,
+    nothing of the pod is left, and a pod without a shared PID namespace needs no init."""
+    missing = tmp_path / "no-pod-pause"
+    agent = start_agent("--pod-pause", str(missing))
+    failed = agent.error(SANDBOX, "SetupSandbox", pod_config(hostname="web-0"), empty_pb2.Empty)
+    assert failed.code == Code.INTERNAL
+    assert failed.message == (f"pod setup failed: [Errno 2] cannot run the pod's PID-namespace "
+                              f"init {missing}: No such file or directory")
+    assert os.listdir(agent.run_dir / "sandbox-ns") == []
+    agent.call(SANDBOX, "SetupSandbox", pod_config(hostname="web-0", linux={
+        "security_context": {"namespace_options": {"pid": 1}}}), empty_pb2.Empty)  # CONTAINER
+    assert sorted(os.listdir(agent.run_dir / "sandbox-ns")) == ["ipc", "uts"]
+    assert agent.stop() == 0
+
+
 def test_setup_sandbox_refuses_user_namespaces_as_a_runc_pod_is_refused(start_agent):
     # the three critest "UserNamespaces" specs a runc pod fails and ours did not (cri-tools
     # pkg/validate/security_context_linux.go): refused before anything of the pod is made
