@@ -10,10 +10,11 @@
  * whose write end the agent holds: EOF there means the agent died without killing us (dev mode
  * on a host, where the agent is not the machine's init), and we exit.
  *
- * Why not catatonit -P (Debian's package; podman's pause): its source (v0.1.7, main()) closes
- * every fd >= 3 but its signalfd, so it cannot watch such a pipe, and in pause mode it exits on
- * a SIGTERM or SIGINT, which any process of the pod may send it (blocked signals reach a
- * namespace's init from inside it).
+ * Why not catatonit -P (Debian's package; podman's pause): it closes every fd >= 3 but its
+ * signalfd, so it cannot watch such a pipe, and in pause mode it exits on a SIGTERM or SIGINT,
+ * which any process of the pod may send it (blocked signals reach a namespace's init from
+ * inside it). Both read in its source (v0.1.7, main()) and seen running bookworm's 0.1.7 as
+ * PID 1 of `unshare -fp`.
  *
  * Built by initrd/pod_pause.py with the host's compiler against the host's libc, which the image
  * carries for the agent: the same file runs in the guest and on the host (dev mode).
