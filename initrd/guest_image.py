@@ -2,7 +2,8 @@
 build/guest/{kernel,initrd.img,rootfs.img,manifest.json}.
 
 Stages: kernel (cached build from Debian's source), agent (cached Nuitka build), userland
-(crun/runc + libraries from pinned Debian 13 packages, cached by sha256, + /etc), initrd
+(crun/runc + libraries from pinned Debian 13 packages, cached by sha256, pod-pause compiled from
+rootfs-builder/pod-pause.c, + /etc), initrd
 (deterministic cpio, compressed; the compressed image is cached by the cpio's hash), rootfs (the
 same files as a read-only erofs image for a virtio-pmem root with DAX, cached by the same hash),
 manifest. Each stage prints one line; with nothing changed the whole run takes seconds.
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 from initrd import agent as agent_build
-from initrd import compress, cpio, guest_runtime, image, manifest, rootfs_image
+from initrd import compress, cpio, guest_runtime, image, manifest, pod_pause, rootfs_image
 from kernel import build as kernel_build
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,13 +84,14 @@ def build(out: Path, runtime: str, debug: bool, method: str, cache: Path) -> dic
 
     t = time.monotonic()
     prepared = guest_runtime.prepare(runtime, cache, progress=say)
-    tree = image.guest_tree(agent, prepared, debug)
+    pause = pod_pause.build(cache)
+    tree = image.guest_tree(agent, prepared, pause, debug)
     stages["userland"] = time.monotonic() - t
     packages = [{"name": p.name, "version": p.version, "sha256": p.sha256}
                 for p in prepared.packages]
     version = next(p.version for p in prepared.packages if p.name == runtime)
     say(f"userland {runtime} {version} + {len(packages) - 1} library "
-        f"packages (Debian {guest_runtime.SUITE}){' + busybox' if debug else ''}, "
+        f"packages (Debian {guest_runtime.SUITE}) + pod-pause{' + busybox' if debug else ''}, "
         f"{len(tree.entries)} entries in all  [{stages['userland']:.1f} s]")
 
     t = time.monotonic()
@@ -120,6 +122,8 @@ def build(out: Path, runtime: str, debug: bool, method: str, cache: Path) -> dic
         "agent": {"build_mode": "nuitka-standalone", "path": f"/{image.AGENT_DIR}/{agent.binary}",
                   "cache_key": agent.key, "dist_size": agent.size, "modules": agent.modules},
         "runtime": runtime,
+        "pod_pause": {"path": f"/{pod_pause.GUEST_PATH}", "source": "rootfs-builder/pod-pause.c",
+                      "sha256": manifest.sha256_file(pause)},
         "packages": packages,
         "debug": debug,
         "total_size": kernel_size + len(data),

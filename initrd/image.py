@@ -1,6 +1,6 @@
 """Assemble the guest's initrd contents: the Nuitka agent as /sbin/init (and /init), the system
 libraries its dist does not ship (the build host's), and the userland from rootfs-builder/ (the
-container runtime from pinned Debian packages, with its own libraries and loader).
+container runtime from pinned Debian packages, with its own libraries and loader; pod-pause).
 
 Layout: /usr/lib/vmm-task/ holds the dist, /sbin/init -> ../usr/lib/vmm-task/vmm-task,
 /init -> sbin/init (the kernel runs /init from an initramfs).
@@ -50,10 +50,10 @@ def _link_executable_libraries(tree: Tree, agent: Agent) -> None:
             tree.symlink(f"{system_dir}/{lib.name}", f"/{AGENT_DIR}/{lib.resolve().relative_to(dist)}")
 
 
-def guest_tree(agent: Agent, runtime: Runtime, debug: bool) -> Tree:
+def guest_tree(agent: Agent, runtime: Runtime, pod_pause: Path, debug: bool) -> Tree:
     """Everything in the guest initrd. The agent goes first so no busybox applet can take
     /sbin/init."""
     tree = Tree()
     add_agent(tree, agent)
-    _userland_module().build_userland(tree, runtime, debug)
+    _userland_module().build_userland(tree, runtime, pod_pause, debug)
     return tree

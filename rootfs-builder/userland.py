@@ -1,5 +1,6 @@
 """The guest userland around the agent: the container runtime with exactly the shared libraries
-it loads (from pinned Debian 13 packages: initrd/guest_runtime.py), a minimal /etc, the mount points the agent mounts onto, the device nodes the kernel
+it loads (from pinned Debian 13 packages: initrd/guest_runtime.py), the pod PID namespace's
+init (pod-pause.c, initrd/pod_pause.py), a minimal /etc, the mount points the agent mounts onto, the device nodes the kernel
 needs before devtmpfs is mounted, and (debug builds only) a static busybox with its applets.
 
 Nothing else goes in: under TCG every megabyte of initrd is boot time.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from initrd import elf, guest_runtime
+from initrd import elf, guest_runtime, pod_pause
 from initrd.tree import Tree
 
 ETC_DIR = Path(__file__).resolve().parent / "etc"
@@ -24,6 +25,13 @@ def add_runtime(tree: Tree, runtime: guest_runtime.Runtime) -> None:
     tree.file(runtime.binary, runtime.executable, 0o755)
     for soname, library in runtime.libraries.items():
         tree.file(f"{runtime.lib_dir}/{soname}", library.data, library.mode)
+
+
+def add_pod_pause(tree: Tree, binary: Path) -> None:
+    """pod-pause and the host libraries it loads (the agent's libc: the same files)."""
+    tree.file(pod_pause.GUEST_PATH, binary.read_bytes(), 0o755)
+    for lib in sorted(elf.closure([binary])):
+        tree.copy_host_path(lib)
 
 
 def add_etc(tree: Tree) -> None:
@@ -56,9 +64,11 @@ def add_busybox(tree: Tree) -> None:
             tree.symlink(applet, "../" * depth + "usr/bin/busybox")
 
 
-def build_userland(tree: Tree, runtime: guest_runtime.Runtime, debug: bool) -> None:
+def build_userland(tree: Tree, runtime: guest_runtime.Runtime, pod_pause_binary: Path,
+                   debug: bool) -> None:
     add_skeleton(tree)
     add_etc(tree)
     add_runtime(tree, runtime)
+    add_pod_pause(tree, pod_pause_binary)
     if debug:
         add_busybox(tree)

@@ -20,6 +20,8 @@ options:
   --run-dir DIR       the agent's own runtime files (default: PATH.d beside a unix socket)
   --state-dir DIR     the directory the host shares with the agent (default: the run dir)
   --runtime NAME      crun or runc, or a path (default: the first found on PATH)
+  --pod-pause PATH    the pod PID namespace's init (default: pod-pause on PATH; built by
+                      `python -m initrd.pod_pause`)
   --log-level LEVEL   error, warn, info, debug or trace (default: info)
   --debug             allow grpc.SandboxService/ExecVMProcess (task.debug in the guest)
   --debug-console ADDRESS  serve Kuasar's debug console there, unix:///PATH (in the guest:
@@ -29,8 +31,8 @@ options:
   --port-forward ADDRESS  also serve port-forward streams there (unix:///PATH or vsock://PORT)
   --version
 """
-_VALUED = ("--listen", "--run-dir", "--state-dir", "--runtime", "--log-level", "--port-forward",
-           "--debug-console")
+_VALUED = ("--listen", "--run-dir", "--state-dir", "--runtime", "--pod-pause", "--log-level",
+           "--port-forward", "--debug-console")
 
 
 class UsageError(Exception):
@@ -39,7 +41,8 @@ class UsageError(Exception):
 
 def parse_args(args: list[str]) -> dict:
     """The dev-mode options as a dict keyed like the flags (without "--")."""
-    options = {"debug": False, "manage-network": False, "log-level": "info", "runtime": ""}
+    options = {"debug": False, "manage-network": False, "log-level": "info", "runtime": "",
+               "pod-pause": "pod-pause"}
     it = iter(args)
     for arg in it:
         flag, has_value, value = arg.partition("=")
@@ -153,6 +156,7 @@ def _dev_context(options: dict, run_dir: str):
     return AgentContext(reaper=Reaper(), events=EventQueue(), dev_mode=True,
                         debug=options["debug"], state_dir=options.get("state-dir") or run_dir,
                         run_dir=run_dir, runtime=server.find_runtime(options["runtime"]),
+                        pod_pause=server.find_program([options["pod-pause"]]),
                         manage_network=options["manage-network"],
                         started_boottime=T_MAIN)
 

@@ -34,7 +34,8 @@ class AgentContext:
     """Handed to every service. `debug`: booted with `task.debug` (ExecVMProcess allowed).
     `dev_mode`: an ordinary host process (`--listen unix://...`), not PID 1 in a VM.
     `run_dir`: where the agent keeps its own runtime files (pod namespaces, resolv.conf, ...).
-    `runtime`: path of crun or runc. `manage_network`: the network namespace is the pod's to
+    `runtime`: path of crun or runc. `pod_pause`: path of pod-pause, the pod PID namespace's
+    init (vmm_task/pod/namespaces.py). `manage_network`: the network namespace is the pod's to
     configure (always in the VM; dev mode only with --manage-network). `boot_problems`: what
     failed while booting (PID 1). `sharefs_type`: the shared directory's filesystem (PID 1: boot
     mounts it at `state_dir`, SetupSandbox again if boot could not, as in a VM template's clone
@@ -42,13 +43,14 @@ class AgentContext:
     server. `cleanups`: callables run when the server stops (dev mode: unmount what we mounted)."""
 
     __slots__ = ("reaper", "events", "sandbox", "debug", "dev_mode", "state_dir", "run_dir",
-                 "runtime", "manage_network", "boot_problems", "sharefs_type", "started_boottime",
-                 "services", "cleanups")
+                 "runtime", "pod_pause", "manage_network", "boot_problems", "sharefs_type",
+                 "started_boottime", "services", "cleanups")
 
     def __init__(self, *, reaper: Reaper, events: EventQueue, dev_mode: bool, debug: bool = False,
                  state_dir: str = STATE_DIR, run_dir: str = "/run", runtime: str = "crun",
-                 manage_network: bool = False, boot_problems: list[str] | None = None,
-                 sharefs_type: str | None = None, started_boottime: float = 0.0):
+                 pod_pause: str = "pod-pause", manage_network: bool = False,
+                 boot_problems: list[str] | None = None, sharefs_type: str | None = None,
+                 started_boottime: float = 0.0):
         self.reaper = reaper
         self.events = events
         self.sandbox = SandboxState()
@@ -57,6 +59,7 @@ class AgentContext:
         self.state_dir = state_dir
         self.run_dir = run_dir
         self.runtime = runtime
+        self.pod_pause = pod_pause
         self.manage_network = manage_network
         self.boot_problems = [] if boot_problems is None else boot_problems
         self.sharefs_type = sharefs_type

@@ -71,14 +71,20 @@ def build_server(ctx):
 
 def find_runtime(name: str = "") -> str:
     """Path of the OCI runtime: `name` if given, else the first of crun, runc on PATH."""
-    for candidate in [name] if name else ["crun", "runc"]:
+    return find_program([name] if name else ["crun", "runc"])
+
+
+def find_program(candidates: list[str]) -> str:
+    """Path of the first of `candidates` (absolute paths, or names looked up on PATH) found;
+    none found: the first, so that running it fails naming it."""
+    for candidate in candidates:
         if candidate.startswith("/"):
             return candidate
         for directory in os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").split(":"):
             path = os.path.join(directory, candidate)
             if os.access(path, os.X_OK):
                 return path
-    return name or "crun"  # not found: calls will fail naming it
+    return candidates[0]
 
 
 async def serve(ctx, listener: socket.socket, t_main: float,

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
-from initrd import guest_runtime
+from initrd import guest_runtime, pod_pause
 from leak_guard import CONTAINER_CGROUP, Leftovers, fail_if_left, take_left_in
 from vmm_common import ttrpc
 from vmm_common.protos.containerd.events import task_pb2 as events_pb
@@ -298,7 +298,8 @@ class Agent:
         self.process = subprocess.Popen(
             [*wrapper, sys.executable, "-m", "vmm_task", "--listen", f"unix://{self.socket}",
              "--port-forward", f"unix://{self.port_forward_socket}",
-             "--run-dir", str(self.run_dir), "--runtime", runtime, *flags],
+             "--run-dir", str(self.run_dir), "--runtime", runtime,
+             "--pod-pause", pod_pause_path(), *flags],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.monotonic() + AGENT_START_TIMEOUT
         while b"vmm-task ready" not in self.log.read_bytes():
@@ -356,6 +357,11 @@ class Agent:
                     subprocess.run([self.runtime, "--root", str(root), "delete", "--force", cid],
                                    capture_output=True)
         return left
+
+
+def pod_pause_path() -> str:
+    """The guest's pod-pause built for this host (rootfs-builder/pod-pause.c, cached)."""
+    return str(pod_pause.build(_cache_dir()))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ import pytest
 from google.protobuf import empty_pb2
 
 from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
+from initrd import pod_pause
+from kernel.build import default_cache
 from leak_guard import Leftovers, fail_if_left
 from vmm_common import ttrpc
 from vmm_common.protos.kuasar import sandbox_pb2 as pb
@@ -36,7 +38,8 @@ class DevAgent:
         with open(self.output, "wb") as out:
             self.process = subprocess.Popen(
                 [*wrapper, str(VMM_TASK), "--listen", f"unix://{self.socket}",
-                 "--run-dir", str(self.run_dir), *flags], stdout=out, stderr=subprocess.STDOUT)
+                 "--run-dir", str(self.run_dir), "--pod-pause", str(pod_pause.build(default_cache())), *flags],
+                stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while b"vmm-task ready" not in self.output.read_bytes():
             assert self.process.poll() is None and time.monotonic() < deadline, self.log()
@@ -171,6 +174,22 @@ def test_setup_sandbox_namespaces_dns_hosts_and_refusals(start_agent):
 def _userns(mode: str, mapping: dict | None = None) -> dict:
     options = {"mode": mode, "uids": [mapping] if mapping else [], "gids": [mapping] if mapping else []}
     return {"security_context": {"namespace_options": {"userns_options": options}}}
+
+
+def test_setup_sandbox_without_pod_pause_is_an_error_naming_it(start_agent, tmp_path):
+    """The pod's PID-namespace init missing: SetupSandbox fails naming it, the agent lives on,
+    nothing of the pod is left, and a pod without a shared PID namespace needs no init."""
+    missing = tmp_path / "no-pod-pause"
+    agent = start_agent("--pod-pause", str(missing))
+    failed = agent.error(SANDBOX, "SetupSandbox", pod_config(hostname="web-0"), empty_pb2.Empty)
+    assert failed.code == Code.INTERNAL
+    assert failed.message == (f"pod setup failed: [Errno 2] cannot run the pod's PID-namespace "
+                              f"init {missing}: No such file or directory")
+    assert os.listdir(agent.run_dir / "sandbox-ns") == []
+    agent.call(SANDBOX, "SetupSandbox", pod_config(hostname="web-0", linux={
+        "security_context": {"namespace_options": {"pid": 1}}}), empty_pb2.Empty)  # CONTAINER
+    assert sorted(os.listdir(agent.run_dir / "sandbox-ns")) == ["ipc", "uts"]
+    assert agent.stop() == 0
 
 
 def test_setup_sandbox_refuses_user_namespaces_as_a_runc_pod_is_refused(start_agent):

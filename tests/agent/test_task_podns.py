@@ -2,10 +2,12 @@
 is once per agent), two containers see each other's processes and share the pod's hostname;
 their specs' ipc/uts/pid entries were pointed at the pod's namespaces by the agent, and the
 hostname each spec names is dropped (it would rename the pod); the pod's resolv.conf and hosts
-are bound into both."""
+are bound into both. The pod's PID 1 is pod-pause, which reaps the orphans the kernel gives it."""
 import json
 import os
 
+from initrd import pod_pause
+from kernel.build import default_cache
 from vmm_common.protos.kuasar import sandbox_pb2
 
 POD_CONFIG = {"hostname": "podhost", "dns_config": {"servers": ["192.0.2.53"]},
@@ -14,7 +16,14 @@ POD_CONFIG = {"hostname": "podhost", "dns_config": {"servers": ["192.0.2.53"]},
 
 def test_two_containers_share_the_pod_pid_namespace(agent, bundles):
     sleeper = bundles.make(["sleep", "1000"])
-    script = ("hostname; cat /etc/resolv.conf /etc/hosts > /tmp/files; "
+    # an orphan (its parent sh exits at once) goes to the pod's PID 1; once killed it must be
+    # reaped there, or its zombie's /proc entry would stay
+    orphan = ("sh -c 'sleep 1000 >/dev/null 2>&1 & echo $!' > /tmp/orphan; read o < /tmp/orphan; "
+              "grep PPid /proc/$o/status; kill $o; i=0; "
+              "while [ -e /proc/$o ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
+              "[ -e /proc/$o ] && echo not reaped || echo reaped; ")
+    script = ("hostname; tr '\\0' ' ' < /proc/1/cmdline; echo; " + orphan +
+              "cat /etc/resolv.conf /etc/hosts > /tmp/files; "
               "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done")
     looker = bundles.make(["sh", "-c", script])
     out = looker.file("out")
@@ -37,6 +46,8 @@ def test_two_containers_share_the_pod_pid_namespace(agent, bundles):
     joined = agent.run(body)
     lines = out.read_text().splitlines()
     assert lines[0] == "podhost"                # though each spec named its own hostname
+    assert lines[1] == f"{pod_pause.build(default_cache())} 3 "  # PID 1: pod-pause, not a fork
+    assert lines[2:4] == ["PPid:\t1", "reaped"]   # the orphan was pod-pause's, and reaped
     assert "sleep 1000 " in lines[1:]           # the other container's process is visible
     spec = json.loads((sleeper.path / "config.json").read_text())
     paths = {ns["type"]: ns.get("path") for ns in spec["linux"]["namespaces"]}

@@ -7,9 +7,11 @@ from vmm_task.__main__ import UsageError, main, parse_args
 
 def test_options_with_space_or_equals():
     options = parse_args(["--listen", "unix:///tmp/a.sock", "--run-dir=/tmp/r", "--debug",
-                          "--manage-network", "--runtime", "runc", "--log-level=debug"])
+                          "--manage-network", "--runtime", "runc", "--log-level=debug",
+                          "--pod-pause=/opt/pod-pause"])
     assert options == {"listen": "unix:///tmp/a.sock", "run-dir": "/tmp/r", "debug": True,
-                       "manage-network": True, "runtime": "runc", "log-level": "debug"}
+                       "manage-network": True, "runtime": "runc", "log-level": "debug",
+                       "pod-pause": "/opt/pod-pause"}
 
 
 @pytest.mark.parametrize("args, problem", [

@@ -1,4 +1,5 @@
-"""Pod namespaces made by SetupSandbox (root: unshare, bind mounts, a PID-namespace holder).
+"""Pod namespaces made by SetupSandbox (root: unshare, bind mounts, a PID-namespace holder: the
+real pod-pause, compiled into the cache by initrd.pod_pause).
 
 Runs in a forked subreaper child (see test_agent_reaper.in_child) inside a private mount
 namespace, so the bind mounts never reach the host's mount table.
@@ -14,12 +15,15 @@ import pytest
 
 from test_agent_reaper import in_child
 
+from initrd import pod_pause
+from kernel.build import default_cache
 from vmm_task.capture import run_capture
 from vmm_task.init import syscalls as sc
 from vmm_task.pod.namespaces import PodNamespaces
 from vmm_task.procfs import count_zombie_children, stat_fields
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
+POD_PAUSE = str(pod_pause.build(default_cache()))
 
 
 def private_mounts() -> None:
@@ -33,7 +37,7 @@ def test_ipc_uts_pid_namespaces_hostname_sysctl_and_holder(tmp_path):
         host_name = socket.gethostname()
         with open("/proc/sys/kernel/shmmni") as f:
             host_shmmni = f.read().strip()
-        pod = PodNamespaces(str(tmp_path / "ns"))
+        pod = PodNamespaces(str(tmp_path / "ns"), POD_PAUSE)
         await pod.create("pod-host", {"kernel.shmmni": "1234"}, share_pid=True)
 
         async def run(*argv):
@@ -50,6 +54,10 @@ def test_ipc_uts_pid_namespaces_hostname_sysctl_and_holder(tmp_path):
             "our shmmni": open("/proc/sys/kernel/shmmni").read().strip() == host_shmmni,
             "pid ns": os.stat(pod.paths["pid"]).st_ino == os.stat(f"/proc/{holder}/ns/pid").st_ino,
             "holder": open(f"/proc/{holder}/comm").read().strip(),
+            # it is pod-pause itself, not a fork of this Python process keeping a copy of its heap
+            "holder exe": os.readlink(f"/proc/{holder}/exe"),
+            "holder fds": {fd: os.readlink(f"/proc/{holder}/fd/{fd}")
+                           for fd in os.listdir(f"/proc/{holder}/fd")},
             # a process in the pod PID namespace sees the holder as its PID 1
             "pid 1": await run("nsenter", f"--pid={pod.paths['pid']}", "sh", "-c",
                                "cat /proc/1/comm 2>/dev/null; echo $$"),
@@ -73,6 +81,10 @@ def test_ipc_uts_pid_namespaces_hostname_sysctl_and_holder(tmp_path):
     assert seen["uts"] == "pod-host" and seen["our hostname"]
     assert seen["ipc"] == "1234" and seen["our shmmni"]
     assert seen["pid ns"] and seen["holder"] == "pod-pause"
+    assert seen["holder exe"] == POD_PAUSE
+    fds = seen["holder fds"]  # stdio, the agent-alive pipe, its signalfd; nothing else
+    assert [fds[fd] for fd in "012"] == ["/dev/null"] * 3 and fds["3"].startswith("pipe:")
+    assert sorted(fds) == ["0", "1", "2", "3", "4"] and "signalfd" in fds["4"]
     assert seen["pid 1"].split()[-1] == "2"  # nsenter's child is the namespace's second process
     assert seen["orphan reaped"] and seen["holder zombies"] == 0
     assert seen["holder exit"] == 128 + 9
@@ -82,7 +94,7 @@ def test_ipc_uts_pid_namespaces_hostname_sysctl_and_holder(tmp_path):
 def test_without_pid_sharing_there_is_no_holder(tmp_path):
     async def body(reaper):
         private_mounts()
-        pod = PodNamespaces(str(tmp_path / "ns"))
+        pod = PodNamespaces(str(tmp_path / "ns"), POD_PAUSE)
         await pod.create("", {}, share_pid=False)
         result = sorted(pod.paths), pod.holder_pid
         pod.destroy()
@@ -94,7 +106,7 @@ def test_without_pid_sharing_there_is_no_holder(tmp_path):
 def test_failure_inside_the_thread_is_reported_and_undone(tmp_path):
     async def body(reaper):
         private_mounts()
-        pod = PodNamespaces(str(tmp_path / "ns"))
+        pod = PodNamespaces(str(tmp_path / "ns"), POD_PAUSE)
         try:
             await pod.create("h", {"kernel.no_such_sysctl_anywhere": "1"}, share_pid=False)
         except ValueError as e:
@@ -104,11 +116,26 @@ def test_failure_inside_the_thread_is_reported_and_undone(tmp_path):
     assert in_child(body) == ("no sysctl kernel.no_such_sysctl_anywhere", {}, [])
 
 
+def test_a_missing_pod_pause_is_an_error_naming_it_and_nothing_is_left(tmp_path):
+    async def body(reaper):
+        private_mounts()
+        pod = PodNamespaces(str(tmp_path / "ns"), str(tmp_path / "no-pod-pause"))
+        try:
+            await pod.create("", {}, share_pid=True)
+        except OSError as e:
+            return str(e), pod.paths, pod.holder_pid, os.listdir(tmp_path / "ns")
+        return None
+
+    assert in_child(body) == (
+        f"[Errno 2] cannot run the pod's PID-namespace init {tmp_path}/no-pod-pause: "
+        "No such file or directory", {}, None, [])
+
+
 def test_holder_exits_when_the_agent_dies_without_cleaning_up(tmp_path):
     """Dev mode: a SIGKILLed agent cannot kill its pod-pause holder; the holder notices."""
     async def body(reaper):
         private_mounts()
-        pod = PodNamespaces(str(tmp_path / "ns"))
+        pod = PodNamespaces(str(tmp_path / "ns"), POD_PAUSE)
         await pod.create("", {}, share_pid=True)
         return pod.holder_pid  # the forked child then exits without destroy()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from initrd import compress, cpio, guest_runtime
+from initrd import compress, cpio, guest_runtime, pod_pause
 from initrd.tree import Tree
 from kernel.build import default_cache
 
@@ -45,18 +45,21 @@ def test_same_files_created_differently_give_the_same_image(tmp_path, method):
     assert image_sha256(first, method) == image_sha256(second, method)
 
 
-def test_the_real_userland_builds_reproducibly():
+def test_the_real_userland_builds_reproducibly(tmp_path):
     """Runtime included: extracted from the pinned packages and patched twice (the .debs come
-    from the cache `make guest-image` fills; a fresh machine fetches them here)."""
+    from the cache `make guest-image` fills; a fresh machine fetches them here); pod-pause
+    compiled twice, into two empty caches."""
     userland = userland_module()
     images = []
-    for _ in range(2):
+    for build in ("first", "second"):
         tree = Tree()
-        userland.build_userland(tree, guest_runtime.prepare("crun", default_cache()), debug=True)
+        userland.build_userland(tree, guest_runtime.prepare("crun", default_cache()),
+                                pod_pause.build(tmp_path / build), debug=True)
         images.append(image_sha256(tree, compress.DEFAULT))
     assert images[0] == images[1]
     assert "usr/bin/crun" in tree and "etc/passwd" in tree and "dev/console" in tree
     assert "usr/lib/vmm-task-runtime/ld-linux-x86-64.so.2" in tree
+    assert pod_pause.GUEST_PATH in tree
 
 
 def test_source_date_epoch_changes_the_image(monkeypatch):

@@ -89,6 +89,28 @@ def test_pid1_ready_line_bad_parameters_orphan_reaping_and_signals(vm_factory, t
     assert "Kernel panic" not in vm.console_text()
 
 
+def check_pod_pause(vm, holder: str) -> None:
+    """The pod's PID-namespace holder is the image's pod-pause, not a fork of the agent (whose
+    copy of the agent's heap held 7-11 MB of RssAnon), and it reaps the pod's orphans."""
+    assert guest(vm, f"readlink /proc/{holder}/exe") == "/usr/sbin/pod-pause\n"
+    status = dict(line.split(":", 1) for line in guest(vm, f"cat /proc/{holder}/status").splitlines())
+    rss_anon_kb = int(status["RssAnon"].split()[0])
+    print(f"pod-pause RssAnon {rss_anon_kb} kB")  # -s
+    assert rss_anon_kb < 512, status
+    # an orphan in the pod's PID namespace (its parent sh exits at once) is the holder's child;
+    # killed, it is reaped: its /proc entry goes (a zombie's would stay)
+    guest(vm, f"nsenter --pid=/run/sandbox-ns/pid {BUSYBOX} sh -c "
+              f"'{BUSYBOX} sleep 1000 >/dev/null 2>&1 &'")
+    [orphan] = guest(vm, f"sh -c 'for p in /proc/[0-9]*; do {BUSYBOX} grep -qx "
+                         f"\"PPid:[[:space:]]*{holder}\" $p/status && echo ${{p#/proc/}}; done; true'"
+                     ).split()
+    guest(vm, f"kill -9 {orphan}")
+    deadline = time.monotonic() + 30
+    while guest(vm, f"sh -c '[ -e /proc/{orphan} ] && echo zombie; true'"):
+        assert time.monotonic() < deadline, f"orphan {orphan} was not reaped"
+        time.sleep(0.2)
+
+
 def test_mounts_pod_namespaces_and_clock_in_the_guest(vm_factory, tmp_path):
     vm = booted_with_busybox(vm_factory, tmp_path)
     mounts = {line.split()[1]: line.split()[2]
@@ -109,6 +131,7 @@ def test_mounts_pod_namespaces_and_clock_in_the_guest(vm_factory, tmp_path):
     holder = guest(vm, f"sh -c 'for p in /proc/[0-9]*; do {BUSYBOX} grep -l pod-pause $p/comm;"
                        " done; true'")
     assert holder.count("/comm") == 1
+    check_pod_pause(vm, holder.split("/")[2])
     assert guest(vm, "cat /proc/sys/vm/overcommit_memory") == "1\n"  # global: the VM's own
     assert guest(vm, "hostname") != "pod-in-vm\n"  # only the pod's UTS namespace has it
     assert guest(vm, f"nsenter --uts=/run/sandbox-ns/uts {BUSYBOX} hostname") == "pod-in-vm\n"

@@ -83,7 +83,8 @@ async def _serve(config: cmdline.TaskConfig, problems: list[str], t_main: float)
     except OSError as e:
         power_off(f"cannot listen on {VSOCK_ADDRESS} (is there a virtio-vsock device?): {e}")
     ctx = AgentContext(reaper=Reaper(), events=EventQueue(), dev_mode=False, debug=config.debug,
-                       runtime=server.find_runtime(config.runtime), manage_network=True,
+                       runtime=server.find_runtime(config.runtime),
+                       pod_pause=server.find_program(["pod-pause"]), manage_network=True,
                        boot_problems=problems, sharefs_type=config.sharefs_type, started_boottime=t_main)
     try:
         ctx.cleanups.append(cpu_hotplug.start(asyncio.get_running_loop()))

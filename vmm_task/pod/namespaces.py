@@ -3,14 +3,15 @@
 A short-lived thread unshares the namespaces (unshare affects only the calling thread for these
 kinds), sets the pod hostname and IPC sysctls inside them, and bind-mounts its namespace files to
 `<dir>/ipc`, `<dir>/uts`; the bind mounts keep the namespaces alive after the thread ends. A PID
-namespace needs a living init, so for it the thread forks a tiny holder process (the pod's
-"pause": PID 1 of the namespace, reaping orphans there) and `<dir>/pid` binds its namespace.
-Containers join these paths through their OCI config.
+namespace needs a living init, so for it the thread starts the pod's "pause", PID 1 of the
+namespace reaping orphans there: pod-pause (rootfs-builder/pod-pause.c), a small native
+program, not a fork of the agent (a fork keeps a copy-on-write copy of the agent's whole heap:
+7-11 MB of guest RAM per pod, docs/host-memory.md). `<dir>/pid` binds its namespace. Containers
+join these paths through their OCI config.
 """
 
 import asyncio
 import os
-import select
 import signal
 import socket
 import threading
@@ -21,8 +22,10 @@ KINDS = {"ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS}
 
 
 class PodNamespaces:
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, pod_pause: str):
+        """`pod_pause`: path of the pod-pause binary (the guest's /usr/sbin/pod-pause)."""
         self.directory = directory
+        self.pod_pause = pod_pause
         self.paths: dict[str, str] = {}
         self.holder_pid: int | None = None
         self._alive_w: int | None = None  # the holder exits when this closes (agent gone)
@@ -64,7 +67,7 @@ class PodNamespaces:
         if share_pid:
             alive_r, self._alive_w = os.pipe()
             try:
-                self.holder_pid = _fork_holder(alive_r)
+                self.holder_pid = _spawn_holder(self.pod_pause, alive_r)
             finally:
                 os.close(alive_r)
             self._bind("pid", f"/proc/{self.holder_pid}/ns/pid")
@@ -106,28 +109,20 @@ def _resolve(future: asyncio.Future, error) -> None:
         future.set_exception(error)
 
 
-def _fork_holder(alive_r: int) -> int:
-    """Fork the PID namespace's init (call after unshare(CLONE_NEWPID)). The child runs no
-    Python beyond this function: it keeps only `alive_r` (a pipe whose write end the agent
-    holds), blocks signals and reaps the pod's orphans until it is killed or the pipe reports
-    EOF because the agent died (dev mode; PDEATHSIG would fire when the forking thread ends)."""
-    pid = os.fork()
-    if pid:
-        return pid
+def _spawn_holder(binary: str, alive_r: int) -> int:
+    """Start the PID namespace's init (call after unshare(CLONE_NEWPID), from the same thread:
+    the namespace is that thread's for its children). posix_spawn forks and execs in C, so no
+    Python runs in the child, which could otherwise meet a lock another thread held at the
+    fork. The child gets `alive_r` as fd 3, a pipe whose write end only the agent holds: it
+    exits on EOF there, when the agent died without killing it (dev mode). Not PR_SET_PDEATHSIG:
+    it would fire when this short-lived thread ends, and it cannot be set without code in the
+    child. Its stdio is /dev/null, not the agent's console or log. Raises OSError naming
+    `binary` if it cannot be run."""
+    stdio = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
+             (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
     try:
-        os.dup2(alive_r, 3)
-        os.closerange(4, os.sysconf("SC_OPEN_MAX"))
-        with open("/proc/self/comm", "w") as f:
-            f.write("pod-pause")
-        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        while True:
-            try:
-                while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                    pass
-            except ChildProcessError:
-                pass
-            if select.select([3], [], [], 0)[0]:
-                break  # EOF: the agent is gone
-            signal.sigtimedwait({signal.SIGCHLD}, 1.0)
-    finally:
-        os._exit(0)
+        return os.posix_spawn(binary, [binary, "3"], {},
+                              file_actions=[(os.POSIX_SPAWN_DUP2, alive_r, 3), *stdio])
+    except OSError as e:
+        raise OSError(e.errno, f"cannot run the pod's PID-namespace init {binary}: "
+                               f"{e.strerror}") from None
