@@ -234,11 +234,12 @@ class GuestVm:
 
     def clonable_spec(self, ram_file: Path, run_dir: Path, **sockets) -> VmSpec:
         """A template's command line, and its clones' (with `incoming`): RAM in `ram_file`, no
-        vsock, share or NIC (the clone's are hot-plugged), the agent told its share is virtiofs."""
+        vsock, share or NIC (the clone's are hot-plugged), the agent told its share is virtiofs and
+        to import before ready what a pod's start imports (task.preload: every clone inherits it)."""
         spec = self._spec(None, (), **sockets)
         return replace(spec, nics=(), clonable=True, ram_file=ram_file,
                        console_socket=run_dir / "console.sock", qmp_socket=run_dir / "qmp.sock",
-                       kernel_params=("task.sharefs_type=virtiofs", *spec.kernel_params))
+                       kernel_params=("task.sharefs_type=virtiofs", "task.preload", *spec.kernel_params))
 
     def _boot_image(self) -> tuple[tuple[str, Path]]:
         """(config key, path) of what the guest boots from besides the kernel."""
