@@ -71,6 +71,7 @@ async def start(vm: GuestVm, share) -> BootTimeline:
     try:
         await snapshot.restore(qemu, template.state)
         marks["running_s"] = time.monotonic() - qemu.started_at
+        marks["running_cpu_s"] = qemu.cpu_seconds() or 0.0  # QEMU's start-up and the restore, under TCG
         for nic, port in zip(vm.nics, HOTPLUG_NIC_PORTS):
             await hotplug.add_tap_nic(qemu, nic, port, vm.config.vm.machine)
         await hotplug.add_vhost_user(qemu, "vsock0", vm.transport.vhost_socket,

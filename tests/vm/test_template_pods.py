@@ -55,6 +55,11 @@ def test_two_pods_from_one_template_differ_and_their_ram_goes_with_them(daemon):
                 pods.append(NetPod(daemon, pair, name))
             infos = [daemon.info(pod.id) for pod in pods]
             assert infos[0]["boot_template"] == infos[1]["boot_template"], infos  # restored, one template
+            # the restore's own Check was the agent's only one (no second before SetupSandbox)
+            assert all("check_s" not in info and "setup_sandbox_s" in info for info in infos), infos
+            # the template's agent imported a pod's modules before it was saved (task.preload)
+            consoles = [p.read_text(errors="replace") for p in store.dir.glob("*/console.log")]
+            assert any("task.preload: a pod's modules imported" in text for text in consoles), consoles
             assert {f"vmm-{pod.id}.ram" for pod in pods} <= {p.name for p in store.ram_dir.iterdir()}
             seen = {}
             for pod, pair in zip(pods, (first, second)):
