@@ -197,14 +197,10 @@ class GuestVm:
         # `vhost-vsock.sock`; its guest->host listeners `vsock.sock_<port>` are as long up to port 99999.
         self._socket_path("vhost-vsock.sock")
         self.transport = self._make_transport()
-        try:
-            await self.transport.start()
-        except Exception as e:
-            raise VmError("transport", f"vsock transport {self.config.vsock.transport}: {e}") from e
-        share = await self._start_sharefs()
-        if self.templates is not None:
+        if self.templates is not None:  # its devices come after the restore: their backends start meanwhile
             from host_sandboxer.vmm import clone
-            return await clone.start(self, share)
+            return await clone.start(self, self._share_device(), self._start_backends())
+        share = await self._start_backends()
         confinement = self.qemu_confinement(share)
         fds = QemuFds()
         try:
@@ -343,6 +339,14 @@ class GuestVm:
     def _virtiofsd(self, socket_path: Path) -> Virtiofsd:
         return Virtiofsd(self.config.sharefs.virtiofsd, self.share_dir, socket_path,
                          self.run_dir / "virtiofsd.log", cache=self.config.sharefs.cache)
+
+    async def _start_backends(self):
+        """The vsock transport, then the shared directory's server; the share (None without)."""
+        try:
+            await self.transport.start()
+        except Exception as e:
+            raise VmError("transport", f"vsock transport {self.config.vsock.transport}: {e}") from e
+        return await self._start_sharefs()
 
     async def _start_sharefs(self):
         share = self._share_device()
