@@ -3,8 +3,9 @@
     python -m bench.clone_timeline [--runs 3] [--parallel 5]
 
 One daemon (bench.sandboxer's Bench: real QEMU, TCG here, each pod networked as a CRI pod); a
-first pod builds the node's template (not counted); then `--runs` pods one at a time and
-`--parallel` pods at once. Per pod, from its Status verbose info (host_sandboxer/sandbox/
+first pod builds the node's template (not counted); then `--runs` pods one at a time, each
+right after a boot of the busybox floor (bench.boot: the issue's yardstick, `start_to_floor` is
+the pod's Controller.Start over it), and `--parallel` pods at once. Per pod, from its Status verbose info (host_sandboxer/sandbox/
 lifecycle.py, vmm/clone.py) and its guest console (the agent's "sandbox set up" line), the
 spans of its Start in seconds, and QEMU's CPU seconds at the end of Start (under TCG, the
 guest's work). Prints one JSON object; `cpu_floor_ratio`: what two cores allow at best for
@@ -13,15 +14,21 @@ guest's work). Prints one JSON object; `cpu_floor_ratio`: what two cores allow a
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
 import os
 import re
 import statistics
 import time
 
+from bench import boot
 from bench.boot import MODES
 from bench.sandboxer import Bench
+from host_sandboxer.config import DEFAULT_IMAGE_DIR
 from host_sandboxer.vmm.template import TemplateStore
+from initrd import floor
+from kernel import build as kernel_build
 from scripts import demo
 from vmm_common.protos.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 
@@ -64,6 +71,17 @@ def _timed_start(bench: Bench, ids: list[str]) -> tuple[float, dict]:
     return wall, {kind: round(seconds, 2) for kind, seconds in sorted(used.items())}
 
 
+def _floor_boot() -> dict:
+    """The busybox floor booted once (bench.boot: QEMU's spawn to its ready line), now: the
+    yardstick of the pod started next, under the same load."""
+    compression = json.loads((DEFAULT_IMAGE_DIR / "manifest.json").read_text())["initrd"]["compression"]
+    config = boot.bench_config(argparse.Namespace(machine="q35", sharefs="virtiofs"))
+    initrd = floor.build_floor(boot.FLOOR_DIR, compression, kernel_build.default_cache())
+    config.vm = dataclasses.replace(config.vm, image="initrd", initrd=initrd)
+    timeline = asyncio.run(boot.boot_once(config, "floor"))
+    return {"floor_s": round(timeline.agent_ready_s, 3), "floor_qemu_cpu": timeline.qemu_cpu_s}
+
+
 def _info(bench: Bench, sid: str) -> dict:
     return dict(bench.cri.controller.Status(sb.ControllerStatusRequest(sandbox_id=sid, verbose=True),
                                             metadata=demo.NAMESPACE, timeout=30).info)
@@ -99,8 +117,12 @@ def run(runs: int, parallel: int) -> dict:
         singles = []
         for run_index in range(runs):
             sid = f"one{run_index}"
+            yardstick = _floor_boot()
             wall, cpu = _timed_start(bench, [sid])
-            singles.append({"wall": round(wall, 3), "host_cpu": cpu, **_spans(bench, sid)})
+            spans = _spans(bench, sid)
+            singles.append({"wall": round(wall, 3), **yardstick,
+                            "start_to_floor": round(spans["start_total"] / yardstick["floor_s"], 3),
+                            "host_cpu": cpu, **spans})
             bench.remove_pods([sid])
         ids = [f"five{i}" for i in range(parallel)]
         wall, many_host_cpu = _timed_start(bench, ids)
@@ -112,8 +134,10 @@ def run(runs: int, parallel: int) -> dict:
     one_cpu = statistics.median(s["qemu_cpu"] for s in singles)
     many_cpu = [s["qemu_cpu"] for s in many]
     cores = os.cpu_count() or 1
+    floor_s = statistics.median(s["floor_s"] for s in singles)
     return {"load_avg": os.getloadavg(), "singles": singles, "parallel": {"wall": round(wall, 3), "host_cpu": many_host_cpu, "pods": many},
-            "summary": {"one_wall_s": one_wall, "one_qemu_cpu_s": one_cpu, "parallel_wall_s": round(wall, 3),
+            "summary": {"floor_s": floor_s, "start_to_floor": statistics.median(s["start_to_floor"] for s in singles),
+                        "one_wall_s": one_wall, "one_qemu_cpu_s": one_cpu, "parallel_wall_s": round(wall, 3),
                         "parallel_qemu_cpu_s": many_cpu, "ratio": round(wall / one_wall, 2),
                         "cpu_floor_ratio": round(parallel * statistics.median(many_cpu) / cores / one_wall, 2)}}
 

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Awaitable
+from typing import Awaitable, Callable
 
 from google.protobuf import empty_pb2
 from qemu.qmp import QMPError
@@ -38,12 +38,12 @@ ANSWER_POLL_S = 0.02
 CHECK_TIMEOUT_S = 2.0
 
 
-async def start(vm: GuestVm, share, backends: Awaitable) -> BootTimeline:
-    """Restore `vm` from its template (built first if there is none) while `backends` (its vsock
-    link and virtiofsd, which its devices need only once it runs) start, then attach its devices;
-    returns once the agent answers and the guest's clock is the host's. VmError otherwise."""
+async def start(vm: GuestVm, share, start_backends: Callable[[], Awaitable]) -> BootTimeline:
+    """Restore `vm` from its template (built first if there is none) while `start_backends()` (its
+    vsock link and virtiofsd, which its devices need only once it runs) runs, then attach its
+    devices; returns once the agent answers and the guest's clock is the host's. VmError otherwise."""
     _check_supported(vm, share)
-    backends = asyncio.ensure_future(backends)
+    backends = asyncio.ensure_future(start_backends())
     try:
         template, marks = await _restore(vm, share)
     except BaseException:

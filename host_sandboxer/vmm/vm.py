@@ -199,7 +199,7 @@ class GuestVm:
         self.transport = self._make_transport()
         if self.templates is not None:  # its devices come after the restore: their backends start meanwhile
             from host_sandboxer.vmm import clone
-            return await clone.start(self, self._share_device(), self._start_backends())
+            return await clone.start(self, self._share_device(), self._start_backends)
         share = await self._start_backends()
         confinement = self.qemu_confinement(share)
         fds = QemuFds()
