@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Awaitable, Callable
 
 from google.protobuf import empty_pb2
 from qemu.qmp import QMPError
@@ -37,40 +38,22 @@ ANSWER_POLL_S = 0.02
 CHECK_TIMEOUT_S = 2.0
 
 
-async def start(vm: GuestVm, share) -> BootTimeline:
-    """Restore `vm` from its template (built first if there is none) and attach its devices;
-    returns once the agent answers and the guest's clock is the host's. VmError otherwise."""
+async def start(vm: GuestVm, share, start_backends: Callable[[], Awaitable]) -> BootTimeline:
+    """Restore `vm` from its template (built first if there is none) while `start_backends()` (its
+    vsock link and virtiofsd, which its devices need only once it runs) runs, then attach its
+    devices; returns once the agent answers and the guest's clock is the host's. VmError otherwise."""
     _check_supported(vm, share)
-    began = time.monotonic()
+    backends = asyncio.ensure_future(start_backends())
     try:
-        inputs, image = await asyncio.to_thread(_inputs, vm)  # hashes files: once per file per process
-        template = await vm.templates.get(_slot(vm), inputs, image, build=lambda t: _build(vm, t))
-        got = time.monotonic()
-        vm.ram_file = await vm.templates.clone_ram(template, vm.name, vm.vmm_uid)
-    except (TemplateError, QemuError, OSError) as e:
-        raise VmError("template", str(e)) from None
-    except asyncio.TimeoutError:
-        raise VmError("template", "saving the template took too long") from None
-    except QMPError as e:
-        raise VmError("template", f"building the template failed: {qmp_error(e)}") from None
-    copied = time.monotonic()
-    marks: dict[str, float] = {}
-    fds = QemuFds()
-    try:
-        spec = vm.clonable_spec(vm.ram_file, vm.run_dir, incoming=True,
-                                console_fd=fds.listen(vm.run_dir / "console.sock"),
-                                qmp_fd=fds.listen(vm.run_dir / "qmp.sock"), inherited_fds=tuple(fds.fds))
-        vm.qemu = Qemu(spec, vm.run_dir)
-        await vm.qemu.start(vm.qemu_confinement(share), run=False)
-        connected = time.monotonic()
-    except QemuError as e:
-        raise VmError("qemu", str(e)) from None
-    finally:
-        fds.close()
+        template, marks = await _restore(vm, share)
+    except BaseException:
+        await asyncio.wait({backends})  # what it started is closed with the VM; the restore's error is the story
+        if not backends.cancelled():
+            backends.exception()
+        raise
+    await backends
     qemu = vm.qemu
     try:
-        await snapshot.restore(qemu, template.state)
-        marks["running_s"] = time.monotonic() - qemu.started_at
         for nic, port in zip(vm.nics, HOTPLUG_NIC_PORTS):
             await hotplug.add_tap_nic(qemu, nic, port, vm.config.vm.machine)
         await hotplug.add_vhost_user(qemu, "vsock0", vm.transport.vhost_socket,
@@ -93,12 +76,53 @@ async def start(vm: GuestVm, share) -> BootTimeline:
         raise VmError("agent", qemu.failure(f"SyncClock after the restore failed: {e}")) from None
     finally:
         await client.close()
-    marks.update(template_s=got - began, ram_copy_s=copied - got, clock_synced_s=time.monotonic() - qemu.started_at)
+    marks["clock_synced_s"] = time.monotonic() - qemu.started_at
     vm.timeline = BootTimeline(
-        qmp_connected_s=connected - vm.qemu.started_at, first_console_s=None, kernel_init_s=None, kernel_init_guest_s=None,
+        qmp_connected_s=marks.pop("qmp_connected_s"), first_console_s=None, kernel_init_s=None, kernel_init_guest_s=None,
         agent_ready_s=answered - qemu.started_at, agent_ready_guest_s=None, qemu_cpu_s=qemu.cpu_seconds(),
         agent_reported=template.reported, template=template.key[:16], restore={k: round(v, 3) for k, v in marks.items()})
     return vm.timeline
+
+
+async def _restore(vm: GuestVm, share) -> tuple[Template, dict[str, float]]:
+    """The template (built if need be), the clone's RAM copied from it, QEMU started on it and
+    the saved state loaded: the guest runs, without any device of the pod's yet. The template
+    and the steps' seconds (template_s, ram_copy_s before QEMU's spawn, the rest from it)."""
+    began = time.monotonic()
+    try:
+        inputs, image = await asyncio.to_thread(_inputs, vm)  # hashes files: once per file per process
+        template = await vm.templates.get(_slot(vm), inputs, image, build=lambda t: _build(vm, t))
+        got = time.monotonic()
+        vm.ram_file = await vm.templates.clone_ram(template, vm.name, vm.vmm_uid)
+    except (TemplateError, QemuError, OSError) as e:
+        raise VmError("template", str(e)) from None
+    except asyncio.TimeoutError:
+        raise VmError("template", "saving the template took too long") from None
+    except QMPError as e:
+        raise VmError("template", f"building the template failed: {qmp_error(e)}") from None
+    copied = time.monotonic()
+    fds = QemuFds()
+    try:
+        spec = vm.clonable_spec(vm.ram_file, vm.run_dir, incoming=True,
+                                console_fd=fds.listen(vm.run_dir / "console.sock"),
+                                qmp_fd=fds.listen(vm.run_dir / "qmp.sock"), inherited_fds=tuple(fds.fds))
+        vm.qemu = Qemu(spec, vm.run_dir)
+        await vm.qemu.start(vm.qemu_confinement(share), run=False)
+    except QemuError as e:
+        raise VmError("qemu", str(e)) from None
+    finally:
+        fds.close()
+    qemu = vm.qemu
+    marks = {"template_s": got - began, "ram_copy_s": copied - got, "qmp_connected_s": time.monotonic() - qemu.started_at}
+    try:
+        await snapshot.restore(qemu, template.state)
+    except QemuError as e:
+        raise VmError("qemu", str(e)) from None
+    except QMPError as e:
+        raise VmError("qemu", qemu.failure(f"restoring the guest failed: {qmp_error(e)}")) from None
+    marks["running_s"] = time.monotonic() - qemu.started_at
+    marks["running_cpu_s"] = qemu.cpu_seconds() or 0.0  # QEMU's start-up and the restore, under TCG
+    return template, marks
 
 
 def _check_supported(vm: GuestVm, share) -> None:

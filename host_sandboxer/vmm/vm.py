@@ -197,14 +197,10 @@ class GuestVm:
         # `vhost-vsock.sock`; its guest->host listeners `vsock.sock_<port>` are as long up to port 99999.
         self._socket_path("vhost-vsock.sock")
         self.transport = self._make_transport()
-        try:
-            await self.transport.start()
-        except Exception as e:
-            raise VmError("transport", f"vsock transport {self.config.vsock.transport}: {e}") from e
-        share = await self._start_sharefs()
-        if self.templates is not None:
+        if self.templates is not None:  # its devices come after the restore: their backends start meanwhile
             from host_sandboxer.vmm import clone
-            return await clone.start(self, share)
+            return await clone.start(self, self._share_device(), self._start_backends)
+        share = await self._start_backends()
         confinement = self.qemu_confinement(share)
         fds = QemuFds()
         try:
@@ -234,11 +230,12 @@ class GuestVm:
 
     def clonable_spec(self, ram_file: Path, run_dir: Path, **sockets) -> VmSpec:
         """A template's command line, and its clones' (with `incoming`): RAM in `ram_file`, no
-        vsock, share or NIC (the clone's are hot-plugged), the agent told its share is virtiofs."""
+        vsock, share or NIC (the clone's are hot-plugged), the agent told its share is virtiofs and
+        to import before ready what a pod's start imports (task.preload: every clone inherits it)."""
         spec = self._spec(None, (), **sockets)
         return replace(spec, nics=(), clonable=True, ram_file=ram_file,
                        console_socket=run_dir / "console.sock", qmp_socket=run_dir / "qmp.sock",
-                       kernel_params=("task.sharefs_type=virtiofs", *spec.kernel_params))
+                       kernel_params=("task.sharefs_type=virtiofs", "task.preload", *spec.kernel_params))
 
     def _boot_image(self) -> tuple[tuple[str, Path]]:
         """(config key, path) of what the guest boots from besides the kernel."""
@@ -342,6 +339,14 @@ class GuestVm:
     def _virtiofsd(self, socket_path: Path) -> Virtiofsd:
         return Virtiofsd(self.config.sharefs.virtiofsd, self.share_dir, socket_path,
                          self.run_dir / "virtiofsd.log", cache=self.config.sharefs.cache)
+
+    async def _start_backends(self):
+        """The vsock transport, then the shared directory's server; the share (None without)."""
+        try:
+            await self.transport.start()
+        except Exception as e:
+            raise VmError("transport", f"vsock transport {self.config.vsock.transport}: {e}") from e
+        return await self._start_sharefs()
 
     async def _start_sharefs(self):
         share = self._share_device()

@@ -30,6 +30,13 @@ def test_kuasar_tracing_and_debug_shell():
     assert "task.debug_shell='sh'" in config.problems[0]
 
 
+def test_preload_is_ours_and_off_by_default():
+    assert not parse_cmdline("console=ttyS0").preload
+    config = parse_cmdline("task.preload task.sharefs_type=virtiofs")
+    assert config.preload and config.problems == [] and "preload" in repr(config)
+    assert not parse_cmdline("task.preload=0").preload
+
+
 def test_debug_boolean_forms():
     assert parse_cmdline("task.debug=1").debug and parse_cmdline("task.debug=true").debug
     assert not parse_cmdline("task.debug task.debug=off").debug

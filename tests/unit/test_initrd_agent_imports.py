@@ -99,6 +99,28 @@ def test_start_up_defers_what_waits_for_first_use():
     assert _matching(loaded, NOT_AT_START_UP) == []
 
 
+# task.preload (a VM template's agent): PID 1's start-up, then the preload.
+PRELOADED = START_UP.replace("print(*sorted(sys.modules))", """
+from vmm_task.init import preload
+preload.import_pod_modules()
+print(*sorted(sys.modules))
+""")
+
+
+def test_preload_imports_what_a_pod_would_on_first_use():
+    """What a VM template's clone would otherwise import during its pod's start (network,
+    SetupSandbox, the Task service, port-forwarding) is loaded by task.preload; the rest of what
+    waits for first use (the debug console, splice, protobuf's Python backend) still waits."""
+    loaded = _loaded(PRELOADED)
+    pod_modules = ("pyroute2.iproute", "vmm_task.netlink.links", "vmm_task.netlink.routes",
+                   "vmm_task.pod.setup", "vmm_task.pod.entropy", "vmm_task.services.task",
+                   "vmm_task.container.runtime", "vmm_task.container.table", "vmm_task.kuasar.storages",
+                   "vmm_task.services.streaming", "vmm_task.portforward",
+                   "vmm_common.protos.containerd.task.v2.shim_pb2")
+    assert [m for m in pod_modules if m not in loaded] == []
+    assert _matching(loaded, ("vmm_task.debug_console", "google.protobuf.internal.python_message")) == []
+
+
 def test_every_guest_source_change_still_applies():
     for module, changes in antibloat.load_changes().items():
         spec = importlib.util.find_spec(module)

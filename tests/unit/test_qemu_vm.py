@@ -93,3 +93,12 @@ def test_close_runs_once_for_every_caller_and_a_cancelled_one_does_not_cut_it_sh
 
     transport = asyncio.run(main())
     assert (transport.begun, transport.finished) == (1, 1)
+
+
+def test_only_a_template_and_its_clones_tell_the_agent_to_preload(tmp_path):
+    """task.preload costs a cold boot its imports before ready: only the template's guest gets it
+    (its clones inherit what it imported), never a booted pod's."""
+    vm = GuestVm(config_with_image(tmp_path), tmp_path / "run")
+    clonable = vm.clonable_spec(tmp_path / "template.ram", tmp_path / "run").kernel_params
+    assert "task.preload" in clonable and "task.sharefs_type=virtiofs" in clonable
+    assert "task.preload" not in vm._spec(None, ()).kernel_params

@@ -9,6 +9,7 @@ booted or not: the daemon's hybrid vsock backend gives each VM a link of its own
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
@@ -16,9 +17,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from qemu.qmp import Runstate
 
 from bench.netpair import NetnsPair
 from bench.netpod import Daemon, NetPod, demo
+from bench.template_trial import setup_sandbox
 from host_sandboxer.vmm.template import TemplateStore
 from host_sandboxer.vmm.vm import GuestVm
 from leak_guard import fail_if_left, stop_daemon
@@ -55,6 +58,11 @@ def test_two_pods_from_one_template_differ_and_their_ram_goes_with_them(daemon):
                 pods.append(NetPod(daemon, pair, name))
             infos = [daemon.info(pod.id) for pod in pods]
             assert infos[0]["boot_template"] == infos[1]["boot_template"], infos  # restored, one template
+            # the restore's own Check was the agent's only one (no second before SetupSandbox)
+            assert all("check_s" not in info and "setup_sandbox_s" in info for info in infos), infos
+            # the template's agent imported a pod's modules before it was saved (task.preload)
+            consoles = [p.read_text(errors="replace") for p in store.dir.glob("*/console.log")]
+            assert any("task.preload: a pod's modules imported" in text for text in consoles), consoles
             assert {f"vmm-{pod.id}.ram" for pod in pods} <= {p.name for p in store.ram_dir.iterdir()}
             seen = {}
             for pod, pair in zip(pods, (first, second)):
@@ -111,3 +119,42 @@ def test_clones_differ_in_random_bytes_before_setup_sandbox(debug_vm_config, vm_
         shutil.rmtree(store.ram_dir, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     assert first != second, first
+
+
+def test_a_clone_is_restored_while_its_device_backends_start(vm_config, vm_loop):
+    """The restore (RAM copy, QEMU's spawn, the state loaded) does not wait for the pod's vsock
+    link and virtiofsd, which only the hot-plugged devices need: here they are held back until
+    the restored guest runs, and the clone still comes up with both (its agent answers over the
+    vsock device; SetupSandbox mounts the share). Sequential, the start would wait forever."""
+    config = vm_config
+    config.vm = dataclasses.replace(config.vm, template=True)
+    work = Path(tempfile.mkdtemp(prefix="tpl-"))  # short: unix socket paths
+    store = TemplateStore(work)
+    share = work / "share"
+    share.mkdir()
+
+    async def start_with_backends_held_back() -> str:
+        vm = GuestVm(config, work / "vm", name="held", share_dir=share, templates=store)
+        start_backends = vm._start_backends
+
+        async def after_the_restore():
+            while vm.qemu is None or vm.qemu.qmp.runstate != Runstate.RUNNING or await vm.qemu.status() != "running":
+                await asyncio.sleep(0.01)
+            return await start_backends()
+
+        vm._start_backends = after_the_restore
+        try:
+            await asyncio.wait_for(vm.start(), 120)
+            client = await vm.ttrpc_client()
+            try:
+                return await setup_sandbox(client, "held-back")
+            finally:
+                await client.close()
+        finally:
+            await vm.close()
+
+    try:
+        assert vm_loop.run(start_with_backends_held_back(), timeout=300) == "ok"
+    finally:
+        shutil.rmtree(store.ram_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)

@@ -15,10 +15,12 @@ _FALSE = ("0", "false", "no", "off")
 class TaskConfig:
     """`debug`: ExecVMProcess allowed and the debug console served (vmm_task.debug_console);
     `debug_shell`: its shell (empty: the image's). `enable_tracing` is Kuasar's switch for its
-    OpenTelemetry spans: accepted, but this agent records none (a note says so)."""
+    OpenTelemetry spans: accepted, but this agent records none (a note says so). `preload` (ours,
+    given to a VM template's guest only): import before ready what a pod's start would import
+    (vmm_task.init.preload), so that every clone of the template inherits it."""
 
-    __slots__ = ("sharefs_type", "log_level", "debug", "debug_shell", "enable_tracing", "cgroup",
-                 "runtime", "problems", "notes")
+    __slots__ = ("sharefs_type", "log_level", "debug", "debug_shell", "enable_tracing", "preload",
+                 "cgroup", "runtime", "problems", "notes")
 
     def __init__(self):
         self.sharefs_type = "virtiofs"
@@ -26,6 +28,7 @@ class TaskConfig:
         self.debug = False
         self.debug_shell = ""
         self.enable_tracing = False
+        self.preload = False
         self.cgroup = "v2"
         self.runtime = ""  # empty: the first of RUNTIMES found in the image
         self.problems: list[str] = []
@@ -33,7 +36,8 @@ class TaskConfig:
 
     def __repr__(self):
         return (f"TaskConfig(sharefs_type={self.sharefs_type}, log_level={self.log_level}, "
-                f"debug={self.debug}, cgroup={self.cgroup}, runtime={self.runtime or 'auto'})")
+                f"debug={self.debug}, cgroup={self.cgroup}, runtime={self.runtime or 'auto'}"
+                f"{', preload' if self.preload else ''})")
 
 
 def split_cmdline(text: str) -> list[str]:
@@ -78,7 +82,7 @@ def parse_cmdline(text: str) -> TaskConfig:
         if not word.startswith("task."):
             continue
         key, has_value, value = word[len("task."):].partition("=")
-        if key in ("debug", "enable_tracing"):
+        if key in ("debug", "enable_tracing", "preload"):
             flag = _boolean(config, key, value, has_value)
             if flag is not None:
                 setattr(config, key, flag)

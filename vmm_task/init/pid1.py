@@ -105,4 +105,7 @@ async def _serve(config: cmdline.TaskConfig, problems: list[str], t_main: float)
         port_forward = None
         ctx.boot_problems.append(f"no port-forwarding: cannot listen on {PORT_FORWARD_ADDRESS}: {e}")
         log.error("boot: %s", ctx.boot_problems[-1])
+    if config.preload:
+        from vmm_task.init import preload
+        preload.import_pod_modules()
     await server.serve(ctx, listener, t_main, port_forward)

@@ -11,6 +11,7 @@ from it at once (RNDRESEEDCRNG). On a cold boot it costs two ioctls and changes 
 import fcntl
 import os
 import struct
+import sys
 
 HWRNG = "/dev/hwrng"  # virtio-rng (every VM the daemon starts has one: vmm/cmdline.py)
 POOL = "/dev/urandom"
@@ -29,6 +30,18 @@ def reseed(source: str = HWRNG, pool: str = POOL) -> None:
         fcntl.ioctl(fd, RNDRESEEDCRNG)
     finally:
         os.close(fd)
+
+
+def reseed_python() -> bool:
+    """Reseed the agent's own `random` module, if loaded, from the kernel's (reseeded) CRNG: a
+    clone's agent is the template's process, with its Mersenne Twister state (pyroute2 imports
+    `random`, and task.preload imports pyroute2 in the template: vmm_task.init.preload). Whether
+    there was one to reseed."""
+    module = sys.modules.get("random")
+    if module is None:
+        return False
+    module.seed()  # from os.urandom
+    return True
 
 
 def _read_exactly(path: str, size: int) -> bytes:
