@@ -87,8 +87,9 @@ def test_pause_freezes_and_resume_thaws(agent, bundles):
 
 
 def test_stats_and_update(agent, bundles):
-    # a shell that built an 8 MB string (the peak shows it), then idles with a child
-    script = "x=$(head -c 8000000 /dev/zero | tr '\\0' a); echo ready; sleep 1000 & wait"
+    # a shell that built an 8 MB string (the peak shows it), then idles with a child; "ready"
+    # once the child is forked, so the pids counter holds both when the test reads it
+    script = "x=$(head -c 8000000 /dev/zero | tr '\\0' a); sleep 1000 & echo ready; wait"
     bundle = bundles.make(["sh", "-c", script],
                           resources={"memory": {"limit": 256 * MB}, "pids": {"limit": 50}})
 
