@@ -202,7 +202,7 @@ async def _reseed_crng() -> None:
     from vmm_task.pod import entropy
 
     try:
-        await asyncio.to_thread(entropy.reseed)
+        await entropy.reseed()
     except FileNotFoundError as e:  # no virtio-rng (another host's VM): booted, never cloned by us
         log.warning("no CRNG reseed: %s", e)
     except OSError as e:
