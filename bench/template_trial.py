@@ -11,7 +11,9 @@ DEBUG=1`), else it reads as an error. Prints one JSON object:
   then SetupSandbox (`pod_ready_s`).
 - `template`: its boot to ready (RAM in a /dev/shm file, no vhost-user device: QEMU 7.2 cannot
   migrate one, spare pcie-root-ports to hot-plug into, vmgenid), and the save (x-ignore-shared:
-  only device state goes to the file, the RAM stays in the RAM file).
+  only device state goes to the file, the RAM stays in the RAM file). Its agent parameters are the
+  daemon's template's (vm.TEMPLATE_PARAMS: task.preload) plus task.debug; unlike the daemon's
+  default (a pmem root) it boots the initrd.
 - `clones`: per clone the restore timeline (seconds from QEMU's spawn; the RAM copy before it,
   and `agent_answered_since_request` includes it): state loaded, running,
   the vsock and virtiofs devices hot-plugged, the agent answering over vsock, SetupSandbox
@@ -48,7 +50,7 @@ from host_sandboxer.vmm import hotplug, snapshot
 from host_sandboxer.vmm.cmdline import HOTPLUG_FS_PORT, HOTPLUG_NIC_PORTS, HOTPLUG_VSOCK_PORT, SHARE_TAG, VmSpec
 from host_sandboxer.vmm.qemu import Qemu
 from host_sandboxer.vmm.virtiofsd import Virtiofsd
-from host_sandboxer.vmm.vm import READY_LINE, GuestVm
+from host_sandboxer.vmm.vm import READY_LINE, TEMPLATE_PARAMS, GuestVm
 from host_sandboxer.vsock.hybrid import HybridVsock
 from initrd import floor
 from kernel import build as kernel_build
@@ -72,7 +74,7 @@ def _spec(config, run_dir: Path, name: str, **kw) -> VmSpec:
     return VmSpec(kernel=vm.kernel, initrd=vm.initrd, console_socket=run_dir / "console.sock",
                   qmp_socket=run_dir / "qmp.sock", machine="q35", accel="tcg", cpus=vm.cpus,
                   memory_mib=vm.memory_mib, name=name, clonable=True,
-                  kernel_params=("task.debug", "task.sharefs_type=virtiofs"), **kw)
+                  kernel_params=("task.debug", *TEMPLATE_PARAMS), **kw)
 
 
 async def cold_boot(config, work: Path) -> dict:

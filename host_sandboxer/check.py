@@ -56,7 +56,7 @@ async def run_check(config: Config) -> dict:
 async def _call_check(vm: GuestVm) -> tuple[float, list[float]]:
     """Connect to the agent and call Check CHECK_CALLS times: (connect ms, [rtt ms])."""
     from google.protobuf.empty_pb2 import Empty
-    from vmm_common.protos.kuasar import SANDBOX_SERVICE
+    from vmm_common.protos import SANDBOX_SERVICE
     from vmm_common.protos.kuasar.sandbox_pb2 import CheckRequest
 
     started = time.monotonic()

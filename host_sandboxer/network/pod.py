@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from google.protobuf import empty_pb2
 
 from host_sandboxer.network.messages import interfaces_request, routes_request
-from vmm_common.protos.kuasar import SANDBOX_SERVICE
+from vmm_common.protos import SANDBOX_SERVICE
 
 if TYPE_CHECKING:
     from host_sandboxer.network.plumbing import Attachment

@@ -24,7 +24,7 @@ from vmm_common import ttrpc
 from vmm_common.capped_text import capped
 from vmm_common.protos.containerd.events import task_pb2
 from vmm_common.protos.containerd.services.ttrpc.events.v1 import events_pb2 as guest_events
-from vmm_common.protos.kuasar import SANDBOX_SERVICE
+from vmm_common.protos import SANDBOX_SERVICE
 
 log = logging.getLogger(__name__)
 

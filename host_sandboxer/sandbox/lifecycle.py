@@ -27,8 +27,9 @@ from host_sandboxer.taskproxy import mounts
 from host_sandboxer.taskproxy.errors import HostError
 from host_sandboxer.vmm.vm import GuestVm, VmError
 from vmm_common import portforward, ttrpc
+from vmm_common.protos import SANDBOX_SERVICE
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as task_v2
-from vmm_common.protos.kuasar import SANDBOX_SERVICE, sandbox_pb2
+from vmm_common.protos.kuasar import sandbox_pb2
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from host_sandboxer.vmm.qemu_fds import QemuFds
 from host_sandboxer.vmm.template import Template, TemplateError, file_digest
 from host_sandboxer.vmm.vm import READY_LINE, BootTimeline, GuestVm, VmError, reported_numbers
 from vmm_common import ttrpc
+from vmm_common.protos import SANDBOX_SERVICE as SANDBOX
 from vmm_common.protos.kuasar import sandbox_pb2 as pb
 
-SANDBOX = "grpc.SandboxService"
 ANSWER_POLL_S = 0.02
 CHECK_TIMEOUT_S = 2.0
 

@@ -42,6 +42,9 @@ from host_sandboxer.vmm.virtiofsd import Virtiofsd, VirtiofsdError
 from host_sandboxer.vmm.vsock_backend import BackendVsock, VsockBackend, VsockBackendError
 
 READY_LINE = "vmm-task ready"
+# A template's agent parameters (clonable_spec; bench.template_trial boots its templates with them):
+# its share is virtiofs, and it imports before ready what a pod's start imports (task.preload).
+TEMPLATE_PARAMS = ("task.sharefs_type=virtiofs", "task.preload")
 KERNEL_INIT_LINE = "Run /init as init process"
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _REPORTED = re.compile(r"\b(\w+)=(\d+(?:\.\d+)?)")  # key=number, any unit suffix ignored
@@ -235,7 +238,7 @@ class GuestVm:
         spec = self._spec(None, (), **sockets)
         return replace(spec, nics=(), clonable=True, ram_file=ram_file,
                        console_socket=run_dir / "console.sock", qmp_socket=run_dir / "qmp.sock",
-                       kernel_params=("task.sharefs_type=virtiofs", "task.preload", *spec.kernel_params))
+                       kernel_params=(*TEMPLATE_PARAMS, *spec.kernel_params))
 
     def _boot_image(self) -> tuple[tuple[str, Path]]:
         """(config key, path) of what the guest boots from besides the kernel."""

@@ -134,6 +134,64 @@ def test_unknown_mac_and_bad_route_device_are_not_found():
     assert dev_missing and "no link named nope0" in dev_message
 
 
+class CountingIPRoute:
+    """The real AsyncIPRoute, each request recorded as "<method> <command>" (the kernel answers:
+    only the count is observed)."""
+
+    def __init__(self, sent: list):
+        from pyroute2 import AsyncIPRoute
+
+        self.ipr, self.sent = AsyncIPRoute(), sent
+
+    async def __aenter__(self):
+        await self.ipr.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc):
+        return await self.ipr.__aexit__(*exc)
+
+    def __getattr__(self, name):
+        method = getattr(self.ipr, name)
+
+        async def recorded(*args, **kwargs):
+            self.sent.append(" ".join([name, *map(str, args[:1])]))
+            return await method(*args, **kwargs)
+        return recorded
+
+
+def test_a_fresh_nic_takes_five_requests_and_two_routes_four(monkeypatch):
+    """Each request is a round of pyroute2, most of a clone pod's network set-up under TCG: a
+    plugged NIC (down) is not set down, its name, MTU and up state go in one request; the routes
+    take one dump of both families and one of the links, however many routes name a device. The
+    IPv6 route of an earlier UpdateRoutes is still removed by that one dump."""
+    from vmm_task.netlink import links, routes
+
+    async def body(_reaper):
+        from pyroute2 import AsyncIPRoute
+
+        sent = []
+        monkeypatch.setattr(links, "open_iproute", lambda: CountingIPRoute(sent))
+        monkeypatch.setattr(routes, "open_iproute", lambda: CountingIPRoute(sent))
+        sc.unshare(sc.CLONE_NEWNET)
+        async with AsyncIPRoute() as ipr:
+            await make_nic(ipr)
+            await update_interfaces([pod_interface()])
+            interfaces_sent, sent[:] = list(sent), []
+            await update_routes([pb.Route(dest="default", gateway="10.88.0.1", device="pod0"),
+                                 pb.Route(dest="fd01::/64", device="pod0", family=pb.v6, scope=253)])
+            routes_sent = list(sent)
+            await update_routes([pb.Route(dest="10.99.0.0/16", device="pod0", scope=253)])
+            left = sorted([f"{r.get('RTA_DST') or 'default'}/{r['dst_len']}"
+                           async for r in await ipr.route("dump", family=socket.AF_UNSPEC, table=254)
+                           if r["proto"] == 3])  # RTPROT_BOOT: ours
+        return interfaces_sent, routes_sent, left
+
+    interfaces_sent, routes_sent, left = in_child(body)
+    assert interfaces_sent == ["link dump", "flush_addr", "addr add", "addr add", "link set"]
+    assert routes_sent == ["route dump", "link dump", "route replace", "route replace"]
+    assert left == ["10.99.0.0/16"]
+
+
 def test_address_parsing():
     assert parse_prefix("10.0.0.1", "255.255.255.0") == ("10.0.0.1", 24, socket.AF_INET)
     assert parse_prefix("fd00::1", "64") == ("fd00::1", 64, socket.AF_INET6)

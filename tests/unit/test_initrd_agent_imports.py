@@ -116,7 +116,7 @@ def test_preload_imports_what_a_pod_would_on_first_use():
                    "vmm_task.pod.setup", "vmm_task.pod.entropy", "vmm_task.services.task",
                    "vmm_task.container.runtime", "vmm_task.container.table", "vmm_task.kuasar.storages",
                    "vmm_task.services.streaming", "vmm_task.portforward",
-                   "vmm_common.protos.containerd.task.v2.shim_pb2")
+                   "vmm_common.protos.containerd.task.v2.shim_pb2", "vmm_common.protos.vmmtask.v1.podconfig_pb2")
     assert [m for m in pod_modules if m not in loaded] == []
     assert _matching(loaded, ("vmm_task.debug_console", "google.protobuf.internal.python_message")) == []
 

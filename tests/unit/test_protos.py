@@ -97,7 +97,8 @@ def test_ttrpc_envelopes():
 
 
 def test_kuasar_sandbox_service():
-    from vmm_common.protos.kuasar import SANDBOX_SERVICE, sandbox_pb2
+    from vmm_common.protos import SANDBOX_SERVICE
+    from vmm_common.protos.kuasar import sandbox_pb2
 
     service = sandbox_pb2.DESCRIPTOR.services_by_name["SandboxService"]
     assert service.full_name == SANDBOX_SERVICE == "grpc.SandboxService"

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from host_sandboxer.config import Config
-from host_sandboxer.vmm.vm import UNIX_PATH_MAX, GuestVm, VmError
+from host_sandboxer.vmm.vm import TEMPLATE_PARAMS, UNIX_PATH_MAX, GuestVm, VmError
 
 
 def config_with_image(tmp_path, kernel_exists=True) -> Config:
@@ -102,3 +102,15 @@ def test_only_a_template_and_its_clones_tell_the_agent_to_preload(tmp_path):
     clonable = vm.clonable_spec(tmp_path / "template.ram", tmp_path / "run").kernel_params
     assert "task.preload" in clonable and "task.sharefs_type=virtiofs" in clonable
     assert "task.preload" not in vm._spec(None, ()).kernel_params
+
+
+def test_the_template_trial_boots_its_templates_as_the_daemon_does(tmp_path):
+    """bench.template_trial's templates import a pod's modules before they are saved too, else
+    its clones' figures are not the daemon's (it booted them without task.preload)."""
+    from bench import template_trial
+
+    vm = GuestVm(config_with_image(tmp_path), tmp_path / "run")
+    daemons = vm.clonable_spec(tmp_path / "template.ram", tmp_path / "run").kernel_params
+    trials = template_trial._spec(config_with_image(tmp_path), tmp_path / "run", "template").kernel_params
+    assert "task.preload" in TEMPLATE_PARAMS
+    assert [p for p in TEMPLATE_PARAMS if p not in daemons or p not in trials] == []

@@ -84,41 +84,63 @@ def test_two_pods_from_one_template_differ_and_their_ram_goes_with_them(daemon):
     assert [p.name for p in store.ram_dir.iterdir() if p.name.startswith("vmm-")] == []
 
 
-def test_clones_differ_in_random_bytes_before_setup_sandbox(debug_vm_config, vm_loop):
-    """The guest kernel reseeds its CRNG on the restore itself (vmgenid), before SetupSandbox,
-    whose reseed by the agent would hide a kernel that did not: two clones restored by
-    GuestVm.start (the daemon's path) print different UUIDs straight away. Without the driver
-    they printed the same in 5 of 6 trials (docs/templates.md). The debug image has the `cat`."""
-    config = debug_vm_config
+def _each_clone_runs(config, vm_loop, command: str, clones: int = 2) -> list[str]:
+    """`command`'s output in each of `clones` clones restored by GuestVm.start (the daemon's
+    path) from one template, before SetupSandbox (ExecVMProcess: the debug image's busybox)."""
     config.vm = dataclasses.replace(config.vm, template=True)
     config.agent = dataclasses.replace(config.agent, debug=True)  # ExecVMProcess
     work = Path(tempfile.mkdtemp(prefix="tpl-"))  # short: unix socket paths
     store = TemplateStore(work)
 
-    async def uuid_of_each_clone() -> list[str]:
-        vms, uuids = [], []
+    async def run_in_each() -> list[str]:
+        vms, outputs = [], []
         try:
-            for index in range(2):
+            for index in range(clones):
                 vms.append(GuestVm(config, work / f"c{index}", name=f"clone{index}", templates=store))
                 await vms[-1].start()
                 client = await vms[-1].ttrpc_client()
                 try:
                     reply = await client.call("grpc.SandboxService", "ExecVMProcess", pb.ExecVMProcessRequest(
-                        command="/bin/cat /proc/sys/kernel/random/uuid"), pb.ExecVMProcessResponse, timeout=30)
+                        command=command), pb.ExecVMProcessResponse, timeout=30)
                 finally:
                     await client.close()
-                uuids.append(reply.out.strip())
-            return uuids
+                outputs.append(reply.out.strip())
+            return outputs
         finally:
             for vm in vms:
                 await vm.close()
 
     try:
-        first, second = vm_loop.run(uuid_of_each_clone(), timeout=300)
+        return vm_loop.run(run_in_each(), timeout=300)
     finally:
         shutil.rmtree(store.ram_dir, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_clones_differ_in_random_bytes_before_setup_sandbox(debug_vm_config, vm_loop):
+    """The guest kernel reseeds its CRNG on the restore itself (vmgenid), before SetupSandbox,
+    whose reseed by the agent would hide a kernel that did not: two clones print different
+    UUIDs straight away. Without the driver they printed the same in 5 of 6 trials
+    (docs/templates.md). The debug image has the `cat`."""
+    first, second = _each_clone_runs(debug_vm_config, vm_loop, "/bin/cat /proc/sys/kernel/random/uuid")
     assert first != second, first
+
+
+def test_a_clones_first_hwrng_bytes_are_the_templates_and_the_seed_skips_them(debug_vm_config, vm_loop):
+    """virtio-rng keeps up to 64 bytes fetched ahead in guest RAM: when the template was saved
+    with them, every clone reads them first (measured: 3 clones, the same first 64 bytes, then
+    different; with another template none: its buffer was empty when saved). Whatever the
+    template held, the bytes after entropy.STALE_BYTES, which the agent's reseed credits, are
+    each clone's own."""
+    from vmm_task.pod import entropy
+
+    size = entropy.STALE_BYTES + entropy.SEED_BYTES
+    outputs = _each_clone_runs(debug_vm_config, vm_loop, f"head -c {size} /dev/hwrng | od -An -v -tx1", clones=3)
+    bytes_of = [bytes.fromhex("".join(out.split())) for out in outputs]
+    assert [len(b) for b in bytes_of] == [size] * 3
+    shared = next(i for i in range(size) if len({b[i] for b in bytes_of}) > 1)  # the template's part
+    assert shared <= entropy.STALE_BYTES, shared
+    assert len({b[entropy.STALE_BYTES:] for b in bytes_of}) == 3
 
 
 def test_a_clone_is_restored_while_its_device_backends_start(vm_config, vm_loop):

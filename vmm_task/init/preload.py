@@ -24,6 +24,7 @@ def import_pod_modules() -> float:
     import vmm_task.netlink.routes  # noqa: F401
     import vmm_task.pod.entropy  # noqa: F401
     import vmm_task.pod.setup  # noqa: F401
+    import vmm_common.protos.vmmtask.v1.podconfig_pb2  # noqa: F401  (the CRI config's decoder)
     # The Task service (containerd's first Task call) and the container layer behind it
     import vmm_task.container.ids  # noqa: F401
     import vmm_task.container.mounts  # noqa: F401

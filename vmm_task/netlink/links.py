@@ -1,10 +1,17 @@
-"""UpdateInterfaces: configure the links the host plugged in, found by MAC address."""
+"""UpdateInterfaces: configure the links the host plugged in, found by MAC address.
+
+Each netlink request is a round of pyroute2 encoding and parsing, most of a clone pod's network
+configuration under TCG (docs/templates.md): one dump of the links serves finding the link
+and the name to move aside, a link already down is not set down again, and its
+name, MTU, ARP flag and up state go in one request (the kernel renames and sets the MTU before it
+changes the flags: rtnetlink.c do_setlink)."""
 
 import socket
 
 from vmm_task.netlink import open_iproute
 from vmm_task.netlink.errors import NetworkConfigError
 
+IFF_UP = 0x1
 IFF_NOARP = 0x80
 
 
@@ -42,25 +49,25 @@ async def update_interfaces(interfaces) -> None:
 
 async def _update_one(ipr, interface) -> None:
     addresses = [parse_prefix(a.address, a.mask) for a in interface.IPAddresses]
-    link = await _find_link(ipr, interface)
+    links = [link async for link in await ipr.link("dump")]
+    link = _find_link(links, interface)
     index = link["index"]
-    await ipr.link("set", index=index, state="down")
+    if link["flags"] & IFF_UP:  # renaming needs it down; a NIC just plugged is
+        await ipr.link("set", index=index, state="down")
     await ipr.flush_addr(index=index)
     for address, prefix, family in addresses:
         await ipr.addr("add", index=index, address=address, prefixlen=prefix, family=family)
     current_name = link.get("IFLA_IFNAME")
     if interface.name and interface.name != current_name:
-        await _move_aside(ipr, interface.name)
+        await _move_aside(ipr, links, interface.name)
     changes = {"ifname": interface.name or current_name}
     if interface.mtu:
         changes["mtu"] = interface.mtu
     noarp = interface.raw_flags & IFF_NOARP
-    await ipr.link("set", index=index, flags=noarp, mask=IFF_NOARP, **changes)
-    await ipr.link("set", index=index, state="up")
+    await ipr.link("set", index=index, flags=noarp | IFF_UP, mask=IFF_NOARP | IFF_UP, **changes)
 
 
-async def _find_link(ipr, interface):
-    links = [link async for link in await ipr.link("dump")]
+def _find_link(links, interface):
     if interface.hwAddr:
         wanted = interface.hwAddr.lower()
         found = [link for link in links if (link.get("IFLA_ADDRESS") or "").lower() == wanted]
@@ -74,9 +81,10 @@ async def _find_link(ipr, interface):
     return found[0]
 
 
-async def _move_aside(ipr, name: str) -> None:
-    """Another link already has the name we must give: rename it to <name>-tmp (the host's
-    order of plugging may differ from the guest kernel's eth numbering)."""
-    indexes = await ipr.link_lookup(ifname=name)
-    for index in indexes:
-        await ipr.link("set", index=index, ifname=f"{name}-tmp"[:15])
+async def _move_aside(ipr, links, name: str) -> None:
+    """Another link already has the name we must give (in `links`, the dump the link was found
+    in): rename it to <name>-tmp (the host's order of plugging may differ from the guest
+    kernel's eth numbering)."""
+    for other in links:
+        if other.get("IFLA_IFNAME") == name:
+            await ipr.link("set", index=other["index"], ifname=f"{name}-tmp"[:15])

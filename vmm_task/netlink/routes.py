@@ -1,4 +1,7 @@
-"""UpdateRoutes: replace the main routing table with the host's routes (as Kuasar and Kata do)."""
+"""UpdateRoutes: replace the main routing table with the host's routes (as Kuasar and Kata do).
+
+One dump of both families' routes and at most one of the links (for every route's device),
+whatever the number of routes: each request is a round of pyroute2 under TCG."""
 
 import socket
 
@@ -19,8 +22,9 @@ async def update_routes(routes) -> None:
     ordered = sorted(routes, key=lambda r: bool(r.gateway))
     async with open_iproute() as ipr:
         await _remove_our_routes(ipr)
+        indexes = await _link_indexes(ipr) if any(route.device for route in ordered) else {}
         for route in ordered:
-            request = await _request(ipr, route)
+            request = _request(indexes, route)
             try:
                 await ipr.route("replace", **request)
             except Exception as e:
@@ -29,18 +33,21 @@ async def update_routes(routes) -> None:
 
 async def _remove_our_routes(ipr) -> None:
     """Every main-table route except those the kernel derived from addresses."""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        old_routes = [route async for route in await ipr.route("dump", family=family,
-                                                                 table=RT_TABLE_MAIN)
-                      if route["proto"] != RTPROT_KERNEL
-                      and route.get("RTA_TABLE") == RT_TABLE_MAIN]
-        for old in old_routes:
-            try:
-                await ipr.route("del", **_identity(old))
-            except Exception as e:
-                raise NetworkConfigError(
-                    f"cannot remove the old route {old.get('RTA_DST') or 'default'}"
-                    f"/{old['dst_len']}: {e}") from None
+    old_routes = [route async for route in await ipr.route("dump", family=socket.AF_UNSPEC, table=RT_TABLE_MAIN)
+                  if route["family"] in (socket.AF_INET, socket.AF_INET6)
+                  and route["proto"] != RTPROT_KERNEL
+                  and route.get("RTA_TABLE") == RT_TABLE_MAIN]
+    for old in old_routes:
+        try:
+            await ipr.route("del", **_identity(old))
+        except Exception as e:
+            raise NetworkConfigError(
+                f"cannot remove the old route {old.get('RTA_DST') or 'default'}"
+                f"/{old['dst_len']}: {e}") from None
+
+
+async def _link_indexes(ipr) -> dict[str, int]:
+    return {link.get("IFLA_IFNAME"): link["index"] async for link in await ipr.link("dump")}
 
 
 def _identity(route) -> dict:
@@ -52,16 +59,15 @@ def _identity(route) -> dict:
     return request
 
 
-async def _request(ipr, route) -> dict:
+def _request(indexes: dict[str, int], route) -> dict:
     family = socket.AF_INET6 if route.family == IPV6 else socket.AF_INET
     request = {"family": family, "table": RT_TABLE_MAIN, "proto": RTPROT_BOOT,
                "scope": route.scope, "dst": route.dest or "default"}
     if route.device:
-        indexes = await ipr.link_lookup(ifname=route.device)
-        if not indexes:
+        if route.device not in indexes:
             raise NetworkConfigError(f"route {_describe(route)}: no link named {route.device}",
                                      not_found=True)
-        request["oif"] = indexes[0]
+        request["oif"] = indexes[route.device]
     if route.gateway:
         request["gateway"] = route.gateway
     if route.flags & RTNH_F_ONLINK:  # rtm_flags (Kuasar's field 7); the kernel refuses its

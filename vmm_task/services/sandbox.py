@@ -15,7 +15,7 @@ from google.protobuf import empty_pb2
 
 from vmm_common import ttrpc
 from vmm_common.protos.containerd.services.ttrpc.events.v1 import events_pb2
-from vmm_common.protos.kuasar import SANDBOX_SERVICE as SERVICE
+from vmm_common.protos import SANDBOX_SERVICE as SERVICE
 from vmm_common.protos.kuasar import sandbox_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ async def _reseed_crng() -> None:
     from vmm_task.pod import entropy
 
     try:
-        await asyncio.to_thread(entropy.reseed)
+        await entropy.reseed()
     except FileNotFoundError as e:  # no virtio-rng (another host's VM): booted, never cloned by us
         log.warning("no CRNG reseed: %s", e)
     except OSError as e:
