@@ -1,9 +1,10 @@
 """Build the guest kernel (bzImage) from Debian's kernel source package (linux-source-6.1 on
 Debian 12, linux-source-6.12 on Debian 13) and the fragments in fragments/.
 
-tinyconfig + fragments -> olddefconfig -> every requested option checked -> `nice make -j2 bzImage`.
-The result is cached in $VMM_TASK_CACHE/kernel/<key>/ where key hashes the fragments, this
-package's code and the source package version: an unchanged kernel is never rebuilt. The object
+tinyconfig + fragments -> olddefconfig -> every requested option checked -> `nice make -j2 bzImage`,
+with the patches of patches/<source package>/ applied for the build (reverted after it).
+The result is cached in $VMM_TASK_CACHE/kernel/<key>/ where key hashes the fragments, the
+patches, this package's code and the source package version: an unchanged kernel is never rebuilt. The object
 directory is shared between keys so a changed fragment rebuilds incrementally; a file lock
 serialises builds started by several people or processes at once.
 
@@ -12,6 +13,7 @@ serialises builds started by several people or processes at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -25,6 +27,7 @@ from pathlib import Path
 from kernel import config
 
 SOURCE_DIR = Path("/usr/src")
+PATCHES_DIR = Path(__file__).resolve().parent / "patches"
 _SOURCE_TARBALL = re.compile(r"(linux-source-(\d+)\.(\d+))\.tar\.xz")
 MAKE = ["nice", "-n", "10", "make", "ARCH=x86_64", "-j2"]
 # What the kernel would take from the clock, the object directory and the machine into its
@@ -77,7 +80,7 @@ def cache_key(version: str) -> str:
     """Hash of the fragments (names and contents), this package's code and the source version."""
     h = hashlib.sha256(version.encode())
     here = Path(__file__).resolve().parent
-    for path in config.fragment_paths() + sorted(here.glob("*.py")):
+    for path in config.fragment_paths() + sorted(PATCHES_DIR.glob("*/*.patch")) + sorted(here.glob("*.py")):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:20]
 
@@ -95,6 +98,39 @@ def _extract_source(src_root: Path, source: Source, version: str) -> Path:
     shutil.rmtree(src_root / version, ignore_errors=True)
     partial.rename(src_root / version)
     return tree
+
+
+def patch_paths(source: Source, patches_dir: Path = PATCHES_DIR) -> list[Path]:
+    """The patches for this source package, in apply order (none for a package without a directory)."""
+    return sorted((patches_dir / source.package).glob("*.patch"))
+
+
+def _patch(tree: Path, patch: Path, log, *flags: str) -> bool:
+    # --force, not --batch: --batch takes an unapplied patch given --reverse for a reversed one.
+    return subprocess.run(["patch", "-p1", "--force", "--silent", "--no-backup-if-mismatch", *flags,
+                           "-i", str(patch)], cwd=tree,
+                          stdout=log, stderr=subprocess.STDOUT).returncode == 0
+
+
+@contextlib.contextmanager
+def patched(tree: Path, patches: list[Path], log):
+    """`tree` with `patches` applied, reverted afterwards: the unpacked source is shared by every
+    worktree's build (one per package version), and a build of another key must find it as Debian
+    ships it. kbuild sees the files change both ways and rebuilds what depends on them. A patch
+    found applied already (a build killed before it reverted) is taken as applied."""
+    applied = []
+    try:
+        for patch in patches:
+            if not _patch(tree, patch, log, "--dry-run", "--reverse"):
+                if not (_patch(tree, patch, log, "--dry-run") and _patch(tree, patch, log)):
+                    raise RuntimeError(f"kernel patch {patch} does not apply to {tree}")
+            applied.append(patch)
+        yield
+    finally:
+        for patch in reversed(applied):
+            if not _patch(tree, patch, log, "--reverse"):
+                raise RuntimeError(f"kernel patch {patch} could not be reverted in {tree}: "
+                                   "restore that file from Debian's tarball")
 
 
 def _make(tree: Path, obj: Path, log, *targets: str) -> None:
@@ -149,7 +185,7 @@ def _build(root: Path, out: Path, source: Source, version: str, progress) -> Non
     # kbuild does not remake it when only the environment changed: one left in the shared object
     # dir by an earlier build kept that build's clock (a cold rebuild then differed in it).
     (obj / "usr" / "initramfs_data.cpio").unlink(missing_ok=True)
-    with open(log_path, "w") as log:
+    with open(log_path, "w") as log, patched(tree, patch_paths(source), log):
         final = configure(tree, obj, log)
         try:
             _make(tree, obj, log, "bzImage")
