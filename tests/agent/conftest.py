@@ -354,9 +354,17 @@ class Agent:
             for cid in os.listdir(root):
                 if (root / cid).is_dir():
                     left.other.append(f"container {cid} still in {RUNTIME_NAME}'s state (deleted with --force)")
+                    left.other += [f"  agent log: {line}" for line in self._log_lines_about(cid)]
                     subprocess.run([self.runtime, "--root", str(root), "delete", "--force", cid],
                                    capture_output=True)
         return left
+
+    def _log_lines_about(self, cid: str, most: int = 10) -> list[str]:
+        """The agent's last warnings and errors naming `cid`: why its Delete left it (the agent
+        releases a container whose runtime delete failed, logging the runtime's error)."""
+        lines = [line for line in self.log.read_text(errors="replace").splitlines()
+                 if cid in line and ("WARNING" in line or "ERROR" in line)]
+        return lines[-most:]
 
 
 def pod_pause_path() -> str:

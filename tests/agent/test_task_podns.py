@@ -27,6 +27,10 @@ def test_two_containers_share_the_pod_pid_namespace(agent, bundles):
               "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done")
     looker = bundles.make(["sh", "-c", script])
     out = looker.file("out")
+    # an init that exits leaving a process behind: with no PID namespace of its own, what it
+    # left is killed before its exit is reported (as containerd's runc shim does)
+    leaver = bundles.make(["sh", "-c", "sleep 1000 & echo $!"])
+    left = leaver.file("out")
 
     async def body(t):
         request = sandbox_pb2.SetupSandboxRequest()
@@ -40,10 +44,14 @@ def test_two_containers_share_the_pod_pid_namespace(agent, bundles):
         joined = os.readlink(f"/proc/{sleeper_pid}/ns/pid")
         assert await t.run_to_exit(looker, stdout=str(out)) == 0
         await t.delete(looker.id)
+        assert await t.run_to_exit(leaver, stdout=str(left)) == 0
+        left_alive = _alive_in(joined, int(left.read_text()))
+        await t.delete(leaver.id)
         await t.remove(sleeper.id)
-        return joined
+        return joined, left_alive
 
-    joined = agent.run(body)
+    joined, left_alive = agent.run(body)
+    assert not left_alive, "the leaver's sleep outlived its Wait"
     lines = out.read_text().splitlines()
     assert lines[0] == "podhost"                # though each spec named its own hostname
     assert lines[1] == f"{pod_pause.build(default_cache())} 3 "  # PID 1: pod-pause, not a fork
@@ -57,3 +65,20 @@ def test_two_containers_share_the_pod_pid_namespace(agent, bundles):
     assert "nameserver 192.0.2.53" in files and "podhost" in files
     assert joined == f"pid:[{os.stat(paths['pid']).st_ino}]"  # the pod's, not one of its own
     assert joined != os.readlink(f"/proc/{agent.pid}/ns/pid")
+
+
+def _alive_in(namespace: str, pid: int) -> bool:
+    """Whether process `pid` of the PID namespace `namespace` (`pid:[inode]`) lives, zombies aside."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry}/ns/pid") != namespace:
+                continue
+            status = open(f"/proc/{entry}/status").read()
+        except OSError:  # gone meanwhile
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        if fields["NSpid"].split()[-1] == str(pid) and not fields["State"].startswith("Z"):
+            return True
+    return False

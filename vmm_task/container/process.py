@@ -5,7 +5,7 @@ the process's output was drained, so a Wait answer comes after the last byte."""
 import asyncio
 import logging
 import time
-from typing import Callable, Optional
+from typing import Awaitable, Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +36,25 @@ class Process:
         return f"exec {self.exec_id} of container {self.container_id}" if self.exec_id \
             else f"container {self.container_id}"
 
-    def started(self, pid: int, reaper, on_exit: Callable[["Process"], None]) -> None:
-        """The runtime reported `pid`: watch for its exit (delivered by the Reaper)."""
+    def started(self, pid: int, reaper, on_exit: Callable[["Process"], None],
+                after_reap: Optional[Callable[[], Awaitable[None]]] = None) -> None:
+        """The runtime reported `pid`: watch for its exit (delivered by the Reaper). `after_reap`
+        runs once it is reaped, before the exit is recorded (a Wait answered)."""
         self.pid = pid
-        self._watcher = asyncio.ensure_future(self._watch(reaper.wait_pid(pid), on_exit))
+        self._watcher = asyncio.ensure_future(self._watch(reaper.wait_pid(pid), on_exit, after_reap))
 
-    async def _watch(self, exit_future: asyncio.Future, on_exit) -> None:
+    async def _watch(self, exit_future: asyncio.Future, on_exit, after_reap) -> None:
         try:
             status = await exit_future
         except ProcessLookupError:
             log.warning("%s: pid %d vanished before it could be watched", self.name, self.pid)
             status = None
         self.reaped = True
+        if after_reap is not None:
+            try:
+                await after_reap()
+            except Exception:  # the exit is recorded all the same: a Wait must not hang on it
+                log.exception("%s: after its exit", self.name)
         await self.io.drain()
         await self.exit_gate.wait()
         self.set_exited(status.code if status else 255, status.exited_at if status else 0)

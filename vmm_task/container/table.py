@@ -153,7 +153,8 @@ class ContainerTable:
         container.cgroup = Cgroup.of_pid(pid)
         container.oom = oommod.watch(container.cgroup, lambda: self._on_oom(container))
         self._containers[cid] = container
-        container.init.started(pid, self._reaper, lambda p: self._exited(container, p))
+        container.init.started(pid, self._reaper, lambda p: self._on_exit(container, p),
+                               self._leftovers_killer(container))
         return container
 
     async def start(self, cid: str, exec_id: str,
@@ -194,7 +195,7 @@ class ContainerTable:
             process.set_exited(255, 0)
             raise
         process.status = RUNNING
-        process.started(pid, self._reaper, lambda p: self._exited(container, p))
+        process.started(pid, self._reaper, lambda p: self._on_exit(container, p))
 
     async def exec(self, cid: str, exec_id: str, stdio: Stdio, spec: bytes) -> Process:
         container = self.get(cid)
@@ -213,10 +214,15 @@ class ContainerTable:
         container.execs[exec_id] = process
         return process
 
-    def _exited(self, container: Container, process: Process) -> None:
-        if process is container.init and container.shares_pids:
-            asyncio.ensure_future(_quietly(self.runtime.kill(container.id, signals.SIGKILL, True)))
-        self._on_exit(container, process)
+    def _leftovers_killer(self, container: Container):
+        """For a container without a PID namespace of its own, what kills the processes its
+        init left once the init is reaped, before its exit is recorded (as containerd's runc
+        shim does, handleProcessExit): with the kill done before a Wait answers, the Delete that
+        follows never meets the runtime mid-kill (runc's kill --all freezes the cgroup, and a
+        delete then fails: "invalid state transition from stopped to paused")."""
+        if not container.shares_pids:
+            return None
+        return lambda: _quietly(self.runtime.kill(container.id, signals.SIGKILL, True))
 
     # -- signals and waiting -------------------------------------------------------------------
 
