@@ -26,6 +26,7 @@ from bench import boot
 from bench.boot import MODES
 from bench.sandboxer import Bench
 from host_sandboxer.config import DEFAULT_IMAGE_DIR
+from host_sandboxer.vmm import process
 from host_sandboxer.vmm.template import TemplateStore
 from initrd import floor
 from kernel import build as kernel_build
@@ -39,7 +40,6 @@ SETUP_LINE = re.compile(r"sandbox set up: .*seconds: reseed ([\d.]+), share ([\d
 def _cpu_by_kind(bench: Bench) -> dict[int, tuple[str, float]]:
     """CPU seconds so far of every process whose command line names the bench's directory (the
     daemon, its helpers, virtiofsd) or its clones' RAM directory (QEMU), by pid: (kind, seconds)."""
-    tick = os.sysconf("SC_CLK_TCK")
     marks = (str(bench.work).encode(), str(TemplateStore(bench.daemon.state).ram_dir).encode())
     found = {}
     for entry in os.listdir("/proc"):
@@ -50,13 +50,13 @@ def _cpu_by_kind(bench: Bench) -> dict[int, tuple[str, float]]:
                 cmdline = f.read()
             if not any(mark in cmdline for mark in marks):
                 continue
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
             exe = os.path.basename(os.readlink(f"/proc/{entry}/exe"))
         except OSError:
             continue
+        if (seconds := process.cpu_seconds(int(entry))) is None:
+            continue
         kind = "qemu" if exe.startswith("qemu-system") else "virtiofsd" if exe.startswith("virtiofsd") else "daemon_and_helpers"
-        found[int(entry)] = (kind, (int(fields[11]) + int(fields[12])) / tick)
+        found[int(entry)] = (kind, seconds)
     return found
 
 

@@ -27,6 +27,7 @@ import threading
 import time
 import tracemalloc
 
+from host_sandboxer.vmm import process
 from tests.vm.vsock_echo_guest import (ECHO, SINK, SOURCE_PORT, make_vm, remove_run_dir,
                                        short_run_dir)
 
@@ -54,11 +55,6 @@ def dial(uds_path: str, port: int) -> socket.socket:
     return sock
 
 
-def qemu_cpu_s(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def status_kib(key: str, pid: str = "self") -> int:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith(key + ":"):
@@ -79,11 +75,11 @@ class Bench:
         """Runs `work()` in this (client) thread; returns wall, loop-thread CPU and QEMU CPU."""
         pid = self.vm.qemu.proc.pid
         cpu0 = asyncio.run_coroutine_threadsafe(self.loop_cpu(), self.loop).result()
-        q0, t0 = qemu_cpu_s(pid), time.monotonic()
+        q0, t0 = process.cpu_seconds(pid), time.monotonic()
         work()
         wall = time.monotonic() - t0
         cpu1 = asyncio.run_coroutine_threadsafe(self.loop_cpu(), self.loop).result()
-        backend, qemu = cpu1 - cpu0, qemu_cpu_s(pid) - q0
+        backend, qemu = cpu1 - cpu0, process.cpu_seconds(pid) - q0
         return {"wall_s": round(wall, 3), "backend_cpu_s": round(backend, 3), "qemu_cpu_s": round(qemu, 3),
                 "backend_over_qemu": round(backend / qemu, 3) if qemu else None}
 

@@ -59,6 +59,17 @@ def start_time(pid: int) -> int | None:
         return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, /proc/PID/stat fields 14-15) the process has used so far, None
+    if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def identity(proc) -> dict:
     """What a state file keeps of a helper to adopt it later."""
     return {"pid": proc.pid, "start_time": start_time(proc.pid)}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -151,12 +150,7 @@ class Qemu:
 
     def cpu_seconds(self) -> float | None:
         """CPU time (user + system) QEMU has used so far: under TCG, the cost of the guest's work."""
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, AttributeError):
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None if self.proc is None else process.cpu_seconds(self.proc.pid)
 
     def failure(self, what: str) -> str:
         """`what` plus how QEMU ended, its last SHUTDOWN event, its output and the console tail."""
