@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import shutil
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from initrd import debian, elf
+from initrd.staged import staged_directory
 
 REPO = Path(__file__).resolve().parent.parent
 PINS = REPO / "rootfs-builder" / "runtime-packages.txt"
@@ -147,21 +147,15 @@ def host_copy(runtime: str, cache: Path, progress=print) -> Path:
         return root / RUNTIMES[runtime]
     prepared = prepare(runtime, cache, str(root / "lib"), progress)
     # Written beside `root`, then renamed to it: the binary names `root` (interpreter, rpath).
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{root.name}.", dir=root.parent))
-    staging.chmod(0o755)
-    (staging / "lib").mkdir()
-    for soname, library in prepared.libraries.items():
-        (staging / "lib" / soname).write_bytes(library.data)
-        (staging / "lib" / soname).chmod(library.mode)
-    binary = staging / prepared.binary
-    binary.parent.mkdir(parents=True)
-    binary.write_bytes(prepared.executable)
-    binary.chmod(0o755)
-    try:
-        os.rename(staging, root)
-    except OSError:  # another process got there first
-        shutil.rmtree(staging)
+    with staged_directory(root) as staging:
+        (staging / "lib").mkdir()
+        for soname, library in prepared.libraries.items():
+            (staging / "lib" / soname).write_bytes(library.data)
+            (staging / "lib" / soname).chmod(library.mode)
+        binary = staging / prepared.binary
+        binary.parent.mkdir(parents=True)
+        binary.write_bytes(prepared.executable)
+        binary.chmod(0o755)
     return root / prepared.binary
 
 

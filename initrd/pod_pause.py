@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from initrd.staged import staged_directory
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO / "rootfs-builder" / "pod-pause.c"
@@ -36,18 +36,11 @@ def build(cache: Path) -> Path:
     binary = cache / "pod-pause" / h.hexdigest()[:20] / "pod-pause"
     if binary.exists():
         return binary
-    binary.parent.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{binary.parent.name}.", dir=binary.parent.parent))
-    staging.chmod(0o755)
-    result = subprocess.run([CC, *FLAGS, "-o", str(staging / "pod-pause"), str(SOURCE)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        shutil.rmtree(staging)
-        raise RuntimeError(f"{CC} {SOURCE.name} failed: {result.stderr.strip()}")
-    try:
-        os.rename(staging, binary.parent)
-    except OSError:  # another process got there first
-        shutil.rmtree(staging)
+    with staged_directory(binary.parent) as staging:
+        result = subprocess.run([CC, *FLAGS, "-o", str(staging / "pod-pause"), str(SOURCE)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{CC} {SOURCE.name} failed: {result.stderr.strip()}")
     return binary
 
 
