@@ -1,6 +1,7 @@
 """Error codes and messages of the Task service (the runc shim's rules): IDs that could escape a
 directory are INVALID_ARGUMENT, unknown IDs NOT_FOUND, duplicates ALREADY_EXISTS, wrong states
 FAILED_PRECONDITION, Checkpoint UNIMPLEMENTED; a runtime failure is an error, not a crash."""
+import json
 import os
 
 from vmm_common.protos.containerd.task.v2 import shim_pb2 as pb
@@ -118,6 +119,27 @@ def test_unusable_stdio_strings_are_invalid_arguments(agent, bundles, tmp_path):
                 id=bundle.id, bundle=str(bundle.path), rootfs=bundle.rootfs, **io))
             assert error.code.name == "INVALID_ARGUMENT" and bad in error.message, error
             assert not listener.exists()
+        assert (await t.error("State", pb.StateRequest(id=bundle.id))).code.name == "NOT_FOUND"
+
+    agent.run(body)
+    assert agent.alive()
+
+
+def test_a_failed_create_names_the_runtimes_own_cause(agent, bundles):
+    """runc's init stages log why they failed ("fatal") before runc's own summary ("can't get
+    final child's PID from pipe: EOF"): the error quotes the cause, for runc and crun alike."""
+    bundle = bundles.make(["true"])
+    config = bundle.path / "config.json"
+    spec = json.loads(config.read_text())
+    for namespace in spec["linux"]["namespaces"]:
+        if namespace["type"] == "network":
+            namespace["path"] = "/etc/hostname"  # a file, not a network namespace
+    config.write_text(json.dumps(spec))
+
+    async def body(t):
+        error = await t.error("Create", pb.CreateTaskRequest(
+            id=bundle.id, bundle=str(bundle.path), rootfs=bundle.rootfs))
+        assert error.code.name == "UNKNOWN" and "setns" in error.message, error
         assert (await t.error("State", pb.StateRequest(id=bundle.id))).code.name == "NOT_FOUND"
 
     agent.run(body)

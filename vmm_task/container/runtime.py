@@ -97,28 +97,36 @@ class Runtime:
             if status.code != 0:
                 raise RuntimeFailure(
                     f"{self.name} {verb} {cid} failed "
-                    f"(exit {status.code}): {_last_error(log_file) or 'no message in its log'}")
+                    f"(exit {status.code}): {_log_errors(log_file) or 'no message in its log'}")
         finally:
             _unlink(log_file)
 
 
-def _last_error(log_path: str) -> str:
-    """The last message the runtime logged (its JSON log, one object per line)."""
+def _log_errors(log_path: str) -> str:
+    """What the runtime logged about its failure, oldest first: every error-level message (runc's
+    nsexec stages log the cause as "fatal" before the parent's vaguer summary, e.g. "read
+    init-p: connection reset by peer"), or else the last message of its JSON log."""
     try:
         with open(log_path, encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
     except OSError:
         return ""
-    for line in reversed(lines):
+    errors, last = [], ""
+    for line in lines:
         try:
             entry = json.loads(line)
         except ValueError:
-            if line.strip():
-                return line.strip()
+            entry = {"level": "error", "msg": line.strip()}
+        if not isinstance(entry, dict) or not entry.get("msg"):
             continue
-        if isinstance(entry, dict) and entry.get("msg"):
-            return str(entry["msg"])
-    return ""
+        last = str(entry["msg"])
+        if entry.get("level") in _ERROR_LEVELS and last not in errors:
+            errors.append(last)
+    return "; ".join(errors[-_QUOTED_ERRORS:]) if errors else last
+
+
+_ERROR_LEVELS = ("error", "fatal", "panic")
+_QUOTED_ERRORS = 4
 
 
 def _unlink(path: str) -> None:
