@@ -20,6 +20,7 @@ from host_sandboxer.taskrelay.link import RelayError, TaskRelay
 from host_sandboxer.vmm import process
 from host_sandboxer.vmm.template import TemplateStore
 from host_sandboxer.vmm.vsock_backend import VsockBackend
+from vmm_common import userns
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,10 @@ class Sandboxes:
         except PodConfigError as exc:
             raise HostError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"sandbox {sandbox_id}: options {options.type_url}: {exc}") from None
+        try:
+            userns.check(pod_config.userns)  # as a runc pod is refused, before anything is made
+        except ValueError as exc:
+            raise HostError(grpc.StatusCode.INVALID_ARGUMENT, f"sandbox {sandbox_id}: {exc}") from None
         pod = Pod(sandbox_id, self.state_dir, namespace, pod_config, options, self.publisher)
         try:
             self._contain(pod)

@@ -1,8 +1,9 @@
 """What the daemon needs from CRI's PodSandboxConfig (the Any in Controller.Create's options).
 
 Only a few fields matter on the host: the hostname, whether containers share a pod PID
-namespace, the pod's resources (they size the VM) and its cgroup parent (where the VM runs:
-containment/cgroups.py). Rather than vendoring the whole CRI API, those fields are read with a
+namespace, the pod's resources (they size the VM), its cgroup parent (where the VM runs:
+containment/cgroups.py) and its user namespace options (refused before a VM boots where a runc
+pod is refused: vmm_common/userns.py). Rather than vendoring the whole CRI API, those fields are read with a
 small protobuf wire-format reader; field numbers are k8s.io/cri-api runtime.v1's. Any other
 options type leaves every value at its default.
 
@@ -17,6 +18,9 @@ host's. The pod's cgroup (kubelet's) still enforces the limit itself.
 import math
 import os
 from dataclasses import dataclass
+from typing import Optional
+
+from vmm_common.userns import IDMapping, UserNamespace
 
 POD_SANDBOX_CONFIG = "runtime.v1.PodSandboxConfig"
 NAMESPACE_MODE_POD = 0  # runtime.v1.NamespaceMode.POD
@@ -35,6 +39,7 @@ class PodConfig:
     cpu_period: int = 0
     memory_limit: int = 0
     cgroup_parent: str = ""  # linux.cgroup_parent: the pod's cgroup (kubelet's), "" if none
+    userns: Optional[UserNamespace] = None  # namespace_options.userns_options, None if unset
 
     def asked_cpus(self) -> int:
         """The CPU limit in whole vCPUs (0: none)."""
@@ -132,7 +137,22 @@ def parse_pod_config(type_url: str, value: bytes) -> PodConfig:
         cpu_quota=_signed(_last(resources, 2, 0)),
         memory_limit=_signed(_last(resources, 4, 0)),
         cgroup_parent=_text(_last(linux, 1, b""), "linux.cgroup_parent"),
+        userns=_userns(namespaces),
     )
+
+
+def _userns(namespaces: dict) -> Optional[UserNamespace]:
+    """NamespaceOption.userns_options (5): mode 1, uids 2, gids 3; IDMapping: host_id 1,
+    container_id 2, length 3."""
+    if 5 not in namespaces:
+        return None
+    options = fields(_last(namespaces, 5, b""))
+
+    def mappings(number: int) -> list[IDMapping]:
+        decoded = [fields(entry) for entry in options.get(number, [])]
+        return [IDMapping(_last(m, 2, 0), _last(m, 1, 0), _last(m, 3, 0)) for m in decoded]
+
+    return UserNamespace(_last(options, 1, 0), mappings(2), mappings(3))
 
 
 def _text(value: bytes, what: str) -> str:

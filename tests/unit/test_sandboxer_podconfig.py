@@ -26,7 +26,15 @@ def _messages():
             m.field.add(name=fname, number=number, type=ftype, type_name=type_name,
                         label=T.LABEL_OPTIONAL)
 
-    msg("NamespaceOption", ("network", 1, T.TYPE_INT32, None), ("pid", 2, T.TYPE_INT32, None))
+    msg("IDMapping", ("host_id", 1, T.TYPE_UINT32, None), ("container_id", 2, T.TYPE_UINT32, None),
+        ("length", 3, T.TYPE_UINT32, None))
+    m = f.message_type.add(name="UserNamespace")
+    m.field.add(name="mode", number=1, type=T.TYPE_INT32, label=T.LABEL_OPTIONAL)
+    for name, number in (("uids", 2), ("gids", 3)):
+        m.field.add(name=name, number=number, type=T.TYPE_MESSAGE, type_name=".runtime.v1.IDMapping",
+                    label=T.LABEL_REPEATED)
+    msg("NamespaceOption", ("network", 1, T.TYPE_INT32, None), ("pid", 2, T.TYPE_INT32, None),
+        ("userns_options", 5, T.TYPE_MESSAGE, ".runtime.v1.UserNamespace"))
     msg("LinuxSandboxSecurityContext",
         ("namespace_options", 1, T.TYPE_MESSAGE, ".runtime.v1.NamespaceOption"))
     msg("LinuxContainerResources", ("cpu_period", 1, T.TYPE_INT64, None),
@@ -90,3 +98,20 @@ def test_truncated_bytes_are_a_clear_error():
     data = PodSandboxConfig(hostname="web-0").SerializeToString()
     with pytest.raises(PodConfigError, match="past the end"):
         parse_pod_config(TYPE_URL, data[:-2])
+
+
+def test_user_namespace_options_are_read():
+    """The daemon refuses what a runc pod is refused for at Create (vmm_common/userns.py, whose
+    rules tests/unit/test_agent_podconfig.py checks): it must read the options as the agent does."""
+    cfg = PodSandboxConfig()
+    options = cfg.linux.security_context.namespace_options.userns_options
+    options.mode = 1  # CONTAINER
+    options.uids.add(host_id=1000, container_id=0, length=65536)
+    options.uids.add(host_id=3000, container_id=65536, length=1)
+    options.gids.add(host_id=2000, container_id=0, length=100)
+    userns = parse_pod_config(TYPE_URL, cfg.SerializeToString()).userns
+    assert (userns.mode, userns.uids, userns.gids) == \
+        (1, [(0, 1000, 65536), (65536, 3000, 1)], [(0, 2000, 100)])
+    cfg.linux.security_context.namespace_options.userns_options.Clear()  # set, all defaults: POD
+    assert parse_pod_config(TYPE_URL, cfg.SerializeToString()).userns.mode == 0
+    assert parse_pod_config(TYPE_URL, PodSandboxConfig().SerializeToString()).userns is None

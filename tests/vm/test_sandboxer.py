@@ -304,19 +304,17 @@ def test_rootfs_and_binds_over_9p(env):
     assert mounts_left(env.work) == []
 
 
-def test_start_refuses_a_user_namespace_a_runc_pod_refuses(env):
-    """critest's "runtime should fail with NamespaceMode_CONTAINER": the agent refuses the pod's
-    config (vmm_task/pod/userns.py) and Start says so as the caller's error, without a console."""
+def test_create_refuses_a_user_namespace_a_runc_pod_refuses(env):
+    """critest's "runtime should fail with NamespaceMode_CONTAINER": the daemon refuses the pod's
+    config at Create (vmm_common/userns.py, the agent's rules), before a VM or state exists."""
     options = any_pb2.Any(type_url="type.googleapis.com/runtime.v1.PodSandboxConfig",
                           value=cri_userns_config(1, [], []))
-    ctl = env.cri.controller
-    ctl.Create(sb.ControllerCreateRequest(sandbox_id="userns", options=options), metadata=NS, timeout=10)
     with pytest.raises(grpc.RpcError) as refused:
-        ctl.Start(sb.ControllerStartRequest(sandbox_id="userns"), metadata=NS, timeout=90)
+        env.cri.controller.Create(sb.ControllerCreateRequest(sandbox_id="userns", options=options),
+                                  metadata=NS, timeout=10)
     assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, (
-        'pod userns: user namespace configuration: unsupported user namespace mode: "CONTAINER"'))
-    # containerd sends no Shutdown after a failed Start (kubelet retries with a new pod): nothing left
-    assert mounts_left(env.work) == [] and not (env.daemon.state / "userns").exists()
+        'sandbox userns: user namespace configuration: unsupported user namespace mode: "CONTAINER"'))
+    assert not (env.daemon.state / "userns").exists()
     assert code_of(lambda: env.status("userns")) == grpc.StatusCode.NOT_FOUND
 
 

@@ -7,7 +7,7 @@ through a field-compatible subset (`vmmtask/v1/podconfig.proto`). An empty Any m
 
 from typing import Optional
 
-from vmm_task.pod.userns import IDMapping, UserNamespace
+from vmm_common.userns import IDMapping, UserNamespace
 
 CRI_TYPE = "runtime.v1.PodSandboxConfig"
 KUASAR_JSON_TYPE = "PodSandboxConfig"
@@ -21,7 +21,7 @@ class PodConfigError(ValueError):
 
 class PodConfig:
     """What SetupSandbox applies. `share_pid`: the pod's containers share one PID namespace;
-    `userns`: the user namespace options (pod/userns.py), None when the config has none."""
+    `userns`: the user namespace options (vmm_common/userns.py), None when the config has none."""
 
     __slots__ = ("hostname", "dns_servers", "dns_searches", "dns_options", "sysctls", "share_pid",
                  "userns")

@@ -1,11 +1,12 @@
 """SetupSandbox's work: validate the pod config (its user namespace options as a runc pod's:
-userns.py), make the pod namespaces, apply sysctls, write hosts/resolv.conf, and record it all in
+vmm_common/userns.py), make the pod namespaces, apply sysctls, write hosts/resolv.conf, and record it all in
 `ctx.sandbox` for the Task service."""
 
 import logging
 import os
 
-from vmm_task.pod import files, userns
+from vmm_common import userns
+from vmm_task.pod import files
 from vmm_task.pod.namespaces import PodNamespaces
 from vmm_task.pod.podconfig import PodConfig, decode
 

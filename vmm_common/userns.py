@@ -1,13 +1,14 @@
 """The pod's user namespace options (CRI's NamespaceOption.userns_options), refused where a runc
-pod under containerd 2.4 is refused, with the same messages.
+pod under containerd 2.4 is refused, with the same messages: by the daemon at Controller.Create,
+before a VM exists, and by the agent at SetupSandbox (for any host: Kuasar's sends the config too).
 
 For a runc pod containerd's podsandbox controller checks the options
 (internal/cri/server/podsandbox/helpers_linux.go, parseUsernsIDs: one mapping line, a length,
 mode POD with mappings or NODE without, nothing else) and runc refuses a user namespace in which
 the container's root has no mapping (libcontainer/configs/config_linux.go, HostUID). Both happen
 while the pod is made. crun accepts such a spec and fails only when a container starts
-("setresuid to 0: Invalid argument"), so the agent applies both rules itself when it sets the pod
-up: RunPodSandbox fails as it does on runc.
+("setresuid to 0: Invalid argument"), so both rules are applied here: RunPodSandbox fails as it
+does on runc.
 """
 
 from collections import namedtuple
