@@ -196,6 +196,8 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--extra-vms", type=int, default=4)
     args = parser.parse_args()
+    if args.extra_vms < 1:
+        parser.error("--extra-vms must be at least 1: the memory figures are per extra VM")
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="backend-loop", daemon=True)
