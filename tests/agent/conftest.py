@@ -284,11 +284,13 @@ def _decode_event(packed):
 
 
 class Agent:
-    """The dev-mode agent process."""
+    """The dev-mode agent process: the venv's `vmm-task` console script."""
 
     def __init__(self, workdir: Path, runtime: str, *flags: str, wrapper: tuple = ()):
-        """`flags`: more vmm-task options; `wrapper`: a command it runs under (`unshare --net`)."""
+        """`flags`: more vmm-task options (a flag given again wins); `wrapper`: a command it runs
+        under (`unshare --net`)."""
         self.runtime = runtime
+        self.exit_code: int | None = None
         self.socket = workdir / "agent.sock"
         self.port_forward_socket = workdir / "port-forward.sock"
         self.run_dir = workdir / "run"
@@ -296,7 +298,7 @@ class Agent:
         self._log_file = open(self.log, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
-            [*wrapper, sys.executable, "-m", "vmm_task", "--listen", f"unix://{self.socket}",
+            [*wrapper, str(Path(sys.executable).with_name("vmm-task")), "--listen", f"unix://{self.socket}",
              "--port-forward", f"unix://{self.port_forward_socket}",
              "--run-dir", str(self.run_dir), "--runtime", runtime,
              "--pod-pause", pod_pause_path(), *flags],
@@ -318,6 +320,22 @@ class Agent:
                 await client.close()
         return asyncio.run(main())
 
+    def call(self, service: str, method: str, request, response_type, timeout: float = 10.0):
+        """One call of any service, on a fresh connection."""
+        async def main():
+            client = await ttrpc.Client.connect_unix(str(self.socket))
+            try:
+                return await client.call(service, method, request, response_type, timeout=timeout)
+            finally:
+                await client.close()
+        return asyncio.run(main())
+
+    def error(self, *args, **kwargs) -> ttrpc.RpcError:
+        """The error a `call` with these arguments must end in."""
+        with pytest.raises(ttrpc.RpcError) as caught:
+            self.call(*args, **kwargs)
+        return caught.value
+
     def alive(self) -> bool:
         return self.process.poll() is None
 
@@ -335,8 +353,10 @@ class Agent:
         return found
 
     def stop(self) -> Leftovers:
-        """SIGTERM, as the VM's poweroff would; what the agent did not undo (its pod namespace
-        binds, containers still in the runtime's state) is taken away and returned."""
+        """SIGTERM, as the VM's poweroff would (`exit_code` then says how it ended); what the
+        agent did not undo (its pod namespace binds, containers still in the runtime's state) is
+        taken away and returned. Mounts left by an agent killed by a signal ran no cleanups:
+        not counted."""
         left = Leftovers()
         if self.alive():
             self.process.send_signal(signal.SIGTERM)
@@ -347,7 +367,9 @@ class Agent:
                 self.process.wait()
                 left.other.append(f"the agent {self.pid} ignored SIGTERM for 10 s (SIGKILLed)")
         self._log_file.close()
-        left.mounts = mountpoints_under(self.run_dir)
+        self.exit_code = self.process.returncode
+        if self.exit_code >= 0:
+            left.mounts = mountpoints_under(self.run_dir)
         unmount_all_under(self.run_dir)
         root = self.run_dir / "oci"  # the runtime's state lives in our run dir
         if root.is_dir():

@@ -1,5 +1,6 @@
 """grpc.SandboxService and vmmtask.v1.Health of the real agent in dev mode
-(`.venv/bin/vmm-task --listen unix://...`, root), called over ttrpc as the host calls them."""
+(`.venv/bin/vmm-task --listen unix://...`, root: conftest's Agent, one per `start_agent()`),
+called over ttrpc as the host calls them."""
 
 import asyncio
 import json
@@ -12,15 +13,12 @@ from pathlib import Path
 import pytest
 from google.protobuf import empty_pb2
 
-from host_sandboxer.taskproxy.mounts import mountpoints_under, unmount_all_under
-from initrd import pod_pause
-from kernel.build import default_cache
-from leak_guard import Leftovers, fail_if_left
+from leak_guard import fail_if_left
+from tests.agent.conftest import Agent
 from vmm_common import ttrpc
 from vmm_common.protos.kuasar import sandbox_pb2 as pb
 from vmm_common.protos.vmmtask.v1 import health_pb2 as health_pb
 
-VMM_TASK = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "vmm-task"
 SANDBOX = "grpc.SandboxService"
 HEALTH = "vmmtask.v1.Health"
 Code = ttrpc.Code
@@ -28,70 +26,21 @@ Code = ttrpc.Code
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dev-mode agent tests run as root")
 
 
-class DevAgent:
-    """`vmm-task --listen` as a subprocess, optionally behind a wrapper such as `unshare -n`."""
-
-    def __init__(self, workdir: Path, *flags: str, wrapper: tuple = ()):
-        self.socket = workdir / "agent.sock"
-        self.run_dir = workdir / "run"
-        self.output = workdir / "agent.out"
-        with open(self.output, "wb") as out:
-            self.process = subprocess.Popen(
-                [*wrapper, str(VMM_TASK), "--listen", f"unix://{self.socket}",
-                 "--run-dir", str(self.run_dir), "--pod-pause", str(pod_pause.build(default_cache())), *flags],
-                stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while b"vmm-task ready" not in self.output.read_bytes():
-            assert self.process.poll() is None and time.monotonic() < deadline, self.log()
-            time.sleep(0.05)
-        self.pid = int(self.output.read_bytes().split(b" pid=")[1].split()[0])
-
-    def log(self) -> str:
-        return self.output.read_text(errors="replace")[-3000:]
-
-    def call(self, service: str, method: str, request, response_type, timeout: float = 10.0):
-        async def main():
-            client = await ttrpc.Client.connect_unix(str(self.socket))
-            try:
-                return await client.call(service, method, request, response_type,
-                                         timeout=timeout)
-            finally:
-                await client.close()
-        return asyncio.run(main())
-
-    def error(self, *args, **kwargs) -> ttrpc.RpcError:
-        with pytest.raises(ttrpc.RpcError) as caught:
-            self.call(*args, **kwargs)
-        return caught.value
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(10)
-
-
 @pytest.fixture
-def start_agent(tmp_path):
+def start_agent(tmp_path, runtime):
+    """Start a fresh agent (conftest's Agent) per call; at the end each is stopped and what it
+    did not undo fails the test."""
     started = []
 
     def start(*flags, wrapper=()):
-        agent = DevAgent(tmp_path, *flags, wrapper=wrapper)
-        started.append(agent)
-        return agent
+        workdir = tmp_path / f"agent-{len(started)}"
+        workdir.mkdir()
+        started.append(Agent(workdir, runtime, *flags, wrapper=wrapper))
+        return started[-1]
 
     yield start
-    left = Leftovers()
-    for agent in started:  # SIGTERM: the agent undoes its pod mounts before exiting
-        if agent.process.poll() is None:
-            try:
-                agent.stop()
-            except subprocess.TimeoutExpired:
-                agent.process.kill()
-                agent.process.wait()
-                left.other.append(f"agent {agent.pid} ignored SIGTERM for 10 s (SIGKILLed)")
-        if agent.process.returncode >= 0:  # it ended by itself: what it left mounted is a leak
-            left.mounts += mountpoints_under(agent.run_dir)
-        unmount_all_under(agent.run_dir)  # an agent killed by the test ran no cleanups
-    fail_if_left(left)
+    for left in [agent.stop() for agent in started]:
+        fail_if_left(left)
 
 
 def pod_config(**config) -> pb.SetupSandboxRequest:
@@ -108,7 +57,7 @@ def status(agent) -> health_pb.StatusResponse:
 
 def test_ready_line_check_health_and_clean_stop(start_agent):
     agent = start_agent()
-    ready = [line for line in agent.log().splitlines() if "vmm-task ready" in line]
+    ready = [line for line in agent.log.read_text().splitlines() if "vmm-task ready" in line]
     fields = dict(word.split("=") for word in ready[0].split() if "=" in word)
     started, main, ready_at = (float(fields[k].rstrip("s")) for k in ("started", "main", "ready"))
     assert len(ready) == 1 and 0 < started <= main <= ready_at
@@ -127,7 +76,7 @@ def test_ready_line_check_health_and_clean_stop(start_agent):
     assert (sharefs.status, sharefs.reason) == (health_pb.HealthCheckResponse.SERVING, "")
     state = status(agent)
     assert state.pid == agent.pid and state.rss_bytes > 1_000_000 and state.zombies == 0
-    assert agent.stop() == 0
+    assert not agent.stop() and agent.exit_code == 0
     assert not agent.socket.exists()
 
 
@@ -166,7 +115,7 @@ def test_setup_sandbox_namespaces_dns_hosts_and_refusals(start_agent):
         interfaces=[pb.Interface(hwAddr="02:00:00:00:00:01")]), empty_pb2.Empty)
     assert net.code == Code.FAILED_PRECONDITION and "--manage-network" in net.message
 
-    assert agent.stop() == 0
+    assert not agent.stop() and agent.exit_code == 0
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(ns) not in mounts  # the pod namespace bind mounts went with the agent
 
@@ -189,7 +138,7 @@ def test_setup_sandbox_without_pod_pause_is_an_error_naming_it(start_agent, tmp_
     agent.call(SANDBOX, "SetupSandbox", pod_config(hostname="web-0", linux={
         "security_context": {"namespace_options": {"pid": 1}}}), empty_pb2.Empty)  # CONTAINER
     assert sorted(os.listdir(agent.run_dir / "sandbox-ns")) == ["ipc", "uts"]
-    assert agent.stop() == 0
+    assert not agent.stop() and agent.exit_code == 0
 
 
 def test_setup_sandbox_refuses_user_namespaces_as_a_runc_pod_is_refused(start_agent):
@@ -208,7 +157,7 @@ def test_setup_sandbox_refuses_user_namespaces_as_a_runc_pod_is_refused(start_ag
     agent.call(SANDBOX, "SetupSandbox", pod_config(hostname="web-0", linux=_userns("NODE")),
                empty_pb2.Empty)
     assert sorted(os.listdir(agent.run_dir / "sandbox-ns")) == ["ipc", "pid", "uts"]
-    assert agent.stop() == 0
+    assert not agent.stop() and agent.exit_code == 0
 
 
 def test_sync_clock_first_step_and_dev_mode_refuses_to_set_the_host_clock(start_agent):
@@ -305,5 +254,5 @@ def test_debug_console_exec_mode_and_interactive(start_agent, tmp_path):
     chatty = asyncio.run(session(b"echo $((6*7)); exit\n"))
     assert "42" in chatty.split() and "echo $((6*7))" in chatty, chatty  # the pty echoes
     assert status(agent).zombies == 0
-    assert agent.stop() == 0
+    assert not agent.stop() and agent.exit_code == 0
     assert not console.exists()
