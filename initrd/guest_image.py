@@ -69,7 +69,7 @@ def build(out: Path, runtime: str, debug: bool, method: str, cache: Path) -> dic
 
     t = time.monotonic()
     kernel = kernel_build.ensure_kernel(cache, progress=say)
-    shutil.copyfile(kernel.image, out / "kernel.partial")
+    shutil.copyfile(kernel.vmlinux, out / "kernel.partial")
     (out / "kernel.partial").replace(out / "kernel")
     stages["kernel"] = time.monotonic() - t
     kernel_size = (out / "kernel").stat().st_size
@@ -111,7 +111,10 @@ def build(out: Path, runtime: str, debug: bool, method: str, cache: Path) -> dic
     say(f"rootfs   erofs for virtio-pmem + DAX: {mb(rootfs_size)}  [{stages['rootfs']:.1f} s]")
 
     result = {
-        "kernel": {"file": "kernel", "release": kernel.release, "size": kernel_size,
+        # `file`: the ELF QEMU boots (PVH); `bzimage_size`: the same kernel compressed, as a
+        # bootloader would load it (the size the kernel's target is stated in).
+        "kernel": {"file": "kernel", "format": "elf-pvh", "release": kernel.release, "size": kernel_size,
+                   "bzimage_size": kernel.image.stat().st_size,
                    "sha256": manifest.sha256_file(out / "kernel"),
                    "config_sha256": kernel.config_sha256},
         "initrd": {"file": "initrd.img", "compression": method, "size": len(data),

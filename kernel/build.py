@@ -1,5 +1,6 @@
-"""Build the guest kernel (bzImage) from Debian's kernel source package (linux-source-6.1 on
-Debian 12, linux-source-6.12 on Debian 13) and the fragments in fragments/.
+"""Build the guest kernel from Debian's kernel source package (linux-source-6.1 on Debian 12,
+linux-source-6.12 on Debian 13) and the fragments in fragments/: its bzImage, and the same kernel
+as a stripped ELF (vmlinux), which QEMU boots through the PVH entry (docs/host-memory.md).
 
 tinyconfig + fragments -> olddefconfig -> every requested option checked -> `nice make -j2 bzImage`,
 with the patches of patches/<source package>/ applied for the build (reverted after it).
@@ -8,7 +9,7 @@ patches, this package's code and the source package version: an unchanged kernel
 directory is shared between keys so a changed fragment rebuilds incrementally; a file lock
 serialises builds started by several people or processes at once.
 
-    python -m kernel.build [--cache DIR]     # prints the bzImage path
+    python -m kernel.build [--cache DIR]     # prints the vmlinux path
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ class KernelConfigError(RuntimeError):
 
 @dataclass(frozen=True)
 class Kernel:
-    image: Path
+    image: Path    # bzImage
+    vmlinux: Path  # the same kernel as a stripped ELF with the PVH entry note
     release: str
     config_sha256: str
     cached: bool
@@ -162,13 +164,13 @@ def ensure_kernel(cache: Path | None = None, progress=print) -> Kernel:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "bzImage").exists():
+        if not (out / "vmlinux").exists():
             _build(root, out, source, version, progress)
             cached = False
         else:
             cached = True
     final = (out / "config").read_bytes()
-    return Kernel(out / "bzImage", (out / "release").read_text().strip(),
+    return Kernel(out / "bzImage", out / "vmlinux", (out / "release").read_text().strip(),
                   hashlib.sha256(final).hexdigest(), cached)
 
 
@@ -193,6 +195,9 @@ def _build(root: Path, out: Path, source: Source, version: str, progress) -> Non
             tail = log_path.read_text().splitlines()[-30:]
             raise RuntimeError("kernel build failed:\n" + "\n".join(tail)) from None
     shutil.copy2(obj / "arch/x86/boot/bzImage", staging / "bzImage")
+    # The ELF QEMU boots through the PVH entry (fragments/00-base.config), without its symbol
+    # tables (not loaded; the notes QEMU reads the entry point from are allocated, so kept).
+    subprocess.run(["objcopy", "--strip-all", str(obj / "vmlinux"), str(staging / "vmlinux")], check=True)
     (staging / "config").write_text(final)
     (staging / "release").write_text((obj / "include/config/kernel.release").read_text())
     shutil.rmtree(out, ignore_errors=True)
@@ -207,7 +212,7 @@ def main() -> None:
         kernel = ensure_kernel(args.cache, progress=lambda m: print(m, file=sys.stderr))
     except (KernelConfigError, RuntimeError) as e:
         sys.exit(str(e))
-    print(kernel.image)
+    print(kernel.vmlinux)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,11 @@ HOTPLUG_VSOCK_PORT, HOTPLUG_FS_PORT = "hp-vsock", "hp-fs"
 HOTPLUG_NIC_PORTS = ("hp-net0", "hp-net1", "hp-net2", "hp-net3")
 
 
+# The kernel sizes its dentry, inode and TCP hash tables from the guest's RAM (for 512 MiB: 65536,
+# 32768 and 4096 buckets, 512 + 256 + 160 kB with TCP's bind table, all written at boot and so
+# resident in every guest); a pod's guest holds a few thousand dentries and connections
+# (docs/host-memory.md).
+HASH_TABLE_PARAMS = ("dhash_entries=8192", "ihash_entries=4096", "thash_entries=1024")
 PMEM_ROOT_PARAMS = ("root=/dev/pmem0", "rootfstype=erofs", "rootflags=dax=always", "ro", "rootwait",
                     "init=/init")
 
@@ -153,7 +158,7 @@ def build_argv(spec: VmSpec) -> list[str]:
 
 def kernel_params(spec: VmSpec) -> list[str]:
     """console on the first serial port; a panic (PID 1 dying) ends QEMU via -no-reboot."""
-    params = ["console=ttyS0", "panic=-1"]
+    params = ["console=ttyS0", "panic=-1", *HASH_TABLE_PARAMS]
     if spec.machine == "microvm" and spec.accel == "tcg" and spec.tsc_khz:
         # microvm has no HPET or ACPI PM timer to calibrate the TSC against; under TCG on a busy
         # host the PIT calibration fails and boot stalls (docs/qemu.md).  KVM has kvmclock.

@@ -35,7 +35,7 @@ def test_q35_tcg_defaults():
     assert "-netdev" not in argv and "-nic" not in argv
     assert option(argv, "-kernel") == ["/img/kernel"]
     assert option(argv, "-initrd") == ["/img/initrd.img"]
-    assert option(argv, "-append") == ["console=ttyS0 panic=-1"]
+    assert option(argv, "-append") == ["console=ttyS0 panic=-1 dhash_entries=8192 ihash_entries=4096 thash_entries=1024"]
     assert "socket,id=console,path=/run/vm/console.sock,server=on,wait=off" in option(argv, "-chardev")
     assert option(argv, "-serial") == ["chardev:console"]
     assert "socket,id=qmp,path=/run/vm/qmp.sock,server=on,wait=off" in option(argv, "-chardev")
@@ -91,7 +91,8 @@ def test_hybrid_vsock_and_virtiofs_on_q35():
     assert "socket,id=fs,path=/run/vm/fs.sock" in chardevs
     assert option(argv, "-device")[1:] == ["vhost-user-vsock-pci,chardev=vsock0",
                                        "vhost-user-fs-pci,chardev=fs,tag=kuasar"]
-    assert option(argv, "-append") == ["console=ttyS0 panic=-1 task.sharefs_type=virtiofs task.debug"]
+    assert option(argv, "-append") == ["console=ttyS0 panic=-1 dhash_entries=8192 ihash_entries=4096 thash_entries=1024 "
+                                       "task.sharefs_type=virtiofs task.debug"]
 
 
 def test_kernel_vsock_and_9p():

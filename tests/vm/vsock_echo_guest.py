@@ -27,7 +27,7 @@ def cache_dir() -> Path:
 
 
 def guest_kernel() -> Path:
-    """build/guest/kernel if `make guest-image` ran, else the kernel build's cached bzImage."""
+    """build/guest/kernel if `make guest-image` ran, else the kernel build's cached vmlinux (PVH ELF)."""
     built = ROOT / "build" / "guest" / "kernel"
     if built.is_file():
         return built
