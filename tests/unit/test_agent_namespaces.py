@@ -52,6 +52,8 @@ def test_ipc_uts_pid_namespaces_hostname_sysctl_and_holder(tmp_path):
                              "/proc/sys/kernel/shmmni"),
             "our hostname": socket.gethostname() == host_name,
             "our shmmni": open("/proc/sys/kernel/shmmni").read().strip() == host_shmmni,
+            # the agent's thread made them and went back: its later children stay in its PID namespace
+            "our pid ns": os.readlink("/proc/thread-self/ns/pid_for_children") == os.readlink("/proc/thread-self/ns/pid"),
             "pid ns": os.stat(pod.paths["pid"]).st_ino == os.stat(f"/proc/{holder}/ns/pid").st_ino,
             "holder": open(f"/proc/{holder}/comm").read().strip(),
             # it is pod-pause itself, not a fork of this Python process keeping a copy of its heap
@@ -80,7 +82,7 @@ def test_ipc_uts_pid_namespaces_hostname_sysctl_and_holder(tmp_path):
     seen = in_child(body)
     assert seen["uts"] == "pod-host" and seen["our hostname"]
     assert seen["ipc"] == "1234" and seen["our shmmni"]
-    assert seen["pid ns"] and seen["holder"] == "pod-pause"
+    assert seen["pid ns"] and seen["our pid ns"] and seen["holder"] == "pod-pause"
     assert seen["holder exe"] == POD_PAUSE
     fds = seen["holder fds"]  # stdio, the agent-alive pipe, its signalfd; nothing else
     assert [fds[fd] for fd in "012"] == ["/dev/null"] * 3 and fds["3"].startswith("pipe:")

@@ -1,7 +1,7 @@
-"""The few Linux system calls Python 3.11's os module lacks: mount, umount2, unshare, reboot.
+"""The few Linux system calls Python 3.11's os module lacks: mount, umount2, unshare, setns, reboot.
 
 mount and umount2 (and their MS_* flags) come from vmm_common.mount, shared with the host;
-unshare and reboot are the agent's own, through the same libc caller (OSError naming the call).
+unshare, setns and reboot are the agent's own, through the same libc caller (OSError naming the call).
 """
 
 import ctypes
@@ -22,6 +22,10 @@ RB_POWER_OFF = 0x4321FEDC
 
 def unshare(flags: int) -> None:
     call_libc("unshare", f"{flags:#x}", ctypes.c_int(flags))
+
+
+def setns(fd: int, nstype: int) -> None:
+    call_libc("setns", f"fd {fd} {nstype:#x}", ctypes.c_int(fd), ctypes.c_int(nstype))
 
 
 def reboot(command: int) -> None:

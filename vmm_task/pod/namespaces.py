@@ -1,24 +1,28 @@
 """The pod's IPC, UTS and (when asked) PID namespaces, shared by all its containers.
 
-A short-lived thread unshares the namespaces (unshare affects only the calling thread for these
-kinds), sets the pod hostname and IPC sysctls inside them, and bind-mounts its namespace files to
-`<dir>/ipc`, `<dir>/uts`; the bind mounts keep the namespaces alive after the thread ends. A PID
-namespace needs a living init, so for it the thread starts the pod's "pause", PID 1 of the
-namespace reaping orphans there: pod-pause (rootfs-builder/pod-pause.c), a small native
+The agent's thread unshares the namespaces (unshare affects only the calling thread for these
+kinds), sets the pod hostname and IPC sysctls inside them, bind-mounts its namespace files to
+`<dir>/ipc`, `<dir>/uts` (the bind mounts keep the namespaces alive), and goes back to its own
+namespaces (setns), all in one synchronous step: no other coroutine runs meanwhile. Not a
+thread of its own: a template clone pays every first-time path again in guest CPU under TCG,
+a thread's start included (docs/templates.md). A PID namespace needs a living init, so for it the pod's
+"pause" is spawned while the thread's children go to the new namespace: PID 1 of the namespace
+reaping orphans there: pod-pause (rootfs-builder/pod-pause.c), a small native
 program, not a fork of the agent (a fork keeps a copy-on-write copy of the agent's whole heap:
 7-11 MB of guest RAM per pod, docs/host-memory.md). `<dir>/pid` binds its namespace. Containers
 join these paths through their OCI config.
 """
 
-import asyncio
 import os
 import signal
 import socket
-import threading
 
 from vmm_task.init import syscalls as sc
 
 KINDS = {"ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS}
+# The agent's own namespaces, entered again once the pod's are made (pid_for_children: what a
+# CLONE_NEWPID unshare changed for the thread's later children).
+OWN = {"ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS, "pid": sc.CLONE_NEWPID}
 
 
 class PodNamespaces:
@@ -33,24 +37,22 @@ class PodNamespaces:
     async def create(self, hostname: str, ipc_sysctls: dict[str, str], share_pid: bool) -> None:
         """Make the namespaces; raises OSError, or ValueError for a bad sysctl, naming what
         failed (after undoing what was made)."""
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def in_thread():
+        os.makedirs(self.directory, mode=0o711, exist_ok=True)
+        own: dict[str, int] = {}
+        try:
+            for kind in OWN:
+                own[kind] = os.open(f"/proc/thread-self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
             try:
                 self._make(hostname, ipc_sysctls, share_pid)
-            except BaseException as e:  # reported to the awaiting coroutine
-                loop.call_soon_threadsafe(_resolve, done, e)
-            else:
-                loop.call_soon_threadsafe(_resolve, done, None)
-
-        os.makedirs(self.directory, mode=0o711, exist_ok=True)
-        threading.Thread(target=in_thread, name="pod-namespaces", daemon=True).start()
-        try:
-            await done
+            finally:
+                for kind, fd in own.items():
+                    sc.setns(fd, OWN[kind])
         except BaseException:
             self.destroy()
             raise
+        finally:
+            for fd in own.values():
+                os.close(fd)
 
     def _make(self, hostname: str, ipc_sysctls: dict[str, str], share_pid: bool) -> None:
         from vmm_task.pod.files import write_sysctl
@@ -61,9 +63,8 @@ class PodNamespaces:
             socket.sethostname(hostname)
         for name, value in ipc_sysctls.items():
             write_sysctl(name, value)
-        tid = threading.get_native_id()
         for kind in KINDS:
-            self._bind(kind, f"/proc/self/task/{tid}/ns/{kind}")
+            self._bind(kind, f"/proc/thread-self/ns/{kind}")
         if share_pid:
             alive_r, self._alive_w = os.pipe()
             try:
@@ -100,23 +101,14 @@ class PodNamespaces:
             self._alive_w = None
 
 
-def _resolve(future: asyncio.Future, error) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
 def _spawn_holder(binary: str, alive_r: int) -> int:
     """Start the PID namespace's init (call after unshare(CLONE_NEWPID), from the same thread:
     the namespace is that thread's for its children). posix_spawn forks and execs in C, so no
     Python runs in the child, which could otherwise meet a lock another thread held at the
     fork. The child gets `alive_r` as fd 3, a pipe whose write end only the agent holds: it
     exits on EOF there, when the agent died without killing it (dev mode). Not PR_SET_PDEATHSIG:
-    it would fire when this short-lived thread ends, and it cannot be set without code in the
-    child. Its stdio is /dev/null, not the agent's console or log. Raises OSError naming
+    it fires when the spawning thread ends (in dev mode, a thread of the agent's may), and it
+    cannot be set without code in the child. Its stdio is /dev/null, not the agent's console or log. Raises OSError naming
     `binary` if it cannot be run."""
     stdio = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
              (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
