@@ -65,8 +65,6 @@ async def start(pod: Pod, config, vsock_backend, task_relay, templates=None) -> 
     space = pod.state_dir.mount_space  # the pods' mount namespace (host_sandboxer/mountns)
     try:
         space.ensure()  # on the loop: no other pod's Start or last Shutdown runs meanwhile
-        await asyncio.to_thread(space.run, "pod_setup", str(pod.mounts_dir), str(pod.shared_dir),
-                                config.sharefs.tmpfs_size_mib, config.sharefs.tmpfs_inodes)
     except mounts.MountError as exc:
         raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc.strerror}") from None
     sized = _pod_config(config, pod)
@@ -74,20 +72,30 @@ async def start(pod: Pod, config, vsock_backend, task_relay, templates=None) -> 
     if clamped:
         log.warning("pod %s: its limits ask for more than a VM gets: clamped %s", pod.id, clamped)
         pod.boot_info["clamped"] = clamped
-    if pod.cgroup is not None:
-        try:
-            pod.cgroup.create()
-        except CgroupError as exc:
-            raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc}") from None
-    try:
-        attachment = await pod_network.plug(pod.dir, pod.netns_path, sized.vm.cpus)
-    except NetworkError as exc:
-        await _remove_cgroup(pod)
-        raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc}") from None
-    vm = GuestVm(sized, pod.dir, name=vm_name(pod), share_dir=pod.shared_dir,
-                 nics=attachment.nics if attachment else (), vsock_backend=vsock_backend,
+    vm = GuestVm(sized, pod.dir, name=vm_name(pod), share_dir=pod.shared_dir, vsock_backend=vsock_backend,
                  cgroup=pod.cgroup, vmm_uid=pod.vmm_uid, mount_namespace=space.namespace_file,
                  templates=templates)
+    vm.prepare()  # a clone's template and RAM copy, while the pod's mounts, cgroup and links are made
+    try:
+        try:
+            await asyncio.to_thread(space.run, "pod_setup", str(pod.mounts_dir), str(pod.shared_dir),
+                                    config.sharefs.tmpfs_size_mib, config.sharefs.tmpfs_inodes)
+        except mounts.MountError as exc:
+            raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc.strerror}") from None
+        if pod.cgroup is not None:
+            try:
+                pod.cgroup.create()
+            except CgroupError as exc:
+                raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc}") from None
+        try:
+            attachment = await pod_network.plug(pod.dir, pod.netns_path, sized.vm.cpus)
+        except NetworkError as exc:
+            await _remove_cgroup(pod)
+            raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc}") from None
+    except BaseException:
+        await vm.close()  # with the RAM copy it may have made meanwhile
+        raise
+    vm.nics = tuple(attachment.nics) if attachment else ()
     prepared = time.monotonic()
     try:
         timeline = await vm.start()

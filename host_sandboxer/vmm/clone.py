@@ -84,10 +84,9 @@ async def start(vm: GuestVm, share, start_backends: Callable[[], Awaitable]) -> 
     return vm.timeline
 
 
-async def _restore(vm: GuestVm, share) -> tuple[Template, dict[str, float]]:
-    """The template (built if need be), the clone's RAM copied from it, QEMU started on it and
-    the saved state loaded: the guest runs, without any device of the pod's yet. The template
-    and the steps' seconds (template_s, ram_copy_s before QEMU's spawn, the rest from it)."""
+async def prepare(vm: GuestVm) -> tuple[Template, dict[str, float]]:
+    """The template (built if need be) and the clone's RAM copied from it (`vm.ram_file`); the
+    template and the steps' seconds (template_s, ram_copy_s)."""
     began = time.monotonic()
     try:
         inputs, image = await asyncio.to_thread(_inputs, vm)  # hashes files: once per file per process
@@ -100,7 +99,17 @@ async def _restore(vm: GuestVm, share) -> tuple[Template, dict[str, float]]:
         raise VmError("template", "saving the template took too long") from None
     except QMPError as e:
         raise VmError("template", f"building the template failed: {qmp_error(e)}") from None
-    copied = time.monotonic()
+    return template, {"template_s": got - began, "ram_copy_s": time.monotonic() - got}
+
+
+async def _restore(vm: GuestVm, share) -> tuple[Template, dict[str, float]]:
+    """The template and the clone's RAM (`prepare`, begun by GuestVm.prepare() or now), QEMU
+    started on it and the saved state loaded: the guest runs, without any device of the pod's
+    yet. The template and the steps' seconds (template_s, ram_copy_s before QEMU's spawn, the
+    rest from it)."""
+    if vm.prepared is None:
+        vm.prepare()
+    template, marks = await vm.prepared
     fds = QemuFds()
     try:
         spec = vm.clonable_spec(vm.ram_file, vm.run_dir, incoming=True,
@@ -113,7 +122,7 @@ async def _restore(vm: GuestVm, share) -> tuple[Template, dict[str, float]]:
     finally:
         fds.close()
     qemu = vm.qemu
-    marks = {"template_s": got - began, "ram_copy_s": copied - got, "qmp_connected_s": time.monotonic() - qemu.started_at}
+    marks["qmp_connected_s"] = time.monotonic() - qemu.started_at
     try:
         await snapshot.restore(qemu, template.state)
     except QemuError as e:

@@ -115,6 +115,16 @@ class GuestVm:
         self.qemu: Qemu | None = None
         self.timeline: BootTimeline | None = None
         self._closing: asyncio.Future | None = None
+        # A clone's template and RAM copy, begun by prepare() before start() (vmm/clone.py).
+        self.prepared: asyncio.Future | None = None
+
+    def prepare(self) -> None:
+        """For a VM restored from a template, begin what needs no pod resource (the template,
+        built if need be, and the clone's RAM copy) while the caller makes the pod's mounts,
+        cgroup and links; start() waits for it. Nothing for a booted VM."""
+        if self.templates is not None and self.prepared is None:
+            from host_sandboxer.vmm import clone
+            self.prepared = asyncio.ensure_future(clone.prepare(self))
 
     @property
     def console(self):
@@ -177,6 +187,10 @@ class GuestVm:
         await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
+        if self.prepared is not None:  # the RAM copy it makes is removed below
+            await asyncio.wait({self.prepared})
+            if not self.prepared.cancelled():
+                self.prepared.exception()  # retrieved: start() reported it, or the caller's failure is the story
         if self.qemu is not None:
             await self.qemu.close()
         if self.virtiofsd is not None:
