@@ -14,11 +14,12 @@ log = logging.getLogger(__name__)
 
 
 class AgentLink:
-    def __init__(self, open_connection, pod_id: str):
-        """`open_connection()` returns (reader, writer) to the agent's port."""
+    def __init__(self, open_connection, pod_id: str, client=None):
+        """`open_connection()` returns (reader, writer) to the agent's port; `client`: a ttrpc
+        client already connected to it (a restored VM's: vmm/clone.py), used until it breaks."""
         self._open = open_connection
         self._pod_id = pod_id
-        self._client = None
+        self._client = client
         self._lock = asyncio.Lock()
 
     async def _connected(self):

@@ -112,7 +112,7 @@ async def start(pod: Pod, config, vsock_backend, task_relay, templates=None) -> 
     pod.vm = vm
     pod.vmm_pid = vm.qemu.proc.pid
     pod.vm_record = vm.record()
-    pod.agent = AgentLink(vm.open_connection, pod.id)
+    pod.agent = AgentLink(vm.open_connection, pod.id, client=vm.hand_over_agent_client())
     try:
         # A VM restored from a template answered Check over its new vsock device already (vmm/clone.py).
         await _set_up_agent(pod, check=timeline.template is None)

@@ -73,9 +73,9 @@ async def start(vm: GuestVm, share, start_backends: Callable[[], Awaitable]) -> 
     try:
         await _sync_clock(client)
     except (ttrpc.RpcError, OSError, asyncio.TimeoutError) as e:
-        raise VmError("agent", qemu.failure(f"SyncClock after the restore failed: {e}")) from None
-    finally:
         await client.close()
+        raise VmError("agent", qemu.failure(f"SyncClock after the restore failed: {e}")) from None
+    vm.agent_client = client  # the pod's calls go on over it: no second connection to open
     marks["clock_synced_s"] = time.monotonic() - qemu.started_at
     vm.timeline = BootTimeline(
         qmp_connected_s=marks.pop("qmp_connected_s"), first_console_s=None, kernel_init_s=None, kernel_init_guest_s=None,

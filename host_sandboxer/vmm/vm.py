@@ -117,6 +117,14 @@ class GuestVm:
         self._closing: asyncio.Future | None = None
         # A clone's template and RAM copy, begun by prepare() before start() (vmm/clone.py).
         self.prepared: asyncio.Future | None = None
+        # A restored VM's ttrpc client, connected to the agent since its Check (vmm/clone.py).
+        self.agent_client = None
+
+    def hand_over_agent_client(self):
+        """The client a restore left connected to the agent (None for a booted VM), now the
+        caller's to use and close."""
+        client, self.agent_client = self.agent_client, None
+        return client
 
     def prepare(self) -> None:
         """For a VM restored from a template, begin what needs no pod resource (the template,
@@ -191,6 +199,8 @@ class GuestVm:
             await asyncio.wait({self.prepared})
             if not self.prepared.cancelled():
                 self.prepared.exception()  # retrieved: start() reported it, or the caller's failure is the story
+        if self.agent_client is not None:
+            await self.agent_client.close()
         if self.qemu is not None:
             await self.qemu.close()
         if self.virtiofsd is not None:
