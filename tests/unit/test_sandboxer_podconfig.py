@@ -21,18 +21,17 @@ def _messages():
     T = descriptor_pb2.FieldDescriptorProto
 
     def msg(name, *specs):
+        """`specs`: (name, number, type, type name[, label]); optional unless a label is given."""
         m = f.message_type.add(name=name)
-        for fname, number, ftype, type_name in specs:
+        for fname, number, ftype, type_name, *label in specs:
             m.field.add(name=fname, number=number, type=ftype, type_name=type_name,
-                        label=T.LABEL_OPTIONAL)
+                        label=label[0] if label else T.LABEL_OPTIONAL)
 
     msg("IDMapping", ("host_id", 1, T.TYPE_UINT32, None), ("container_id", 2, T.TYPE_UINT32, None),
         ("length", 3, T.TYPE_UINT32, None))
-    m = f.message_type.add(name="UserNamespace")
-    m.field.add(name="mode", number=1, type=T.TYPE_INT32, label=T.LABEL_OPTIONAL)
-    for name, number in (("uids", 2), ("gids", 3)):
-        m.field.add(name=name, number=number, type=T.TYPE_MESSAGE, type_name=".runtime.v1.IDMapping",
-                    label=T.LABEL_REPEATED)
+    msg("UserNamespace", ("mode", 1, T.TYPE_INT32, None),
+        ("uids", 2, T.TYPE_MESSAGE, ".runtime.v1.IDMapping", T.LABEL_REPEATED),
+        ("gids", 3, T.TYPE_MESSAGE, ".runtime.v1.IDMapping", T.LABEL_REPEATED))
     msg("NamespaceOption", ("network", 1, T.TYPE_INT32, None), ("pid", 2, T.TYPE_INT32, None),
         ("userns_options", 5, T.TYPE_MESSAGE, ".runtime.v1.UserNamespace"))
     msg("LinuxSandboxSecurityContext",

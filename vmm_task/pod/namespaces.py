@@ -23,7 +23,7 @@ from vmm_task.init import syscalls as sc
 KINDS = {"ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS}
 # The agent's own namespaces, entered again once the pod's are made (pid_for_children: what a
 # CLONE_NEWPID unshare changed for the thread's later children).
-OWN = {"ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS, "pid": sc.CLONE_NEWPID}
+OWN = {**KINDS, "pid": sc.CLONE_NEWPID}
 
 
 class PodNamespaces:
