@@ -133,6 +133,34 @@ def test_a_missing_pod_pause_is_an_error_naming_it_and_nothing_is_left(tmp_path)
         "No such file or directory", {}, None, [])
 
 
+def test_a_namespace_the_agent_cannot_go_back_to_is_an_error_and_the_others_are_entered(tmp_path):
+    """setns back into the agent's IPC namespace fails (injected): SetupSandbox's error names it,
+    and the UTS and PID ones are entered all the same, so later children are not the pod's."""
+    async def body(reaper):
+        private_mounts()
+        host_name = socket.gethostname()
+        real_setns = sc.setns
+
+        def setns(fd, nstype):
+            if nstype == sc.CLONE_NEWIPC:
+                raise OSError(1, "Operation not permitted (injected)")
+            real_setns(fd, nstype)
+
+        sc.setns = setns  # this forked child's module only
+        pod = PodNamespaces(str(tmp_path / "ns"), POD_PAUSE)
+        try:
+            await pod.create("pod-host", {}, share_pid=True)
+        except OSError as e:
+            return (str(e), socket.gethostname() == host_name,
+                    os.readlink("/proc/thread-self/ns/pid_for_children") == os.readlink("/proc/thread-self/ns/pid"),
+                    pod.paths, pod.holder_pid, os.listdir(tmp_path / "ns"))
+        return None
+
+    assert in_child(body) == (
+        "the agent could not go back to its own namespaces (ipc: [Errno 1] Operation not permitted "
+        "(injected)): its later children would start in the pod's", True, True, {}, None, [])
+
+
 def test_holder_exits_when_the_agent_dies_without_cleaning_up(tmp_path):
     """Dev mode: a SIGKILLed agent cannot kill its pod-pause holder; the holder notices."""
     async def body(reaper):

@@ -46,8 +46,7 @@ class PodNamespaces:
             try:
                 self._make(hostname, ipc_sysctls, share_pid)
             finally:
-                for kind, fd in own.items():
-                    sc.setns(fd, OWN[kind])
+                _go_back(own)
         except BaseException:
             self.destroy()
             raise
@@ -100,6 +99,21 @@ class PodNamespaces:
         if self._alive_w is not None:
             os.close(self._alive_w)
             self._alive_w = None
+
+
+def _go_back(own: dict[str, int]) -> None:
+    """Enter each of the agent's own namespaces again (kind -> fd), every kind tried even when
+    one fails: a kind left the pod's would put the agent's later children in it. Raises OSError
+    naming the kinds that failed."""
+    failed = []
+    for kind, fd in own.items():
+        try:
+            sc.setns(fd, OWN[kind])
+        except OSError as e:
+            failed.append(f"{kind}: {e}")
+    if failed:
+        raise OSError(f"the agent could not go back to its own namespaces ({'; '.join(failed)}): "
+                      "its later children would start in the pod's")
 
 
 def _spawn_holder(binary: str, alive_r: int) -> int:
