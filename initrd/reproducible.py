@@ -3,8 +3,8 @@ nothing must be byte for byte the cached build/guest.
 
 "From nothing": an empty cache directory for the kernel build, the Nuitka agent and the runtime's
 Debian packages, with Nuitka's own cache there too and ccache off, so no earlier compile is
-reused. The rebuild goes to build/guest-reproduced/; the kernel's and the initrd's sha256 and
-every file the manifest lists are compared, and each difference is named.
+reused. The rebuild goes to build/guest-reproduced/; the sha256 of the kernel, the initrd and the
+root image, and every file the manifest lists, are compared, and each difference is named.
 """
 from __future__ import annotations
 
@@ -19,12 +19,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CACHED = REPO / "build" / "guest"
 REBUILT = REPO / "build" / "guest-reproduced"
+# What the manifest hashes whole: the kernel (the ELF QEMU boots), the initrd and the pmem root
+# image, the default root on q35.
+IMAGE_PARTS = ("kernel", "initrd", "rootfs")
 
 
 def differences(cached: dict, rebuilt: dict) -> list[str]:
     """What differs between two guest-image manifests, one line each."""
     found = [f"{part} sha256 {cached[part]['sha256']} cached, {rebuilt[part]['sha256']} rebuilt"
-             for part in ("kernel", "initrd") if cached[part]["sha256"] != rebuilt[part]["sha256"]]
+             for part in IMAGE_PARTS if cached[part]["sha256"] != rebuilt[part]["sha256"]]
     before = {entry["path"]: entry for entry in cached["files"]}
     after = {entry["path"]: entry for entry in rebuilt["files"]}
     for path in sorted(before.keys() | after.keys()):
