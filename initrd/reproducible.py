@@ -65,8 +65,8 @@ def main() -> int:
         print(f"reproducible-check: FAILED, {took}; {REBUILT} differs from {CACHED}:",
               *found, sep="\n  ")
         return 1
-    print(f"reproducible-check: ok, {took}: kernel {rebuilt['kernel']['sha256']}, initrd "
-          f"{rebuilt['initrd']['sha256']}, {len(rebuilt['files'])} files, as in {CACHED}")
+    hashes = ", ".join(f"{part} {rebuilt[part]['sha256']}" for part in IMAGE_PARTS)
+    print(f"reproducible-check: ok, {took}: {hashes}, {len(rebuilt['files'])} files, as in {CACHED}")
     return 0
 
 
