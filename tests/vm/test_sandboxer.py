@@ -89,7 +89,12 @@ class Env:
         for section, lines in (settings or {}).items():
             config = config.replace(f"[{section}]\n", f"[{section}]\n{lines}\n", 1)
         self.daemon.config.write_text(config)
-        self.daemon.start()
+        try:
+            self.daemon.start()
+        except BaseException:
+            self.daemon.stop()  # one that did not listen in time may still run
+            self.events_server.stop(None)
+            raise
         self.cri = demo.Cri(self.daemon.socket)
         self.lower = demo.busybox_tree()
 
@@ -109,10 +114,14 @@ def env(guest_image, request):
     param = getattr(request, "param", "virtiofs")
     image = request.getfixturevalue("runc_guest_image") if param == "runc" else guest_image  # may skip
     work = Path(tempfile.mkdtemp(prefix="vsb-"))  # short: unix socket paths; after any skip
-    if param == "runc":
-        e = Env(work, image)
-    else:
-        e = Env(work, image, **(param if isinstance(param, dict) else {"sharefs": param}))
+    try:
+        if param == "runc":
+            e = Env(work, image)
+        else:
+            e = Env(work, image, **(param if isinstance(param, dict) else {"sharefs": param}))
+    except BaseException:  # a daemon that did not start left only its files: not the next test's leak
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     yield e
     left = stop_daemon(e.daemon, work)  # pods outlive the daemon: what the test did not remove
     e.events_server.stop(None)
