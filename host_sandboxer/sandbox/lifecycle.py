@@ -63,10 +63,6 @@ async def start(pod: Pod, config, vsock_backend, task_relay, templates=None) -> 
                         "use a shorter --dir")
     began = time.monotonic()
     space = pod.state_dir.mount_space  # the pods' mount namespace (host_sandboxer/mountns)
-    try:
-        space.ensure()  # on the loop: no other pod's Start or last Shutdown runs meanwhile
-    except mounts.MountError as exc:
-        raise HostError(grpc.StatusCode.FAILED_PRECONDITION, f"pod {pod.id}: {exc.strerror}") from None
     sized = _pod_config(config, pod)
     clamped = pod.pod_config.clamped(config.vm)
     if clamped:
@@ -78,6 +74,7 @@ async def start(pod: Pod, config, vsock_backend, task_relay, templates=None) -> 
     vm.prepare()  # a clone's template and RAM copy, while the pod's mounts, cgroup and links are made
     try:
         try:
+            space.ensure()  # on the loop: no other pod's Start or last Shutdown runs meanwhile
             await asyncio.to_thread(space.run, "pod_setup", str(pod.mounts_dir), str(pod.shared_dir),
                                     config.sharefs.tmpfs_size_mib, config.sharefs.tmpfs_inodes)
         except mounts.MountError as exc:
