@@ -38,7 +38,7 @@ def test_ipc_uts_pid_namespaces_hostname_sysctl_and_holder(tmp_path):
         with open("/proc/sys/kernel/shmmni") as f:
             host_shmmni = f.read().strip()
         pod = PodNamespaces(str(tmp_path / "ns"), POD_PAUSE)
-        await pod.create("pod-host", {"kernel.shmmni": "1234"}, share_pid=True)
+        pod.create("pod-host", {"kernel.shmmni": "1234"}, share_pid=True)
 
         async def run(*argv):
             result = await run_capture(reaper, argv)
@@ -97,7 +97,7 @@ def test_without_pid_sharing_there_is_no_holder(tmp_path):
     async def body(reaper):
         private_mounts()
         pod = PodNamespaces(str(tmp_path / "ns"), POD_PAUSE)
-        await pod.create("", {}, share_pid=False)
+        pod.create("", {}, share_pid=False)
         result = sorted(pod.paths), pod.holder_pid
         pod.destroy()
         return result
@@ -110,7 +110,7 @@ def test_failure_inside_the_thread_is_reported_and_undone(tmp_path):
         private_mounts()
         pod = PodNamespaces(str(tmp_path / "ns"), POD_PAUSE)
         try:
-            await pod.create("h", {"kernel.no_such_sysctl_anywhere": "1"}, share_pid=False)
+            pod.create("h", {"kernel.no_such_sysctl_anywhere": "1"}, share_pid=False)
         except ValueError as e:
             return str(e), pod.paths, os.listdir(tmp_path / "ns")
         return None
@@ -123,7 +123,7 @@ def test_a_missing_pod_pause_is_an_error_naming_it_and_nothing_is_left(tmp_path)
         private_mounts()
         pod = PodNamespaces(str(tmp_path / "ns"), str(tmp_path / "no-pod-pause"))
         try:
-            await pod.create("", {}, share_pid=True)
+            pod.create("", {}, share_pid=True)
         except OSError as e:
             return str(e), pod.paths, pod.holder_pid, os.listdir(tmp_path / "ns")
         return None
@@ -149,7 +149,7 @@ def test_a_namespace_the_agent_cannot_go_back_to_is_an_error_and_the_others_are_
         sc.setns = setns  # this forked child's module only
         pod = PodNamespaces(str(tmp_path / "ns"), POD_PAUSE)
         try:
-            await pod.create("pod-host", {}, share_pid=True)
+            pod.create("pod-host", {}, share_pid=True)
         except OSError as e:
             return (str(e), socket.gethostname() == host_name,
                     os.readlink("/proc/thread-self/ns/pid_for_children") == os.readlink("/proc/thread-self/ns/pid"),
@@ -166,7 +166,7 @@ def test_holder_exits_when_the_agent_dies_without_cleaning_up(tmp_path):
     async def body(reaper):
         private_mounts()
         pod = PodNamespaces(str(tmp_path / "ns"), POD_PAUSE)
-        await pod.create("", {}, share_pid=True)
+        pod.create("", {}, share_pid=True)
         return pod.holder_pid  # the forked child then exits without destroy()
 
     holder = in_child(body)

@@ -35,7 +35,7 @@ class PodNamespaces:
         self.holder_pid: int | None = None
         self._alive_w: int | None = None  # the holder exits when this closes (agent gone)
 
-    async def create(self, hostname: str, ipc_sysctls: dict[str, str], share_pid: bool) -> None:
+    def create(self, hostname: str, ipc_sysctls: dict[str, str], share_pid: bool) -> None:
         """Make the namespaces; raises OSError, or ValueError for a bad sysctl, naming what
         failed (after undoing what was made)."""
         os.makedirs(self.directory, mode=0o711, exist_ok=True)

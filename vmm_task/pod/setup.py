@@ -41,7 +41,7 @@ async def setup_pod(ctx, config: PodConfig) -> PodNamespaces:
         raise HostProtected(f"dev mode: sysctls {', '.join(sorted(others))} are not namespaced "
                             "and would change the host")
     namespaces = PodNamespaces(os.path.join(ctx.run_dir, "sandbox-ns"), ctx.pod_pause)
-    await namespaces.create(config.hostname, ipc, config.share_pid)
+    namespaces.create(config.hostname, ipc, config.share_pid)
     try:
         for name, value in others.items():
             files.write_sysctl(name, value)
