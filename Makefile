@@ -39,7 +39,8 @@ guest-image-runc: setup
 guest-image-debug: setup
 	@$(PY) -m initrd.guest_image --runtime $(RUNTIME) --debug 1 --out build/guest-debug
 
-# The boot benchmark's floor: same kernel, an initrd whose /init is static busybox printing a line.
+# The boot benchmark's floors: same kernel, /init a static busybox (initrd) or a Nuitka-compiled
+# Python program (pmem root) printing the ready line at once.
 floor-image: setup
 	@$(PY) -m initrd.floor
 

@@ -6,11 +6,13 @@ the pmem root: vm.image; a clone of a template: vm.template) and for the floor.
 
 Every image boots with the same kernel, the same launcher (host_sandboxer.vmm.vm.GuestVm) and the
 same devices (hybrid vsock, the shared directory); the floor's /init is a static busybox that
-prints the ready line at once (initrd/floor.py, built here if absent). Prints one JSON object:
-per mode and for the floor the median, min, max and spread over the runs (seconds from QEMU's
-spawn to the line arriving on the host), the guest's uptime when the kernel ran /init, the ratio
-mode/floor of the medians, and the sizes of kernel, initrd, root image, floor initrd and agent
-dist. microvm has no virtio-pmem: only the initrd mode boots there. A clone (the template mode) is
+prints the ready line at once (initrd/floor.py, built here if absent). On q35 a second floor, the
+Python floor, boots a pmem root whose /init is a Nuitka-compiled Python program doing the same
+(built with the agent's options): what a Python PID 1 costs before its first line of work.
+Prints one JSON object: per mode and for each floor the median, min, max and spread over the runs
+(seconds from QEMU's spawn to the line arriving on the host), the guest's uptime when the kernel
+ran /init, the ratios mode/floor and mode/Python floor of the medians, and the sizes of kernel,
+initrd, root image, floor initrd and agent dist. microvm has no virtio-pmem: only the initrd mode boots there. A clone (the template mode) is
 ready when its agent answers over the hot-plugged vsock, counted from the copy of the template's
 RAM; the template, built by the first clone of the process (template_store()), is not counted.
 
@@ -148,14 +150,24 @@ async def compare_compressions(args, methods: list[str]) -> dict:
             "compressions": results}
 
 
+def floors(args) -> dict[str, dict]:
+    """The floors to boot beside the modes (the VmConfig fields that select each): busybox in an
+    initrd; on q35 also the Python floor on a pmem root."""
+    cache = kernel_build.default_cache()
+    images = {"floor": {"image": "initrd", "initrd": floor.build_floor(FLOOR_DIR, args.compression, cache)}}
+    if args.machine == "q35":
+        images["python_floor"] = {"image": "pmem", "rootfs": floor.build_python_floor(FLOOR_DIR, cache)}
+    return images
+
+
 async def run(args) -> dict:
     config = bench_config(args)
-    floor_initrd = floor.build_floor(FLOOR_DIR, args.compression, kernel_build.default_cache())
+    floor_images = floors(args)
     modes = modes_for(args.machine)
-    results = await boot_images(config, {**modes, "floor": {"image": "initrd", "initrd": floor_initrd}},
-                                args.runs)
+    results = await boot_images(config, {**modes, **floor_images}, args.runs)
     manifest = json.loads((DEFAULT_IMAGE_DIR / "manifest.json").read_text())
     floor_ = results.pop("floor")
+    python_floor = results.pop("python_floor", None)
     return {
         "runs": args.runs,
         "machine": args.machine,
@@ -163,7 +175,12 @@ async def run(args) -> dict:
         "sharefs": args.sharefs,
         "modes": results,
         "floor": floor_,
+        "python_floor": python_floor,
         "ratio_median": {m: round(r["median_s"] / floor_["median_s"], 3) for m, r in results.items()},
+        # what the agent's own work costs beyond a Python PID 1's start-up (q35 only)
+        "ratio_python_floor": {m: round(r["median_s"] / python_floor["median_s"], 3)
+                               for m, r in results.items()} if python_floor else None,
+        "python_floor_ratio": round(python_floor["median_s"] / floor_["median_s"], 3) if python_floor else None,
         "ratio_ready_uptime": {m: _ratio(r["ready_uptime_median_s"], floor_["ready_uptime_median_s"])
                                for m, r in results.items()},
         "ratio_qemu_cpu": {m: _ratio(r["qemu_cpu_median_s"], floor_["qemu_cpu_median_s"])
@@ -174,7 +191,7 @@ async def run(args) -> dict:
             "initrd_uncompressed": manifest["initrd"]["uncompressed_size"],
             "initrd_compression": manifest["initrd"]["compression"],
             "rootfs": manifest["rootfs"]["size"],
-            "floor_initrd": floor_initrd.stat().st_size,
+            "floor_initrd": floor_images["floor"]["initrd"].stat().st_size,
             "agent_dist": manifest["agent"]["dist_size"],
         },
     }

@@ -11,7 +11,7 @@ import statistics
 
 REQUIRED_KEYS = (
     "image.initrd_bytes", "image.kernel_bytes", "image.agent_bytes",
-    "boot.ready_s", "boot.floor_s", "boot.ratio",
+    "boot.ready_s", "boot.floor_s", "boot.ratio", "boot.python_floor_s", "boot.python_floor_ratio",
     "agent.anon_idle_kb", "agent.anon_10_containers_kb", "agent.pss_idle_kb",
     "guest.mem_used_kb", "guest.mem_used_floor_kb",
     "sandboxer.pss_kb.1", "sandboxer.pss_kb.5", "sandboxer.pss_kb.10",

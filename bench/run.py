@@ -4,7 +4,7 @@
 
 Groups (the report's top-level keys, and the benchmark behind each):
   image      sizes from build/guest/manifest.json
-  boot       bench.boot: QEMU spawn -> ready line, our image vs the busybox floor, interleaved
+  boot       bench.boot: QEMU spawn -> ready line, our image vs the busybox and Python floors, interleaved
   agent      bench.agent_task --vm: the agent's memory as PID 1, idle and with 10 containers
   guest      bench.guest_mem: MemTotal - MemAvailable in the guest at idle, ours vs the floor
   rpc        bench.check_rtt: Check round trips over hybrid vsock to a booted guest
@@ -58,7 +58,9 @@ def boot_times(runs: int) -> tuple[dict, dict]:
                                                      .read_text())["initrd"]["compression"])
     result = asyncio.run(boot.run(args))
     floor = result["floor"]["samples_s"]
-    samples = {"boot.floor_s": floor}
+    python_floor = result["python_floor"]["samples_s"]
+    samples = {"boot.floor_s": floor, "boot.python_floor_s": python_floor,
+               "boot.python_floor_ratio": [p / f for p, f in zip(python_floor, floor)]}
     for mode, summary in result["modes"].items():
         samples[f"boot.{mode}.ready_s"] = summary["samples_s"]
         samples[f"boot.{mode}.ratio"] = [a / f for a, f in zip(summary["samples_s"], floor)]

@@ -91,13 +91,16 @@ def _versions() -> str:
     return f"nuitka {nuitka.Version.getNuitkaVersion()} python {sys.version}"
 
 
-def cache_key() -> str:
+def cache_key(entry: Path = ENTRY) -> str:
+    """The build's key: the tool versions, the options, how it is built and what is compiled
+    (the agent's packages, or the one file of another entry such as the Python floor)."""
     h = hashlib.sha256(_versions().encode() + b"\0" + " ".join(OPTIONS).encode())
     for build_input in (Path(__file__), Path(elf.__file__), PACKAGE_CONFIG):  # how it is built
         h.update(build_input.read_bytes())
-    for package in SOURCE_PACKAGES:
-        for path in sorted((REPO / package).rglob("*.py")):
-            h.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    sources = ([path for package in SOURCE_PACKAGES for path in sorted((REPO / package).rglob("*.py"))]
+               if entry == ENTRY else [entry])
+    for path in sources:
+        h.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:20]
 
 
@@ -111,14 +114,18 @@ def _module_list(build_dir: Path, dist: Path) -> list[str]:
 
 
 def ensure_agent(cache: Path, progress=print) -> Agent:
-    root = cache / "agent"
-    out = root / cache_key()
+    return ensure_compiled(cache / "agent", ENTRY, progress)
+
+
+def ensure_compiled(root: Path, entry: Path, progress=print) -> Agent:
+    """`entry` compiled with the agent's options into root/<key>/dist, built once per key."""
+    out = root / cache_key(entry)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         cached = (out / "dist").is_dir()
         if not cached:
-            _build(out, progress)
+            _build(out, entry, progress)
             _prune(root, keep=KEEP_BUILDS)
     modules = (out / "modules.txt").read_text().split()
     return Agent(out / "dist", BINARY_NAME, modules, cached, out.name)
@@ -133,30 +140,30 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _build(out: Path, progress) -> None:
-    if not ENTRY.exists():
-        raise FileNotFoundError(f"{ENTRY} does not exist: nothing to compile")
+def _build(out: Path, entry: Path, progress) -> None:
+    if not entry.exists():
+        raise FileNotFoundError(f"{entry} does not exist: nothing to compile")
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     log_path = staging / "nuitka.log"
-    progress(f"agent: compiling with Nuitka (a few minutes; log {log_path})")
+    progress(f"{entry.name}: compiling with Nuitka (a few minutes; log {log_path})")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     command = ["nice", "-n", "10", sys.executable, "-m", "nuitka", *OPTIONS,
-               f"--output-dir={staging}", str(ENTRY)]
+               f"--output-dir={staging}", str(entry)]
     with open(log_path, "w") as log:
         result = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         tail = log_path.read_text().splitlines()[-30:]
         raise RuntimeError("Nuitka build failed:\n" + "\n".join(tail))
-    (staging / "__main__.dist").rename(staging / "dist")
+    (staging / f"{entry.stem}.dist").rename(staging / "dist")
     for name in UNSHIPPED_EXTENSIONS:
         (staging / "dist" / f"{name}.so").unlink(missing_ok=True)
     for path in sorted((staging / "dist").rglob("*")):
         if path.is_file() and not path.is_symlink() and elf.is_elf(path):
             elf.drop_unused_dependencies(path)
-    modules = _module_list(staging / "__main__.build", staging / "dist")
+    modules = _module_list(staging / f"{entry.stem}.build", staging / "dist")
     (staging / "modules.txt").write_text("\n".join(modules) + "\n")
-    shutil.rmtree(staging / "__main__.build")
+    shutil.rmtree(staging / f"{entry.stem}.build")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
