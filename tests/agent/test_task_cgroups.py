@@ -133,3 +133,6 @@ def test_oom_kill_is_reported(agent, bundles):
     assert status == 128 + signal.SIGKILL
     ooms = [e for topic, e in events if topic == "/tasks/oom"]
     assert ooms and ooms[0].container_id == bundle.id
+    # the kill is reported before the exit it caused (the kubelet then sees OOMKilled)
+    topics = [topic for topic, e in events if topic in ("/tasks/oom", "/tasks/exit")]
+    assert topics.index("/tasks/oom") < topics.index("/tasks/exit"), topics

@@ -149,25 +149,55 @@ def test_flat_keyed_and_single_value_tolerate_odd_lines():
     assert single_value(None) == 0 and single_value("max\n") == 0 and single_value("42") == 42
 
 
-def test_v2_oom_watcher_counts_oom_kills_from_memory_events(tmp_path):
-    (tmp_path / "memory.events").write_text("oom 0\noom_kill 0\n")
+def _watch_v2_oom(tmp_path, steps) -> tuple[list, object]:
+    """(the OOM kills a v2 watcher of tmp_path/memory.events reported, what `steps(watcher,
+    events_file, reported)` returned), the watcher closed after the steps."""
+    events = tmp_path / "memory.events"
+    events.write_text("oom 0\noom_kill 0\n")
     seen = []
 
     async def scenario():
         watcher = OomWatcher(Cgroup(2, {"": str(tmp_path)}), lambda: seen.append(1))
         try:
-            (tmp_path / "memory.events").write_text("oom 1\noom_kill 2\n")
-            for _ in range(100):
-                if len(seen) == 2:
-                    break
-                await asyncio.sleep(0.01)
-            (tmp_path / "memory.events").write_text("oom 1\noom_kill 2\nlow 1\n")
-            await asyncio.sleep(0.1)  # a change without a new kill reports nothing
+            return await steps(watcher, events, seen)
         finally:
             watcher.close()
 
-    asyncio.run(scenario())
+    result = asyncio.run(scenario())
+    return seen, result
+
+
+def test_v2_oom_watcher_counts_oom_kills_from_memory_events(tmp_path):
+    async def steps(watcher, events, reported):
+        events.write_text("oom 1\noom_kill 2\n")
+        for _ in range(100):
+            if len(reported) == 2:
+                break
+            await asyncio.sleep(0.01)
+        events.write_text("oom 1\noom_kill 2\nlow 1\n")
+        await asyncio.sleep(0.1)  # a change without a new kill reports nothing
+
+    seen, _ = _watch_v2_oom(tmp_path, steps)
     assert seen == [1, 1]
+
+
+def test_v2_oom_catch_up_reports_a_kill_before_its_notification_and_only_once(tmp_path):
+    """The Task service calls catch_up before it publishes an exit: the kill the kernel counted
+    is reported then, not when the (deferred) inotify event arrives, and not twice."""
+    async def steps(watcher, events, reported):
+        events.write_text("oom 1\noom_kill 1\n")
+        watcher.catch_up()  # before the loop has run the inotify reader
+        reported_at_once = len(reported)
+        await asyncio.sleep(0.2)  # the inotify event comes, with no new kill
+        events.unlink()  # the cgroup is gone
+        watcher.catch_up()
+        watcher.close()
+        watcher.catch_up()  # closed: nothing to do
+        return reported_at_once
+
+    seen, reported_at_once = _watch_v2_oom(tmp_path, steps)
+    assert reported_at_once == 1
+    assert seen == [1]
 
 
 def test_root_is_ramfs(tmp_path):

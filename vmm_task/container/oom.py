@@ -50,10 +50,29 @@ class OomWatcher:
                 pass
         except BlockingIOError:
             pass
+        self._fire_new_v2_kills()
+
+    def _fire_new_v2_kills(self) -> None:
         kills = self._v2_kills()
         for _ in range(max(0, kills - self._kills)):
             self._fire()
         self._kills = max(kills, self._kills)
+
+    def catch_up(self) -> None:
+        """Report the OOM kills counted but not yet notified, before the exit they caused is
+        published. The kernel counts the kill before its victim dies, but notifies a cgroup
+        file's watchers later, from a workqueue and at most once per 10 ms (an `oom` event just
+        before defers the `oom_kill` one): the victim's exit can be reaped first, and a TaskExit
+        before its TaskOOM shows the kubelet an "Error" where it should see "OOMKilled"."""
+        if not self._fds:
+            return  # closed
+        try:
+            if self._cgroup.version == 2:
+                self._fire_new_v2_kills()
+            else:
+                self._on_v1_event(self._fds[-1])
+        except OSError as e:  # the cgroup is gone: nothing more to report
+            log.debug("OOM catch-up of %s: %s", self._cgroup.dirs, e)
 
     def _watch_v1(self) -> None:
         directory = self._cgroup.dir("memory")

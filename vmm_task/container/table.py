@@ -153,9 +153,15 @@ class ContainerTable:
         container.cgroup = Cgroup.of_pid(pid)
         container.oom = oommod.watch(container.cgroup, lambda: self._on_oom(container))
         self._containers[cid] = container
-        container.init.started(pid, self._reaper, lambda p: self._on_exit(container, p),
+        container.init.started(pid, self._reaper, lambda p: self._exited(container, p),
                                self._leftovers_killer(container))
         return container
+
+    def _exited(self, container: Container, process: Process) -> None:
+        """A process of `container` ended: its OOM kills first (TaskOOM before TaskExit)."""
+        if container.oom is not None:
+            container.oom.catch_up()
+        self._on_exit(container, process)
 
     async def start(self, cid: str, exec_id: str,
                     on_started: Callable[[Process], None]) -> Process:
@@ -195,7 +201,7 @@ class ContainerTable:
             process.set_exited(255, 0)
             raise
         process.status = RUNNING
-        process.started(pid, self._reaper, lambda p: self._on_exit(container, p))
+        process.started(pid, self._reaper, lambda p: self._exited(container, p))
 
     async def exec(self, cid: str, exec_id: str, stdio: Stdio, spec: bytes) -> Process:
         container = self.get(cid)
