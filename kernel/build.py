@@ -82,8 +82,8 @@ def cache_key(version: str) -> str:
     """Hash of the fragments (names and contents), this package's code and the source version."""
     h = hashlib.sha256(version.encode())
     here = Path(__file__).resolve().parent
-    for path in config.fragment_paths() + sorted(PATCHES_DIR.glob("*/*.patch")) + sorted(here.glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in config.all_fragment_paths() + sorted(PATCHES_DIR.glob("*/*.patch")) + sorted(here.glob("*.py")):
+        h.update(path.relative_to(here).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:20]
 
 
@@ -140,11 +140,12 @@ def _make(tree: Path, obj: Path, log, *targets: str) -> None:
                    stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **REPRODUCIBLE_ENV))
 
 
-def configure(tree: Path, obj: Path, log) -> str:
-    """tinyconfig, then the fragments, then olddefconfig; returns the final .config text."""
+def configure(tree: Path, obj: Path, log, package: str) -> str:
+    """tinyconfig, then the fragments (the common ones and `package`'s), then olddefconfig;
+    returns the final .config text."""
     _make(tree, obj, log, "tinyconfig")
     dot_config = obj / ".config"
-    requests = config.requested_options(config.fragment_paths())
+    requests = config.requested_options(config.fragment_paths(package))
     dot_config.write_text(config.apply_requests(dot_config.read_text(), requests))
     _make(tree, obj, log, "olddefconfig")
     final = dot_config.read_text()
@@ -188,7 +189,7 @@ def _build(root: Path, out: Path, source: Source, version: str, progress) -> Non
     # dir by an earlier build kept that build's clock (a cold rebuild then differed in it).
     (obj / "usr" / "initramfs_data.cpio").unlink(missing_ok=True)
     with open(log_path, "w") as log, patched(tree, patch_paths(source), log):
-        final = configure(tree, obj, log)
+        final = configure(tree, obj, log, source.package)
         try:
             _make(tree, obj, log, "bzImage")
         except subprocess.CalledProcessError:

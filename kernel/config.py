@@ -27,9 +27,19 @@ def parse_config(text: str) -> dict[str, str]:
     return options
 
 
-def fragment_paths(directory: Path = FRAGMENTS_DIR) -> list[Path]:
-    """Fragments in apply order (their names sort by concern: 00-base first)."""
-    return sorted(directory.glob("*.config"))
+def fragment_paths(package: str | None = None, directory: Path = FRAGMENTS_DIR) -> list[Path]:
+    """Fragments in apply order: the common ones (their names sort by concern: 00-base first),
+    each followed by the kernel source package's own of the same name (fragments/<package>/:
+    what one kernel version spells differently, e.g. an option another one renamed)."""
+    paths = list(directory.glob("*.config"))
+    if package is not None:
+        paths += (directory / package).glob("*.config")
+    return sorted(paths, key=lambda path: (path.name, path.parent != directory))
+
+
+def all_fragment_paths(directory: Path = FRAGMENTS_DIR) -> list[Path]:
+    """Every fragment, common or of any source package (what a build's cache key hashes)."""
+    return sorted(directory.rglob("*.config"))
 
 
 def requested_options(paths: list[Path]) -> dict[str, str]:

@@ -54,3 +54,26 @@ def test_the_fragments_ask_for_a_dax_root_on_virtio_pmem_and_free_page_reporting
                  "CONFIG_SPARSEMEM_VMEMMAP", "CONFIG_ZONE_DEVICE", "CONFIG_FS_DAX",
                  "CONFIG_EROFS_FS", "CONFIG_VIRTIO_BALLOON", "CONFIG_PAGE_REPORTING"):
         assert requests[name] == "y", name
+
+
+def test_a_source_packages_fragments_follow_the_common_ones_of_the_same_concern(tmp_path):
+    for name, text in (("00-base.config", "CONFIG_A=y\n"), ("90-hotplug.config", "CONFIG_OLD=y\n"),
+                       ("95-last.config", "CONFIG_B=y\n")):
+        (tmp_path / name).write_text(text)
+    (tmp_path / "linux-source-6.12").mkdir()
+    (tmp_path / "linux-source-6.12" / "90-hotplug.config").write_text("CONFIG_OLD=n\nCONFIG_NEW=y\n")
+    names = [p.relative_to(tmp_path).as_posix() for p in config.fragment_paths("linux-source-6.12", tmp_path)]
+    assert names == ["00-base.config", "90-hotplug.config", "linux-source-6.12/90-hotplug.config",
+                     "95-last.config"]
+    assert config.requested_options(config.fragment_paths("linux-source-6.12", tmp_path)) == \
+        {"CONFIG_A": "y", "CONFIG_OLD": "n", "CONFIG_NEW": "y", "CONFIG_B": "y"}
+    assert config.fragment_paths("linux-source-6.1", tmp_path) == config.fragment_paths(None, tmp_path)
+
+
+def test_memory_hotplug_onlines_new_memory_in_either_kernel_spelling():
+    """Debian 12's 6.1 and Debian 13's 6.12 (which has upstream 6.14's MHP_DEFAULT_ONLINE_TYPE
+    choice) spell "online hot-added memory at once" differently; each gets its own."""
+    old = config.requested_options(config.fragment_paths("linux-source-6.1"))
+    new = config.requested_options(config.fragment_paths("linux-source-6.12"))
+    assert old["CONFIG_MEMORY_HOTPLUG_DEFAULT_ONLINE"] == "y" and "CONFIG_MHP_DEFAULT_ONLINE_TYPE_ONLINE_AUTO" not in old
+    assert new["CONFIG_MHP_DEFAULT_ONLINE_TYPE_ONLINE_AUTO"] == "y" and "CONFIG_MEMORY_HOTPLUG_DEFAULT_ONLINE" not in new
