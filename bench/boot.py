@@ -156,7 +156,9 @@ def floors(args) -> dict[str, dict]:
     cache = kernel_build.default_cache()
     images = {"floor": {"image": "initrd", "initrd": floor.build_floor(FLOOR_DIR, args.compression, cache)}}
     if args.machine == "q35":
-        images["python_floor"] = {"image": "pmem", "rootfs": floor.build_python_floor(FLOOR_DIR, cache)}
+        # its first build's progress goes to stderr: stdout is the JSON
+        rootfs = floor.build_python_floor(FLOOR_DIR, cache, progress=lambda line: print(line, file=sys.stderr))
+        images["python_floor"] = {"image": "pmem", "rootfs": rootfs}
     return images
 
 
