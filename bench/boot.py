@@ -12,9 +12,10 @@ Python floor, boots a pmem root whose /init is a Nuitka-compiled Python program 
 Prints one JSON object: per mode and for each floor the median, min, max and spread over the runs
 (seconds from QEMU's spawn to the line arriving on the host), the guest's uptime when the kernel
 ran /init, the ratios mode/floor and mode/Python floor of the medians, and the sizes of kernel,
-initrd, root image, floor initrd and agent dist. microvm has no virtio-pmem: only the initrd mode boots there. A clone (the template mode) is
-ready when its agent answers over the hot-plugged vsock, counted from the copy of the template's
-RAM; the template, built by the first clone of the process (template_store()), is not counted.
+initrd, root image, floor initrd and agent dist. microvm has no virtio-pmem: only the initrd mode
+boots there. A clone (the template mode) is ready when its agent answers over the hot-plugged
+vsock, counted from the copy of the template's RAM; the template, built by the first clone of the
+process (template_store()), is not counted.
 
 With --compressions, the guest initrd's cpio is recompressed with each method instead and each
 variant is booted: boot time against size, the measurement behind initrd/compress.DEFAULT.

@@ -147,7 +147,8 @@ def _build(out: Path, entry: Path, progress) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     log_path = staging / "nuitka.log"
-    progress(f"{entry.name}: compiling with Nuitka (a few minutes; log {log_path})")
+    # named by its cache directory: "agent", "python-floor"
+    progress(f"{out.parent.name}: compiling with Nuitka (a few minutes; log {log_path})")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     command = ["nice", "-n", "10", sys.executable, "-m", "nuitka", *OPTIONS,
                f"--output-dir={staging}", str(entry)]
